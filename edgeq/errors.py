@@ -1,0 +1,57 @@
+"""One error hierarchy. Every error carries what failed and a hint that names the fix.
+
+The CLI prints ``error: <message>`` and ``hint: <hint>`` and exits with ``exit_code``; library code raises, it
+never calls ``exit()``. Exit status 2 means the user's input was wrong (as click uses for usage errors); 1 means the
+tool ran and the result did not meet its bar (accuracy budget, verification).
+"""
+
+from __future__ import annotations
+
+
+class EdgeqError(Exception):
+    """Base class. ``hint`` tells the user what to do about it."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, hint: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+
+class UserInputError(EdgeqError):
+    """The input is wrong (path, profile, data, flags): fixable by the user, exit status 2."""
+
+    exit_code = 2
+
+
+class ModelFolderError(UserInputError):
+    """The model folder is missing, has no usable weights, or lacks its config or tokenizer."""
+
+
+class UnsupportedModelError(UserInputError):
+    """The architecture or task is not one edgeq can export with the chosen profile."""
+
+
+class ProfileError(UserInputError):
+    """Unknown profile, or a profile file that does not parse into a valid profile."""
+
+
+class CalibrationDataError(UserInputError):
+    """The calibration file is missing, empty, not text, or overlaps the evaluation split."""
+
+
+class OutputExistsError(UserInputError):
+    """The package folder already exists and --force was not given."""
+
+
+class AccuracyBudgetError(EdgeqError):
+    """The quantized model is further from the FP32 model than the profile's budget allows."""
+
+
+class VerificationError(EdgeqError):
+    """A package failed verification: a hash differs, a file is missing, or outputs moved."""
+
+
+class PassError(EdgeqError):
+    """A graph pass failed; the message names the pass and the passes that ran before it."""

@@ -1,0 +1,45 @@
+"""Accuracy of a quantized encoder against its FP32 reference."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class EncoderAccuracy:
+    mean_cosine: float
+    min_cosine: float
+    retrieval_top1: float  # fraction of texts whose nearest other text is the same as under FP32
+    samples: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def per_sample_cosine(ref: np.ndarray, out: np.ndarray) -> np.ndarray:
+    return (_unit(ref.astype(np.float64)) * _unit(out.astype(np.float64))).sum(1)
+
+
+def retrieval_top1(ref: np.ndarray, out: np.ndarray) -> float:
+    """Each text queries all the others; agreement = same nearest neighbour under both embeddings."""
+    if len(ref) < 2:
+        return 1.0
+
+    def nearest(e: np.ndarray) -> np.ndarray:
+        u = _unit(e.astype(np.float64))
+        s = u @ u.T
+        np.fill_diagonal(s, -np.inf)
+        return s.argmax(1)
+
+    return float((nearest(ref) == nearest(out)).mean())
+
+
+def compare(ref: np.ndarray, out: np.ndarray) -> EncoderAccuracy:
+    cos = per_sample_cosine(ref, out)
+    return EncoderAccuracy(float(cos.mean()), float(cos.min()), retrieval_top1(ref, out), len(ref))

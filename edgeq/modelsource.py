@@ -1,0 +1,116 @@
+"""The source model folder: what it holds, what kind of model it is, and the hashes that identify it.
+
+Only local folders, only safetensors weights (a pickle ``.bin`` can execute code when loaded), never
+``trust_remote_code``: a folder whose config names custom code is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgeq.errors import ModelFolderError, UnsupportedModelError
+
+# model_type -> kind. Encoders export as optimum's "feature-extraction" task (last_hidden_state output).
+# Causal LMs are issue #3's work; they are named here so the error can say so instead of "unknown".
+ENCODER_TYPES = frozenset(
+    {"bert", "roberta", "xlm-roberta", "distilbert", "mpnet", "electra", "albert", "camembert", "deberta-v2", "nomic_bert"}
+)
+CAUSAL_LM_TYPES = frozenset({"llama", "qwen2", "phi3", "gemma", "gemma2", "mistral", "smollm3"})
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
+                   "merges.txt", "vocab.json", "sentencepiece.bpe.model", "spiece.model", "tokenizer.model")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A validated model folder."""
+
+    path: Path
+    name: str
+    model_type: str
+    architecture: str
+    kind: str  # "encoder"
+    task: str  # optimum task name
+    weight_files: tuple[str, ...]
+    tokenizer_files: tuple[str, ...]
+    file_hashes: dict[str, str]  # relative path -> sha256 of config, weights and tokenizer files
+    pooling: str  # "mean" (sentence-transformers' pooling config, or the default for encoders)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def inspect_model_dir(path: Path) -> ModelSource:
+    path = Path(path)
+    if not path.exists():
+        raise ModelFolderError(f"model folder {path} does not exist", "pass the folder that holds config.json and the weights")
+    if not path.is_dir():
+        raise ModelFolderError(f"{path} is not a folder", "pass the model's folder, not a file inside it")
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise ModelFolderError(f"{path} has no config.json", "a Hugging Face model folder holds config.json beside its weights")
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelFolderError(f"{config_path} is not valid JSON: {exc}", "restore the config.json the model came with") from exc
+    weights = sorted(p.name for p in path.glob("*.safetensors"))
+    if not weights:
+        pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
+        hint = "expected model.safetensors (or sharded model-0000x-of-0000y.safetensors)"
+        if pickles:
+            hint += (f"; found {', '.join(pickles)}: edgeq does not load pickle weights (they can run code). Convert "
+                     "them once with transformers: AutoModel.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)")
+        raise ModelFolderError(f"{path} holds no safetensors weights", hint)
+    if config.get("auto_map"):
+        raise UnsupportedModelError(
+            f"{path} needs custom code (config.json has 'auto_map'); edgeq never runs trust_remote_code",
+            "use a model whose architecture ships with transformers",
+        )
+    model_type = config.get("model_type", "")
+    archs = config.get("architectures") or []
+    arch = archs[0] if archs else ""
+    if model_type in CAUSAL_LM_TYPES or arch.endswith("ForCausalLM"):
+        raise UnsupportedModelError(
+            f"{path} is a causal LM ({arch or model_type}); this version of edgeq exports encoders only",
+            f"encoders supported: {', '.join(sorted(ENCODER_TYPES))} (causal LM export is tracked in issue #3)",
+        )
+    if model_type not in ENCODER_TYPES:
+        raise UnsupportedModelError(
+            f"architecture '{model_type or '(no model_type)'}' ({arch or 'no architectures'}) is not supported",
+            f"supported encoder model types: {', '.join(sorted(ENCODER_TYPES))}",
+        )
+    if arch and not arch.endswith("Model"):
+        raise UnsupportedModelError(
+            f"{path} is a {arch} (a task head); edgeq exports sentence encoders (the base *Model) for embeddings",
+            "export the base encoder (architectures: ['BertModel'] or similar) whose last_hidden_state is pooled",
+        )
+    tokenizer_files = tuple(n for n in TOKENIZER_FILES if (path / n).is_file())
+    if not tokenizer_files:
+        raise ModelFolderError(f"{path} has no tokenizer files", f"expected tokenizer.json (or one of {', '.join(TOKENIZER_FILES)})")
+    pooling = "mean"
+    pool_cfg = path / "1_Pooling" / "config.json"
+    if pool_cfg.is_file():
+        cfg = json.loads(pool_cfg.read_text())
+        if cfg.get("pooling_mode_cls_token"):
+            pooling = "cls"
+    hashed = ["config.json", *weights, *tokenizer_files]
+    return ModelSource(
+        path=path.resolve(),
+        name=path.resolve().name if path.resolve().name != "model" else path.resolve().parent.name,
+        model_type=model_type,
+        architecture=arch,
+        kind="encoder",
+        task="feature-extraction",
+        weight_files=tuple(weights),
+        tokenizer_files=tokenizer_files,
+        file_hashes={n: sha256_file(path / n) for n in hashed},
+        pooling=pooling,
+    )

@@ -1,0 +1,1 @@
+"""ONNX graph edits, one pass per file, each reporting whether it changed the model."""

@@ -1,0 +1,141 @@
+"""QuantizeLinearLayers: rewrite planned linear layers to QDQ form (int8 weights, optional activation QDQ).
+
+For a MatMul ``Y = X @ W`` with W constant [K, N]:
+  * W becomes an int8 initializer with one symmetric scale per output channel, read through DequantizeLinear
+    (stays int8 on disk and in the .ort file; ONNX Runtime does not constant-fold DQ of an initializer);
+  * for ``int8`` (and ``w8a16``) X goes through QuantizeLinear -> DequantizeLinear with the calibrated range,
+    which ONNX Runtime's CPU EP fuses with the MatMul into an integer kernel;
+  * for ``int8-weight-only`` X stays float.
+A weight shared by several nodes is quantized once (tied weights must not be stored twice).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from edgeq.passes.base import PassBase, PassResult
+from edgeq.policy import PrecisionPlan
+
+# activation type -> (numpy dtype, qmin, qmax, needs com.microsoft Q/DQ before opset 21)
+ACTIVATION_TYPES = {
+    "uint8": (np.uint8, 0, 255, False),
+    "int8": (np.int8, -128, 127, False),
+    "uint16": (np.uint16, 0, 65535, True),
+    "int16": (np.int16, -32768, 32767, True),
+}
+WEIGHT_PRECISIONS = {"int8", "int8-weight-only", "w8a16"}
+
+
+@dataclass(frozen=True)
+class ActivationRange:
+    lo: float
+    hi: float
+
+
+def quantize_weight(w: np.ndarray, axis: int, per_channel: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 in [-127, 127] (not -128: keeps the grid symmetric, as ARM's s8 kernels assume)."""
+    reduce_axis = 1 - axis
+    amax = np.abs(w).max(axis=reduce_axis) if per_channel else np.array(np.abs(w).max())
+    scale = (amax / 127.0).astype(np.float32)
+    scale[scale == 0] = 1.0
+    shape = [1, 1]
+    shape[axis] = -1
+    q = np.clip(np.round(w / (scale.reshape(shape) if per_channel else scale)), -127, 127).astype(np.int8)
+    return q, scale
+
+
+def activation_qparams(r: ActivationRange, act_type: str) -> tuple[np.ndarray, np.ndarray]:
+    dtype, qmin, qmax, _ = ACTIVATION_TYPES[act_type]
+    lo, hi = min(r.lo, 0.0), max(r.hi, 0.0)
+    scale = max((hi - lo) / (qmax - qmin), 1e-12)
+    zp = int(np.clip(round(qmin - lo / scale), qmin, qmax))
+    return np.array(scale, np.float32), np.array(zp, dtype)
+
+
+class QuantizeLinearLayers(PassBase):
+    def __init__(self, plan: PrecisionPlan, ranges: dict[str, ActivationRange], activation_type: str,
+                 per_channel: bool = True) -> None:
+        self.plan = plan
+        self.ranges = ranges
+        self.activation_type = activation_type
+        self.per_channel = per_channel
+
+    def call(self, model: onnx.ModelProto) -> PassResult:
+        g = model.graph
+        decisions = self.plan.by_name()
+        inits = {i.name: i for i in g.initializer}
+        new_inits: list[onnx.TensorProto] = []
+        new_nodes: dict[str, list[onnx.NodeProto]] = {}  # node name -> nodes to insert before it
+        weight_cache: dict[tuple[str, int], str] = {}
+        act_cache: dict[tuple[str, str], str] = {}
+        dropped: set[str] = set()
+        count = 0
+        for node in g.node:
+            d = decisions.get(node.name)
+            if d is None or d.precision not in WEIGHT_PRECISIONS:
+                continue
+            before = new_nodes.setdefault(node.name, [])
+            w_name = node.input[1]
+            axis = 0 if node.op_type == "Gemm" and _attr(node, "transB", 0) else 1
+            key = (w_name, axis)
+            if key not in weight_cache:
+                q, scale = quantize_weight(numpy_helper.to_array(inits[w_name]), axis, self.per_channel)
+                base = f"{w_name}_w8"
+                new_inits += [numpy_helper.from_array(q, base), numpy_helper.from_array(scale, base + "_scale"),
+                              numpy_helper.from_array(np.zeros(scale.shape, np.int8), base + "_zp")]
+                weight_cache[key] = base
+                dropped.add(w_name)
+            base = weight_cache[key]
+            dq_out = f"{node.name}_W_dq"
+            dq_kw = {"axis": axis} if self.per_channel else {}
+            before.append(helper.make_node("DequantizeLinear", [base, base + "_scale", base + "_zp"], [dq_out],
+                                           name=f"{node.name}_W_DequantizeLinear", **dq_kw))
+            node.input[1] = dq_out
+            if d.precision in ("int8", "w8a16"):
+                act_type = self.activation_type if d.precision == "int8" else _wide(self.activation_type)
+                x = node.input[0]
+                qkey = (x, act_type)
+                if qkey not in act_cache:
+                    scale, zp = activation_qparams(self.ranges[x], act_type)
+                    qb = f"{x}_{act_type}"
+                    domain = "com.microsoft" if ACTIVATION_TYPES[act_type][3] else ""
+                    new_inits += [numpy_helper.from_array(scale, qb + "_scale"), numpy_helper.from_array(zp, qb + "_zp")]
+                    before.append(helper.make_node("QuantizeLinear", [x, qb + "_scale", qb + "_zp"], [qb + "_q"],
+                                                   name=f"{qb}_QuantizeLinear", domain=domain))
+                    act_cache[qkey] = qb
+                qb = act_cache[qkey]
+                domain = "com.microsoft" if ACTIVATION_TYPES[act_type][3] else ""
+                before.append(helper.make_node("DequantizeLinear", [qb + "_q", qb + "_scale", qb + "_zp"],
+                                               [f"{node.name}_X_dq"], name=f"{node.name}_X_DequantizeLinear", domain=domain))
+                node.input[0] = f"{node.name}_X_dq"
+            count += 1
+        if not count:
+            return PassResult(model, False, "no linear layer planned for int8")
+        ordered = []
+        for node in g.node:
+            ordered += new_nodes.get(node.name, [])
+            ordered.append(node)
+        del g.node[:]
+        g.node.extend(ordered)
+        still_used = {i for n in g.node for i in n.input}
+        keep = [i for i in g.initializer if i.name not in dropped or i.name in still_used]
+        del g.initializer[:]
+        g.initializer.extend(keep + new_inits)
+        if any(ACTIVATION_TYPES[t][3] for _, t in act_cache) and not any(o.domain == "com.microsoft" for o in model.opset_import):
+            model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+        return PassResult(model, True, f"{count} linear layers to QDQ, {len(weight_cache)} weights int8")
+
+
+def _wide(act_type: str) -> str:
+    return {"uint8": "uint16", "int8": "int16"}.get(act_type, act_type)
+
+
+def _attr(node: onnx.NodeProto, name: str, default):
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default

@@ -1,0 +1,203 @@
+"""The whole export: validate every input first, then run the stages in a staging folder and move the package
+into place only after the accuracy gate and verification passed. Nothing half-written is ever left at OUT."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import onnxruntime as ort
+
+from edgeq.errors import AccuracyBudgetError, OutputExistsError, UnsupportedModelError, VerificationError
+from edgeq.manifest import SCHEMA_VERSION, tool_versions
+from edgeq.metrics import EncoderAccuracy, compare
+from edgeq.modelsource import ModelSource, inspect_model_dir
+from edgeq.profiles import Profile, load_profile
+from edgeq.progress import QUIET, Progress
+from edgeq.runtime import embed, encode, pool, session
+from edgeq.stages.calibrate import calibrate
+from edgeq.stages.export import export
+from edgeq.stages.optimize import optimize
+from edgeq.stages.package import MODEL_FILE, OPS_CONFIG, Package, convert_to_ort, copy_tokenizer, finish
+from edgeq.stages.quantize import QuantizedModel, quantize
+from edgeq.stages.verify import verify
+from edgeq.textdata import CALIBRATION_FILE, EVALUATION_FILE, TextSet, check_disjoint, load_texts
+
+
+@dataclass(frozen=True)
+class ExportRequest:
+    model_dir: Path
+    profile: str
+    out_dir: Path = Path("build")
+    calibration: Path | None = None
+    samples: int | None = None  # overrides profile.quantization.calibration_samples
+    seq_len: int | None = None  # overrides profile.quantization.calibration_seq_len
+    force: bool = False
+
+
+@dataclass(frozen=True)
+class Inputs:
+    source: ModelSource
+    profile: Profile
+    calibration: TextSet
+    evaluation: TextSet
+    dest: Path
+
+
+def check_inputs(req: ExportRequest) -> Inputs:
+    """Every user mistake is caught here, before minutes of work."""
+    profile = load_profile(req.profile)
+    source = inspect_model_dir(req.model_dir)
+    if source.kind not in profile.model_kinds:
+        raise UnsupportedModelError(f"profile '{profile.name}' does not take {source.kind} models",
+                                    f"it takes: {', '.join(profile.model_kinds)}")
+    q = profile.quantization
+    if req.samples is not None or req.seq_len is not None:
+        q = replace(q, calibration_samples=req.samples or q.calibration_samples,
+                    calibration_seq_len=req.seq_len or q.calibration_seq_len)
+        profile = replace(profile, quantization=q)
+    calibration = load_texts(req.calibration or CALIBRATION_FILE)
+    evaluation = load_texts(EVALUATION_FILE)
+    check_disjoint(calibration, evaluation)
+    dest = Path(req.out_dir) / f"{source.name}-{profile.name}"
+    if (dest.exists() or dest.with_suffix(".zip").exists()) and not req.force:
+        raise OutputExistsError(f"{dest} already exists", "pass --force to replace it, or -o to write elsewhere")
+    return Inputs(source, profile, calibration, evaluation, dest)
+
+
+def export_package(req: ExportRequest, progress: Progress = QUIET) -> Package:
+    inputs = check_inputs(req)
+    src, profile = inputs.source, inputs.profile
+    q = profile.quantization
+    out_dir = inputs.dest.parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".edgeq-", dir=out_dir))
+    try:
+        work = staging / "work"
+        work.mkdir()
+        progress.stage("export", f"{src.path} ({src.architecture}, task {src.task})")
+        exported = export(src, work)
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(str(exported.tokenizer_dir), local_files_only=True)
+        progress.stage("optimize", "ONNX Runtime basic level (provider-independent)")
+        optimized = optimize(exported, work)
+        cal_texts = inputs.calibration.head(q.calibration_samples)
+        progress.stage("calibrate", f"{len(cal_texts)} texts from {inputs.calibration.path.name}, {q.calibration_method}")
+        stats = calibrate(optimized, tokenizer, cal_texts, q, src.pooling, progress)
+        progress.stage("quantize", f"per-layer sensitivity on {min(q.sensitivity_samples, len(cal_texts))} texts")
+        quantized = quantize(optimized, stats, tokenizer, cal_texts, profile, src.pooling, work, progress)
+        folder = staging / inputs.dest.name
+        progress.stage("package", f"ORT format for {profile.package.target_platform}")
+        convert_to_ort(quantized.onnx_path, folder, profile.package.target_platform)
+        copy_tokenizer(exported.tokenizer_dir, folder, src.tokenizer_files + ("tokenizer.json", "tokenizer_config.json",
+                                                                          "special_tokens_map.json"))
+        progress.stage("evaluate", f"{min(profile.accuracy.eval_samples, len(inputs.evaluation.texts))} held-back texts vs FP32")
+        accuracy = evaluate(folder / MODEL_FILE, exported.onnx_path, tokenizer, inputs.evaluation, profile, src.pooling)
+        manifest = build_manifest(inputs, req, quantized, accuracy, folder, tokenizer)
+        package = finish(folder, manifest, make_zip=False)
+        check_budget(profile, accuracy, quantized)
+        progress.stage("verify", str(folder))
+        report = verify(folder)
+        if not report.ok:
+            bad = "; ".join(f"{n}: {d}" for n, ok, d in report.checks if not ok)
+            raise VerificationError(f"fresh package failed verification: {bad}", "this is an edgeq bug; please report it")
+        if profile.package.zip:
+            shutil.make_archive(str(folder), "zip", root_dir=staging, base_dir=folder.name)
+        _move_into_place(staging, inputs.dest, profile.package.zip)
+        progress.stage("done", f"{inputs.dest} ({(inputs.dest / MODEL_FILE).stat().st_size / 1e6:.1f} MB model.ort)")
+        return Package(inputs.dest, package.manifest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def evaluate(model_path: Path, fp32_path: Path, tokenizer, evaluation: TextSet, profile: Profile, pooling: str) -> EncoderAccuracy:
+    texts = evaluation.head(profile.accuracy.eval_samples)
+    seq = profile.accuracy.eval_seq_len
+    ref = embed(session(fp32_path), tokenizer, texts, seq, pooling)
+    out = embed(session(model_path), tokenizer, texts, seq, pooling)
+    return compare(ref, out)
+
+
+def check_budget(profile: Profile, acc: EncoderAccuracy, quantized: QuantizedModel) -> None:
+    b = profile.accuracy
+    failures = [f"{name} {got:.4f} < {need}" for name, got, need in (
+        ("mean cosine", acc.mean_cosine, b.min_mean_cosine),
+        ("min cosine", acc.min_cosine, b.min_min_cosine),
+        ("retrieval top-1 agreement", acc.retrieval_top1, b.min_retrieval_top1),
+    ) if got < need]
+    if failures:
+        worst = quantized.sensitivity.ranking()[:5]
+        named = ", ".join(f"{n} ({quantized.sensitivity.drops[n]:.4f})" for n in worst)
+        raise AccuracyBudgetError(
+            f"accuracy over budget on {acc.samples} held-back texts: {'; '.join(failures)}. "
+            f"Most sensitive layers (mean-cosine drop alone at int8): {named}",
+            "raise quantization.sensitivity_target_mean_cosine in the profile, list layers in keep_fp32_nodes, or "
+            "calibrate on text closer to your use (--calibration)",
+        )
+
+
+def _move_into_place(staging: Path, dest: Path, with_zip: bool) -> None:
+    built = staging / dest.name
+    for old in (dest, dest.with_suffix(".zip")):
+        if old.is_dir():
+            shutil.rmtree(old)
+        elif old.exists():
+            old.unlink()
+    os.replace(built, dest)
+    if with_zip:
+        os.replace(staging / f"{dest.name}.zip", dest.with_suffix(".zip"))
+
+
+def build_manifest(inputs: Inputs, req: ExportRequest, quantized: QuantizedModel, accuracy: EncoderAccuracy,
+                   folder: Path, tokenizer) -> dict:
+    src, profile = inputs.source, inputs.profile
+    sess = session(folder / MODEL_FILE)
+    samples = inputs.evaluation.head(profile.package.verify_samples)
+    feeds = encode(tokenizer, samples, profile.accuracy.eval_seq_len, [i.name for i in sess.get_inputs()])
+    reference = pool(sess.run(None, feeds)[0], feeds["attention_mask"], src.pooling)
+    plan = quantized.plan
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "source": {"path": str(src.path), "model_type": src.model_type, "architecture": src.architecture,
+                   "task": src.task, "kind": src.kind, "pooling": src.pooling, "files": src.file_hashes},
+        "profile": {"name": profile.name, "file": profile.source, "sha256": profile.sha256, "values": profile.to_dict()},
+        "tools": tool_versions(),
+        "model": {
+            "file": MODEL_FILE, "format": "ort", "ops_config": OPS_CONFIG,
+            "execution_provider": profile.execution_provider, "target_platform": profile.package.target_platform,
+            "inputs": [{"name": i.name, "dtype": i.type, "shape": i.shape} for i in sess.get_inputs()],
+            "outputs": [{"name": o.name, "dtype": o.type, "shape": o.shape} for o in sess.get_outputs()],
+            "ort_version": ort.__version__,
+        },
+        "calibration": {"file": str(inputs.calibration.path), "sha256": inputs.calibration.sha256,
+                        "samples": len(inputs.calibration.head(profile.quantization.calibration_samples)),
+                        "seq_len": profile.quantization.calibration_seq_len,
+                        "method": profile.quantization.calibration_method,
+                        "sensitivity_samples": quantized.sensitivity.samples},
+        "precision": {
+            "summary": plan.summary(),
+            "promoted_sensitive_layers": quantized.promoted,
+            "selection_accuracy_on_calibration_text": quantized.calibration_accuracy.to_dict(),
+            "nodes": [{"name": d.name, "op": d.op_type, "category": d.category, "role": d.role,
+                       "precision": d.precision, "reason": d.reason,
+                       **({"sensitivity": round(d.sensitivity, 7)} if d.sensitivity is not None else {})}
+                      for d in plan.decisions],
+        },
+        "accuracy": {
+            "reference": "FP32 ONNX export of the source, same tokenizer and pooling",
+            "evaluation_file": str(inputs.evaluation.path), "evaluation_sha256": inputs.evaluation.sha256,
+            **accuracy.to_dict(),
+            "budget": {"min_mean_cosine": profile.accuracy.min_mean_cosine, "min_min_cosine": profile.accuracy.min_min_cosine,
+                       "min_retrieval_top1": profile.accuracy.min_retrieval_top1},
+        },
+        "verification": {
+            "texts": list(samples), "pooling": src.pooling, "min_cosine": profile.package.verify_min_cosine,
+            "inputs": {k: v.tolist() for k, v in feeds.items()},
+            "reference_pooled": [[round(float(x), 7) for x in row] for row in reference],
+        },
+    }

@@ -1,0 +1,220 @@
+"""Device profiles: declarative TOML files in ``export_profiles/`` parsed into frozen, validated objects.
+
+Every field carries a ``doc`` (shown by ``edgeq profiles --fields``) and, where the set of values is closed, its
+``choices``. A key that is not a field is refused; when it is close to one (difflib ratio >= 0.8, as pypa/build's
+``_find_typo``) the error suggests it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgeq.errors import ProfileError
+
+PROFILES_DIR = Path(__file__).resolve().parent.parent / "export_profiles"
+
+PRECISIONS = ("int8", "int8-weight-only", "w8a16", "fp16", "fp32")
+
+
+def _f(doc: str, default=dataclasses.MISSING, choices: tuple = (), **kw):
+    """A dataclass field with its documentation and, optionally, its allowed values."""
+    meta = {"doc": doc, "choices": choices}
+    if default is dataclasses.MISSING:
+        return field(metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+@dataclass(frozen=True)
+class QuantizationSpec:
+    """How weights and activations are quantized and how the sensitive layers are chosen."""
+
+    weight_type: str = _f("Storage type of quantized linear-layer weights.", "int8", ("int8",))
+    weight_symmetric: bool = _f(
+        "Symmetric weights (zero point 0, range [-127, 127]); what ARM int8 kernels expect.", True
+    )
+    weight_per_channel: bool = _f("One scale per output channel instead of one per tensor.", True)
+    activation_type: str = _f(
+        "Storage type of statically quantized activations (asymmetric, zero point from calibration).",
+        "uint8",
+        ("uint8", "int8", "uint16", "int16"),
+    )
+    calibration_method: str = _f(
+        "How an activation's range is set from calibration data: 'minmax' (observed extremes) or "
+        "'percentile' (clip to calibration_percentile of |x|, ignoring rare outliers).",
+        "percentile",
+        ("minmax", "percentile"),
+    )
+    calibration_percentile: float = _f("Percentile used by calibration_method = 'percentile'.", 99.999)
+    calibration_samples: int = _f("Calibration texts used (from the calibration split, in order).", 128)
+    calibration_seq_len: int = _f("Maximum tokens per calibration text (longer ones are truncated).", 128)
+    sensitive_precision: str = _f(
+        "Precision given to the linear layers that the sensitivity measurement marks as too sensitive for "
+        "the default int8: 'int8-weight-only' keeps int8 weights with float activations.",
+        "int8-weight-only",
+        PRECISIONS,
+    )
+    sensitivity_target_mean_cosine: float = _f(
+        "Layers are promoted to sensitive_precision, most sensitive first, until the mean cosine against "
+        "FP32 on the calibration split reaches this (set above the accuracy budget to leave a margin for "
+        "unseen text).",
+        0.998,
+    )
+    sensitivity_samples: int = _f("Calibration texts used to measure per-layer sensitivity.", 64)
+    keep_fp16: tuple[str, ...] = _f(
+        "Op categories stored and computed in FP16 rather than quantized (see edgeq/categories.py).",
+        ("embedding", "norm"),
+    )
+    keep_fp32_nodes: tuple[str, ...] = _f(
+        "Node-name glob patterns never quantized (profile override, applied after the hard rules).", ()
+    )
+
+
+@dataclass(frozen=True)
+class PackageSpec:
+    """What the emitted package holds."""
+
+    format: str = _f("Model file format: 'ort' (ONNX Runtime's mobile format, model.ort).", "ort", ("ort",))
+    target_platform: str = _f(
+        "Platform the ORT-format conversion optimizes for; 'arm' keeps x86-only fusions out.", "arm", ("arm", "amd64")
+    )
+    zip: bool = _f("Also write <package>.zip next to the package folder.", True)
+    verify_samples: int = _f("Texts from the evaluation split stored with reference outputs for 'edgeq verify'.", 4)
+    verify_min_cosine: float = _f(
+        "Minimum cosine between a verify run's pooled outputs and the stored reference outputs.", 0.9999
+    )
+
+
+@dataclass(frozen=True)
+class AccuracyBudget:
+    """The accuracy the package must keep against the FP32 model on the held-back evaluation split."""
+
+    min_mean_cosine: float = _f("Minimum mean cosine of mean-pooled embeddings against FP32.", 0.995)
+    min_min_cosine: float = _f("Minimum cosine on the worst evaluation text.", 0.98)
+    min_retrieval_top1: float = _f(
+        "Minimum fraction of evaluation texts whose nearest neighbour (cosine, among the other texts) is "
+        "the same as with FP32 embeddings.",
+        0.95,
+    )
+    eval_samples: int = _f("Evaluation texts used (all of the bundled split is 320).", 320)
+    eval_seq_len: int = _f("Maximum tokens per evaluation text.", 128)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A device target: where the package runs and how it is quantized, packaged and judged."""
+
+    name: str = _f("Profile name, as given to --profile.")
+    description: str = _f("One line on what the profile is for.")
+    target: str = _f("The device class and runtime the package is built for.")
+    execution_provider: str = _f(
+        "ONNX Runtime execution provider the package is built and verified for.",
+        "CPUExecutionProvider",
+        ("CPUExecutionProvider",),
+    )
+    model_kinds: tuple[str, ...] = _f("Model kinds the profile accepts.", ("encoder",))
+    quantization: QuantizationSpec = _f("See [quantization].", default_factory=QuantizationSpec)
+    package: PackageSpec = _f("See [package].", default_factory=PackageSpec)
+    accuracy: AccuracyBudget = _f("See [accuracy].", default_factory=AccuracyBudget)
+    source: str = field(default="", metadata={"doc": "File the profile was read from (set by the loader)."})
+    sha256: str = field(default="", metadata={"doc": "sha256 of the profile file (set by the loader)."})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_LOADER_FIELDS = {"source", "sha256"}
+
+
+def known_profiles(profiles_dir: Path = PROFILES_DIR) -> dict[str, Path]:
+    """Profile name -> file, for every ``*.toml`` in the profiles folder."""
+    return {p.stem: p for p in sorted(profiles_dir.glob("*.toml"))}
+
+
+def load_profile(name_or_path: str, profiles_dir: Path = PROFILES_DIR) -> Profile:
+    """Load a profile by name (from ``export_profiles/``) or from a path to a ``.toml`` file."""
+    path = Path(name_or_path)
+    if not (path.suffix == ".toml" and path.is_file()):
+        known = known_profiles(profiles_dir)
+        if name_or_path not in known:
+            close = difflib.get_close_matches(name_or_path, list(known), n=1)
+            hint = f"known profiles: {', '.join(known) or '(none)'}"
+            if close:
+                hint = f"did you mean '{close[0]}'? " + hint
+            raise ProfileError(f"unknown profile '{name_or_path}'", hint + " (or pass a path to a .toml file)")
+        path = known[name_or_path]
+    raw = path.read_bytes()
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ProfileError(f"profile {path} is not valid TOML: {exc}", "fix the syntax at the position given") from exc
+    profile = _build(Profile, data, path, "")
+    return dataclasses.replace(profile, source=str(path), sha256=hashlib.sha256(raw).hexdigest())
+
+
+def _build(cls, data: dict, path: Path, where: str):
+    if not isinstance(data, dict):
+        raise ProfileError(f"profile {path}: [{where}] must be a table", f"write it as a [{where}] section")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in _LOADER_FIELDS}
+    for key in data:
+        if key not in fields:
+            loc = f"{where}.{key}" if where else key
+            close = [c for c in fields if difflib.SequenceMatcher(None, key, c).ratio() >= 0.8]
+            hint = f"did you mean '{close[0]}'?" if close else f"valid keys here: {', '.join(fields)}"
+            raise ProfileError(f"profile {path}: unknown key '{loc}'", hint)
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, f in fields.items():
+        loc = f"{where}.{name}" if where else name
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ProfileError(f"profile {path}: missing required key '{loc}'", f"add '{name} = ...': {f.metadata['doc']}")
+            continue
+        values[name] = _coerce(hints[name], data[name], f, path, loc)
+    return cls(**values)
+
+
+def _coerce(tp, value, f, path: Path, loc: str):
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path, loc)
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ProfileError(f"profile {path}: '{loc}' must be a list of strings, got {value!r}", f.metadata["doc"])
+        return tuple(value)
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }[tp]
+    if not ok:
+        raise ProfileError(
+            f"profile {path}: '{loc}' must be {tp.__name__}, got {type(value).__name__} {value!r}", f.metadata["doc"]
+        )
+    choices = f.metadata.get("choices") or ()
+    if choices and value not in choices:
+        raise ProfileError(f"profile {path}: '{loc}' = {value!r} is not one of {', '.join(map(str, choices))}", f.metadata["doc"])
+    return float(value) if tp is float else value
+
+
+def describe_fields(cls=Profile, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, default, doc) for every field, nested sections flattened as ``section.key``."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in _LOADER_FIELDS:
+            continue
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(hints[f.name]):
+            rows += describe_fields(hints[f.name], key + ".")
+            continue
+        default = "" if f.default is dataclasses.MISSING else repr(f.default)
+        rows.append((key, default, f.metadata["doc"]))
+    return rows
+

@@ -1,0 +1,56 @@
+"""ONNX Runtime sessions and encoder inference shared by calibration, evaluation and verification."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+BATCH = 16
+
+
+def session(model: onnx.ModelProto | Path | str, providers: tuple[str, ...] = ("CPUExecutionProvider",),
+            optimization: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.log_severity_level = 3  # ORT's unused-initializer warnings are noise for edgeq's users
+    so.graph_optimization_level = optimization
+    src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    return ort.InferenceSession(src, so, providers=list(providers))
+
+
+def encode(tokenizer, texts: tuple[str, ...] | list[str], seq_len: int, input_names: list[str]) -> dict[str, np.ndarray]:
+    enc = tokenizer(list(texts), padding=True, truncation=True, max_length=seq_len, return_tensors="np")
+    feeds = {}
+    for name in input_names:
+        if name in enc:
+            feeds[name] = enc[name].astype(np.int64)
+        elif name == "token_type_ids":
+            feeds[name] = np.zeros_like(enc["input_ids"], dtype=np.int64)
+        else:
+            raise KeyError(f"model input '{name}' is not produced by the tokenizer")
+    return feeds
+
+
+def batches(tokenizer, texts, seq_len: int, input_names: list[str], batch: int = BATCH) -> Iterator[dict[str, np.ndarray]]:
+    for i in range(0, len(texts), batch):
+        yield encode(tokenizer, texts[i:i + batch], seq_len, input_names)
+
+
+def pool(hidden: np.ndarray, mask: np.ndarray, pooling: str = "mean") -> np.ndarray:
+    """Sentence embedding from last_hidden_state: mean over real tokens (sentence-transformers' default) or CLS."""
+    if pooling == "cls":
+        return hidden[:, 0, :].astype(np.float32)
+    m = mask[..., None].astype(np.float32)
+    return (hidden * m).sum(1) / np.maximum(m.sum(1), 1e-9)
+
+
+def embed(sess: ort.InferenceSession, tokenizer, texts, seq_len: int, pooling: str = "mean") -> np.ndarray:
+    names = [i.name for i in sess.get_inputs()]
+    out = []
+    for feeds in batches(tokenizer, texts, seq_len, names):
+        hidden = sess.run(None, feeds)[0]
+        out.append(pool(hidden, feeds["attention_mask"], pooling))
+    return np.concatenate(out)

@@ -1,0 +1,1 @@
+"""The export chain: export -> optimize -> calibrate -> select (sensitivity) -> quantize -> package -> verify."""

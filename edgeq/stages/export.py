@@ -1,0 +1,50 @@
+"""export: a validated model folder -> an FP32 ONNX model through optimum-onnx's exporter."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+
+from edgeq.errors import UnsupportedModelError
+from edgeq.modelsource import ModelSource
+
+
+@dataclass(frozen=True)
+class ExportedModel:
+    """FP32 ONNX export of the source, with the tokenizer files optimum saved beside it."""
+
+    source: ModelSource
+    onnx_path: Path
+    tokenizer_dir: Path
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+
+
+def export(source: ModelSource, workdir: Path) -> ExportedModel:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local folders only: never reach for a hub
+    from optimum.exporters.onnx import main_export
+
+    out = workdir / "export"
+    log = io.StringIO()
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(log):
+            main_export(
+                str(source.path), str(out), task=source.task, local_files_only=True, trust_remote_code=False,
+                library_name="transformers", do_validation=False,
+            )
+    except (KeyError, ValueError) as exc:
+        raise UnsupportedModelError(f"optimum-onnx cannot export {source.path} as {source.task}: {exc}",
+                                    "check the model type is supported by optimum-onnx for this task") from exc
+    path = out / "model.onnx"
+    model = onnx.load(str(path), load_external_data=False)
+    return ExportedModel(
+        source=source, onnx_path=path, tokenizer_dir=out,
+        input_names=tuple(i.name for i in model.graph.input), output_names=tuple(o.name for o in model.graph.output),
+    )

@@ -1,0 +1,65 @@
+"""package: convert to ORT format, copy the tokenizer, write the manifest, zip; all inside a staging folder.
+
+The ORT conversion uses ONNX Runtime's own converter (``convert_onnx_models_to_ort``) in 'Fixed' style for the
+profile's target platform, with type reduction so ``required_operators_and_types.config`` can drive an ONNX Runtime
+minimal build. Its optimizations are those the CPU EP applies at load (QDQ -> integer kernels), baked in.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgeq.errors import EdgeqError
+from edgeq.manifest import file_entries, write_manifest
+
+MODEL_FILE = "model.ort"
+OPS_CONFIG = "required_operators_and_types.config"
+
+
+@dataclass(frozen=True)
+class Package:
+    path: Path
+    manifest: dict
+
+    @property
+    def model_path(self) -> Path:
+        return self.path / MODEL_FILE
+
+
+def convert_to_ort(onnx_path: Path, dest: Path, target_platform: str) -> Path:
+    stage = dest.parent / f".{dest.name}.ortconv"
+    stage.mkdir(parents=True)
+    shutil.copy(onnx_path, stage / "model.onnx")
+    cmd = [sys.executable, "-m", "onnxruntime.tools.convert_onnx_models_to_ort", str(stage), "--output_dir", str(stage),
+           "--optimization_style", "Fixed", "--enable_type_reduction", "--target_platform", target_platform]
+    run = subprocess.run(cmd, capture_output=True, text=True)
+    if run.returncode != 0 or not (stage / "model.ort").is_file():
+        raise EdgeqError(f"ORT-format conversion failed:\n{run.stdout[-2000:]}\n{run.stderr[-2000:]}",
+                         "this is an edgeq bug; please report it with the command line")
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.move(stage / "model.ort", dest / MODEL_FILE)
+    shutil.move(stage / OPS_CONFIG, dest / OPS_CONFIG)
+    shutil.rmtree(stage)
+    return dest / MODEL_FILE
+
+
+def copy_tokenizer(src: Path, dest: Path, names: tuple[str, ...]) -> list[str]:
+    copied = []
+    for name in names:
+        if (src / name).is_file():
+            shutil.copy(src / name, dest / name)
+            copied.append(name)
+    return copied
+
+
+def finish(folder: Path, manifest: dict, make_zip: bool) -> Package:
+    """Record every file's hash and size in the manifest and write it; zip the folder beside it if asked."""
+    manifest["files"] = file_entries(folder)
+    write_manifest(folder, manifest)
+    if make_zip:
+        shutil.make_archive(str(folder), "zip", root_dir=folder.parent, base_dir=folder.name)
+    return Package(folder, manifest)

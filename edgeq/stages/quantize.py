@@ -1,0 +1,86 @@
+"""quantize: measure per-layer sensitivity, let the policy decide, and write the QDQ model.
+
+Sensitivity of a linear layer = mean-cosine drop of the pooled embeddings against FP32 when that layer alone is
+static INT8 (measured on calibration text). The policy then promotes the most sensitive layers to the profile's
+``sensitive_precision``; how many is chosen here, the fewest that bring the whole model's mean cosine on
+calibration text to ``sensitivity_target_mean_cosine``. On MiniLM, all 36 linear layers at int8 gave 0.9935 and
+the 8 most sensitive kept weight-only gave 0.998 (probe in issue 2's first session).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from edgeq.metrics import EncoderAccuracy, compare
+from edgeq.passes.base import run_passes
+from edgeq.passes.keep_fp16 import KeepFp16
+from edgeq.passes.quantize_linear import QuantizeLinearLayers
+from edgeq.policy import PrecisionPlan, Sensitivity, decide_precision
+from edgeq.profiles import Profile
+from edgeq.progress import QUIET, Progress
+from edgeq.runtime import embed, session
+from edgeq.stages.calibrate import CalibrationStats
+from edgeq.stages.optimize import OptimizedModel
+
+
+@dataclass(frozen=True)
+class QuantizedModel:
+    optimized: OptimizedModel
+    onnx_path: Path
+    plan: PrecisionPlan
+    sensitivity: Sensitivity
+    promoted: int
+    calibration_accuracy: EncoderAccuracy  # of the chosen plan, on calibration text (selection, not the gate)
+
+
+def apply_plan(model: onnx.ModelProto, plan: PrecisionPlan, stats: CalibrationStats, profile: Profile) -> onnx.ModelProto:
+    q = profile.quantization
+    out, _ = run_passes(model, [
+        QuantizeLinearLayers(plan, stats.ranges, q.activation_type, q.weight_per_channel),
+        KeepFp16(plan),
+    ])
+    return out
+
+
+def _score(model: onnx.ModelProto, tokenizer, texts, reference: np.ndarray, profile: Profile, pooling: str) -> EncoderAccuracy:
+    out = embed(session(model), tokenizer, texts, profile.quantization.calibration_seq_len, pooling)
+    return compare(reference[: len(texts)], out)
+
+
+def measure_sensitivity(optimized: OptimizedModel, model: onnx.ModelProto, stats: CalibrationStats, tokenizer,
+                        texts: tuple[str, ...], profile: Profile, pooling: str, progress: Progress = QUIET) -> Sensitivity:
+    texts = texts[: profile.quantization.sensitivity_samples]
+    base = decide_precision(optimized.nodes, profile)
+    linear = [d.name for d in base.of("int8")]
+    drops = {}
+    for i, name in enumerate(linear, 1):
+        alone = PrecisionPlan(tuple(d if d.name == name else replace(d, precision="fp32") for d in base.decisions))
+        acc = _score(apply_plan(model, alone, stats, profile), tokenizer, texts, stats.reference, profile, pooling)
+        drops[name] = max(0.0, 1.0 - acc.mean_cosine)
+        progress.step("sensitivity of linear layer", i, len(linear))
+    return Sensitivity(drops, len(texts))
+
+
+def quantize(optimized: OptimizedModel, stats: CalibrationStats, tokenizer, texts: tuple[str, ...], profile: Profile,
+             pooling: str, workdir: Path, progress: Progress = QUIET) -> QuantizedModel:
+    model = optimized.load()
+    sens = measure_sensitivity(optimized, model, stats, tokenizer, texts, profile, pooling, progress)
+    target = profile.quantization.sensitivity_target_mean_cosine
+    n = len(sens.drops)
+    # Promote in growing steps; each step costs one full evaluation on calibration text.
+    steps = sorted(k for k in {0, 1, 2, 3, 4, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64, n} if k <= n)
+    for k in steps:
+        plan = decide_precision(optimized.nodes, profile, sens, promote=k)
+        qmodel = apply_plan(model, plan, stats, profile)
+        acc = _score(qmodel, tokenizer, texts, stats.reference, profile, pooling)
+        progress.stage("select", f"{k} of {n} linear layers at {profile.quantization.sensitive_precision}: "
+                                 f"mean cosine {acc.mean_cosine:.5f} on calibration text (target {target})")
+        if acc.mean_cosine >= target:
+            break
+    path = workdir / "quantized.onnx"
+    onnx.save(qmodel, str(path))
+    return QuantizedModel(optimized, path, plan, sens, k, acc)

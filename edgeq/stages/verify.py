@@ -1,0 +1,82 @@
+"""verify: a package is what its manifest says and still computes what it computed when it was made.
+
+Checks, in order: every file in the manifest exists with its sha256 and size, and no file is unlisted; the model
+loads in ONNX Runtime; the stored sample inputs reproduce the stored reference outputs (pooled embeddings, cosine
+at least the manifest's ``min_cosine``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edgeq.errors import VerificationError
+from edgeq.manifest import MANIFEST, file_entries, read_manifest
+from edgeq.metrics import per_sample_cosine
+from edgeq.runtime import pool, session
+
+TARGETS = ("host",)
+
+
+@dataclass
+class VerifyReport:
+    package: Path
+    on: str
+    checks: list[tuple[str, bool, str]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(ok for _, ok, _ in self.checks)
+
+    def add(self, name: str, ok: bool, detail: str) -> None:
+        self.checks.append((name, ok, detail))
+
+
+def check_files(folder: Path, manifest: dict, report: VerifyReport) -> None:
+    listed = manifest.get("files", {})
+    actual = file_entries(folder)
+    for name, entry in listed.items():
+        got = actual.get(name)
+        if got is None:
+            report.add(f"file {name}", False, "missing")
+        elif got != entry:
+            report.add(f"file {name}", False, f"sha256/size differ: manifest {entry['sha256'][:12]}/{entry['size']}, "
+                                              f"file {got['sha256'][:12]}/{got['size']}")
+        else:
+            report.add(f"file {name}", True, f"sha256 {entry['sha256'][:12]}, {entry['size']} bytes")
+    for name in sorted(set(actual) - set(listed) - {MANIFEST}):
+        report.add(f"file {name}", False, "not listed in the manifest")
+
+
+def run_samples(folder: Path, manifest: dict) -> np.ndarray:
+    """Pooled outputs of the package's model for the manifest's stored sample inputs."""
+    v = manifest["verification"]
+    sess = session(folder / manifest["model"]["file"])
+    feeds = {k: np.asarray(a, dtype=np.int64) for k, a in v["inputs"].items()}
+    hidden = sess.run(None, feeds)[0]
+    return pool(hidden, feeds["attention_mask"], v["pooling"])
+
+
+def verify(folder: Path, on: str = "host") -> VerifyReport:
+    if on not in TARGETS:
+        raise VerificationError(f"unknown verification target '{on}'", f"targets available: {', '.join(TARGETS)}")
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    report = VerifyReport(folder, on)
+    check_files(folder, manifest, report)
+    if not report.ok:
+        return report
+    try:
+        out = run_samples(folder, manifest)
+    except Exception as exc:  # ORT load/run failure is the finding, not a crash
+        report.add("load and run", False, f"{type(exc).__name__}: {exc}")
+        return report
+    ref = np.asarray(manifest["verification"]["reference_pooled"], dtype=np.float32)
+    cos = per_sample_cosine(ref, out)
+    need = manifest["verification"]["min_cosine"]
+    report.add("load and run", True, f"{manifest['model']['file']} on {on} ({len(ref)} samples)")
+    report.add("outputs match reference", bool(cos.min() >= need),
+               f"min cosine {cos.min():.6f} (need >= {need}), max |diff| {np.abs(ref - out).max():.2e}")
+    return report

@@ -1,0 +1,51 @@
+"""Tiny random models built from transformers configs (no download), one builder per architecture.
+
+Each writes a complete model folder: config.json, model.safetensors and a WordPiece tokenizer whose vocabulary is
+the most common words of the bundled calibration text, so tokenization looks like real text.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def _vocab(size: int = 600) -> list[str]:
+    words = collections.Counter()
+    for line in (ROOT / "calibration_data" / "calibration.jsonl").read_text().splitlines():
+        words.update(re.findall(r"[a-z]+", json.loads(line)["text"].lower()))
+    chars = [chr(c) for c in range(33, 127)]
+    common = [w for w, _ in words.most_common(size) if w not in chars]
+    return SPECIALS + chars + ["##" + c for c in "abcdefghijklmnopqrstuvwxyz0123456789"] + common
+
+
+def write_tokenizer(folder: Path) -> int:
+    from transformers import BertTokenizerFast
+
+    vocab = _vocab()
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tok = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True)
+    tok.model_max_length = 128
+    tok.save_pretrained(str(folder))
+    return len(vocab)
+
+
+def tiny_bert(folder: Path, seed: int = 0, layers: int = 2, hidden: int = 64) -> Path:
+    import torch
+    from transformers import BertConfig, BertModel
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab_size = write_tokenizer(folder)
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                     intermediate_size=hidden * 4, max_position_embeddings=128)
+    BertModel(cfg).eval().save_pretrained(str(folder), safe_serialization=True)
+    return folder
+
+
+TINY_MODELS = {"bert": tiny_bert}
