@@ -131,7 +131,7 @@ def check_budget(profile: Profile, acc: EncoderAccuracy, quantized: QuantizedMod
     ) if got < need]
     if failures:
         worst = quantized.sensitivity.ranking()[:5]
-        named = ", ".join(f"{n} ({quantized.sensitivity.drops[n]:.4f})" for n in worst)
+        named = ", ".join(f"{n} ({quantized.sensitivity.drops[n]:.2e})" for n in worst)
         raise AccuracyBudgetError(
             f"accuracy over budget on {acc.samples} held-back texts: {'; '.join(failures)}. "
             f"Most sensitive layers (mean-cosine drop alone at int8): {named}",

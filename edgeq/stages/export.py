@@ -6,6 +6,7 @@ import contextlib
 import io
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,9 +33,12 @@ def export(source: ModelSource, workdir: Path) -> ExportedModel:
 
     out = workdir / "export"
     log = io.StringIO()
-    logging.getLogger("transformers").setLevel(logging.ERROR)
+    for name in ("transformers", "optimum"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     try:
-        with contextlib.redirect_stdout(log):
+        # The exporter's tracer warnings and prints are about its internals, not the user's model.
+        with contextlib.redirect_stdout(log), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             main_export(
                 str(source.path), str(out), task=source.task, local_files_only=True, trust_remote_code=False,
                 library_name="transformers", do_validation=False,

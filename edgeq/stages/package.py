@@ -18,6 +18,11 @@ from edgeq.manifest import file_entries, write_manifest
 
 MODEL_FILE = "model.ort"
 OPS_CONFIG = "required_operators_and_types.config"
+# The .ort may exceed its ONNX source a little (8-bit MatMulNBits stores a scale per 32-weight block: +12.5% on
+# weight-only layers, +0.5 MB on MiniLM). Much more means an initializer was duplicated: a naive conversion of a
+# tied-embedding model was seen to grow 181 MB -> 295 MB (issue 2).
+MAX_ORT_GROWTH = 1.10
+ORT_FIXED_OVERHEAD = 256 * 1024  # flatbuffer tables, kernel-type info: what a 0.3 MB model gains
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,13 @@ def convert_to_ort(onnx_path: Path, dest: Path, target_platform: str) -> Path:
     if run.returncode != 0 or not (stage / "model.ort").is_file():
         raise EdgeqError(f"ORT-format conversion failed:\n{run.stdout[-2000:]}\n{run.stderr[-2000:]}",
                          "this is an edgeq bug; please report it with the command line")
+    onnx_size, ort_size = (stage / "model.onnx").stat().st_size, (stage / "model.ort").stat().st_size
+    if ort_size > MAX_ORT_GROWTH * onnx_size + ORT_FIXED_OVERHEAD:
+        raise EdgeqError(
+            f"ORT-format conversion grew the model from {onnx_size / 1e6:.2f} MB to {ort_size / 1e6:.2f} MB: "
+            "a shared or tied weight was stored twice",
+            "this is an edgeq bug; please report it with the model's config.json",
+        )
     dest.mkdir(parents=True, exist_ok=True)
     shutil.move(stage / "model.ort", dest / MODEL_FILE)
     shutil.move(stage / OPS_CONFIG, dest / OPS_CONFIG)
