@@ -41,6 +41,7 @@ class NodeInfo:
     op_type: str
     category: str
     role: str  # linear layers: attn_qkv / attn_out / ffn_up / ffn_down / pooler / linear; else ""
+    shared_weight: bool = False  # its constant weight/table is also read by another node (tied weights)
 
 
 def linear_role(name: str) -> str:
@@ -83,6 +84,10 @@ def classify(model: onnx.ModelProto) -> dict[str, NodeInfo]:
     """Category of every node, by name. Node names must be unique (export and our passes ensure it)."""
     inits = {i.name: i for i in model.graph.initializer}
     mask_nodes = _mask_path(model)
+    readers: dict[str, int] = {}
+    for node in model.graph.node:
+        for i in node.input:
+            readers[i] = readers.get(i, 0) + 1
     out: dict[str, NodeInfo] = {}
     for node in model.graph.node:
         op = node.op_type
@@ -102,5 +107,6 @@ def classify(model: onnx.ModelProto) -> dict[str, NodeInfo]:
             cat = "softmax"
         else:
             cat = "other"
-        out[node.name] = NodeInfo(node.name, op, cat, role)
+        weight = node.input[0] if cat == "embedding" else node.input[1] if cat == "linear" else ""
+        out[node.name] = NodeInfo(node.name, op, cat, role, readers.get(weight, 0) > 1)
     return out

@@ -29,7 +29,7 @@ def file_entries(folder: Path) -> dict[str, dict]:
     """sha256 and size of every file in the package folder except the manifest itself."""
     out = {}
     for p in sorted(folder.rglob("*")):
-        if p.is_file() and p.name != MANIFEST:
+        if p.is_file() and p.relative_to(folder).as_posix() != MANIFEST:
             out[p.relative_to(folder).as_posix()] = {"sha256": sha256_file(p), "size": p.stat().st_size}
     return out
 

@@ -48,6 +48,47 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def check_safetensors(path: Path) -> None:
+    """The header must parse: 8 little-endian bytes of header length, then that much JSON. A clone made without
+    git-lfs leaves a small text pointer in place of the weights."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if head.startswith(b"version "):
+            raise ModelFolderError(f"{path} is a git-lfs pointer, not the weights",
+                                   "fetch the real file: run 'git lfs pull' in the model's repository")
+        size = int.from_bytes(head, "little") if len(head) == 8 else -1
+        ok = 0 < size <= path.stat().st_size - 8
+        if ok:
+            try:
+                ok = isinstance(json.loads(f.read(size)), dict)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                ok = False
+    if not ok:
+        raise ModelFolderError(f"{path} is not a valid safetensors file (its header does not parse)",
+                               "re-download or re-save the weights: model.save_pretrained(dir, safe_serialization=True)")
+
+
+_POOLING_KEYS = {"cls": "pooling_mode_cls_token", "mean": "pooling_mode_mean_tokens", "max": "pooling_mode_max_tokens",
+                 "mean_sqrt_len": "pooling_mode_mean_sqrt_len_tokens", "weightedmean": "pooling_mode_weightedmean_tokens",
+                 "lasttoken": "pooling_mode_lasttoken"}
+
+
+def _pooling(path: Path) -> str:
+    """sentence-transformers' pooling mode from 1_Pooling/config.json; mean when the folder has none."""
+    cfg_path = path / "1_Pooling" / "config.json"
+    if not cfg_path.is_file():
+        return "mean"
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelFolderError(f"{cfg_path} is not valid JSON: {exc}", "restore the sentence-transformers pooling config") from exc
+    modes = [m for m, key in _POOLING_KEYS.items() if isinstance(cfg, dict) and cfg.get(key)]
+    if modes not in (["mean"], ["cls"]):
+        raise UnsupportedModelError(f"{cfg_path}: pooling {'+'.join(modes) or '(none set)'} is not supported",
+                                    "edgeq measures and verifies mean- or CLS-pooled embeddings")
+    return modes[0]
+
+
 def inspect_model_dir(path: Path) -> ModelSource:
     path = Path(path)
     if not path.exists():
@@ -61,6 +102,8 @@ def inspect_model_dir(path: Path) -> ModelSource:
         config = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ModelFolderError(f"{config_path} is not valid JSON: {exc}", "restore the config.json the model came with") from exc
+    if not isinstance(config, dict):
+        raise ModelFolderError(f"{config_path} does not hold a JSON object", "restore the config.json the model came with")
     weights = sorted(p.name for p in path.glob("*.safetensors"))
     if not weights:
         pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
@@ -95,13 +138,12 @@ def inspect_model_dir(path: Path) -> ModelSource:
     tokenizer_files = tuple(n for n in TOKENIZER_FILES if (path / n).is_file())
     if not tokenizer_files:
         raise ModelFolderError(f"{path} has no tokenizer files", f"expected tokenizer.json (or one of {', '.join(TOKENIZER_FILES)})")
-    pooling = "mean"
-    pool_cfg = path / "1_Pooling" / "config.json"
-    if pool_cfg.is_file():
-        cfg = json.loads(pool_cfg.read_text())
-        if cfg.get("pooling_mode_cls_token"):
-            pooling = "cls"
+    for name in weights:  # after the architecture checks: a wrong model type is the more useful error
+        check_safetensors(path / name)
+    pooling = _pooling(path)
     hashed = ["config.json", *weights, *tokenizer_files]
+    if (path / "1_Pooling" / "config.json").is_file():
+        hashed.append("1_Pooling/config.json")
     return ModelSource(
         path=path.resolve(),
         name=path.resolve().name if path.resolve().name != "model" else path.resolve().parent.name,

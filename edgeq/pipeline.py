@@ -63,8 +63,10 @@ def check_inputs(req: ExportRequest) -> Inputs:
     calibration = load_texts(req.calibration or CALIBRATION_FILE)
     evaluation = load_texts(EVALUATION_FILE)
     check_disjoint(calibration, evaluation)
+    if Path(req.out_dir).exists() and not Path(req.out_dir).is_dir():
+        raise OutputExistsError(f"output path {req.out_dir} is a file, not a folder", "pass -o a folder (it is created if missing)")
     dest = Path(req.out_dir) / f"{source.name}-{profile.name}"
-    if (dest.exists() or dest.with_suffix(".zip").exists()) and not req.force:
+    if (dest.exists() or zip_path(dest).exists()) and not req.force:
         raise OutputExistsError(f"{dest} already exists", "pass --force to replace it, or -o to write elsewhere")
     return Inputs(source, profile, calibration, evaluation, dest)
 
@@ -98,7 +100,7 @@ def export_package(req: ExportRequest, progress: Progress = QUIET) -> Package:
         progress.stage("evaluate", f"{min(profile.accuracy.eval_samples, len(inputs.evaluation.texts))} held-back texts vs FP32")
         accuracy = evaluate(folder / MODEL_FILE, exported.onnx_path, tokenizer, inputs.evaluation, profile, src.pooling)
         manifest = build_manifest(inputs, req, quantized, accuracy, folder, tokenizer)
-        package = finish(folder, manifest, make_zip=False)
+        package = finish(folder, manifest)
         check_budget(profile, accuracy, quantized)
         progress.stage("verify", str(folder))
         report = verify(folder)
@@ -128,7 +130,7 @@ def check_budget(profile: Profile, acc: EncoderAccuracy, quantized: QuantizedMod
         ("mean cosine", acc.mean_cosine, b.min_mean_cosine),
         ("min cosine", acc.min_cosine, b.min_min_cosine),
         ("retrieval top-1 agreement", acc.retrieval_top1, b.min_retrieval_top1),
-    ) if got < need]
+    ) if not got >= need]  # NaN fails too
     if failures:
         worst = quantized.sensitivity.ranking()[:5]
         named = ", ".join(f"{n} ({quantized.sensitivity.drops[n]:.2e})" for n in worst)
@@ -140,16 +142,21 @@ def check_budget(profile: Profile, acc: EncoderAccuracy, quantized: QuantizedMod
         )
 
 
+def zip_path(dest: Path) -> Path:
+    """OUT/<name>.zip (not with_suffix: 'bge-small-en-v1.5-android-arm64' has a dot that is not a suffix)."""
+    return dest.parent / f"{dest.name}.zip"
+
+
 def _move_into_place(staging: Path, dest: Path, with_zip: bool) -> None:
     built = staging / dest.name
-    for old in (dest, dest.with_suffix(".zip")):
+    for old in (dest, zip_path(dest)):
         if old.is_dir():
             shutil.rmtree(old)
         elif old.exists():
             old.unlink()
     os.replace(built, dest)
     if with_zip:
-        os.replace(staging / f"{dest.name}.zip", dest.with_suffix(".zip"))
+        os.replace(staging / f"{dest.name}.zip", zip_path(dest))
 
 
 def build_manifest(inputs: Inputs, req: ExportRequest, quantized: QuantizedModel, accuracy: EncoderAccuracy,
@@ -197,6 +204,7 @@ def build_manifest(inputs: Inputs, req: ExportRequest, quantized: QuantizedModel
         },
         "verification": {
             "texts": list(samples), "pooling": src.pooling, "min_cosine": profile.package.verify_min_cosine,
+            "max_rel_diff": profile.package.verify_max_rel_diff,
             "inputs": {k: v.tolist() for k, v in feeds.items()},
             "reference_pooled": [[round(float(x), 7) for x in row] for row in reference],
         },

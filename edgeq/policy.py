@@ -93,6 +93,8 @@ def decide_precision(
 
 def _decide(info: NodeInfo, q, rank: dict[str, int], promoted: set[str], drop: float | None, n: int) -> tuple[str, str]:
     # 1. Hard rules from the category.
+    if info.category == "embedding" and info.shared_weight:
+        return "fp32", "embedding table also read by another node (tied weights): one copy is kept, at FP32"
     if info.category == "embedding" and "embedding" not in q.keep_fp16:
         return "fp32", "embedding table: profile does not list 'embedding' in keep_fp16"
     if info.category == "norm" and "norm" not in q.keep_fp16:

@@ -22,9 +22,9 @@ PROFILES_DIR = Path(__file__).resolve().parent.parent / "export_profiles"
 PRECISIONS = ("int8", "int8-weight-only", "w8a16", "fp16", "fp32")
 
 
-def _f(doc: str, default=dataclasses.MISSING, choices: tuple = (), **kw):
-    """A dataclass field with its documentation and, optionally, its allowed values."""
-    meta = {"doc": doc, "choices": choices}
+def _f(doc: str, default=dataclasses.MISSING, choices: tuple = (), minimum=None, maximum=None, **kw):
+    """A dataclass field with its documentation and, optionally, its allowed values or range (inclusive)."""
+    meta = {"doc": doc, "choices": choices, "minimum": minimum, "maximum": maximum}
     if default is dataclasses.MISSING:
         return field(metadata=meta, **kw)
     return field(default=default, metadata=meta, **kw)
@@ -46,13 +46,14 @@ class QuantizationSpec:
     )
     calibration_method: str = _f(
         "How an activation's range is set from calibration data: 'minmax' (observed extremes) or "
-        "'percentile' (clip to calibration_percentile of |x|, ignoring rare outliers).",
+        "'percentile' (each tail clipped at calibration_percentile, ignoring rare outliers).",
         "percentile",
         ("minmax", "percentile"),
     )
-    calibration_percentile: float = _f("Percentile used by calibration_method = 'percentile'.", 99.999)
-    calibration_samples: int = _f("Calibration texts used (from the calibration split, in order).", 128)
-    calibration_seq_len: int = _f("Maximum tokens per calibration text (longer ones are truncated).", 128)
+    calibration_percentile: float = _f("Percentile used by calibration_method = 'percentile'.", 99.999,
+                                       minimum=90.0, maximum=100.0)
+    calibration_samples: int = _f("Calibration texts used (from the calibration split, in order).", 128, minimum=1)
+    calibration_seq_len: int = _f("Maximum tokens per calibration text (longer ones are truncated).", 128, minimum=8)
     sensitive_precision: str = _f(
         "Precision given to the linear layers that the sensitivity measurement marks as too sensitive for "
         "the default int8: 'int8-weight-only' keeps int8 weights with float activations.",
@@ -64,10 +65,13 @@ class QuantizationSpec:
         "FP32 on the calibration split reaches this (set above the accuracy budget to leave a margin for "
         "unseen text).",
         0.998,
+        minimum=0.0,
+        maximum=1.0,
     )
-    sensitivity_samples: int = _f("Calibration texts used to measure per-layer sensitivity.", 64)
+    sensitivity_samples: int = _f("Calibration texts used to measure per-layer sensitivity.", 64, minimum=1)
     keep_fp16: tuple[str, ...] = _f(
         "Op categories stored and computed in FP16 rather than quantized (see edgeq/categories.py).",
+        ("embedding", "norm"),
         ("embedding", "norm"),
     )
     keep_fp32_nodes: tuple[str, ...] = _f(
@@ -84,9 +88,15 @@ class PackageSpec:
         "Platform the ORT-format conversion optimizes for; 'arm' keeps x86-only fusions out.", "arm", ("arm", "amd64")
     )
     zip: bool = _f("Also write <package>.zip next to the package folder.", True)
-    verify_samples: int = _f("Texts from the evaluation split stored with reference outputs for 'edgeq verify'.", 4)
+    verify_samples: int = _f("Texts from the evaluation split stored with reference outputs for 'edgeq verify'.", 4,
+                             minimum=1)
     verify_min_cosine: float = _f(
-        "Minimum cosine between a verify run's pooled outputs and the stored reference outputs.", 0.9999
+        "Minimum cosine between a verify run's pooled outputs and the stored reference outputs.", 0.9999,
+        minimum=0.0, maximum=1.0,
+    )
+    verify_max_rel_diff: float = _f(
+        "Largest |output - reference| allowed, relative to the largest |reference| (catches a change of scale, "
+        "which cosine does not see).", 0.01, minimum=0.0,
     )
 
 
@@ -94,15 +104,16 @@ class PackageSpec:
 class AccuracyBudget:
     """The accuracy the package must keep against the FP32 model on the held-back evaluation split."""
 
-    min_mean_cosine: float = _f("Minimum mean cosine of mean-pooled embeddings against FP32.", 0.995)
-    min_min_cosine: float = _f("Minimum cosine on the worst evaluation text.", 0.98)
+    min_mean_cosine: float = _f("Minimum mean cosine of mean-pooled embeddings against FP32.", 0.995, minimum=0.0)
+    min_min_cosine: float = _f("Minimum cosine on the worst evaluation text.", 0.98, minimum=0.0)
     min_retrieval_top1: float = _f(
         "Minimum fraction of evaluation texts whose nearest neighbour (cosine, among the other texts) is "
         "the same as with FP32 embeddings.",
         0.95,
+        minimum=0.0,
     )
-    eval_samples: int = _f("Evaluation texts used (all of the bundled split is 320).", 320)
-    eval_seq_len: int = _f("Maximum tokens per evaluation text.", 128)
+    eval_samples: int = _f("Evaluation texts used (all of the bundled split is 320).", 320, minimum=2)
+    eval_seq_len: int = _f("Maximum tokens per evaluation text.", 128, minimum=8)
 
 
 @dataclass(frozen=True)
@@ -139,7 +150,9 @@ def known_profiles(profiles_dir: Path = PROFILES_DIR) -> dict[str, Path]:
 def load_profile(name_or_path: str, profiles_dir: Path = PROFILES_DIR) -> Profile:
     """Load a profile by name (from ``export_profiles/``) or from a path to a ``.toml`` file."""
     path = Path(name_or_path)
-    if not (path.suffix == ".toml" and path.is_file()):
+    if path.suffix == ".toml" and not path.is_file():
+        raise ProfileError(f"profile file {path} does not exist", "pass an existing .toml file or a profile name")
+    if path.suffix != ".toml":
         known = known_profiles(profiles_dir)
         if name_or_path not in known:
             close = difflib.get_close_matches(name_or_path, list(known), n=1)
@@ -164,7 +177,7 @@ def _build(cls, data: dict, path: Path, where: str):
     for key in data:
         if key not in fields:
             loc = f"{where}.{key}" if where else key
-            close = [c for c in fields if difflib.SequenceMatcher(None, key, c).ratio() >= 0.8]
+            close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.8)
             hint = f"did you mean '{close[0]}'?" if close else f"valid keys here: {', '.join(fields)}"
             raise ProfileError(f"profile {path}: unknown key '{loc}'", hint)
     hints = typing.get_type_hints(cls)
@@ -186,6 +199,10 @@ def _coerce(tp, value, f, path: Path, loc: str):
     if origin is tuple:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ProfileError(f"profile {path}: '{loc}' must be a list of strings, got {value!r}", f.metadata["doc"])
+        bad = [v for v in value if f.metadata.get("choices") and v not in f.metadata["choices"]]
+        if bad:
+            raise ProfileError(f"profile {path}: '{loc}' has {bad[0]!r}, not one of {', '.join(f.metadata['choices'])}",
+                               f.metadata["doc"])
         return tuple(value)
     ok = {
         bool: isinstance(value, bool),
@@ -200,6 +217,10 @@ def _coerce(tp, value, f, path: Path, loc: str):
     choices = f.metadata.get("choices") or ()
     if choices and value not in choices:
         raise ProfileError(f"profile {path}: '{loc}' = {value!r} is not one of {', '.join(map(str, choices))}", f.metadata["doc"])
+    lo, hi = f.metadata.get("minimum"), f.metadata.get("maximum")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        bounds = f"between {lo} and {hi}" if lo is not None and hi is not None else f">= {lo}" if lo is not None else f"<= {hi}"
+        raise ProfileError(f"profile {path}: '{loc}' = {value!r} is out of range (must be {bounds})", f.metadata["doc"])
     return float(value) if tp is float else value
 
 

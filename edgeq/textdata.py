@@ -40,7 +40,7 @@ def load_texts(path: Path) -> TextSet:
     if b"\x00" in raw[:8192]:
         raise CalibrationDataError(f"{path} is not a text file (it holds NUL bytes)", _FORMAT_HINT)
     try:
-        content = raw.decode("utf-8")
+        content = raw.decode("utf-8-sig")  # a BOM from Windows editors is not text
     except UnicodeDecodeError as exc:
         raise CalibrationDataError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})", _FORMAT_HINT) from exc
     if path.suffix == ".jsonl":
@@ -62,7 +62,8 @@ _FORMAT_HINT = (
 
 def _parse_jsonl(path: Path, content: str) -> list[str]:
     texts = []
-    for lineno, line in enumerate(content.splitlines(), 1):
+    # split on \n only: JSON strings may hold U+2028 and friends, which str.splitlines() would break on
+    for lineno, line in enumerate(content.split("\n"), 1):
         if not line.strip():
             continue
         try:

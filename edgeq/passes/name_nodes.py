@@ -9,11 +9,12 @@ from edgeq.passes.base import PassBase, PassResult
 
 class NameNodes(PassBase):
     def call(self, model: onnx.ModelProto) -> PassResult:
+        explicit = {n.name for n in model.graph.node if n.name}
         seen: set[str] = set()
         changed = 0
         for i, node in enumerate(model.graph.node):
             name = node.name or f"{node.op_type}_{i}"
-            while name in seen:
+            while name in seen or (name != node.name and name in explicit):
                 name = f"{name}_{i}"
             if name != node.name:
                 node.name = name

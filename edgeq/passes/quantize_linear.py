@@ -40,7 +40,7 @@ def quantize_weight(w: np.ndarray, axis: int, per_channel: bool) -> tuple[np.nda
     """Symmetric int8 in [-127, 127] (not -128: keeps the grid symmetric, as ARM's s8 kernels assume)."""
     reduce_axis = 1 - axis
     amax = np.abs(w).max(axis=reduce_axis) if per_channel else np.array(np.abs(w).max())
-    scale = (amax / 127.0).astype(np.float32)
+    scale = np.asarray(amax / 127.0, dtype=np.float32)
     scale[scale == 0] = 1.0
     shape = [1, 1]
     shape[axis] = -1

@@ -8,6 +8,7 @@ the tail percentiles used here (99.999% of ~8M values is the 78th largest) at bo
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,7 +47,8 @@ class _Tails:
     def range(self, method: str, percentile: float) -> ActivationRange:
         if method == "minmax":
             return ActivationRange(float(self.bottom[0]), float(self.top[-1]))
-        k = max(1, math.ceil(self.count * (1 - percentile / 100.0)))
+        # Exact rational arithmetic: in binary floating point 1 - 99.999/100 exceeds 1e-5 and k comes out one too big.
+        k = max(1, math.ceil(self.count * (100 - Fraction(str(percentile))) / 100))
         k = min(k, len(self.top))
         return ActivationRange(float(self.bottom[k - 1]), float(self.top[-k]))
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import onnx
 
-from edgeq.errors import UnsupportedModelError
+from edgeq.errors import ModelFolderError, UnsupportedModelError
 from edgeq.modelsource import ModelSource
 
 
@@ -43,9 +43,12 @@ def export(source: ModelSource, workdir: Path) -> ExportedModel:
                 str(source.path), str(out), task=source.task, local_files_only=True, trust_remote_code=False,
                 library_name="transformers", do_validation=False,
             )
-    except (KeyError, ValueError) as exc:
+    except (KeyError, ValueError, NotImplementedError) as exc:
         raise UnsupportedModelError(f"optimum-onnx cannot export {source.path} as {source.task}: {exc}",
                                     "check the model type is supported by optimum-onnx for this task") from exc
+    except OSError as exc:  # unreadable or truncated weights/tokenizer files
+        raise ModelFolderError(f"cannot read the model in {source.path}: {exc}",
+                               "check the folder's files are complete (re-download or re-save them)") from exc
     path = out / "model.onnx"
     model = onnx.load(str(path), load_external_data=False)
     return ExportedModel(

@@ -68,10 +68,8 @@ def copy_tokenizer(src: Path, dest: Path, names: tuple[str, ...]) -> list[str]:
     return copied
 
 
-def finish(folder: Path, manifest: dict, make_zip: bool) -> Package:
-    """Record every file's hash and size in the manifest and write it; zip the folder beside it if asked."""
+def finish(folder: Path, manifest: dict) -> Package:
+    """Record every file's hash and size in the manifest and write it."""
     manifest["files"] = file_entries(folder)
     write_manifest(folder, manifest)
-    if make_zip:
-        shutil.make_archive(str(folder), "zip", root_dir=folder.parent, base_dir=folder.name)
     return Package(folder, manifest)

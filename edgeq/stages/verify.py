@@ -46,7 +46,7 @@ def check_files(folder: Path, manifest: dict, report: VerifyReport) -> None:
                                               f"file {got['sha256'][:12]}/{got['size']}")
         else:
             report.add(f"file {name}", True, f"sha256 {entry['sha256'][:12]}, {entry['size']} bytes")
-    for name in sorted(set(actual) - set(listed) - {MANIFEST}):
+    for name in sorted(set(actual) - set(listed)):
         report.add(f"file {name}", False, "not listed in the manifest")
 
 
@@ -75,8 +75,9 @@ def verify(folder: Path, on: str = "host") -> VerifyReport:
         return report
     ref = np.asarray(manifest["verification"]["reference_pooled"], dtype=np.float32)
     cos = per_sample_cosine(ref, out)
-    need = manifest["verification"]["min_cosine"]
+    need, max_rel = manifest["verification"]["min_cosine"], manifest["verification"]["max_rel_diff"]
+    rel = float(np.abs(ref - out).max() / max(np.abs(ref).max(), 1e-12))
     report.add("load and run", True, f"{manifest['model']['file']} on {on} ({len(ref)} samples)")
-    report.add("outputs match reference", bool(cos.min() >= need),
-               f"min cosine {cos.min():.6f} (need >= {need}), max |diff| {np.abs(ref - out).max():.2e}")
+    report.add("outputs match reference", bool(cos.min() >= need and rel <= max_rel),
+               f"min cosine {cos.min():.6f} (need >= {need}), max |diff| / max |ref| {rel:.2e} (need <= {max_rel})")
     return report

@@ -1,0 +1,395 @@
+"""The ``edgeq`` command line: every bad input is an ``error:``/``hint:`` pair with exit status 2, no traceback and
+nothing written; ``profiles``, ``inspect`` and ``verify`` on a package exported once for the module.
+
+Click 8.2+ keeps stderr apart in CliRunner (``result.stdout``/``result.stderr``; ``result.output`` interleaves both),
+so there is no ``mix_stderr`` argument to pass.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from edgeq.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+PROFILE_FILE = ROOT / "export_profiles" / "android-arm64.toml"
+EDGEQ = Path(sys.executable).parent / "edgeq"
+PACKAGE_NAME = "tiny-bert-android-arm64"
+
+
+def edgeq(*args) -> "click.testing.Result":  # noqa: F821
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def assert_user_error(result, out: Path | None = None) -> tuple[str, str]:
+    """Exit 2, exactly one ``error:`` and one ``hint:`` line on stderr, nothing on stdout, no traceback.
+    Returns (error message, hint)."""
+    assert result.exit_code == 2, result.output
+    assert isinstance(result.exception, SystemExit), result.exception  # not an escaped Python exception
+    assert "Traceback" not in result.output
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    errors = [line[len("error: "):] for line in lines if line.startswith("error: ")]
+    hints = [line[len("hint: "):] for line in lines if line.startswith("hint: ")]
+    assert len(errors) == 1 and len(hints) == 1, result.stderr
+    assert errors[0].strip() and hints[0].strip()
+    if out is not None:
+        assert not out.exists(), sorted(p.name for p in out.rglob("*"))
+    return errors[0], hints[0]
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def write_config(folder: Path, config: dict, weights: bool = True) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    if weights:
+        (folder / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")  # never loaded
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="module")
+def cli_export(tiny_bert_dir, tmp_path_factory):
+    """`edgeq export` of the tiny BERT, run once for the module: (result, OUT)."""
+    out = tmp_path_factory.mktemp("cli-out")
+    result = edgeq("export", tiny_bert_dir, "--profile", "android-arm64", "-o", out, "--samples", 16)
+    return result, out
+
+
+@pytest.fixture(scope="module")
+def package(cli_export) -> Path:
+    result, out = cli_export
+    assert result.exit_code == 0, result.output
+    return out / PACKAGE_NAME
+
+
+@pytest.fixture(scope="module")
+def manifest(package) -> dict:
+    return json.loads((package / "manifest.json").read_text())
+
+
+# ---------------------------------------------------------------------------------------------------- export
+
+def test_export_writes_the_package_and_reports_accuracy(cli_export, package, manifest):
+    result, out = cli_export
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == [PACKAGE_NAME, f"{PACKAGE_NAME}.zip"]
+    # stdout carries the result only; progress goes to stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"wrote {package}"
+    acc = manifest["accuracy"]
+    assert lines[1] == (f"accuracy vs FP32 on 320 held-back texts: mean cosine {acc['mean_cosine']:.5f}, "
+                        f"min cosine {acc['min_cosine']:.5f}, retrieval top-1 agreement {acc['retrieval_top1']:.3f}")
+    assert len(lines) == 2
+    stages = iter(re.findall(r"^\[\s*\d+\.\ds\] (\w+):", result.stderr, re.M))
+    for stage in ("export", "calibrate", "quantize", "package", "evaluate", "verify", "done"):
+        assert stage in stages, (stage, result.stderr)  # in this order (the iterator is consumed)
+    assert manifest["calibration"]["samples"] == 16
+
+
+def test_quiet_export_prints_no_progress(tiny_bert_dir, tmp_path):
+    result = edgeq("export", tiny_bert_dir, "--profile", "android-arm64", "-o", tmp_path, "--samples", 8, "-q")
+    assert result.exit_code == 0, result.output
+    assert not re.search(r"^\[\s*\d+\.\ds\] |calibration batch", result.stderr, re.M), result.stderr
+    assert result.stdout.startswith(f"wrote {tmp_path / PACKAGE_NAME}\n")
+
+
+# ---------------------------------------------------------------------------------------------------- bad inputs
+
+def test_missing_model_folder(tmp_path):
+    out = tmp_path / "out"
+    msg, hint = assert_user_error(edgeq("export", tmp_path / "nope", "--profile", "android-arm64", "-o", out), out)
+    assert "nope" in msg and "does not exist" in msg
+    assert "config.json" in hint
+
+
+def test_missing_model_folder_through_the_installed_script(tmp_path):
+    """The real console script, in a fresh process: same contract as in-process."""
+    out = tmp_path / "out"
+    run = subprocess.run([str(EDGEQ), "export", str(tmp_path / "nope"), "--profile", "android-arm64", "-o", str(out)],
+                         capture_output=True, text=True)
+    assert run.returncode == 2
+    assert run.stdout == ""
+    assert "Traceback" not in run.stderr
+    assert re.search(r"^error: model folder .*nope does not exist$", run.stderr, re.M), run.stderr
+    assert re.search(r"^hint: \S", run.stderr, re.M), run.stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("extra", [None, "pytorch_model.bin"])
+def test_folder_without_safetensors_weights(tmp_path, extra):
+    model = write_config(tmp_path / "model-cfg-only", {"model_type": "bert", "architectures": ["BertModel"]}, weights=False)
+    if extra:
+        (model / extra).write_bytes(b"pickle")
+    out = tmp_path / "out"
+    msg, hint = assert_user_error(edgeq("export", model, "--profile", "android-arm64", "-o", out), out)
+    assert "no safetensors weights" in msg
+    assert "model.safetensors" in hint
+    if extra:
+        assert extra in hint and "safe_serialization=True" in hint  # says how to convert pickle weights
+
+
+def test_unknown_profile_lists_the_known_ones(tiny_bert_dir, tmp_path):
+    out = tmp_path / "out"
+    msg, hint = assert_user_error(edgeq("export", tiny_bert_dir, "--profile", "android-arm65", "-o", out), out)
+    assert msg == "unknown profile 'android-arm65'"
+    assert "android-arm64" in hint and "known profiles" in hint
+
+
+def test_profile_file_with_a_typo_key(tiny_bert_dir, tmp_path):
+    text = PROFILE_FILE.read_text()
+    bad = re.sub(r"(?m)^calibration_method =", "calibraton_method =", text)
+    assert bad != text
+    profile = tmp_path / "typo.toml"
+    profile.write_text(bad)
+    out = tmp_path / "out"
+    msg, hint = assert_user_error(edgeq("export", tiny_bert_dir, "--profile", profile, "-o", out), out)
+    assert str(profile) in msg
+    assert "quantization.calibraton_method" in msg
+    assert "did you mean 'calibration_method'" in hint
+
+
+def test_profile_file_that_is_not_toml(tiny_bert_dir, tmp_path):
+    profile = tmp_path / "broken.toml"
+    profile.write_text(PROFILE_FILE.read_text().replace("[quantization]", "[quantization", 1))
+    out = tmp_path / "out"
+    msg, hint = assert_user_error(edgeq("export", tiny_bert_dir, "--profile", profile, "-o", out), out)
+    assert str(profile) in msg and "not valid TOML" in msg
+
+
+def test_profile_file_with_an_out_of_range_value(tiny_bert_dir, tmp_path):
+    text = PROFILE_FILE.read_text()
+    bad = re.sub(r"(?m)^calibration_samples = \d+", "calibration_samples = 0", text)
+    assert bad != text
+    profile = tmp_path / "zero.toml"
+    profile.write_text(bad)
+    out = tmp_path / "out"
+    result = edgeq("export", tiny_bert_dir, "--profile", profile, "-o", out)
+    msg, hint = assert_user_error(result)
+    assert str(profile) in msg and "quantization.calibration_samples" in msg
+
+
+def test_causal_lm_is_named_as_such(tmp_path):
+    model = write_config(tmp_path / "llama", {"model_type": "llama", "architectures": ["LlamaForCausalLM"]})
+    out = tmp_path / "out"
+    msg, hint = assert_user_error(edgeq("export", model, "--profile", "android-arm64", "-o", out), out)
+    assert "causal LM" in msg and "LlamaForCausalLM" in msg
+    assert "bert" in hint
+
+
+def test_unknown_model_type(tmp_path):
+    model = write_config(tmp_path / "wibble", {"model_type": "wibble", "architectures": ["WibbleModel"]})
+    out = tmp_path / "out"
+    msg, hint = assert_user_error(edgeq("export", model, "--profile", "android-arm64", "-o", out), out)
+    assert "'wibble'" in msg and "not supported" in msg
+    assert "bert" in hint and "roberta" in hint
+
+
+def test_empty_calibration_file(tiny_bert_dir, tmp_path):
+    cal = tmp_path / "empty.jsonl"
+    cal.write_text("")
+    out = tmp_path / "out"
+    msg, hint = assert_user_error(
+        edgeq("export", tiny_bert_dir, "--profile", "android-arm64", "-o", out, "--calibration", cal), out)
+    assert str(cal) in msg and "no text samples" in msg
+    assert ".jsonl" in hint and ".txt" in hint
+
+
+@pytest.mark.parametrize("name, data, says", [
+    ("image.txt", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x10", "NUL bytes"),  # binary with NUL bytes
+    ("latin1.jsonl", b'{"text": "caf\xe9 cr\xe8me"}\n\xff\xfe\xfd', "not UTF-8"),  # no NUL, not UTF-8 either
+])
+def test_non_text_calibration_file(tiny_bert_dir, tmp_path, name, data, says):
+    cal = tmp_path / name
+    cal.write_bytes(data)
+    out = tmp_path / "out"
+    msg, hint = assert_user_error(
+        edgeq("export", tiny_bert_dir, "--profile", "android-arm64", "-o", out, "--calibration", cal), out)
+    assert str(cal) in msg and says in msg
+    assert "UTF-8" in hint
+
+
+def test_calibration_file_that_overlaps_the_evaluation_split(tiny_bert_dir, tmp_path):
+    evaluation = (ROOT / "calibration_data" / "evaluation.jsonl").read_text().splitlines()
+    cal = tmp_path / "mine.txt"
+    cal.write_text("A sentence of my own about trains.\n" + json.loads(evaluation[5])["text"].upper() + "\n")
+    out = tmp_path / "out"
+    msg, hint = assert_user_error(
+        edgeq("export", tiny_bert_dir, "--profile", "android-arm64", "-o", out, "--calibration", cal), out)
+    assert "1 calibration text(s) also appear in the evaluation split" in msg
+    assert "remove them" in hint
+
+
+def test_config_json_that_is_not_an_object(tmp_path):
+    model = tmp_path / "listcfg"
+    model.mkdir()
+    (model / "config.json").write_text("[1, 2]\n")
+    (model / "model.safetensors").write_bytes(b"x")
+    out = tmp_path / "out"
+    msg, hint = assert_user_error(edgeq("export", model, "--profile", "android-arm64", "-o", out), out)
+    assert "config.json" in msg
+
+
+def test_weights_file_that_is_a_git_lfs_pointer(tiny_bert_dir, tmp_path):
+    model = Path(shutil.copytree(tiny_bert_dir, tmp_path / "cloned-without-lfs"))
+    (model / "model.safetensors").write_text(
+        "version https://git-lfs.github.com/spec/v1\n"
+        "oid sha256:8ebaf8d331d3d1382dacc01576971c8c20599c448599d989d9cd574cd7424ef5\nsize 637128\n")
+    out = tmp_path / "out"
+    msg, hint = assert_user_error(edgeq("export", model, "--profile", "android-arm64", "-o", out))
+    assert "model.safetensors" in msg
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_output_path_that_is_a_file(tiny_bert_dir, tmp_path):
+    out = tmp_path / "build"
+    out.write_text("not a folder\n")
+    msg, hint = assert_user_error(edgeq("export", tiny_bert_dir, "--profile", "android-arm64", "-o", out))
+    assert str(out) in msg
+    assert out.read_text() == "not a folder\n"
+
+
+def test_unsupported_pooling_is_not_silently_replaced_by_mean(tiny_bert_dir, tmp_path):
+    model = Path(shutil.copytree(tiny_bert_dir, tmp_path / "tiny-bert-maxpool"))
+    (model / "1_Pooling").mkdir()
+    (model / "1_Pooling" / "config.json").write_text(json.dumps({
+        "word_embedding_dimension": 64, "pooling_mode_cls_token": False, "pooling_mode_mean_tokens": False,
+        "pooling_mode_max_tokens": True, "pooling_mode_mean_sqrt_len_tokens": False}))
+    out = tmp_path / "out"
+    result = edgeq("export", model, "--profile", "android-arm64", "-o", out, "--samples", 8, "-q")
+    if result.exit_code == 0:  # either support max pooling and record it ...
+        manifest = json.loads((out / "tiny-bert-maxpool-android-arm64" / "manifest.json").read_text())
+        assert manifest["source"]["pooling"] == "max"
+    else:  # ... or refuse it as a user-input error that names the pooling
+        msg, hint = assert_user_error(result)
+        assert "pooling" in msg
+
+
+def test_output_exists_without_force(tiny_bert_dir, package, cli_export, tmp_path):
+    _, src_out = cli_export
+    out = tmp_path / "out"
+    shutil.copytree(package, out / PACKAGE_NAME)
+    shutil.copy(src_out / f"{PACKAGE_NAME}.zip", out)
+    before = snapshot(out)
+    msg, hint = assert_user_error(edgeq("export", tiny_bert_dir, "--profile", "android-arm64", "-o", out))
+    assert str(out / PACKAGE_NAME) in msg and "already exists" in msg
+    assert "--force" in hint
+    assert snapshot(out) == before
+
+
+# ---------------------------------------------------------------------------------------------------- profiles
+
+def test_profiles_lists_android_arm64():
+    result = edgeq("profiles")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0].split()[:4] == ["NAME", "TARGET", "MODELS", "QUANTIZATION"]
+    row = next(line for line in lines if line.startswith("android-arm64 "))
+    assert "encoder" in row and "int8 per-channel" in row and "uint8 activations (percentile)" in row
+
+
+def test_profiles_fields_documents_every_key():
+    result = edgeq("profiles", "--fields")
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    m = re.search(r"^quantization\.calibration_method \(default 'percentile'\)\n    (.+)$", out, re.M)
+    assert m, out
+    assert "minmax" in m.group(1) and "percentile" in m.group(1)
+    for key in ("name", "accuracy.min_mean_cosine", "package.zip", "quantization.keep_fp16"):
+        assert re.search(rf"^{re.escape(key)}( \(default .*\))?\n    \S", out, re.M), key
+
+
+# ---------------------------------------------------------------------------------------------------- inspect
+
+def test_inspect_shows_files_precision_and_accuracy(package, manifest):
+    result = edgeq("inspect", package)
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert re.search(r"^profile\s+android-arm64$", out, re.M)
+    for name in manifest["files"]:
+        assert re.search(rf"^\s+\d+\.\d\d MB  {re.escape(name)}$", out, re.M), name
+    summary = manifest["precision"]["summary"]
+    assert {"linear", "embedding", "norm", "attention_mask"} <= set(summary)
+    for cat, counts in summary.items():
+        line = next(line for line in out.splitlines() if line.strip().startswith(cat + " "))
+        for precision, n in counts.items():
+            assert f"{precision}: {n}" in line, line
+    assert re.search(r"^\s+linear\s+int8: 12$", out, re.M), out
+    acc = manifest["accuracy"]
+    assert (f"accuracy vs FP32 (320 held-back texts): mean cosine {acc['mean_cosine']:.5f}, "
+            f"min cosine {acc['min_cosine']:.5f}, retrieval top-1 {acc['retrieval_top1']:.3f}") in out
+
+
+def test_inspect_nodes_gives_every_decision_and_reason(package, manifest):
+    result = edgeq("inspect", package, "--nodes")
+    assert result.exit_code == 0, result.output
+    for d in manifest["precision"]["nodes"]:
+        assert f" {d['name']}: {d['reason']}" in result.stdout, d["name"]
+
+
+def test_inspect_on_a_folder_that_is_not_a_package(tmp_path):
+    result = edgeq("inspect", tmp_path)
+    assert result.exit_code == 1
+    assert "Traceback" not in result.output
+    assert re.search(r"^error: .*has no manifest\.json$", result.stderr, re.M)
+    assert re.search(r"^hint: \S", result.stderr, re.M)
+
+
+# ---------------------------------------------------------------------------------------------------- verify
+
+def test_verify_passes_and_lists_every_check(package, manifest):
+    result = edgeq("verify", package)
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    for name in manifest["files"]:
+        assert any(line.startswith(f"ok   file {name}: sha256 ") for line in lines), name
+    assert any(line.startswith("ok   load and run: model.ort on host") for line in lines)
+    assert any(line.startswith("ok   outputs match reference: min cosine") for line in lines)
+    assert not any(line.startswith("FAIL") for line in lines)
+    assert lines[-1] == f"verified {package} on host"
+
+
+def test_verify_json(package, manifest):
+    result = edgeq("verify", package, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout.split("\nverified ")[0])
+    assert report["ok"] is True
+    names = [c[0] for c in report["checks"]]
+    assert {f"file {n}" for n in manifest["files"]} <= set(names) and "outputs match reference" in names
+    assert all(c[1] for c in report["checks"])
+
+
+def test_verify_on_a_tampered_copy_fails(package, tmp_path):
+    copy = Path(shutil.copytree(package, tmp_path / package.name))
+    model = copy / "model.ort"
+    data = bytearray(model.read_bytes())
+    data[len(data) // 3] ^= 0x01
+    model.write_bytes(bytes(data))
+    result = edgeq("verify", copy)
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit)
+    assert "Traceback" not in result.output
+    assert re.search(r"^FAIL file model\.ort: sha256/size differ", result.stdout, re.M), result.stdout
+    assert "verified" not in result.stdout
+    assert re.search(rf"^error: {re.escape(str(copy))} failed verification$", result.stderr, re.M), result.stderr
+    assert re.search(r"^hint: \S", result.stderr, re.M)
+
+
+def test_verify_on_an_unknown_target_is_refused(package):
+    result = edgeq("verify", package, "--on", "pixel-8")
+    assert result.exit_code != 0
+    assert "Traceback" not in result.output
+    assert re.search(r"^error: unknown verification target 'pixel-8'$", result.stderr, re.M), result.stderr
+    assert re.search(r"^hint: .*host", result.stderr, re.M)

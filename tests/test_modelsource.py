@@ -1,0 +1,254 @@
+"""edgeq.modelsource: one model folder per bad input, and the hashes of a good one."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+
+import pytest
+
+from edgeq.errors import ModelFolderError, UnsupportedModelError, UserInputError
+from edgeq.modelsource import ENCODER_TYPES, TOKENIZER_FILES, inspect_model_dir, sha256_file
+
+BERT_CONFIG = {"model_type": "bert", "architectures": ["BertModel"], "hidden_size": 64}
+
+
+EMPTY_SAFETENSORS = len(b"{}").to_bytes(8, "little") + b"{}"
+
+
+def make_folder(root, name="model-x", config=BERT_CONFIG, weights=("model.safetensors",), tokenizer=("vocab.txt",)):
+    """A folder that passes every check unless one part is overridden (weights are an empty but well-formed
+    safetensors file: inspect parses the header, never the tensors)."""
+    folder = root / name
+    folder.mkdir()
+    if config is not None:
+        (folder / "config.json").write_text(json.dumps(config) if isinstance(config, dict) else config)
+    for w in weights:
+        (folder / w).write_bytes(EMPTY_SAFETENSORS if w.endswith(".safetensors") else b"weights:" + w.encode())
+    for t in tokenizer:
+        (folder / t).write_text("[PAD]\n[UNK]\nhello\n")
+    return folder
+
+
+def refused(folder, error, match):
+    with pytest.raises(error, match=match) as exc:
+        inspect_model_dir(folder)
+    assert exc.value.hint
+    assert isinstance(exc.value, UserInputError) and exc.value.exit_code == 2
+    return exc.value
+
+
+# --- fixture folders, one per bad input ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def missing_folder(tmp_path):
+    return tmp_path / "does-not-exist"
+
+
+@pytest.fixture
+def file_not_folder(tmp_path):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"weights")
+    return path
+
+
+@pytest.fixture
+def no_config(tmp_path):
+    return make_folder(tmp_path, config=None)
+
+
+@pytest.fixture
+def config_not_json(tmp_path):
+    return make_folder(tmp_path, config="{'model_type': 'bert',}")
+
+
+@pytest.fixture
+def no_weights(tmp_path):
+    return make_folder(tmp_path, weights=())
+
+
+@pytest.fixture
+def only_pickle(tmp_path):
+    return make_folder(tmp_path, weights=("pytorch_model.bin",))
+
+
+@pytest.fixture
+def causal_lm(tmp_path):
+    return make_folder(tmp_path, config={"model_type": "llama", "architectures": ["LlamaForCausalLM"]})
+
+
+@pytest.fixture
+def unknown_type(tmp_path):
+    return make_folder(tmp_path, config={"model_type": "wav2vec2", "architectures": ["Wav2Vec2Model"]})
+
+
+@pytest.fixture
+def remote_code(tmp_path):
+    return make_folder(tmp_path, config={**BERT_CONFIG, "auto_map": {"AutoModel": "modeling_custom.CustomModel"}})
+
+
+@pytest.fixture
+def task_head(tmp_path):
+    return make_folder(tmp_path, config={"model_type": "bert", "architectures": ["BertForSequenceClassification"]})
+
+
+@pytest.fixture
+def no_tokenizer(tmp_path):
+    return make_folder(tmp_path, tokenizer=())
+
+
+def test_missing_folder(missing_folder):
+    refused(missing_folder, ModelFolderError, r"model folder .*does-not-exist does not exist")
+
+
+def test_file_instead_of_folder(file_not_folder):
+    err = refused(file_not_folder, ModelFolderError, r"model\.safetensors is not a folder")
+    assert "not a file inside it" in err.hint
+
+
+def test_no_config_json(no_config):
+    err = refused(no_config, ModelFolderError, r"has no config\.json")
+    assert "config.json" in err.hint
+
+
+def test_config_json_is_not_json(config_not_json):
+    refused(config_not_json, ModelFolderError, r"config\.json is not valid JSON")
+
+
+def test_config_but_no_weights(no_weights):
+    err = refused(no_weights, ModelFolderError, r"holds no safetensors weights")
+    assert "model.safetensors" in err.hint
+    assert "pickle" not in err.hint  # nothing to explain: there is no .bin either
+
+
+def test_only_pytorch_model_bin_explains_pickle_refusal(only_pickle):
+    err = refused(only_pickle, ModelFolderError, r"holds no safetensors weights")
+    assert "model.safetensors" in err.hint
+    assert "found pytorch_model.bin" in err.hint
+    assert "pickle" in err.hint and "run code" in err.hint
+    assert "safe_serialization=True" in err.hint
+
+
+def test_only_pt_file_is_named_too(tmp_path):
+    err = refused(make_folder(tmp_path, weights=("weights.pt",)), ModelFolderError, r"no safetensors")
+    assert "found weights.pt" in err.hint
+
+
+def test_causal_lm_is_unsupported(causal_lm):
+    err = refused(causal_lm, UnsupportedModelError, r"is a causal LM \(LlamaForCausalLM\).*encoders only")
+    assert "bert" in err.hint and "issue #3" in err.hint
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"model_type": "qwen2"},  # known causal type without architectures
+        {"model_type": "roberta", "architectures": ["RobertaForCausalLM"]},  # encoder type as a causal LM
+    ],
+)
+def test_causal_lm_recognised_by_type_or_architecture(tmp_path, config):
+    refused(make_folder(tmp_path, config=config), UnsupportedModelError, r"is a causal LM")
+
+
+def test_unknown_model_type(unknown_type):
+    err = refused(unknown_type, UnsupportedModelError, r"architecture 'wav2vec2' \(Wav2Vec2Model\) is not supported")
+    for t in ENCODER_TYPES:
+        assert t in err.hint
+
+
+def test_config_without_model_type(tmp_path):
+    refused(make_folder(tmp_path, config={"hidden_size": 8}), UnsupportedModelError,
+            re.escape("architecture '(no model_type)' (no architectures) is not supported"))
+
+
+def test_auto_map_is_refused_never_trust_remote_code(remote_code):
+    err = refused(remote_code, UnsupportedModelError, r"needs custom code \(config\.json has 'auto_map'\)")
+    assert "trust_remote_code" in err.message
+    assert "ships with transformers" in err.hint
+
+
+def test_task_head_is_unsupported(task_head):
+    err = refused(task_head, UnsupportedModelError, r"is a BertForSequenceClassification \(a task head\)")
+    assert "BertModel" in err.hint
+
+
+def test_no_tokenizer_files(no_tokenizer):
+    err = refused(no_tokenizer, ModelFolderError, r"has no tokenizer files")
+    assert "tokenizer.json" in err.hint
+
+
+@pytest.mark.parametrize("content", ["[]", '"bert"', "null"])
+def test_config_json_that_is_not_an_object(tmp_path, content):
+    refused(make_folder(tmp_path, config=content), ModelFolderError, r"config\.json")
+
+
+# --- good folders --------------------------------------------------------------------------------------------------
+
+
+def test_minimal_folder_inspects(tmp_path):
+    folder = make_folder(tmp_path, weights=("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"),
+                         tokenizer=("tokenizer.json", "vocab.txt"))
+    src = inspect_model_dir(folder)
+    assert src.weight_files == ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
+    assert src.tokenizer_files == ("tokenizer.json", "vocab.txt")  # in TOKENIZER_FILES order
+    assert src.name == "model-x"
+    assert src.pooling == "mean"
+
+
+def test_folder_named_model_takes_its_parents_name(tmp_path):
+    (tmp_path / "my-encoder").mkdir()
+    folder = make_folder(tmp_path / "my-encoder", name="model")
+    assert inspect_model_dir(folder).name == "my-encoder"
+
+
+@pytest.mark.parametrize("cls_token, pooling", [(True, "cls"), (False, "mean")])
+def test_sentence_transformers_pooling_config(tmp_path, cls_token, pooling):
+    folder = make_folder(tmp_path)
+    (folder / "1_Pooling").mkdir()
+    (folder / "1_Pooling" / "config.json").write_text(
+        json.dumps({"pooling_mode_cls_token": cls_token, "pooling_mode_mean_tokens": not cls_token}))
+    assert inspect_model_dir(folder).pooling == pooling
+
+
+def test_tiny_bert_inspects_as_encoder(tiny_bert_dir):
+    src = inspect_model_dir(tiny_bert_dir)
+    assert src.kind == "encoder"
+    assert src.task == "feature-extraction"
+    assert src.model_type == "bert"
+    assert src.architecture == "BertModel"
+    assert src.path == tiny_bert_dir.resolve()
+    assert src.name == "tiny-bert"
+    assert src.weight_files == ("model.safetensors",)
+    assert src.pooling == "mean"
+    assert "vocab.txt" in src.tokenizer_files and "tokenizer.json" in src.tokenizer_files
+    assert set(src.tokenizer_files) <= set(TOKENIZER_FILES)
+
+
+def test_tiny_bert_hashes_equal_hashlib(tiny_bert_dir):
+    src = inspect_model_dir(tiny_bert_dir)
+    expected_files = {"config.json", *src.weight_files, *src.tokenizer_files}
+    assert set(src.file_hashes) == expected_files
+    for name, digest in src.file_hashes.items():
+        assert digest == hashlib.sha256((tiny_bert_dir / name).read_bytes()).hexdigest(), name
+
+
+def test_sha256_file_reads_in_chunks(tmp_path):
+    path = tmp_path / "blob"
+    data = bytes(range(256)) * 1000 + b"tail"
+    path.write_bytes(data)
+    assert sha256_file(path, chunk=1000) == hashlib.sha256(data).hexdigest()
+    assert sha256_file(path) == hashlib.sha256(data).hexdigest()
+
+
+@pytest.mark.parametrize("content, match", [
+    (b"version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 10\n", r"git-lfs pointer"),
+    (b"\xff" * 16, r"not a valid safetensors file"),
+    ((100).to_bytes(8, "little") + b"{}", r"not a valid safetensors file"),
+    (b"", r"not a valid safetensors file"),
+])
+def test_broken_safetensors_is_refused(tmp_path, content, match):
+    folder = make_folder(tmp_path)
+    (folder / "model.safetensors").write_bytes(content)
+    refused(folder, ModelFolderError, match)

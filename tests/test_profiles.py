@@ -1,0 +1,328 @@
+"""edgeq.profiles: loading the bundled profile, and every way a profile file can be wrong."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import re
+import tomllib
+import typing
+
+import pytest
+
+from edgeq.errors import ProfileError, UserInputError
+from edgeq.profiles import (
+    PROFILES_DIR,
+    AccuracyBudget,
+    PackageSpec,
+    Profile,
+    QuantizationSpec,
+    describe_fields,
+    known_profiles,
+    load_profile,
+)
+
+BUNDLED = PROFILES_DIR / "android-arm64.toml"
+
+MINIMAL = 'name = "t"\ndescription = "test profile"\ntarget = "test target"\n'
+
+
+def write(tmp_path, text: str, name: str = "custom.toml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def bundled_with(old: str, new: str) -> str:
+    """The bundled profile's text with one exact line replaced (fails loudly if the line is not there)."""
+    text = BUNDLED.read_text()
+    assert text.count(old) == 1, f"{old!r} is not exactly once in {BUNDLED}"
+    return text.replace(old, new)
+
+
+# --- the bundled profile -------------------------------------------------------------------------------------------
+
+
+def test_bundled_profile_is_listed():
+    assert known_profiles()["android-arm64"] == BUNDLED
+
+
+def test_bundled_profile_loads_with_its_values():
+    p = load_profile("android-arm64")
+    assert isinstance(p, Profile)
+    assert p.name == "android-arm64"
+    assert p.execution_provider == "CPUExecutionProvider"
+    assert p.model_kinds == ("encoder",)
+    assert p.quantization.activation_type == "uint8"
+    assert p.quantization.calibration_method == "percentile"
+    assert p.quantization.calibration_percentile == 99.999
+    assert p.quantization.keep_fp16 == ("embedding", "norm")
+    assert p.quantization.keep_fp32_nodes == ()
+    assert p.package.target_platform == "arm"
+    assert p.accuracy.min_mean_cosine == 0.995
+    assert p.source == str(BUNDLED)
+    assert p.sha256 == hashlib.sha256(BUNDLED.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize(
+    "target, field, value",
+    [
+        ("profile", "name", "other"),
+        ("quantization", "calibration_method", "minmax"),
+        ("package", "zip", False),
+        ("accuracy", "min_mean_cosine", 0.0),
+    ],
+)
+def test_bundled_profile_is_frozen(target, field, value):
+    p = load_profile("android-arm64")
+    obj = p if target == "profile" else getattr(p, target)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        setattr(obj, field, value)
+    assert getattr(obj, field) != value
+
+
+def test_list_fields_are_tuples_so_the_profile_is_hashable():
+    p = load_profile("android-arm64")
+    assert isinstance(p.quantization.keep_fp16, tuple)
+    hash(p)  # raises TypeError if any field is a list
+
+
+# --- unknown profile names -----------------------------------------------------------------------------------------
+
+
+def test_unknown_profile_lists_known_profiles():
+    with pytest.raises(ProfileError, match=r"unknown profile 'ios-coreml'") as exc:
+        load_profile("ios-coreml")
+    assert re.search(r"known profiles: .*\bandroid-arm64\b", exc.value.hint)
+    assert ".toml" in exc.value.hint
+    assert isinstance(exc.value, UserInputError) and exc.value.exit_code == 2
+
+
+def test_unknown_profile_suggests_close_name():
+    with pytest.raises(ProfileError, match=r"unknown profile 'android-arm46'") as exc:
+        load_profile("android-arm46")
+    assert exc.value.hint.startswith("did you mean 'android-arm64'? known profiles: ")
+
+
+def test_unknown_profile_in_empty_profiles_dir(tmp_path):
+    with pytest.raises(ProfileError) as exc:
+        load_profile("android-arm64", profiles_dir=tmp_path)
+    assert "(none)" in exc.value.hint
+
+
+def test_missing_toml_path_is_reported_as_a_missing_file(tmp_path):
+    missing = tmp_path / "nope.toml"
+    with pytest.raises(ProfileError, match=re.escape(f"profile file {missing} does not exist")):
+        load_profile(str(missing))
+
+
+# --- profile files -------------------------------------------------------------------------------------------------
+
+
+def test_load_by_path_sets_source_and_sha256(tmp_path):
+    path = write(tmp_path, bundled_with('name = "android-arm64"', 'name = "my-phone"'))
+    p = load_profile(str(path))
+    assert p.name == "my-phone"
+    assert p.source == str(path)
+    assert p.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert p.sha256 != load_profile("android-arm64").sha256
+    # everything else as in the bundled profile
+    assert dataclasses.replace(p, name="android-arm64", source="", sha256="") == dataclasses.replace(
+        load_profile("android-arm64"), source="", sha256=""
+    )
+
+
+def test_minimal_profile_takes_the_documented_defaults(tmp_path):
+    p = load_profile(str(write(tmp_path, MINIMAL)))
+    assert p.quantization == QuantizationSpec()
+    assert p.package == PackageSpec()
+    assert p.accuracy == AccuracyBudget()
+
+
+def test_int_is_accepted_for_float_and_stored_as_float(tmp_path):
+    p = load_profile(str(write(tmp_path, MINIMAL + "[quantization]\ncalibration_percentile = 99\n")))
+    assert p.quantization.calibration_percentile == 99.0
+    assert type(p.quantization.calibration_percentile) is float
+
+
+def test_typo_key_names_file_and_key_and_suggests_the_field(tmp_path):
+    path = write(tmp_path, bundled_with('calibration_method = "percentile"', 'calibraton_method = "percentile"'))
+    with pytest.raises(ProfileError) as exc:
+        load_profile(str(path))
+    assert str(path) in exc.value.message
+    assert "unknown key 'quantization.calibraton_method'" in exc.value.message
+    assert exc.value.hint == "did you mean 'calibration_method'?"
+
+
+def test_typo_top_level_key(tmp_path):
+    path = write(tmp_path, MINIMAL + 'exectuion_provider = "CPUExecutionProvider"\n')
+    with pytest.raises(ProfileError, match=r"unknown key 'exectuion_provider'") as exc:
+        load_profile(str(path))
+    assert exc.value.hint == "did you mean 'execution_provider'?"
+
+
+def test_unknown_key_far_from_any_field_lists_valid_keys(tmp_path):
+    path = write(tmp_path, MINIMAL + "[package]\ncolour = 'red'\n")
+    with pytest.raises(ProfileError, match=r"unknown key 'package.colour'") as exc:
+        load_profile(str(path))
+    assert exc.value.hint.startswith("valid keys here: ")
+    for f in dataclasses.fields(PackageSpec):
+        assert f.name in exc.value.hint
+
+
+@pytest.mark.parametrize(
+    "section, typo, intended",
+    [("accuracy", "min_min_cosin", "min_min_cosine"), ("quantization", "calibration_seqlen", "calibration_seq_len")],
+)
+def test_typo_suggestion_is_the_closest_field(tmp_path, section, typo, intended):
+    path = write(tmp_path, MINIMAL + f"[{section}]\n{typo} = 1\n")
+    with pytest.raises(ProfileError) as exc:
+        load_profile(str(path))
+    assert exc.value.hint == f"did you mean '{intended}'?"
+
+
+@pytest.mark.parametrize(
+    "line, bad, expected",
+    [
+        ("calibration_samples = 128", 'calibration_samples = "128"',
+         "'quantization.calibration_samples' must be int, got str '128'"),
+        ("calibration_samples = 128", "calibration_samples = 128.0",
+         "'quantization.calibration_samples' must be int, got float 128.0"),
+        ("verify_samples = 4", "verify_samples = true", "'package.verify_samples' must be int, got bool True"),
+        ("weight_symmetric = true", "weight_symmetric = 1", "'quantization.weight_symmetric' must be bool, got int 1"),
+        ("calibration_percentile = 99.999", 'calibration_percentile = "99.999"',
+         "'quantization.calibration_percentile' must be float, got str '99.999'"),
+        ("min_mean_cosine = 0.995", "min_mean_cosine = false", "'accuracy.min_mean_cosine' must be float, got bool False"),
+        ('name = "android-arm64"', "name = 64", "'name' must be str, got int 64"),
+        ('keep_fp16 = ["embedding", "norm"]', 'keep_fp16 = "embedding"',
+         "'quantization.keep_fp16' must be a list of strings, got 'embedding'"),
+        ('model_kinds = ["encoder"]', "model_kinds = [1]", "'model_kinds' must be a list of strings, got [1]"),
+    ],
+)
+def test_wrong_type(tmp_path, line, bad, expected):
+    path = write(tmp_path, bundled_with(line, bad))
+    with pytest.raises(ProfileError) as exc:
+        load_profile(str(path))
+    assert str(path) in exc.value.message
+    assert expected in exc.value.message
+    key = line.split(" = ")[0]
+    doc = next(d for k, _, d in describe_fields() if k.split(".")[-1] == key)
+    assert exc.value.hint == doc  # the hint is the field's documentation
+
+
+def test_list_with_non_string_items_is_refused(tmp_path):
+    path = write(tmp_path, bundled_with("keep_fp32_nodes = []", "keep_fp32_nodes = [1, 2]"))
+    with pytest.raises(ProfileError, match=r"'quantization.keep_fp32_nodes' must be a list of strings, got \[1, 2\]"):
+        load_profile(str(path))
+
+
+def test_section_that_is_not_a_table(tmp_path):
+    path = write(tmp_path, MINIMAL + "quantization = 5\n")
+    with pytest.raises(ProfileError, match=r"\[quantization\] must be a table"):
+        load_profile(str(path))
+
+
+@pytest.mark.parametrize(
+    "line, bad, loc",
+    [
+        ('calibration_method = "percentile"', 'calibration_method = "entropy"', "quantization.calibration_method"),
+        ('activation_type = "uint8"', 'activation_type = "fp8"', "quantization.activation_type"),
+        ('sensitive_precision = "int8-weight-only"', 'sensitive_precision = "int4"', "quantization.sensitive_precision"),
+        ('target_platform = "arm"', 'target_platform = "riscv"', "package.target_platform"),
+        ('execution_provider = "CPUExecutionProvider"', 'execution_provider = "NnapiExecutionProvider"',
+         "execution_provider"),
+    ],
+)
+def test_value_not_among_choices(tmp_path, line, bad, loc):
+    path = write(tmp_path, bundled_with(line, bad))
+    value = bad.split(" = ")[1].strip('"')
+    with pytest.raises(ProfileError) as exc:
+        load_profile(str(path))
+    assert f"'{loc}' = '{value}' is not one of" in exc.value.message
+    assert str(path) in exc.value.message
+    # the valid choices are listed
+    assert line.split(" = ")[1].strip('"') in exc.value.message
+
+
+@pytest.mark.parametrize("missing", ["name", "description", "target"])
+def test_missing_required_key(tmp_path, missing):
+    text = bundled_with(next(ln for ln in BUNDLED.read_text().splitlines() if ln.startswith(f"{missing} = ")), "")
+    path = write(tmp_path, text)
+    with pytest.raises(ProfileError, match=rf"missing required key '{missing}'") as exc:
+        load_profile(str(path))
+    assert str(path) in exc.value.message
+    assert exc.value.hint.startswith(f"add '{missing} = ...': ")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        MINIMAL + "[quantization\nweight_type = 'int8'\n",  # unclosed table header
+        MINIMAL + "name = 'twice'\n",  # duplicate key
+        MINIMAL + "[package]\nzip = yes\n",  # bare word value
+    ],
+)
+def test_invalid_toml(tmp_path, text):
+    path = write(tmp_path, text)
+    with pytest.raises(ProfileError, match=r"is not valid TOML") as exc:
+        load_profile(str(path))
+    assert str(path) in exc.value.message
+    assert exc.value.hint == "fix the syntax at the position given"
+
+
+def test_non_utf8_profile_is_a_profile_error(tmp_path):
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(MINIMAL.encode() + 'description2 = "caf\xe9"\n'.encode("latin-1"))
+    with pytest.raises(ProfileError, match=r"is not valid TOML"):
+        load_profile(str(path))
+
+
+# --- field documentation -------------------------------------------------------------------------------------------
+
+
+def _leaf_keys(cls, prefix=""):
+    hints = typing.get_type_hints(cls)
+    keys = []
+    for f in dataclasses.fields(cls):
+        if f.name in ("source", "sha256"):
+            continue
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys += _leaf_keys(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+def test_describe_fields_covers_every_field_with_a_doc():
+    rows = describe_fields()
+    keys = [k for k, _, _ in rows]
+    assert keys == _leaf_keys(Profile)
+    assert len(keys) == len(set(keys))
+    assert {"quantization.calibration_method", "package.zip", "accuracy.min_retrieval_top1", "name"} <= set(keys)
+    for key, _default, doc in rows:
+        assert doc.strip(), f"{key} has no doc"
+
+
+def test_describe_fields_defaults_are_reprs_of_the_dataclass_defaults():
+    rows = {k: d for k, d, _ in describe_fields()}
+    assert rows["name"] == ""  # required
+    assert rows["quantization.calibration_method"] == repr("percentile")
+    assert rows["quantization.keep_fp16"] == repr(("embedding", "norm"))
+    assert rows["accuracy.eval_samples"] == "320"
+
+
+def test_every_loader_field_is_documented_too():
+    for f in dataclasses.fields(Profile):
+        assert f.metadata.get("doc"), f.name
+
+
+def test_bundled_profile_sets_every_documented_key():
+    """The bundled file is the reference: it spells out every key, so defaults can change without moving it."""
+    data = tomllib.loads(BUNDLED.read_text())
+    keys = set()
+    for key, value in data.items():
+        if isinstance(value, dict):
+            keys |= {f"{key}.{sub}" for sub in value}
+        else:
+            keys.add(key)
+    assert keys == set(_leaf_keys(Profile))
