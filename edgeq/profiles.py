@@ -88,6 +88,10 @@ class PackageSpec:
         "Platform the ORT-format conversion optimizes for; 'arm' keeps x86-only fusions out.", "arm", ("arm", "amd64")
     )
     zip: bool = _f("Also write <package>.zip next to the package folder.", True)
+    max_size_ratio: float = _f(
+        "Largest model file allowed, as a fraction of the FP32 ONNX export (0.40: a 90.4 MB MiniLM must fit in "
+        "36.2 MB). Over it, the export fails and writes no package.", 0.40, minimum=0.0,
+    )
     verify_samples: int = _f("Texts from the evaluation split stored with reference outputs for 'edgeq verify'.", 4,
                              minimum=1)
     verify_min_cosine: float = _f(

@@ -16,7 +16,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from edgeq.errors import AccuracyBudgetError, OutputExistsError
+from edgeq.errors import AccuracyBudgetError, OutputExistsError, SizeBudgetError
 from edgeq.pipeline import ExportRequest, export_package
 from edgeq.stages.verify import verify
 
@@ -455,3 +455,28 @@ def test_accuracy_budget_failure_with_force_keeps_the_existing_package(exported,
     with pytest.raises(AccuracyBudgetError):
         export_package(ExportRequest(tiny_bert_dir, str(budget_profile(tmp_path)), out_dir=out, samples=16, force=True))
     assert snapshot(out) == before
+
+
+def test_size_budget_failure_names_sizes_and_leaves_nothing(tiny_bert_dir, tmp_path, monkeypatch):
+    """A tiny BERT's model.ort is ~0.3 MB of a ~0.6 MB FP32 export: a 1% allowance cannot be met (the check is
+    switched on for this small model, which it skips by default)."""
+    monkeypatch.setattr("edgeq.pipeline.SIZE_CHECK_MIN_BYTES", 0)
+    text = PROFILE_FILE.read_text()
+    bad = re.sub(r"(?m)^max_size_ratio = [0-9.]+", "max_size_ratio = 0.01", text)
+    assert bad != text
+    profile = tmp_path / "small.toml"
+    profile.write_text(bad)
+    out = tmp_path / "out"
+    with pytest.raises(SizeBudgetError) as err:
+        export_package(ExportRequest(tiny_bert_dir, str(profile), out_dir=out, samples=16))
+    assert re.search(r"model is \d+\.\d MB, \d+\.\d% of the FP32 export .* allows 1%", err.value.message), err.value.message
+    assert err.value.exit_code == 1 and "max_size_ratio" in err.value.hint
+    assert (sorted(p.name for p in out.iterdir()) if out.exists() else []) == []
+
+
+def test_manifest_size_block(manifest, tiny_bert_dir):
+    size = manifest["size"]
+    assert size["model_bytes"] == manifest["files"]["model.ort"]["size"]
+    assert size["ratio"] == round(size["model_bytes"] / size["fp32_onnx_bytes"], 4)
+    assert size["max_ratio"] == 0.40
+    assert size["checked"] is (size["fp32_onnx_bytes"] >= 8_000_000) is False  # tiny: format overhead dominates

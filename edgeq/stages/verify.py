@@ -17,7 +17,14 @@ from edgeq.manifest import MANIFEST, file_entries, read_manifest
 from edgeq.metrics import per_sample_cosine
 from edgeq.runtime import pool, session
 
-TARGETS = ("host",)
+TARGETS = ("host", "arm64")
+# Off the host a package does not reproduce its reference bit for bit: last-bit float differences (fp16 LayerNorm,
+# MatMulNBits' activation quantization) flip int8 roundings, and the flips compound over the layers. Measured on
+# all-MiniLM-L6-v2 android-arm64, arm64 against the x86 reference: cosine 0.99884-0.99937, max |diff| / max |ref|
+# 0.037; yet arm64 is as close to FP32 as the host is (cosine 0.9981-0.9987 against 0.9980-0.9988; the host's own
+# max |diff| / max |ref| to FP32 is 0.039). So off the host the cosine bar is the profile's accuracy budget
+# (min_mean_cosine) and the scale check allows 10%: still far from a wrong kernel or a change of scale.
+OFF_HOST_MAX_REL_DIFF = 0.1
 
 
 @dataclass
@@ -50,13 +57,20 @@ def check_files(folder: Path, manifest: dict, report: VerifyReport) -> None:
         report.add(f"file {name}", False, "not listed in the manifest")
 
 
-def run_samples(folder: Path, manifest: dict) -> np.ndarray:
-    """Pooled outputs of the package's model for the manifest's stored sample inputs."""
+def run_samples(folder: Path, manifest: dict, arm64=None) -> tuple[np.ndarray, str]:
+    """Pooled outputs of the package's model for the manifest's stored sample inputs, and where they ran: the host's
+    ONNX Runtime, or ``arm64`` (an edgeq.devices.arm64.Arm64Runtime) if given."""
     v = manifest["verification"]
-    sess = session(folder / manifest["model"]["file"])
+    model = folder / manifest["model"]["file"]
     feeds = {k: np.asarray(a, dtype=np.int64) for k, a in v["inputs"].items()}
-    hidden = sess.run(None, feeds)[0]
-    return pool(hidden, feeds["attention_mask"], v["pooling"])
+    if arm64 is not None:
+        from edgeq.devices.arm64 import run_on_arm64
+
+        res = run_on_arm64(arm64, model, feeds)
+        hidden, where = res.outputs[0], f"{res.info['machine']} onnxruntime {res.info['onnxruntime']} under qemu"
+    else:
+        hidden, where = session(model).run(None, feeds)[0], "host"
+    return pool(hidden, feeds["attention_mask"], v["pooling"]), where
 
 
 def verify(folder: Path, on: str = "host") -> VerifyReport:
@@ -68,16 +82,24 @@ def verify(folder: Path, on: str = "host") -> VerifyReport:
     check_files(folder, manifest, report)
     if not report.ok:
         return report
+    arm64 = None
+    if on == "arm64":  # a runtime that cannot be built is an error with a hint, not a finding about the package
+        from edgeq.devices.arm64 import ensure_runtime
+
+        arm64 = ensure_runtime()
     try:
-        out = run_samples(folder, manifest)
+        out, where = run_samples(folder, manifest, arm64)
     except Exception as exc:  # ORT load/run failure is the finding, not a crash
         report.add("load and run", False, f"{type(exc).__name__}: {exc}")
         return report
     ref = np.asarray(manifest["verification"]["reference_pooled"], dtype=np.float32)
     cos = per_sample_cosine(ref, out)
     need, max_rel = manifest["verification"]["min_cosine"], manifest["verification"]["max_rel_diff"]
+    if on != "host":
+        need = min(need, manifest["profile"]["values"]["accuracy"]["min_mean_cosine"])
+        max_rel = max(max_rel, OFF_HOST_MAX_REL_DIFF)
     rel = float(np.abs(ref - out).max() / max(np.abs(ref).max(), 1e-12))
-    report.add("load and run", True, f"{manifest['model']['file']} on {on} ({len(ref)} samples)")
+    report.add("load and run", True, f"{manifest['model']['file']} on {where} ({len(ref)} samples)")
     report.add("outputs match reference", bool(cos.min() >= need and rel <= max_rel),
                f"min cosine {cos.min():.6f} (need >= {need}), max |diff| / max |ref| {rel:.2e} (need <= {max_rel})")
     return report
