@@ -18,6 +18,7 @@ import pytest
 from click.testing import CliRunner
 
 from edgeq.cli import main
+from profile_edits import edited_profile
 
 ROOT = Path(__file__).resolve().parent.parent
 PROFILE_FILE = ROOT / "export_profiles" / "android-arm64.toml"
@@ -149,11 +150,7 @@ def test_unknown_profile_lists_the_known_ones(tiny_bert_dir, tmp_path):
 
 
 def test_profile_file_with_a_typo_key(tiny_bert_dir, tmp_path):
-    text = PROFILE_FILE.read_text()
-    bad = re.sub(r"(?m)^calibration_method =", "calibraton_method =", text)
-    assert bad != text
-    profile = tmp_path / "typo.toml"
-    profile.write_text(bad)
+    profile = edited_profile(tmp_path, r"^calibration_method =", "calibraton_method =", "typo.toml")
     out = tmp_path / "out"
     msg, hint = assert_user_error(edgeq("export", tiny_bert_dir, "--profile", profile, "-o", out), out)
     assert str(profile) in msg
@@ -170,11 +167,7 @@ def test_profile_file_that_is_not_toml(tiny_bert_dir, tmp_path):
 
 
 def test_profile_file_with_an_out_of_range_value(tiny_bert_dir, tmp_path):
-    text = PROFILE_FILE.read_text()
-    bad = re.sub(r"(?m)^calibration_samples = \d+", "calibration_samples = 0", text)
-    assert bad != text
-    profile = tmp_path / "zero.toml"
-    profile.write_text(bad)
+    profile = edited_profile(tmp_path, r"^calibration_samples = \d+", "calibration_samples = 0", "zero.toml")
     out = tmp_path / "out"
     result = edgeq("export", tiny_bert_dir, "--profile", profile, "-o", out)
     msg, hint = assert_user_error(result)

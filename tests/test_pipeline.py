@@ -19,6 +19,7 @@ import pytest
 from edgeq.errors import AccuracyBudgetError, OutputExistsError, SizeBudgetError
 from edgeq.pipeline import ExportRequest, export_package
 from edgeq.stages.verify import verify
+from profile_edits import edited_profile
 
 ROOT = Path(__file__).resolve().parent.parent
 PROFILE_FILE = ROOT / "export_profiles" / "android-arm64.toml"
@@ -68,11 +69,8 @@ def failed(report) -> dict[str, str]:
 
 def budget_profile(tmp: Path) -> Path:
     """A copy of android-arm64.toml whose accuracy budget no quantized model can meet (mean cosine > 1)."""
-    text = PROFILE_FILE.read_text()
-    changed = re.sub(r"(?m)^min_mean_cosine = .*$", "min_mean_cosine = 1.01", text)
-    assert changed != text and "[accuracy]" in changed.split("min_mean_cosine = 1.01")[0]
-    path = tmp / "android-arm64-impossible.toml"
-    path.write_text(changed)
+    path = edited_profile(tmp, r"^min_mean_cosine = .*$", "min_mean_cosine = 1.01", "android-arm64-impossible.toml")
+    assert "[accuracy]" in path.read_text().split("min_mean_cosine = 1.01")[0]
     return path
 
 
@@ -461,11 +459,7 @@ def test_size_budget_failure_names_sizes_and_leaves_nothing(tiny_bert_dir, tmp_p
     """A tiny BERT's model.ort is ~0.3 MB of a ~0.6 MB FP32 export: a 1% allowance cannot be met (the check is
     switched on for this small model, which it skips by default)."""
     monkeypatch.setattr("edgeq.pipeline.SIZE_CHECK_MIN_BYTES", 0)
-    text = PROFILE_FILE.read_text()
-    bad = re.sub(r"(?m)^max_size_ratio = [0-9.]+", "max_size_ratio = 0.01", text)
-    assert bad != text
-    profile = tmp_path / "small.toml"
-    profile.write_text(bad)
+    profile = edited_profile(tmp_path, r"^max_size_ratio = [0-9.]+", "max_size_ratio = 0.01", "small.toml")
     out = tmp_path / "out"
     with pytest.raises(SizeBudgetError) as err:
         export_package(ExportRequest(tiny_bert_dir, str(profile), out_dir=out, samples=16))
