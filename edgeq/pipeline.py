@@ -84,7 +84,8 @@ def export_package(req: ExportRequest, progress: Progress = QUIET) -> Package:
         work.mkdir()
         progress.stage("export", f"{src.path} ({src.architecture}, task {src.task})")
         exported = export(src, work)
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer  # here, not at module top: keeps `edgeq --help` fast
+
         tokenizer = AutoTokenizer.from_pretrained(str(exported.tokenizer_dir), local_files_only=True)
         progress.stage("optimize", "ONNX Runtime basic level (provider-independent)")
         optimized = optimize(exported, work)
@@ -96,8 +97,9 @@ def export_package(req: ExportRequest, progress: Progress = QUIET) -> Package:
         folder = staging / inputs.dest.name
         progress.stage("package", f"ORT format for {profile.package.target_platform}")
         convert_to_ort(quantized.onnx_path, folder, profile.package.target_platform)
-        copy_tokenizer(exported.tokenizer_dir, folder, src.tokenizer_files + ("tokenizer.json", "tokenizer_config.json",
-                                                                          "special_tokens_map.json"))
+        # the source's tokenizer files, plus the fast-tokenizer files optimum writes even for a vocab.txt-only source
+        copy_tokenizer(exported.tokenizer_dir, folder, tuple(dict.fromkeys(
+            src.tokenizer_files + ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"))))
         progress.stage("evaluate", f"{min(profile.accuracy.eval_samples, len(inputs.evaluation.texts))} held-back texts vs FP32")
         accuracy = evaluate(folder / MODEL_FILE, exported.onnx_path, tokenizer, inputs.evaluation, profile, src.pooling)
         manifest = build_manifest(inputs, req, quantized, accuracy, folder, tokenizer)
@@ -196,7 +198,9 @@ def build_manifest(inputs: Inputs, req: ExportRequest, quantized: QuantizedModel
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "source": {"path": str(src.path), "model_type": src.model_type, "architecture": src.architecture,
                    "task": src.task, "kind": src.kind, "pooling": src.pooling, "files": src.file_hashes},
-        "profile": {"name": profile.name, "file": profile.source, "sha256": profile.sha256, "values": profile.to_dict()},
+        "profile": {"name": profile.name, "file": profile.source, "sha256": profile.sha256,
+                    "overrides": {"calibration_samples": req.samples, "calibration_seq_len": req.seq_len},
+                    "values": profile.to_dict()},  # values after the command line's overrides
         "tools": tool_versions(),
         "model": {
             "file": MODEL_FILE, "format": "ort", "ops_config": OPS_CONFIG,
