@@ -48,8 +48,10 @@ def read_manifest(folder: Path) -> dict:
         raise VerificationError(f"{folder} has no {MANIFEST}", "pass a package folder written by 'edgeq export'")
     try:
         manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise VerificationError(f"{path} is not valid JSON: {exc}", "re-export the package") from exc
+    if not isinstance(manifest, dict):
+        raise VerificationError(f"{path} does not hold a JSON object", "re-export the package")
     if manifest.get("schema_version") != SCHEMA_VERSION:
         raise VerificationError(f"{path}: schema_version {manifest.get('schema_version')!r}, this edgeq reads {SCHEMA_VERSION}",
                                 "use the edgeq version that wrote the package, or re-export it")

@@ -57,12 +57,21 @@ def check_safetensors(path: Path) -> None:
             raise ModelFolderError(f"{path} is a git-lfs pointer, not the weights",
                                    "fetch the real file: run 'git lfs pull' in the model's repository")
         size = int.from_bytes(head, "little") if len(head) == 8 else -1
-        ok = 0 < size <= path.stat().st_size - 8
+        total = path.stat().st_size
+        ok = 0 < size <= total - 8
         if ok:
             try:
-                ok = isinstance(json.loads(f.read(size)), dict)
+                header = json.loads(f.read(size))
             except (json.JSONDecodeError, UnicodeDecodeError):
-                ok = False
+                header = None
+            ok = isinstance(header, dict)
+    if ok:  # the tensors must fill the file exactly: a download cut after the header fails here, not in the exporter
+        ends = [t["data_offsets"][1] for k, t in header.items()
+                if k != "__metadata__" and isinstance(t, dict) and "data_offsets" in t]
+        if max(ends, default=0) != total - 8 - size:
+            raise ModelFolderError(f"{path} is truncated or padded: its header describes {max(ends, default=0)} bytes "
+                                   f"of tensors, the file holds {total - 8 - size}",
+                                   "re-download the weights; the file is incomplete")
     if not ok:
         raise ModelFolderError(f"{path} is not a valid safetensors file (its header does not parse)",
                                "re-download or re-save the weights: model.save_pretrained(dir, safe_serialization=True)")

@@ -121,6 +121,39 @@ class AccuracyBudget:
 
 
 @dataclass(frozen=True)
+class LLMSpec:
+    """Causal LMs: INT4 weight-only linear layers (MatMulNBits), FP16 embeddings/norms, a GenAI package."""
+
+    int4_method: str = _f(
+        "How INT4 weights are chosen: 'gptq' (data-aware, from activation statistics over calibration text) or "
+        "'rtn' (round to nearest; fast, less accurate).", "gptq", ("gptq", "rtn"),
+    )
+    block_size: int = _f("Weights per INT4 scale (MatMulNBits block_size).", 32, (16, 32, 64, 128, 256))
+    symmetric: bool = _f("Symmetric INT4 blocks (no zero points) instead of asymmetric.", False)
+    accuracy_level: int = _f(
+        "MatMulNBits accuracy_level: 4 computes with int8-quantized activations (fast int8 dot products on ARM), "
+        "0 keeps float activations.", 4, (0, 1, 2, 3, 4),
+    )
+    embedding_precision: str = _f("Token-embedding table precision.", "fp16", ("fp16", "fp32"))
+    lm_head_precision: str = _f(
+        "Output projection precision. With tied weights 'fp16' shares the embedding table (smallest file); "
+        "'int4'/'int8' store a separate low-bit head that reads far fewer bytes per token.", "fp16",
+        ("fp16", "int8", "int4"),
+    )
+    calibration_windows: int = _f("Calibration windows of window_tokens tokens each.", 8, minimum=1)
+    window_tokens: int = _f("Tokens per calibration/evaluation window.", 512, minimum=16)
+    eval_windows: int = _f("Held-back evaluation windows (at most what the evaluation split gives).", 16, minimum=1)
+    context_length: int = _f("max_length written to genai_config.json.", 2048, minimum=16)
+    max_ppl_increase: float = _f("Largest perplexity increase over FP32 on held-back text (0.06 = +6%).", 0.06,
+                                 minimum=0.0)
+    min_top1_agreement: float = _f("Smallest top-1 next-token agreement with FP32 on held-back text.", 0.80,
+                                   minimum=0.0, maximum=1.0)
+    max_size_mb: float = _f("Largest model (all weight files) in MB.", 150.0, minimum=0.0)
+    verify_tokens: int = _f("Greedy tokens generated for a fixed prompt and stored for 'edgeq verify'.", 16,
+                            minimum=1)
+
+
+@dataclass(frozen=True)
 class Profile:
     """A device target: where the package runs and how it is quantized, packaged and judged."""
 
@@ -136,6 +169,7 @@ class Profile:
     quantization: QuantizationSpec = _f("See [quantization].", default_factory=QuantizationSpec)
     package: PackageSpec = _f("See [package].", default_factory=PackageSpec)
     accuracy: AccuracyBudget = _f("See [accuracy].", default_factory=AccuracyBudget)
+    llm: LLMSpec = _f("See [llm].", default_factory=LLMSpec)
     source: str = field(default="", metadata={"doc": "File the profile was read from (set by the loader)."})
     sha256: str = field(default="", metadata={"doc": "sha256 of the profile file (set by the loader)."})
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
+from safetensors import SafetensorError
 
 from edgeq.errors import ModelFolderError, UnsupportedModelError
 from edgeq.modelsource import ModelSource
@@ -46,7 +47,7 @@ def export(source: ModelSource, workdir: Path) -> ExportedModel:
     except (KeyError, ValueError, NotImplementedError) as exc:
         raise UnsupportedModelError(f"optimum-onnx cannot export {source.path} as {source.task}: {exc}",
                                     "check the model type is supported by optimum-onnx for this task") from exc
-    except OSError as exc:  # unreadable or truncated weights/tokenizer files
+    except (OSError, SafetensorError) as exc:  # unreadable or damaged weights/tokenizer files
         raise ModelFolderError(f"cannot read the model in {source.path}: {exc}",
                                "check the folder's files are complete (re-download or re-save them)") from exc
     path = out / "model.onnx"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,8 +37,15 @@ class Package:
 
 
 def convert_to_ort(onnx_path: Path, dest: Path, target_platform: str) -> Path:
-    stage = dest.parent / f".{dest.name}.ortconv"
-    stage.mkdir(parents=True)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{dest.name}.ortconv-", dir=dest.parent))
+    try:
+        return _convert(onnx_path, stage, dest, target_platform)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _convert(onnx_path: Path, stage: Path, dest: Path, target_platform: str) -> Path:
     shutil.copy(onnx_path, stage / "model.onnx")
     cmd = [sys.executable, "-m", "onnxruntime.tools.convert_onnx_models_to_ort", str(stage), "--output_dir", str(stage),
            "--optimization_style", "Fixed", "--enable_type_reduction", "--target_platform", target_platform]
@@ -55,7 +63,6 @@ def convert_to_ort(onnx_path: Path, dest: Path, target_platform: str) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     shutil.move(stage / "model.ort", dest / MODEL_FILE)
     shutil.move(stage / OPS_CONFIG, dest / OPS_CONFIG)
-    shutil.rmtree(stage)
     return dest / MODEL_FILE
 
 

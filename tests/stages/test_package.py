@@ -1,0 +1,157 @@
+"""edgeq.stages.package: ORT-format conversion of a small hand-made ONNX model, its growth guard, tokenizer copy and
+the manifest's file table."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import edgeq.stages.package as package_mod
+from edgeq.errors import EdgeqError
+from edgeq.manifest import MANIFEST
+from edgeq.stages.package import MODEL_FILE, OPS_CONFIG, Package, convert_to_ort, copy_tokenizer, finish
+
+VOCAB, HIDDEN = 50, 16
+
+
+def tiny_encoder(path: Path) -> Path:
+    """input_ids, attention_mask -> last_hidden_state = (table[input_ids] @ W) * mask: a 5-node stand-in encoder."""
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("Gather", ["table", "input_ids"], ["emb"], name="gather"),
+        helper.make_node("Cast", ["attention_mask"], ["mask_f"], to=TensorProto.FLOAT, name="cast"),
+        helper.make_node("Unsqueeze", ["mask_f", "axes"], ["mask_3d"], name="unsqueeze"),
+        helper.make_node("MatMul", ["emb", "W"], ["proj"], name="matmul"),
+        helper.make_node("Mul", ["proj", "mask_3d"], ["last_hidden_state"], name="mul"),
+    ]
+    graph = helper.make_graph(
+        nodes, "tiny-encoder",
+        [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "seq"]) for n in ("input_ids", "attention_mask")],
+        [helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT, ["batch", "seq", HIDDEN])],
+        [numpy_helper.from_array(rng.standard_normal((VOCAB, HIDDEN)).astype(np.float32), "table"),
+         numpy_helper.from_array(rng.standard_normal((HIDDEN, HIDDEN)).astype(np.float32), "W"),
+         numpy_helper.from_array(np.array([-1], np.int64), "axes")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(path))
+    return path
+
+
+def feeds() -> dict[str, np.ndarray]:
+    ids = np.array([[2, 10, 11, 12, 3], [2, 20, 3, 0, 0], [2, 49, 1, 7, 3]], np.int64)
+    return {"input_ids": ids, "attention_mask": (ids != 0).astype(np.int64)}
+
+
+@pytest.fixture(scope="module")
+def onnx_model(tmp_path_factory) -> Path:
+    return tiny_encoder(tmp_path_factory.mktemp("onnx") / "tiny.onnx")
+
+
+@pytest.fixture(scope="module")
+def converted(onnx_model, tmp_path_factory) -> Path:
+    """dest folder of one conversion (for the ARM target, as the android-arm64 profile does)."""
+    dest = tmp_path_factory.mktemp("pkg-parent") / "pkg"
+    out = convert_to_ort(onnx_model, dest, "arm")
+    assert out == dest / MODEL_FILE
+    return dest
+
+
+def test_convert_writes_model_ort_and_ops_config_only(converted, onnx_model):
+    assert sorted(p.name for p in converted.iterdir()) == sorted([MODEL_FILE, OPS_CONFIG])
+    assert sorted(p.name for p in converted.parent.iterdir()) == ["pkg"]  # the staging folder is gone
+    assert onnx_model.is_file()  # the source is copied, not moved
+    ops = (converted / OPS_CONFIG).read_text()
+    for op in ("Gather", "Cast", "Unsqueeze", "MatMul", "Mul"):
+        assert re.search(rf"\b{op}\b", ops), op
+    assert "ai.onnx;" in ops and '"int64_t"' in ops  # type reduction records the types the kernels need
+
+
+def test_ort_file_loads_and_matches_the_onnx_model(converted, onnx_model):
+    f = feeds()
+    (want,) = ort.InferenceSession(str(onnx_model), providers=["CPUExecutionProvider"]).run(None, f)
+    sess = ort.InferenceSession(str(converted / MODEL_FILE), providers=["CPUExecutionProvider"])
+    assert [i.name for i in sess.get_inputs()] == ["input_ids", "attention_mask"]
+    assert [o.name for o in sess.get_outputs()] == ["last_hidden_state"]
+    (got,) = sess.run(None, f)
+    # Same CPU kernels on the same float32 data, and nothing here for a fusion to reorder: bit-for-bit in practice.
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    assert (got[1, 3:] == 0).all()  # the mask zeroes padding
+
+
+def test_growth_guard_raises_when_the_ort_file_outgrows_the_onnx(onnx_model, tmp_path, monkeypatch):
+    monkeypatch.setattr(package_mod, "MAX_ORT_GROWTH", 0.0)
+    monkeypatch.setattr(package_mod, "ORT_FIXED_OVERHEAD", 0)
+    dest = tmp_path / "pkg"
+    with pytest.raises(EdgeqError) as err:
+        convert_to_ort(onnx_model, dest, "arm")
+    assert "grew the model" in err.value.message and "stored twice" in err.value.message
+    assert err.value.hint
+    assert not (dest / MODEL_FILE).exists()
+
+
+def test_growth_guard_allows_the_real_ratio(converted, onnx_model):
+    """The guard's bound holds for a plain conversion: it only fires on real growth."""
+    ort_size, onnx_size = (converted / MODEL_FILE).stat().st_size, onnx_model.stat().st_size
+    assert ort_size <= package_mod.MAX_ORT_GROWTH * onnx_size + package_mod.ORT_FIXED_OVERHEAD
+    assert ort_size > package_mod.MAX_ORT_GROWTH * onnx_size  # here the fixed overhead is what lets it pass
+
+
+def test_failed_conversion_cleans_up_and_can_be_retried(onnx_model, tmp_path, monkeypatch):
+    dest = tmp_path / "pkg"
+    monkeypatch.setattr(package_mod, "MAX_ORT_GROWTH", 0.0)
+    monkeypatch.setattr(package_mod, "ORT_FIXED_OVERHEAD", 0)
+    with pytest.raises(EdgeqError):
+        convert_to_ort(onnx_model, dest, "arm")
+    monkeypatch.undo()
+    assert convert_to_ort(onnx_model, dest, "arm").is_file()  # currently: FileExistsError on the staging folder
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pkg"]
+
+
+def test_copy_tokenizer_copies_only_existing_files(tmp_path):
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    src.mkdir()
+    dest.mkdir()
+    (src / "tokenizer.json").write_text('{"model": {}}')
+    (src / "vocab.txt").write_text("[PAD]\n[UNK]\n")
+    (src / "merges.txt").mkdir()  # a folder with a tokenizer file's name is not a file
+    (src / "unrelated.bin").write_bytes(b"\0")
+    copied = copy_tokenizer(src, dest, ("tokenizer.json", "missing.json", "merges.txt", "vocab.txt"))
+    assert copied == ["tokenizer.json", "vocab.txt"]  # in the order asked
+    assert sorted(p.name for p in dest.iterdir()) == ["tokenizer.json", "vocab.txt"]
+    for name in copied:
+        assert (dest / name).read_bytes() == (src / name).read_bytes()
+    assert (src / "vocab.txt").is_file()  # copied, not moved
+
+
+def test_finish_writes_a_manifest_whose_files_match_sha256_and_size(converted, tmp_path):
+    folder = tmp_path / "package"
+    folder.mkdir()
+    for name in (MODEL_FILE, OPS_CONFIG):
+        (folder / name).write_bytes((converted / name).read_bytes())
+    (folder / "vocab.txt").write_text("[PAD]\nhello\n")
+    (folder / "extra").mkdir()
+    (folder / "extra" / "notes.txt").write_text("nested")
+    (folder / MANIFEST).write_text('{"stale": true}')  # an old manifest is replaced, never listed
+    manifest = {"schema_version": 1, "model": {"file": MODEL_FILE}}
+    pkg = finish(folder, manifest)
+    assert isinstance(pkg, Package) and pkg.path == folder and pkg.model_path == folder / MODEL_FILE
+    on_disk = json.loads((folder / MANIFEST).read_text())
+    assert on_disk == pkg.manifest
+    assert on_disk["model"] == {"file": MODEL_FILE} and "stale" not in on_disk
+    files = on_disk["files"]
+    assert sorted(files) == sorted(["extra/notes.txt", MODEL_FILE, OPS_CONFIG, "vocab.txt"])
+    for rel, entry in files.items():
+        data = (folder / rel).read_bytes()
+        assert entry == {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}, rel
+    assert sorted(p.name for p in folder.iterdir()) == sorted(["extra", MANIFEST, MODEL_FILE, OPS_CONFIG, "vocab.txt"])
+

@@ -1,0 +1,232 @@
+"""edgeq.stages.quantize: per-layer sensitivity, QDQ rewrite of a plan, promotion loop and its stopping rule."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+import re
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from edgeq.metrics import EncoderAccuracy, compare
+from edgeq.modelsource import inspect_model_dir
+from edgeq.policy import PrecisionPlan, decide_precision
+from edgeq.profiles import load_profile
+from edgeq.progress import Progress
+from edgeq.runtime import embed, session
+from edgeq.stages.calibrate import calibrate
+from edgeq.stages.export import export
+from edgeq.stages.optimize import optimize
+from edgeq.stages.quantize import apply_plan, measure_sensitivity, quantize, selection_met
+from edgeq.textdata import CALIBRATION_FILE, EVALUATION_FILE, load_texts
+
+N_CAL = 16
+SENS_SAMPLES = 8
+SEQ_LEN = 64
+N_LINEAR = 12  # 6 per layer, 2 layers
+# Measured: every linear layer at static int8 keeps the tiny random BERT's pooled embeddings at cosine 0.99999982
+# (min over 16 evaluation texts) against FP32: random init gives near-Gaussian activations without the outlier
+# channels of trained models, so a uint8 grid over the calibrated range loses almost nothing. 0.9999 leaves a
+# 500x margin on the loss and still fails a wrong scale, zero point or channel axis (those give cosines < 0.99).
+MIN_POOLED_COSINE = 0.9999
+
+
+def with_quantization(profile, **kw):
+    return dataclasses.replace(profile, quantization=dataclasses.replace(profile.quantization, **kw))
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp("quantize-work")
+
+
+@pytest.fixture(scope="module")
+def optimized(tiny_bert_dir, work):
+    return optimize(export(inspect_model_dir(tiny_bert_dir), work), work)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(optimized):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(optimized.exported.tokenizer_dir), local_files_only=True)
+
+
+@pytest.fixture(scope="module")
+def profile():
+    return with_quantization(load_profile("android-arm64"), calibration_seq_len=SEQ_LEN,
+                             sensitivity_samples=SENS_SAMPLES)
+
+
+@pytest.fixture(scope="module")
+def texts() -> tuple[str, ...]:
+    return load_texts(CALIBRATION_FILE).head(N_CAL)
+
+
+@pytest.fixture(scope="module")
+def stats(optimized, tokenizer, texts, profile):
+    return calibrate(optimized, tokenizer, texts, profile.quantization, "mean")
+
+
+@pytest.fixture(scope="module")
+def model(optimized) -> onnx.ModelProto:
+    return optimized.load()
+
+
+@pytest.fixture(scope="module")
+def linear_names(optimized) -> set[str]:
+    return {n for n, info in optimized.nodes.items() if info.category == "linear"}
+
+
+@pytest.fixture(scope="module")
+def sensitivity(optimized, model, stats, tokenizer, texts, profile):
+    return measure_sensitivity(optimized, model, stats, tokenizer, texts, profile, "mean")
+
+
+@pytest.fixture(scope="module")
+def run_quantize(optimized, stats, tokenizer, texts, profile, tmp_path_factory):
+    """quantize() with a given sensitivity_target_mean_cosine; returns (QuantizedModel, progress lines)."""
+
+    def _run(target: float):
+        p = with_quantization(profile, sensitivity_target_mean_cosine=target)
+        out = io.StringIO()
+        q = quantize(optimized, stats, tokenizer, texts, p, "mean", tmp_path_factory.mktemp("q"), Progress(stream=out))
+        return q, out.getvalue().splitlines()
+
+    return _run
+
+
+# --- measure_sensitivity --------------------------------------------------------------------------------------------
+
+
+def test_one_non_negative_drop_per_linear_layer(sensitivity, linear_names):
+    assert len(linear_names) == N_LINEAR
+    assert set(sensitivity.drops) == linear_names
+    assert all(math.isfinite(d) and d >= 0.0 for d in sensitivity.drops.values())
+    assert any(d > 0.0 for d in sensitivity.drops.values())  # int8 does change something
+    assert sensitivity.samples == SENS_SAMPLES  # capped by the profile, not all N_CAL texts
+
+
+def test_drop_is_the_loss_of_that_layer_alone_at_int8(optimized, model, stats, tokenizer, texts, profile, sensitivity):
+    name = sensitivity.ranking()[0]
+    base = decide_precision(optimized.nodes, profile)
+    # "alone": every other node FP32, embeddings and norms included (the docstring's definition)
+    alone = PrecisionPlan(tuple(d if d.name == name else dataclasses.replace(d, precision="fp32")
+                                for d in base.decisions))
+    assert [d.name for d in alone.decisions if d.precision != "fp32"] == [name]
+    head = texts[:SENS_SAMPLES]
+    out = embed(session(apply_plan(model, alone, stats, profile)), tokenizer, head, SEQ_LEN, "mean")
+    acc = compare(stats.reference[:SENS_SAMPLES], out)
+    assert sensitivity.drops[name] == pytest.approx(max(0.0, 1.0 - acc.mean_cosine), rel=1e-6, abs=1e-12)
+
+
+# --- apply_plan -----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def all_int8(optimized, model, stats, profile):
+    plan = decide_precision(optimized.nodes, profile)
+    return plan, apply_plan(model, plan, stats, profile)
+
+
+def test_all_int8_plan_rewrites_every_linear_layer_to_qdq(all_int8, linear_names, model):
+    plan, q = all_int8
+    assert {d.name for d in plan.of("int8")} == linear_names
+    producer = {o: n for n in q.graph.node for o in n.output}
+    inits = {i.name: i for i in q.graph.initializer}
+    for node in q.graph.node:
+        if node.name not in linear_names:
+            continue
+        w_dq = producer[node.input[1]]
+        assert w_dq.op_type == "DequantizeLinear", node.name
+        assert numpy_helper.to_array(inits[w_dq.input[0]]).dtype == np.int8
+        x_dq = producer[node.input[0]]
+        assert x_dq.op_type == "DequantizeLinear", node.name
+        x_q = producer[x_dq.input[0]]
+        assert x_q.op_type == "QuantizeLinear", node.name
+        assert numpy_helper.to_array(inits[x_q.input[2]]).dtype == np.uint8  # the profile's activation_type
+    ops = [n.op_type for n in q.graph.node]
+    assert ops.count("QuantizeLinear") == 8  # q/k/v share their input: 4 distinct activations per layer
+    assert ops.count("DequantizeLinear") == 2 * N_LINEAR
+    # the input model is left as it was
+    assert not {"QuantizeLinear", "DequantizeLinear"} & {n.op_type for n in model.graph.node}
+    onnx.checker.check_model(q)
+
+
+def test_all_int8_model_runs_and_stays_close_to_fp32(all_int8, optimized, tokenizer):
+    _, q = all_int8
+    texts = load_texts(EVALUATION_FILE).head(16)
+    ref = embed(session(optimized.exported.onnx_path), tokenizer, texts, SEQ_LEN, "mean")
+    out = embed(session(q), tokenizer, texts, SEQ_LEN, "mean")
+    assert out.shape == ref.shape == (16, 64) and np.isfinite(out).all()
+    assert not np.array_equal(out, ref)  # it is really quantized
+    acc = compare(ref, out)
+    assert acc.min_cosine >= MIN_POOLED_COSINE, acc
+    # (no retrieval check here: a random BERT's pooled embeddings all point almost the same way, so nearest
+    # neighbours flip on 1e-7 changes; measured 15 of 16 agree at cosine 0.9999998)
+
+
+# --- quantize -------------------------------------------------------------------------------------------------------
+
+
+def test_target_one_promotes_every_linear_layer(run_quantize, linear_names):
+    q, lines = run_quantize(1.0)
+    assert q.promoted == N_LINEAR
+    assert {d.name for d in q.plan.of("int8-weight-only")} == linear_names
+    assert q.plan.of("int8") == []
+    # mean cosine 1.0 is never reached, so every step of the schedule was tried, the last one with all layers
+    selects = [line for line in lines if "] select: " in line]
+    assert [int(re.search(r"select: (\d+) of 12", s).group(1)) for s in selects] == [0, 1, 2, 3, 4, 6, 8, 10, 12]
+    assert len([line for line in lines if "sensitivity of linear layer" in line]) == N_LINEAR
+    assert q.calibration_accuracy.samples == N_CAL and q.calibration_accuracy.mean_cosine < 1.0
+
+
+def test_target_zero_promotes_none(run_quantize, linear_names, stats, tokenizer, texts, profile):
+    q, lines = run_quantize(0.0)
+    assert q.promoted == 0
+    assert {d.name for d in q.plan.of("int8")} == linear_names
+    assert len([line for line in lines if "] select: " in line]) == 1  # met at the first step
+    # the file written is the chosen plan's model, scored as recorded
+    assert q.onnx_path.name == "quantized.onnx" and q.onnx_path.is_file()
+    saved = onnx.load(str(q.onnx_path))
+    assert sum(n.op_type == "QuantizeLinear" for n in saved.graph.node) == 8
+    out = embed(session(saved), tokenizer, texts, SEQ_LEN, "mean")
+    again = compare(stats.reference, out)
+    assert again.samples == q.calibration_accuracy.samples == N_CAL
+    assert again.mean_cosine == pytest.approx(q.calibration_accuracy.mean_cosine, abs=1e-9)
+    assert again.min_cosine == pytest.approx(q.calibration_accuracy.min_cosine, abs=1e-9)
+    assert set(q.sensitivity.drops) == linear_names
+
+
+# --- selection_met --------------------------------------------------------------------------------------------------
+
+
+def acc(mean=1.0, mn=1.0, top1=1.0) -> EncoderAccuracy:
+    return EncoderAccuracy(mean, mn, top1, 10)
+
+
+@pytest.mark.parametrize("accuracy, met", [
+    (acc(), True),
+    (acc(0.998, 0.98, 0.95), True),  # every bar exactly met (>=)
+    (acc(0.9979, 0.99, 1.0), False),  # mean cosine under the target
+    (acc(0.999, 0.9799, 1.0), False),  # worst text under the budget's min cosine
+    (acc(0.999, 0.99, 0.94), False),  # retrieval agreement under the budget's floor
+    (acc(float("nan"), 1.0, 1.0), False),
+    (acc(1.0, float("nan"), 1.0), False),
+])
+def test_selection_met(profile, accuracy, met):
+    assert profile.quantization.sensitivity_target_mean_cosine == 0.998
+    assert (profile.accuracy.min_min_cosine, profile.accuracy.min_retrieval_top1) == (0.98, 0.95)
+    assert selection_met(accuracy, profile) is met
+
+
+def test_selection_met_reads_the_target_from_the_profile(profile):
+    a = acc(0.9, 0.99, 1.0)
+    assert not selection_met(a, profile)
+    assert selection_met(a, with_quantization(profile, sensitivity_target_mean_cosine=0.9))
+    strict = dataclasses.replace(profile, accuracy=dataclasses.replace(profile.accuracy, min_min_cosine=0.995))
+    assert not selection_met(acc(1.0, 0.99, 1.0), strict)
