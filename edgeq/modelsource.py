@@ -13,8 +13,8 @@ from pathlib import Path
 
 from edgeq.errors import ModelFolderError, UnsupportedModelError
 
-# model_type -> kind. Encoders export as optimum's "feature-extraction" task (last_hidden_state output).
-# Causal LMs are issue #3's work; they are named here so the error can say so instead of "unknown".
+# model_type -> kind. Encoders export as optimum's "feature-extraction" task (last_hidden_state output); causal LMs
+# as "text-generation-with-past" (one decoder whose past_key_values inputs also serve prefill with an empty past).
 ENCODER_TYPES = frozenset(
     {"bert", "roberta", "xlm-roberta", "distilbert", "mpnet", "electra", "albert", "camembert", "deberta-v2", "nomic_bert"}
 )
@@ -32,12 +32,13 @@ class ModelSource:
     name: str
     model_type: str
     architecture: str
-    kind: str  # "encoder"
+    kind: str  # "encoder" | "causal-lm"
     task: str  # optimum task name
     weight_files: tuple[str, ...]
     tokenizer_files: tuple[str, ...]
     file_hashes: dict[str, str]  # relative path -> sha256 of config, weights and tokenizer files
-    pooling: str  # "mean" (sentence-transformers' pooling config, or the default for encoders)
+    pooling: str  # encoders: "mean" or "cls" (sentence-transformers' pooling config); causal LMs: ""
+    gguf_file: str = ""  # set when the weights come from a GGUF file that export dequantizes first
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -98,15 +99,40 @@ def _pooling(path: Path) -> str:
     return modes[0]
 
 
-def inspect_model_dir(path: Path) -> ModelSource:
+def _folder_name(path: Path) -> str:
+    resolved = path.resolve()
+    return resolved.name if resolved.name != "model" else resolved.parent.name
+
+
+def inspect_gguf(path: Path, gguf_file: str) -> ModelSource:
+    """A GGUF causal LM: checked from its own metadata; export dequantizes it through transformers."""
+    from edgeq.llm.gguf_source import CAUSAL_LM_GGUF_ARCHS, read_gguf_info
+
+    info = read_gguf_info(path / gguf_file)
+    if info.architecture not in CAUSAL_LM_GGUF_ARCHS:
+        raise UnsupportedModelError(f"{info.path} holds a '{info.architecture}' model, not a decoder-only causal LM",
+                                    f"--gguf-file takes causal LMs: {', '.join(sorted(CAUSAL_LM_GGUF_ARCHS))}")
+    return ModelSource(
+        path=path.resolve(), name=Path(gguf_file).stem, model_type=info.architecture, architecture=info.architecture,
+        kind="causal-lm", task="text-generation-with-past", weight_files=(gguf_file,), tokenizer_files=(),
+        file_hashes={gguf_file: sha256_file(path / gguf_file)}, pooling="", gguf_file=gguf_file,
+    )
+
+
+def inspect_model_dir(path: Path, gguf_file: str | None = None) -> ModelSource:
     path = Path(path)
     if not path.exists():
         raise ModelFolderError(f"model folder {path} does not exist", "pass the folder that holds config.json and the weights")
     if not path.is_dir():
         raise ModelFolderError(f"{path} is not a folder", "pass the model's folder, not a file inside it")
+    if gguf_file:
+        return inspect_gguf(path, gguf_file)
     config_path = path / "config.json"
     if not config_path.is_file():
-        raise ModelFolderError(f"{path} has no config.json", "a Hugging Face model folder holds config.json beside its weights")
+        ggufs = sorted(p.name for p in path.glob("*.gguf"))
+        raise ModelFolderError(f"{path} has no config.json",
+                               f"it holds {', '.join(ggufs)}: pass --gguf-file {ggufs[0]}" if ggufs else
+                               "a Hugging Face model folder holds config.json beside its weights")
     try:
         config = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -129,17 +155,18 @@ def inspect_model_dir(path: Path) -> ModelSource:
     model_type = config.get("model_type", "")
     archs = config.get("architectures") or []
     arch = archs[0] if archs else ""
-    if model_type in CAUSAL_LM_TYPES or arch.endswith("ForCausalLM"):
+    kind = "causal-lm" if model_type in CAUSAL_LM_TYPES and (not arch or arch.endswith("ForCausalLM")) else "encoder"
+    if kind == "encoder" and (model_type in CAUSAL_LM_TYPES or arch.endswith("ForCausalLM")):
         raise UnsupportedModelError(
-            f"{path} is a causal LM ({arch or model_type}); this version of edgeq exports encoders only",
-            f"encoders supported: {', '.join(sorted(ENCODER_TYPES))} (causal LM export is tracked in issue #3)",
+            f"{path} is a causal LM ({arch or model_type}) of a family edgeq does not export yet",
+            f"causal LM model types supported: {', '.join(sorted(CAUSAL_LM_TYPES))}",
         )
-    if model_type not in ENCODER_TYPES:
+    if kind == "encoder" and model_type not in ENCODER_TYPES:
         raise UnsupportedModelError(
             f"architecture '{model_type or '(no model_type)'}' ({arch or 'no architectures'}) is not supported",
             f"supported encoder model types: {', '.join(sorted(ENCODER_TYPES))}",
         )
-    if arch and not arch.endswith("Model"):
+    if kind == "encoder" and arch and not arch.endswith("Model"):
         raise UnsupportedModelError(
             f"{path} is a {arch} (a task head); edgeq exports sentence encoders (the base *Model) for embeddings",
             "export the base encoder (architectures: ['BertModel'] or similar) whose last_hidden_state is pooled",
@@ -149,17 +176,17 @@ def inspect_model_dir(path: Path) -> ModelSource:
         raise ModelFolderError(f"{path} has no tokenizer files", f"expected tokenizer.json (or one of {', '.join(TOKENIZER_FILES)})")
     for name in weights:  # after the architecture checks: a wrong model type is the more useful error
         check_safetensors(path / name)
-    pooling = _pooling(path)
+    pooling = _pooling(path) if kind == "encoder" else ""
     hashed = ["config.json", *weights, *tokenizer_files]
     if (path / "1_Pooling" / "config.json").is_file():
         hashed.append("1_Pooling/config.json")
     return ModelSource(
         path=path.resolve(),
-        name=path.resolve().name if path.resolve().name != "model" else path.resolve().parent.name,
+        name=_folder_name(path),
         model_type=model_type,
         architecture=arch,
-        kind="encoder",
-        task="feature-extraction",
+        kind=kind,
+        task="feature-extraction" if kind == "encoder" else "text-generation-with-past",
         weight_files=tuple(weights),
         tokenizer_files=tokenizer_files,
         file_hashes={n: sha256_file(path / n) for n in hashed},

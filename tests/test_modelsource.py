@@ -136,20 +136,32 @@ def test_only_pt_file_is_named_too(tmp_path):
     assert "found weights.pt" in err.hint
 
 
-def test_causal_lm_is_unsupported(causal_lm):
-    err = refused(causal_lm, UnsupportedModelError, r"is a causal LM \(LlamaForCausalLM\).*encoders only")
-    assert "bert" in err.hint and "issue #3" in err.hint
+def test_causal_lm_is_inspected_as_one(causal_lm):
+    src = inspect_model_dir(causal_lm)
+    assert (src.kind, src.task, src.pooling) == ("causal-lm", "text-generation-with-past", "")
+
+
+def test_causal_lm_family_not_exported_yet(tmp_path):
+    """A *ForCausalLM of a family outside CAUSAL_LM_TYPES is named as a causal LM, with the supported families."""
+    folder = make_folder(tmp_path, config={"model_type": "gpt_neox", "architectures": ["GPTNeoXForCausalLM"]})
+    err = refused(folder, UnsupportedModelError, r"is a causal LM \(GPTNeoXForCausalLM\) of a family")
+    assert "llama" in err.hint
 
 
 @pytest.mark.parametrize(
     "config",
     [
         {"model_type": "qwen2"},  # known causal type without architectures
-        {"model_type": "roberta", "architectures": ["RobertaForCausalLM"]},  # encoder type as a causal LM
+        {"model_type": "llama", "architectures": ["LlamaForCausalLM"]},
     ],
 )
 def test_causal_lm_recognised_by_type_or_architecture(tmp_path, config):
-    refused(make_folder(tmp_path, config=config), UnsupportedModelError, r"is a causal LM")
+    assert inspect_model_dir(make_folder(tmp_path, config=config)).kind == "causal-lm"
+
+
+def test_encoder_family_as_causal_lm_is_refused(tmp_path):
+    folder = make_folder(tmp_path, config={"model_type": "roberta", "architectures": ["RobertaForCausalLM"]})
+    refused(folder, UnsupportedModelError, r"is a causal LM \(RobertaForCausalLM\)")
 
 
 def test_unknown_model_type(unknown_type):

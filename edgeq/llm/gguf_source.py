@@ -1,0 +1,69 @@
+"""GGUF sources: a GGUF-only model becomes an ordinary Hugging Face folder through transformers' dequantizer.
+
+transformers reads the GGUF (``from_pretrained(dir, gguf_file=NAME)``, needs the ``gguf`` package) and dequantizes
+every tensor to float, so the export that follows is the same as for a safetensors folder. The GGUF's own metadata
+is checked first: only decoder-only causal LMs that transformers can load from GGUF are accepted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgeq.errors import ModelFolderError, UnsupportedModelError
+
+# GGUF general.architecture values that are decoder-only causal LMs transformers loads from GGUF (4.57).
+CAUSAL_LM_GGUF_ARCHS = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "stablelm",
+                                  "starcoder2", "falcon", "bloom", "gpt2", "nemotron"})
+
+
+@dataclass(frozen=True)
+class GgufInfo:
+    path: Path
+    architecture: str
+    name: str
+    file_type: int
+
+
+def read_gguf_info(path: Path) -> GgufInfo:
+    import gguf
+
+    if not path.is_file():
+        raise ModelFolderError(f"GGUF file {path} does not exist", f"pass --gguf-file the name of a .gguf file in {path.parent}")
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as exc:  # the gguf package raises ValueError/struct errors on a non-GGUF file
+        raise ModelFolderError(f"{path} is not a readable GGUF file ({exc})", "pass a .gguf file written by llama.cpp") from exc
+
+    def field(key: str, default=""):
+        f = reader.fields.get(key)
+        if f is None:
+            return default
+        value = f.parts[f.data[0]]
+        return bytes(value).decode() if f.types and f.types[0] == gguf.GGUFValueType.STRING else value.tolist()[0]
+
+    return GgufInfo(path, field("general.architecture"), field("general.name"), int(field("general.file_type", -1)))
+
+
+def materialize_gguf(folder: Path, gguf_name: str, out: Path) -> Path:
+    """Dequantize ``folder/gguf_name`` into an FP32 safetensors folder at ``out`` (config, weights, tokenizer)."""
+    info = read_gguf_info(Path(folder) / gguf_name)
+    if info.architecture not in CAUSAL_LM_GGUF_ARCHS:
+        raise UnsupportedModelError(
+            f"{info.path} holds a '{info.architecture}' model, not a decoder-only causal LM",
+            f"--gguf-file takes causal LMs: {', '.join(sorted(CAUSAL_LM_GGUF_ARCHS))}",
+        )
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():  # tqdm bars and legacy notices
+        warnings.simplefilter("ignore")
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf_name)
+        model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=gguf_name, dtype=torch.float32)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out), safe_serialization=True)
+    tokenizer.save_pretrained(str(out))
+    return out
