@@ -26,13 +26,16 @@ LINEAR_ROLES: tuple[tuple[str, str, str], ...] = (
     ("ffn_down", r"/output/dense/", "optimum bert family (after attn_out, which also ends in output/dense)"),
     ("ffn_down", r"/(lin2|down_proj)/", "optimum distilbert/llama"),
     ("pooler", r"/pooler/", "optimum bert pooler head"),
+    ("lm_head", r"/lm_head/", "optimum causal LMs (a tied head reads Transpose(embedding table))"),
 )
 
-NORM_OPS = frozenset({"LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization", "SkipLayerNormalization"})
+NORM_OPS = frozenset({"LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization", "SkipLayerNormalization",
+                      "SkipSimplifiedLayerNormalization"})
 LINEAR_OPS = frozenset({"MatMul", "Gemm"})
+ATTENTION_OPS = frozenset({"GroupQueryAttention", "MultiHeadAttention", "Attention"})  # ORT's fused contrib ops
 FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16)
 
-CATEGORIES = ("embedding", "norm", "linear", "attention_matmul", "attention_mask", "softmax", "other")
+CATEGORIES = ("embedding", "norm", "linear", "attention", "attention_matmul", "attention_mask", "softmax", "other")
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,8 @@ def _mask_path(model: onnx.ModelProto) -> set[str]:
             seen.add(node.name)
             if node.op_type in ("Add", "Softmax", "Where") and _feeds_softmax(node, consumers):
                 continue  # the Add into Softmax is on the path but nothing beyond it is
+            if node.op_type in ATTENTION_OPS:
+                continue  # a fused attention takes the mask (as seqlens_k); its outputs are activations
             queue.extend(node.output)
     return seen
 
@@ -88,6 +93,9 @@ def classify(model: onnx.ModelProto) -> dict[str, NodeInfo]:
     for node in model.graph.node:
         for i in node.input:
             readers[i] = readers.get(i, 0) + 1
+    # a weight read through Transpose(initializer): how optimum writes a tied LM head
+    transposed = {n.output[0]: n.input[0] for n in model.graph.node
+                  if n.op_type == "Transpose" and n.input[0] in inits and len(inits[n.input[0]].dims) == 2}
     out: dict[str, NodeInfo] = {}
     for node in model.graph.node:
         op = node.op_type
@@ -97,9 +105,13 @@ def classify(model: onnx.ModelProto) -> dict[str, NodeInfo]:
             cat = "embedding"
         elif op in NORM_OPS:
             cat = "norm"
+        elif op in ATTENTION_OPS:
+            cat = "attention"
         elif node.name in mask_nodes:
             cat = "attention_mask"
         elif op in LINEAR_OPS and len(node.input) > 1 and node.input[1] in inits and len(inits[node.input[1]].dims) == 2:
+            cat, role = "linear", linear_role(node.name)
+        elif op in LINEAR_OPS and len(node.input) > 1 and node.input[1] in transposed:
             cat, role = "linear", linear_role(node.name)
         elif op in LINEAR_OPS:
             cat = "attention_matmul"

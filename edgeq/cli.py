@@ -40,18 +40,27 @@ def main() -> None:
 @click.option("--samples", type=click.IntRange(min=1), help="Calibration texts to use (default: the profile's).")
 @click.option("--seq-len", type=click.IntRange(min=8), help="Max tokens per calibration text (default: the profile's).")
 @click.option("--force", is_flag=True, help="Replace an existing package.")
+@click.option("--gguf-file", help="Name of a GGUF file in MODEL_DIR: dequantized through transformers, then exported.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 @handle_errors
-def export_cmd(model_dir, profile, out_dir, calibration, samples, seq_len, force, quiet) -> None:
+def export_cmd(model_dir, profile, out_dir, calibration, samples, seq_len, force, gguf_file, quiet) -> None:
     """Export MODEL_DIR to a quantized package for a device profile."""
     from edgeq.pipeline import ExportRequest, export_package
     from edgeq.progress import Progress
 
-    pkg = export_package(ExportRequest(model_dir, profile, out_dir, calibration, samples, seq_len, force), Progress(not quiet))
-    acc = pkg.manifest["accuracy"]
+    req = ExportRequest(model_dir, profile, out_dir, calibration, samples, seq_len, force, gguf_file)
+    pkg = export_package(req, Progress(not quiet))
     click.echo(f"wrote {pkg.path}")
-    click.echo(f"accuracy vs FP32 on {acc['samples']} held-back texts: mean cosine {acc['mean_cosine']:.5f}, "
-               f"min cosine {acc['min_cosine']:.5f}, retrieval top-1 agreement {acc['retrieval_top1']:.3f}")
+    click.echo(accuracy_line(pkg.manifest["accuracy"]))
+
+
+def accuracy_line(acc: dict) -> str:
+    if "perplexity" in acc:
+        return (f"accuracy vs FP32 on {acc['tokens']} held-back tokens: perplexity {acc['perplexity']:.3f} vs "
+                f"{acc['ref_perplexity']:.3f} ({acc['ppl_increase']:+.2%}), mean KL {acc['mean_kl']:.4f}, "
+                f"top-1 agreement {acc['top1_agreement']:.3f}")
+    return (f"accuracy vs FP32 on {acc['samples']} held-back texts: mean cosine {acc['mean_cosine']:.5f}, "
+            f"min cosine {acc['min_cosine']:.5f}, retrieval top-1 agreement {acc['retrieval_top1']:.3f}")
 
 
 @main.command("profiles")
@@ -95,11 +104,12 @@ def inspect_cmd(package, nodes) -> None:
     for cat, counts in m["precision"]["summary"].items():
         click.echo(f"  {cat:18s} " + ", ".join(f"{p}: {n}" for p, n in sorted(counts.items())))
     z = m["size"]
-    click.echo(f"size     {z['model_bytes'] / 1e6:.2f} MB model, {z['ratio']:.1%} of the FP32 ONNX export "
-               f"({z['fp32_onnx_bytes'] / 1e6:.1f} MB; profile allows {z['max_ratio']:.0%})")
-    a = m["accuracy"]
-    click.echo(f"accuracy vs FP32 ({a['samples']} held-back texts): mean cosine {a['mean_cosine']:.5f}, "
-               f"min cosine {a['min_cosine']:.5f}, retrieval top-1 {a['retrieval_top1']:.3f}")
+    if "ratio" in z:
+        click.echo(f"size     {z['model_bytes'] / 1e6:.2f} MB model, {z['ratio']:.1%} of the FP32 ONNX export "
+                   f"({z['fp32_onnx_bytes'] / 1e6:.1f} MB; profile allows {z['max_ratio']:.0%})")
+    else:
+        click.echo(f"size     {z['model_bytes'] / 1e6:.2f} MB model (profile allows {z['max_mb']:.0f} MB)")
+    click.echo(accuracy_line(m["accuracy"]))
     if nodes:
         for d in m["precision"]["nodes"]:
             click.echo(f"  {d['precision']:16s} {d['name']}: {d['reason']}")
@@ -125,3 +135,33 @@ def verify_cmd(package, on, as_json) -> None:
     if not report.ok:
         raise VerificationError(f"{package} failed verification", "re-export the package; do not ship it")
     click.echo(f"verified {package} on {on}")
+
+
+@main.command("run")
+@click.argument("package", type=click.Path(path_type=Path))
+@click.option("--prompt", required=True, help="User message; the package's chat template wraps it when it has one.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--raw", is_flag=True, help="Send the prompt as is, without the chat template.")
+@handle_errors
+def run_cmd(package, prompt, max_new_tokens, raw) -> None:
+    """Generate text with an LLM package through onnxruntime-genai, streamed as it is produced."""
+    from edgeq.llm.genai import chat_prompt, generate
+
+    text = prompt if raw else chat_prompt(package, prompt)
+    for piece in generate(package, text, max_new_tokens):
+        click.echo(piece, nl=False)
+    click.echo()
+
+
+@main.command("eval")
+@click.argument("package", type=click.Path(path_type=Path))
+@click.option("--text", "text_file", type=click.Path(path_type=Path), required=True,
+              help="Text to measure on (.jsonl with 'text' fields, or .txt).")
+@click.option("--reference", type=click.Path(path_type=Path), help="FP32 ONNX model to compare with (default: none, "
+              "perplexity only).")
+@handle_errors
+def eval_cmd(package, text_file, reference) -> None:
+    """Perplexity of an LLM package on a text file; with --reference also KL and top-1 agreement vs that model."""
+    from edgeq.llm.eval_cmd import evaluate_package
+
+    click.echo(accuracy_line(evaluate_package(package, text_file, reference)))

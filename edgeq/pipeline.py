@@ -38,6 +38,7 @@ class ExportRequest:
     samples: int | None = None  # overrides profile.quantization.calibration_samples
     seq_len: int | None = None  # overrides profile.quantization.calibration_seq_len
     force: bool = False
+    gguf_file: str | None = None  # a GGUF in model_dir to dequantize and export (causal LMs)
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ class Inputs:
 def check_inputs(req: ExportRequest) -> Inputs:
     """Every user mistake is caught here, before minutes of work."""
     profile = load_profile(req.profile)
-    source = inspect_model_dir(req.model_dir)
+    source = inspect_model_dir(req.model_dir, req.gguf_file)
     if source.kind not in profile.model_kinds:
         raise UnsupportedModelError(f"profile '{profile.name}' does not take {source.kind} models",
                                     f"it takes: {', '.join(profile.model_kinds)}")
@@ -74,50 +75,69 @@ def check_inputs(req: ExportRequest) -> Inputs:
 
 def export_package(req: ExportRequest, progress: Progress = QUIET) -> Package:
     inputs = check_inputs(req)
-    src, profile = inputs.source, inputs.profile
-    q = profile.quantization
     out_dir = inputs.dest.parent
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".edgeq-", dir=out_dir))
     try:
         work = staging / "work"
         work.mkdir()
-        progress.stage("export", f"{src.path} ({src.architecture}, task {src.task})")
-        exported = export(src, work)
-        from transformers import AutoTokenizer  # here, not at module top: keeps `edgeq --help` fast
-
-        tokenizer = AutoTokenizer.from_pretrained(str(exported.tokenizer_dir), local_files_only=True)
-        progress.stage("optimize", "ONNX Runtime basic level (provider-independent)")
-        optimized = optimize(exported, work)
-        cal_texts = inputs.calibration.head(q.calibration_samples)
-        progress.stage("calibrate", f"{len(cal_texts)} texts from {inputs.calibration.path.name}, {q.calibration_method}")
-        stats = calibrate(optimized, tokenizer, cal_texts, q, src.pooling, progress)
-        progress.stage("quantize", f"per-layer sensitivity on {min(q.sensitivity_samples, len(cal_texts))} texts")
-        quantized = quantize(optimized, stats, tokenizer, cal_texts, profile, src.pooling, work, progress)
         folder = staging / inputs.dest.name
-        progress.stage("package", f"ORT format for {profile.package.target_platform}")
-        convert_to_ort(quantized.onnx_path, folder, profile.package.target_platform)
-        # the source's tokenizer files, plus the fast-tokenizer files optimum writes even for a vocab.txt-only source
-        copy_tokenizer(exported.tokenizer_dir, folder, tuple(dict.fromkeys(
-            src.tokenizer_files + ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"))))
-        progress.stage("evaluate", f"{min(profile.accuracy.eval_samples, len(inputs.evaluation.texts))} held-back texts vs FP32")
-        accuracy = evaluate(folder / MODEL_FILE, exported.onnx_path, tokenizer, inputs.evaluation, profile, src.pooling)
-        manifest = build_manifest(inputs, req, quantized, accuracy, folder, tokenizer)
-        package = finish(folder, manifest)
-        check_budget(profile, accuracy, quantized)
-        check_size(manifest["size"], quantized)
+        if inputs.source.kind == "causal-lm":
+            manifest = _build_llm(inputs, req, folder, work, progress)
+        else:
+            manifest = build_encoder_package(inputs, req, folder, work, progress)
         progress.stage("verify", str(folder))
         report = verify(folder)
         if not report.ok:
             bad = "; ".join(f"{n}: {d}" for n, ok, d in report.checks if not ok)
             raise VerificationError(f"fresh package failed verification: {bad}", "this is an edgeq bug; please report it")
-        if profile.package.zip:
+        if inputs.profile.package.zip:
             shutil.make_archive(str(folder), "zip", root_dir=staging, base_dir=folder.name)
-        _move_into_place(staging, inputs.dest, profile.package.zip)
-        progress.stage("done", f"{inputs.dest} ({(inputs.dest / MODEL_FILE).stat().st_size / 1e6:.1f} MB model.ort)")
-        return Package(inputs.dest, package.manifest)
+        _move_into_place(staging, inputs.dest, inputs.profile.package.zip)
+        size = sum(e["size"] for n, e in manifest["files"].items() if n.startswith("model."))
+        progress.stage("done", f"{inputs.dest} ({size / 1e6:.1f} MB model)")
+        return Package(inputs.dest, manifest)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _build_llm(inputs: Inputs, req: ExportRequest, folder: Path, work: Path, progress: Progress) -> dict:
+    from edgeq.llm.chain import LLMInputs, build_llm_package  # torch/transformers-heavy: only for causal LMs
+
+    provenance = _provenance(inputs, req)
+    provenance["calibration"] = {"file": str(inputs.calibration.path), "sha256": inputs.calibration.sha256}
+    return build_llm_package(LLMInputs(inputs.source, inputs.profile, inputs.calibration.texts,
+                                       inputs.evaluation.texts), folder, work, progress, provenance)
+
+
+def build_encoder_package(inputs: Inputs, req: ExportRequest, folder: Path, work: Path, progress: Progress) -> dict:
+    """The encoder chain; returns the manifest of the package written (unverified) into ``folder``."""
+    src, profile = inputs.source, inputs.profile
+    q = profile.quantization
+    progress.stage("export", f"{src.path} ({src.architecture}, task {src.task})")
+    exported = export(src, work)
+    from transformers import AutoTokenizer  # here, not at module top: keeps `edgeq --help` fast
+
+    tokenizer = AutoTokenizer.from_pretrained(str(exported.tokenizer_dir), local_files_only=True)
+    progress.stage("optimize", "ONNX Runtime basic level (provider-independent)")
+    optimized = optimize(exported, work)
+    cal_texts = inputs.calibration.head(q.calibration_samples)
+    progress.stage("calibrate", f"{len(cal_texts)} texts from {inputs.calibration.path.name}, {q.calibration_method}")
+    stats = calibrate(optimized, tokenizer, cal_texts, q, src.pooling, progress)
+    progress.stage("quantize", f"per-layer sensitivity on {min(q.sensitivity_samples, len(cal_texts))} texts")
+    quantized = quantize(optimized, stats, tokenizer, cal_texts, profile, src.pooling, work, progress)
+    progress.stage("package", f"ORT format for {profile.package.target_platform}")
+    convert_to_ort(quantized.onnx_path, folder, profile.package.target_platform)
+    # the source's tokenizer files, plus the fast-tokenizer files optimum writes even for a vocab.txt-only source
+    copy_tokenizer(exported.tokenizer_dir, folder, tuple(dict.fromkeys(
+        src.tokenizer_files + ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"))))
+    progress.stage("evaluate", f"{min(profile.accuracy.eval_samples, len(inputs.evaluation.texts))} held-back texts vs FP32")
+    accuracy = evaluate(folder / MODEL_FILE, exported.onnx_path, tokenizer, inputs.evaluation, profile, src.pooling)
+    manifest = build_manifest(inputs, req, quantized, accuracy, folder, tokenizer)
+    finish(folder, manifest)
+    check_budget(profile, accuracy, quantized)
+    check_size(manifest["size"], quantized)
+    return manifest
 
 
 def evaluate(model_path: Path, fp32_path: Path, tokenizer, evaluation: TextSet, profile: Profile, pooling: str) -> EncoderAccuracy:
@@ -185,6 +205,20 @@ def _move_into_place(staging: Path, dest: Path, with_zip: bool) -> None:
         os.replace(staging / f"{dest.name}.zip", zip_path(dest))
 
 
+def _provenance(inputs: Inputs, req: ExportRequest) -> dict:
+    """What the package was made from: source files' hashes and the profile as applied."""
+    src, profile = inputs.source, inputs.profile
+    return {
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "source": {"path": str(src.path), "model_type": src.model_type, "architecture": src.architecture,
+                   "task": src.task, "kind": src.kind, "pooling": src.pooling, "gguf_file": src.gguf_file,
+                   "files": src.file_hashes},
+        "profile": {"name": profile.name, "file": profile.source, "sha256": profile.sha256,
+                    "overrides": {"calibration_samples": req.samples, "calibration_seq_len": req.seq_len},
+                    "values": profile.to_dict()},  # values after the command line's overrides
+    }
+
+
 def build_manifest(inputs: Inputs, req: ExportRequest, quantized: QuantizedModel, accuracy: EncoderAccuracy,
                    folder: Path, tokenizer) -> dict:
     src, profile = inputs.source, inputs.profile
@@ -195,12 +229,7 @@ def build_manifest(inputs: Inputs, req: ExportRequest, quantized: QuantizedModel
     plan = quantized.plan
     return {
         "schema_version": SCHEMA_VERSION,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "source": {"path": str(src.path), "model_type": src.model_type, "architecture": src.architecture,
-                   "task": src.task, "kind": src.kind, "pooling": src.pooling, "files": src.file_hashes},
-        "profile": {"name": profile.name, "file": profile.source, "sha256": profile.sha256,
-                    "overrides": {"calibration_samples": req.samples, "calibration_seq_len": req.seq_len},
-                    "values": profile.to_dict()},  # values after the command line's overrides
+        **_provenance(inputs, req),
         "tools": tool_versions(),
         "model": {
             "file": MODEL_FILE, "format": "ort", "ops_config": OPS_CONFIG,

@@ -67,6 +67,8 @@ _HARD_RULES = {
     "attention_mask": ("fp32", "attention-mask path: carries float32-minimum constants; any quantized tensor here "
                                "loses its whole range (quantizing it took MiniLM's mean cosine to 0.30)"),
     "softmax": ("fp32", "softmax over masked scores: its input holds the float32-minimum mask bias"),
+    "attention": ("fp32", "fused attention (ONNX Runtime's GroupQueryAttention kernel, rotary inside): float "
+                          "activations and KV cache; it has no constant weight"),
     "attention_matmul": ("fp32", "activation x activation MatMul: no constant weight to store smaller; static "
                                  "ranges of both inputs cost accuracy for little speed on CPU"),
     "other": ("fp32", "elementwise/shape op: no quantized CPU kernel that saves time or bytes"),
@@ -116,3 +118,56 @@ def _decide(info: NodeInfo, q, rank: dict[str, int], promoted: set[str], drop: f
     if drop is not None:
         return "int8", f"linear layer: static int8 (rank {rank[info.name] + 1} of {n}, alone costs {drop:.5f} mean cosine)"
     return "int8", "linear layer: static int8 weights and activations"
+
+
+def decide_llm_precision(fused, quantized, int4_decisions, profile: Profile) -> PrecisionPlan:
+    """Every node of a causal LM, in the same order of rules: hard rules by category, then the INT4 pass's own
+    per-layer decisions (which record why a linear layer was kept, e.g. a tied head), then the default.
+
+    ``fused`` is the graph before INT4 (categories come from it), ``quantized`` the graph after; the INT4 pass renames
+    a quantized MatMul ``<name>_Q4``, so decisions are keyed by the quantized graph's names.
+    """
+    from edgeq.categories import classify
+
+    spec = profile.llm
+    int4 = {d.node: d for d in int4_decisions}
+    after = {n.name for n in quantized.graph.node}
+    infos = classify(fused)
+    tables = {n.input[0] for n in fused.graph.node if infos[n.name].category == "embedding"}
+    tied_t = {n.name: n.output[0] for n in fused.graph.node if n.op_type == "Transpose" and n.input[0] in tables}
+    tied_mm = {n.name for n in fused.graph.node if n.op_type == "MatMul" and n.input[1] in tied_t.values()}
+    fp16_head = spec.lm_head_precision == "fp16" and spec.embedding_precision == "fp16"
+    decisions = []
+    for info in infos.values():
+        name, precision, reason = info.name, "fp32", ""
+        if info.name in tied_t or info.name in tied_mm:
+            if fp16_head:
+                precision = "fp16"
+                reason = ("tied lm_head: reads the FP16 embedding table through this transpose, so one FP16 copy "
+                          "serves lookup and head (smallest file; profile llm.lm_head_precision = 'fp16')")
+            else:
+                reason = "tied lm_head left on the shared table at FP32"
+        elif info.category == "embedding":
+            if info.shared_weight and not fp16_head:
+                reason = "embedding table also read by the lm_head (tied weights): one FP32 copy"
+            elif spec.embedding_precision == "fp16":
+                precision, reason = "fp16", _HARD_RULES["embedding"][1]
+            else:
+                reason = "embedding table: profile sets llm.embedding_precision = 'fp32'"
+        elif info.name in int4:
+            d = int4[info.name]
+            if d.quantize and f"{name}_Q4" in after:
+                name, precision = f"{name}_Q4", "int4"
+                reason = f"linear layer: INT4 MatMulNBits ({spec.int4_method}, block {spec.block_size}, " \
+                         f"{'symmetric' if spec.symmetric else 'asymmetric'}, accuracy_level {spec.accuracy_level})"
+            else:
+                reason = d.reason
+        elif info.category == "norm":
+            reason = ("fused RMSNorm (SimplifiedLayerNormalization): FP32 compute; its scale is 1-D and tiny, and "
+                      "the fused residual output feeds the next layer")
+        else:
+            precision, reason = _HARD_RULES.get(info.category, ("fp32", "kept FP32"))
+            if precision == "fp16":
+                precision = "fp32"
+        decisions.append(NodeDecision(name, info.op_type, info.category, info.role, precision, reason))
+    return PrecisionPlan(tuple(decisions))

@@ -162,7 +162,7 @@ def test_mask_path_stops_at_the_add(model, nodes):
         ("/encoder/layer.0/attention/attn/q/MatMul", "attn_qkv"),
         ("/encoder/layer.0/attention/attn/o/MatMul", "attn_out"),
         # nothing recognisable
-        ("/lm_head/MatMul", "linear"),
+        ("/lm_head/MatMul", "lm_head"),
         ("MatMul_17", "linear"),
         ("", "linear"),
     ],
@@ -172,7 +172,7 @@ def test_linear_role(name, role):
 
 
 def test_linear_roles_table_names_only_known_roles():
-    assert {r for r, _, _ in LINEAR_ROLES} == {"attn_qkv", "attn_out", "ffn_up", "ffn_down", "pooler"}
+    assert {r for r, _, _ in LINEAR_ROLES} == {"attn_qkv", "attn_out", "ffn_up", "ffn_down", "pooler", "lm_head"}
     assert all(who for _, _, who in LINEAR_ROLES)
 
 

@@ -26,6 +26,8 @@ class GgufInfo:
     architecture: str
     name: str
     file_type: int
+    add_bos_token: bool | None = None  # tokenizer.ggml.add_bos_token; transformers 4.57 ignores it
+    eos_token_id: int | None = None
 
 
 def read_gguf_info(path: Path) -> GgufInfo:
@@ -45,7 +47,9 @@ def read_gguf_info(path: Path) -> GgufInfo:
         value = f.parts[f.data[0]]
         return bytes(value).decode() if f.types and f.types[0] == gguf.GGUFValueType.STRING else value.tolist()[0]
 
-    return GgufInfo(path, field("general.architecture"), field("general.name"), int(field("general.file_type", -1)))
+    bos, eos = field("tokenizer.ggml.add_bos_token", None), field("tokenizer.ggml.eos_token_id", None)
+    return GgufInfo(path, field("general.architecture"), field("general.name"), int(field("general.file_type", -1)),
+                    None if bos is None else bool(bos), None if eos is None else int(eos))
 
 
 def materialize_gguf(folder: Path, gguf_name: str, out: Path) -> Path:
@@ -57,12 +61,22 @@ def materialize_gguf(folder: Path, gguf_name: str, out: Path) -> Path:
             f"--gguf-file takes causal LMs: {', '.join(sorted(CAUSAL_LM_GGUF_ARCHS))}",
         )
     import torch
+    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    transformers.logging.set_verbosity_error()  # the GGUF loader's "legacy behaviour" notice is not the user's concern
 
     with contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():  # tqdm bars and legacy notices
         warnings.simplefilter("ignore")
         tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf_name)
         model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=gguf_name, dtype=torch.float32)
+    # The GGUF is the source: follow its own BOS/EOS. SmolLM2's says add_bos_token false and eos <|im_end|>;
+    # transformers adds <|im_start|> as BOS (doubled by the chat template, "Paris." became "L'Étoile, la
+    # Marsebeau, ...") and names <|im_start|> as EOS.
+    if info.add_bos_token is not None and hasattr(tokenizer, "add_bos_token"):
+        tokenizer.add_bos_token = info.add_bos_token  # LlamaTokenizerFast rebuilds its post-processor
+    if info.eos_token_id is not None:
+        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(info.eos_token_id)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))

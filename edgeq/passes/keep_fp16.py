@@ -1,8 +1,9 @@
 """KeepFp16: store embedding tables in FP16 and compute normalizations in FP16, as the plan says.
 
 Embedding Gather: the table becomes FP16 and a Cast back to float follows the lookup (Gather is type-agnostic,
-so the lookup itself reads half the bytes). The policy keeps a table that other nodes also read (tied weights) out
-of FP16, so a table converted here has no other reader. LayerNormalization: input cast to FP16, scale/bias read as
+so the lookup itself reads half the bytes). A table is converted in place only when every node reading it is planned
+FP16: a tied LM head (Transpose of the table -> MatMul) then computes in FP16 from the same single copy (activations
+cast in, logits cast out); otherwise the policy keeps the table FP32. LayerNormalization: input cast to FP16, scale/bias read as
 FP16, output cast back; ONNX Runtime's CPU EP has an FP16 LayerNormalization kernel, so the graph still runs on the
 CPU EP. Norm parameters can be shared (ONNX Runtime's optimizer merges identical initializers: in a freshly
 initialised model every LayerNorm and some biases share one ones/zeros tensor), so each gets one FP16 copy and the
@@ -58,9 +59,25 @@ class KeepFp16(PassBase):
             if node.name not in fp16_nodes:
                 out_nodes.append(node)
                 continue
-            if node.op_type == "Gather" and node.input[0] in inits and readers.get(node.input[0]) == 1:
+            shared_ok = fp16_readers.get(node.input[0]) == readers.get(node.input[0])  # every reader is FP16 too
+            if node.op_type == "Gather" and node.input[0] in inits and shared_ok:
                 node.input[0] = fp16_copy(node.input[0])
                 y = node.output[0]
+                node.output[0] = f"{y}_fp16"
+                out_nodes += [node, helper.make_node("Cast", [node.output[0]], [y], name=f"{node.name}_to_fp32",
+                                                     to=TensorProto.FLOAT)]
+                changed += 1
+            elif node.op_type == "Transpose" and node.input[0] in inits and shared_ok:
+                # tied lm_head: the transpose of the FP16 table stays FP16 for the FP16 MatMul after it
+                node.input[0] = fp16_copy(node.input[0])
+                out_nodes.append(node)
+                changed += 1
+            elif node.op_type == "MatMul" and node.input[1] not in inits:
+                # tied lm_head MatMul over the FP16 table: FP16 activations in, logits cast back to float
+                x, y = node.input[0], node.output[0]
+                out_nodes.append(helper.make_node("Cast", [x], [f"{node.name}_x_fp16"], name=f"{node.name}_to_fp16",
+                                                  to=TensorProto.FLOAT16))
+                node.input[0] = f"{node.name}_x_fp16"
                 node.output[0] = f"{y}_fp16"
                 out_nodes += [node, helper.make_node("Cast", [node.output[0]], [y], name=f"{node.name}_to_fp32",
                                                      to=TensorProto.FLOAT)]

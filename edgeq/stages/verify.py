@@ -73,6 +73,22 @@ def run_samples(folder: Path, manifest: dict, arm64=None) -> tuple[np.ndarray, s
     return pool(hidden, feeds["attention_mask"], v["pooling"]), where
 
 
+def _verify_llm(folder: Path, manifest: dict, report: VerifyReport) -> VerifyReport:
+    """LLM packages: onnxruntime-genai loads the folder and greedy decoding reproduces the stored tokens exactly."""
+    if report.on != "host":
+        raise VerificationError(f"verifying LLM packages on {report.on} is not supported yet", "use --on host")
+    from edgeq.llm.chain import verify_llm
+
+    try:
+        same, detail = verify_llm(folder, manifest)
+    except Exception as exc:  # a load/generation failure is the finding, not a crash
+        report.add("load and generate", False, f"{type(exc).__name__}: {exc}")
+        return report
+    report.add("load and generate", True, f"{manifest['model']['file']} through onnxruntime-genai")
+    report.add("greedy tokens match reference", same, detail)
+    return report
+
+
 def verify(folder: Path, on: str = "host") -> VerifyReport:
     if on not in TARGETS:
         raise VerificationError(f"unknown verification target '{on}'", f"targets available: {', '.join(TARGETS)}")
@@ -82,6 +98,8 @@ def verify(folder: Path, on: str = "host") -> VerifyReport:
     check_files(folder, manifest, report)
     if not report.ok:
         return report
+    if manifest.get("source", {}).get("kind") == "causal-lm":
+        return _verify_llm(folder, manifest, report)
     arm64 = None
     if on == "arm64":  # a runtime that cannot be built is an error with a hint, not a finding about the package
         from edgeq.devices.arm64 import ensure_runtime

@@ -23,10 +23,11 @@ def _plan(**precisions: str) -> PrecisionPlan:
     return PrecisionPlan(tuple(NodeDecision(n, "", "", "", p, "test") for n, p in precisions.items()))
 
 
-def _model(nodes, inits, outputs) -> onnx.ModelProto:
+def _model(nodes, inits, outputs, extra_inputs=()) -> onnx.ModelProto:
     ids = helper.make_tensor_value_info("ids", TensorProto.INT64, [2, 5])
-    outs = [helper.make_tensor_value_info(o, TensorProto.FLOAT, [2, 5, H] if o != "sum" else [5, H]) for o in outputs]
-    g = helper.make_graph(nodes, "emb", [ids], outs, initializer=inits)
+    shapes = {"sum": [5, H], "logits": [2, VOCAB]}
+    outs = [helper.make_tensor_value_info(o, TensorProto.FLOAT, shapes.get(o, [2, 5, H])) for o in outputs]
+    g = helper.make_graph(nodes, "emb", [ids, *extra_inputs], outs, initializer=inits)
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     onnx.checker.check_model(m, full_check=True)
     return m
@@ -146,7 +147,7 @@ def test_table_read_by_a_second_node_stays_float32():
     assert rel_err(out[0], ref[0]) <= 2e-3
 
 
-def test_table_read_by_two_fp16_gathers_stays_float32():
+def test_table_read_by_two_fp16_gathers_is_one_fp16_copy():
     table, _, _ = _weights()
     model = _model(
         [helper.make_node("Gather", ["table", "ids"], ["a"], name="g1"),
@@ -154,8 +155,42 @@ def test_table_read_by_two_fp16_gathers_stays_float32():
         [numpy_helper.from_array(table, "table")], ["a", "b"],
     )
     result = KeepFp16(_plan(g1="fp16", g2="fp16"))(model)
+    assert result.modified is True
+    assert dtypes(result.model) == {"table": TensorProto.FLOAT16}
+    out, ref = session(result.model).run(None, {"ids": IDS}), session(model).run(None, {"ids": IDS})
+    assert out[0].dtype == np.float32 and rel_err(out[0], ref[0]) <= 2e-3 and rel_err(out[1], ref[1]) <= 2e-3
+
+
+def test_table_also_read_in_fp32_stays_float32():
+    table, _, _ = _weights()
+    model = _model(
+        [helper.make_node("Gather", ["table", "ids"], ["a"], name="g1"),
+         helper.make_node("Gather", ["table", "ids"], ["b"], name="g2")],
+        [numpy_helper.from_array(table, "table")], ["a", "b"],
+    )
+    result = KeepFp16(_plan(g1="fp16", g2="fp32"))(model)
     assert result.modified is False
     assert dtypes(result.model) == {"table": TensorProto.FLOAT}
+
+
+def test_tied_head_reads_the_fp16_table_through_its_transpose():
+    """Gather(table) and MatMul(x, Transpose(table)), all planned FP16: one FP16 table, logits still float32."""
+    table, _, _ = _weights()
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, table.shape[1]])
+    model = _model(
+        [helper.make_node("Gather", ["table", "ids"], ["emb"], name="gather"),
+         helper.make_node("Transpose", ["table"], ["table_t"], name="t", perm=[1, 0]),
+         helper.make_node("MatMul", ["x", "table_t"], ["logits"], name="head")],
+        [numpy_helper.from_array(table, "table")], ["emb", "logits"], extra_inputs=[x],
+    )
+    result = KeepFp16(_plan(gather="fp16", t="fp16", head="fp16"))(model)
+    assert dtypes(result.model) == {"table": TensorProto.FLOAT16}
+    xs = np.random.default_rng(1).standard_normal((2, table.shape[1])).astype(np.float32)
+    out = session(result.model).run(None, {"ids": IDS, "x": xs})
+    ref = session(model).run(None, {"ids": IDS, "x": xs})
+    assert out[1].dtype == np.float32
+    # FP16 table and activations: ~1e-3 relative per product, accumulated in float on the CPU EP
+    assert rel_err(out[1], ref[1]) <= 5e-3
 
 
 def test_norm_parameters_shared_by_fp16_norms_convert_in_place():

@@ -1,0 +1,150 @@
+"""The causal-LM chain: source -> export (KV cache) -> fuse -> calibrate -> INT4 -> package (GenAI) -> evaluate.
+
+Called by ``edgeq.pipeline.export_package`` inside its staging folder; returns the finished package folder (manifest
+written, budgets checked, verified), which the pipeline then zips and moves into place.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import onnx
+
+from edgeq.errors import AccuracyBudgetError, ModelFolderError, SizeBudgetError
+from edgeq.llm.activations import collect_activation_stats
+from edgeq.llm.evaluate import LMAccuracy, ReferenceLogits, evaluate_lm, token_windows
+from edgeq.llm.genai import GENAI_CONFIG, greedy_tokens, write_genai_config
+from edgeq.llm.gguf_source import materialize_gguf
+from edgeq.llm.int4 import QuantizeInt4
+from edgeq.llm.tokenizer import check_tokenizer, write_package_tokenizer
+from edgeq.manifest import SCHEMA_VERSION, tool_versions
+from edgeq.modelsource import ModelSource
+from edgeq.passes.base import run_passes
+from edgeq.passes.fuse_llm import FuseLLM
+from edgeq.passes.keep_fp16 import KeepFp16
+from edgeq.policy import decide_llm_precision
+from edgeq.profiles import Profile
+from edgeq.progress import Progress
+from edgeq.stages.export import export
+from edgeq.stages.package import finish
+
+MODEL_FILE = "model.onnx"
+# A fixed chat prompt whose greedy continuation is stored for `edgeq verify` (and compared across devices).
+VERIFY_PROMPT = "What is the capital of France? Answer in one sentence."
+
+
+@dataclass(frozen=True)
+class LLMInputs:
+    source: ModelSource
+    profile: Profile
+    calibration_texts: tuple[str, ...]
+    evaluation_texts: tuple[str, ...]
+
+
+def build_llm_package(inp: LLMInputs, folder: Path, work: Path, progress: Progress, provenance: dict) -> dict:
+    """Write the GenAI package into ``folder``; return its manifest. Raises on a budget or verification failure."""
+    src, profile, spec = inp.source, inp.profile, inp.profile.llm
+    if src.gguf_file:
+        progress.stage("dequantize", f"{src.gguf_file} through transformers' GGUF loader")
+        src = replace(src, path=materialize_gguf(src.path, src.gguf_file, work / "source"))
+    progress.stage("export", f"{src.path} ({src.architecture}, task {src.task})")
+    exported = export(src, work)
+    from transformers import AutoTokenizer  # here, not at module top: keeps `edgeq --help` fast
+
+    tokenizer = AutoTokenizer.from_pretrained(str(src.path), local_files_only=True)
+    hf_config = json.loads((src.path / "config.json").read_text())
+    gen_path = src.path / "generation_config.json"
+    gen_config = json.loads(gen_path.read_text()) if gen_path.is_file() else None
+    cal = token_windows(tokenizer, inp.calibration_texts, spec.window_tokens, spec.calibration_windows)
+    ev = token_windows(tokenizer, inp.evaluation_texts, spec.window_tokens, spec.eval_windows)
+
+    progress.stage("optimize", "fuse attention (GroupQueryAttention), RMSNorm, rotary into ONNX Runtime kernels")
+    fuse = FuseLLM(max_positions=int(hf_config.get("max_position_embeddings", spec.context_length)),
+                   untie_lm_head=spec.lm_head_precision != "fp16")
+    model, results = run_passes(onnx.load(str(exported.onnx_path)), [fuse])
+    fused_summary = results[0].summary
+
+    progress.stage("calibrate", f"{len(cal)} windows x {spec.window_tokens} tokens")
+    stats = collect_activation_stats(model, cal, progress=progress) if spec.int4_method == "gptq" else None
+    progress.stage("quantize", f"INT4 {spec.int4_method}, block {spec.block_size}, "
+                               f"{'symmetric' if spec.symmetric else 'asymmetric'}")
+    int4 = QuantizeInt4(stats=stats, block_size=spec.block_size, symmetric=spec.symmetric,
+                        accuracy_level=spec.accuracy_level, method=spec.int4_method,
+                        quantize_tied=spec.lm_head_precision == "int4", progress=progress)
+    before = model
+    model, results = run_passes(model, [int4])
+    plan = decide_llm_precision(before, model, results[0].decisions, profile)
+    model, _ = run_passes(model, [KeepFp16(plan)])
+
+    progress.stage("package", "ONNX Runtime GenAI folder")
+    folder.mkdir(parents=True)
+    onnx.save(model, str(folder / MODEL_FILE))
+    write_genai_config(folder, MODEL_FILE, folder / MODEL_FILE, hf_config, gen_config, context_length=spec.context_length)
+    tok_report = write_package_tokenizer(src.path, folder)
+    mismatches = check_tokenizer(src.path, folder, inp.evaluation_texts[:64])
+    if mismatches:
+        m = mismatches[0]
+        raise ModelFolderError(f"the package tokenizer differs from the source on {len(mismatches)} of 64 texts "
+                               f"({m.kind} of {m.text[:40]!r}: {m.expected} vs {m.got})",
+                               "this tokenizer shape is not supported yet; please report it with tokenizer.json")
+
+    progress.stage("evaluate", f"{len(ev)} held-back windows vs FP32")
+    with ReferenceLogits(exported.onnx_path, ev, directory=work / "reference", progress=progress) as ref:
+        accuracy = evaluate_lm(folder / MODEL_FILE, ref, ev, progress=progress)
+    prompt_ids = tokenizer.apply_chat_template([{"role": "user", "content": VERIFY_PROMPT}], add_generation_prompt=True)
+    tokens = greedy_tokens(folder, prompt_ids, spec.verify_tokens)
+    size = sum(p.stat().st_size for p in folder.glob("model.onnx*"))
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        **provenance,
+        "tools": tool_versions(),
+        "model": {"file": MODEL_FILE, "format": "onnx", "runtime": "onnxruntime-genai", "genai_config": GENAI_CONFIG,
+                  "execution_provider": profile.execution_provider, "fusions": fused_summary},
+        "precision": {
+            "summary": plan.summary(),
+            "int4": {"method": spec.int4_method, "block_size": spec.block_size, "symmetric": spec.symmetric,
+                     "accuracy_level": spec.accuracy_level, "seconds": round(results[0].seconds, 1)},
+            "nodes": [{"name": d.name, "op": d.op_type, "category": d.category, "precision": d.precision,
+                       "reason": d.reason} for d in plan.decisions],
+        },
+        "tokenizer": {"rewritten": tok_report.rewritten, "changes": list(tok_report.changes),
+                      "add_bos_token": tok_report.add_bos_token, "add_eos_token": tok_report.add_eos_token},
+        "calibration": {"windows": int(len(cal)), "window_tokens": spec.window_tokens},
+        "accuracy": {"reference": "FP32 ONNX export of the source, same windows", **asdict(accuracy),
+                     "windows": int(len(ev)),
+                     "budget": {"max_ppl_increase": spec.max_ppl_increase, "min_top1_agreement": spec.min_top1_agreement}},
+        "size": {"model_bytes": size, "max_mb": spec.max_size_mb},
+        "verification": {"prompt": VERIFY_PROMPT, "prompt_ids": [int(i) for i in prompt_ids], "greedy_tokens": tokens},
+    }
+    finish(folder, manifest)
+    check_llm_budget(accuracy, size, profile)
+    return manifest
+
+
+def check_llm_budget(acc: LMAccuracy, size: int, profile: Profile) -> None:
+    spec = profile.llm
+    failures = []
+    if not acc.ppl_increase <= spec.max_ppl_increase:
+        failures.append(f"perplexity {acc.perplexity:.2f} vs FP32 {acc.ref_perplexity:.2f} "
+                        f"(+{acc.ppl_increase:.1%} > +{spec.max_ppl_increase:.0%})")
+    if not acc.top1_agreement >= spec.min_top1_agreement:
+        failures.append(f"top-1 agreement {acc.top1_agreement:.3f} < {spec.min_top1_agreement}")
+    if failures:
+        raise AccuracyBudgetError(f"accuracy over budget on {acc.tokens} held-back tokens: {'; '.join(failures)}",
+                                  "use llm.int4_method = 'gptq', a smaller llm.block_size, or asymmetric blocks")
+    if size > spec.max_size_mb * 1e6:
+        raise SizeBudgetError(f"model is {size / 1e6:.1f} MB, over the profile's {spec.max_size_mb:.0f} MB",
+                              "raise llm.max_size_mb, or use llm.lm_head_precision = 'int4' / a larger block_size")
+
+
+def verify_llm(folder: Path, manifest: dict) -> tuple[bool, str]:
+    """Greedy tokens for the stored prompt must be exactly the stored ones."""
+    v = manifest["verification"]
+    got = greedy_tokens(folder, v["prompt_ids"], len(v["greedy_tokens"]))
+    same = got == v["greedy_tokens"]
+    first = next((i for i, (a, b) in enumerate(zip(got, v["greedy_tokens"])) if a != b), None)
+    return same, (f"{len(got)} greedy tokens equal the reference" if same
+                  else f"greedy tokens differ from position {first}: {got} vs {v['greedy_tokens']}")
+

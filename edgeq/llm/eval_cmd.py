@@ -1,0 +1,47 @@
+"""``edgeq eval PACKAGE --text FILE``: the package against an FP32 reference on the user's text."""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from edgeq.errors import UserInputError
+from edgeq.llm.evaluate import ReferenceLogits, evaluate_lm, token_windows
+from edgeq.manifest import read_manifest
+from edgeq.modelsource import inspect_model_dir
+from edgeq.textdata import load_texts
+
+
+def evaluate_package(package: Path, text_file: Path, reference: Path | None = None) -> dict:
+    """Perplexity, KL and top-1 agreement of the package vs FP32 on ``text_file``. Without ``reference`` the FP32
+    model is exported again from the source the manifest names (its hashes must still match)."""
+    package = Path(package)
+    manifest = read_manifest(package)
+    if manifest["source"]["kind"] != "causal-lm":
+        raise UserInputError(f"{package} is not an LLM package", "edgeq eval measures causal LMs; encoders are "
+                             "measured at export (see edgeq inspect)")
+    from transformers import AutoTokenizer
+
+    spec = manifest["profile"]["values"]["llm"]
+    tokenizer = AutoTokenizer.from_pretrained(str(package))
+    windows = token_windows(tokenizer, load_texts(text_file).texts, spec["window_tokens"], spec["eval_windows"])
+    with tempfile.TemporaryDirectory(prefix="edgeq-eval-") as tmp:
+        ref_path = Path(reference) if reference else _fp32_reference(manifest, Path(tmp))
+        with ReferenceLogits(ref_path, windows, directory=Path(tmp) / "ref") as ref:
+            acc = evaluate_lm(package / manifest["model"]["file"], ref, windows)
+    return asdict(acc)
+
+
+def _fp32_reference(manifest: dict, work: Path) -> Path:
+    from edgeq.llm.gguf_source import materialize_gguf
+    from edgeq.stages.export import export
+
+    src_info = manifest["source"]
+    src = inspect_model_dir(Path(src_info["path"]), src_info.get("gguf_file") or None)
+    if src.file_hashes != src_info["files"]:
+        raise UserInputError(f"the source model in {src.path} changed since the package was made",
+                             "pass --reference with the FP32 ONNX model to compare with")
+    if src.gguf_file:
+        src = replace(src, path=materialize_gguf(src.path, src.gguf_file, work / "source"))
+    return export(src, work).onnx_path

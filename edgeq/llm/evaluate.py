@@ -1,0 +1,165 @@
+"""LLM accuracy: perplexity, KL(FP32 || quantized) and top-1 next-token agreement over fixed token windows.
+
+Every window is one full forward with an empty KV cache (past length 0), so the number depends on the weights and
+nothing else. The vocabulary makes logits big (SmolLM2: 512 x 49152 x 4 bytes = 100 MB per window), so nothing is
+held for more than one window: the FP32 reference is computed once into log-probabilities on disk
+(``ReferenceLogits``, memory-mapped, read back one window at a time) and every statistic is a running sum over
+row chunks of ``CHUNK`` positions (64 x 49152 float64 = 25 MB of temporaries).
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from edgeq.errors import CalibrationDataError
+from edgeq.progress import QUIET, Progress
+from edgeq.runtime import session
+
+WINDOW = 512  # tokens per window: long enough that most predictions see real context
+CALIBRATION_WINDOWS = 8  # 4096 tokens: H = X^T X of a 1536-wide layer is then well determined (4096 > 1536 rows)
+EVALUATION_WINDOWS = 16  # 8176 predicted tokens: the perplexity's standard error is then ~1-2%
+CHUNK = 64  # positions per log-softmax chunk
+
+_NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
+                "tensor(int32)": np.int32}
+
+
+@dataclass(frozen=True)
+class LMAccuracy:
+    """``ppl_increase`` is a fraction (0.06 = +6%); ``mean_kl`` is in nats per predicted token."""
+
+    perplexity: float
+    ref_perplexity: float
+    ppl_increase: float
+    mean_kl: float
+    top1_agreement: float
+    tokens: int
+
+
+def token_windows(tokenizer, texts: Sequence[str], seq_len: int = WINDOW, max_windows: int | None = None) -> np.ndarray:
+    """Texts joined with blank lines, tokenized once, cut into whole windows -> int64 [n, seq_len].
+
+    No BOS: a window cut from the middle of a stream has none either, and every window is treated alike.
+    """
+    ids = tokenizer("\n\n".join(texts), add_special_tokens=False, verbose=False)["input_ids"]
+    n = len(ids) // seq_len
+    if max_windows is not None:
+        n = min(n, max_windows)
+    if n == 0:
+        raise CalibrationDataError(f"the text gives {len(ids)} tokens, fewer than one window of {seq_len}",
+                                   f"give at least {seq_len} tokens of text (several paragraphs)")
+    return np.asarray(ids[: n * seq_len], dtype=np.int64).reshape(n, seq_len)
+
+
+def lm_session(model: onnx.ModelProto | Path | str) -> ort.InferenceSession:
+    return model if isinstance(model, ort.InferenceSession) else session(model)
+
+
+def window_feeds(sess: ort.InferenceSession, ids: np.ndarray) -> dict[str, np.ndarray]:
+    """Feeds for one window [S] with an empty KV cache: past tensors get 0 for their symbolic sequence dimension."""
+    seq = ids.shape[-1]
+    feeds = {}
+    for inp in sess.get_inputs():
+        dtype = _NUMPY_TYPES.get(inp.type)
+        if inp.name == "input_ids":
+            feeds[inp.name] = ids.reshape(1, seq).astype(dtype)
+        elif inp.name == "attention_mask":
+            feeds[inp.name] = np.ones((1, seq), dtype)
+        elif inp.name == "position_ids":
+            feeds[inp.name] = np.arange(seq, dtype=dtype).reshape(1, seq)
+        elif inp.name.startswith("past_key_values"):
+            # [batch, kv_heads, past_seq, head_dim]: the first symbolic dim is the batch (1), any other is past (0)
+            shape = [d if isinstance(d, int) else (1 if i == 0 else 0) for i, d in enumerate(inp.shape)]
+            feeds[inp.name] = np.zeros(shape, dtype)
+        else:
+            raise ValueError(f"model input '{inp.name}' is not one a causal LM export has")
+    return feeds
+
+
+def window_logits(sess: ort.InferenceSession, ids: np.ndarray) -> np.ndarray:
+    """Logits [S, V] of one window."""
+    return sess.run(["logits"], window_feeds(sess, ids))[0][0]
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = logits.astype(np.float64)
+    x -= x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+class ReferenceLogits:
+    """FP32 next-token log-probabilities of every window, computed once and kept on disk as float32 ``.npy``.
+
+    Float32, not float16: a log-probability of -10 in float16 is off by up to 0.004, as large as the KL of a good
+    INT4 model. Use as a context manager (or call ``close``) to delete the files.
+    """
+
+    def __init__(self, model: onnx.ModelProto | Path | str | ort.InferenceSession, windows: np.ndarray,
+                 directory: Path | None = None, progress: Progress = QUIET) -> None:
+        self._tmp = None if directory else tempfile.TemporaryDirectory(prefix="edgeq-ref-")
+        self.directory = Path(directory or self._tmp.name)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.windows = np.asarray(windows)
+        sess = lm_session(model)
+        for i, ids in enumerate(self.windows):
+            np.save(self._path(i), log_softmax(window_logits(sess, ids)).astype(np.float32))
+            progress.step("reference window", i + 1, len(self.windows))
+
+    def _path(self, i: int) -> Path:
+        return self.directory / f"window_{i:03d}.npy"
+
+    def logprobs(self, i: int) -> np.ndarray:
+        return np.load(self._path(i), mmap_mode="r")
+
+    def close(self) -> None:
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def __enter__(self) -> "ReferenceLogits":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def evaluate_lm(model: onnx.ModelProto | Path | str | ort.InferenceSession,
+                reference: ReferenceLogits | onnx.ModelProto | Path | str | ort.InferenceSession,
+                windows: np.ndarray, progress: Progress = QUIET) -> LMAccuracy:
+    """Compare ``model`` with the reference (precomputed ``ReferenceLogits`` or a reference model run per window)."""
+    windows = np.asarray(windows)
+    if isinstance(reference, ReferenceLogits) and not np.array_equal(reference.windows, windows):
+        raise ValueError("the reference log-probabilities were computed on other windows")
+    sess = lm_session(model)
+    ref_sess = None if isinstance(reference, ReferenceLogits) else lm_session(reference)
+    nll = ref_nll = kl = 0.0
+    agree = tokens = 0
+    for i, ids in enumerate(windows):
+        logits = window_logits(sess, ids)
+        ref = reference.logprobs(i) if ref_sess is None else window_logits(ref_sess, ids)
+        targets = ids[1:]
+        for c in range(0, len(ids) - 1, CHUNK):  # position t predicts token t+1; the last position has no target
+            stop = min(c + CHUNK, len(ids) - 1)
+            lq = log_softmax(logits[c:stop])
+            lp = np.asarray(ref[c:stop], np.float64)
+            if ref_sess is not None:
+                lp = log_softmax(lp)
+            rows = np.arange(stop - c)
+            t = targets[c:stop]
+            nll -= lq[rows, t].sum()
+            ref_nll -= lp[rows, t].sum()
+            kl += (np.exp(lp) * (lp - lq)).sum()
+            agree += int((lq.argmax(-1) == lp.argmax(-1)).sum())
+            tokens += stop - c
+        progress.step("evaluation window", i + 1, len(windows))
+    ppl, ref_ppl = math.exp(nll / tokens), math.exp(ref_nll / tokens)
+    return LMAccuracy(perplexity=ppl, ref_perplexity=ref_ppl, ppl_increase=ppl / ref_ppl - 1.0,
+                      mean_kl=max(kl / tokens, 0.0), top1_agreement=agree / tokens, tokens=tokens)

@@ -1,0 +1,251 @@
+"""ONNX Runtime GenAI packaging: genai_config.json for an optimum-onnx decoder export, and generation through it.
+
+A package folder is what ``onnxruntime_genai.Model(folder)`` loads: ``genai_config.json``, the ONNX decoder it names,
+and the tokenizer files (written by :mod:`edgeq.llm.tokenizer`). The config schema is the one onnxruntime-genai 0.18
+parses (``src/config.cpp``): every object rejects keys it does not know (measured: ``"search": {"foo": 1}`` fails
+``og.Config`` with 'search: Unknown value "foo"'), so only keys from that parser are written, in the layout its
+model builder emits (``models/builders/base.py: make_genai_config``).
+
+The decoder is optimum's ``text-generation-with-past`` export, not the model builder's: its attention concatenates
+the past with the new keys, so ``present.N`` is longer than ``past_key_values.N``. ``past_present_share_buffer``
+(one max_length buffer used as both past and present, which the builder writes for its GroupQueryAttention graphs)
+does not fit that graph: measured on the tiny llama, the Concat producing ``present.0.key`` fails (buffer
+{1,2,33,16}, computed {1,2,58,16}). The config states it false (also 0.18's default when the key is absent).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+
+from edgeq.errors import EdgeqError, UnsupportedModelError, UserInputError
+
+GENAI_CONFIG = "genai_config.json"
+PAST_KEY, PAST_VALUE = "past_key_values.%d.key", "past_key_values.%d.value"
+PRESENT_KEY, PRESENT_VALUE = "present.%d.key", "present.%d.value"
+# model.type values onnxruntime-genai 0.18 runs as a plain decoder-only LLM (src/models/model_type.h: IsLLM), keyed
+# by Hugging Face model_type. Only types whose optimum export has the standard KV-cache I/O are listed; gpt2 and
+# chatglm are LLM types there too but take a different cache layout.
+GENAI_MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3",
+                     "gemma": "gemma", "gemma2": "gemma2", "smollm3": "smollm3", "granite": "granite", "olmo": "olmo"}
+_PAST_RE = re.compile(r"past_key_values\.(\d+)\.(key|value)")
+
+
+@dataclass(frozen=True)
+class DecoderIO:
+    """What the exported decoder's graph inputs and outputs say about its KV cache."""
+
+    num_layers: int
+    kv_heads: int | None  # None where the export left the dimension symbolic
+    head_size: int | None
+    has_position_ids: bool
+    group_query_attention: bool = False  # fused by FuseLLM: present shares the past buffer, as the GenAI builder's
+
+
+def _dims(value: onnx.ValueInfoProto) -> list[int | str]:
+    return [d.dim_value if d.HasField("dim_value") else d.dim_param for d in value.type.tensor_type.shape.dim]
+
+
+def decoder_io(onnx_model: Path | onnx.ModelProto) -> DecoderIO:
+    """Check the graph has optimum's decoder-with-past names and read the layer count and KV shape from it."""
+    model = onnx_model
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(str(onnx_model), load_external_data=False)
+    inputs = {i.name: i for i in model.graph.input}
+    outputs = {o.name for o in model.graph.output}
+    layers = sorted({int(m.group(1)) for name in inputs if (m := _PAST_RE.fullmatch(name))})
+    expected_in = {"input_ids", "attention_mask"} | {p % i for i in range(len(layers)) for p in (PAST_KEY, PAST_VALUE)}
+    expected_out = {"logits"} | {p % i for i in range(len(layers)) for p in (PRESENT_KEY, PRESENT_VALUE)}
+    missing = sorted((expected_in - set(inputs)) | (expected_out - outputs))
+    if not layers or missing or layers != list(range(len(layers))):
+        raise UnsupportedModelError(
+            "the ONNX decoder does not have the KV-cache inputs and outputs of optimum's text-generation-with-past "
+            f"export (missing: {', '.join(missing) or 'past_key_values.N.key/value'})",
+            "export the model with task text-generation-with-past",
+        )
+    dims = _dims(inputs[PAST_KEY % 0])
+    kv_heads, head_size = (dims[1], dims[3]) if len(dims) == 4 else (None, None)
+    return DecoderIO(len(layers), kv_heads if isinstance(kv_heads, int) else None,
+                     head_size if isinstance(head_size, int) else None, "position_ids" in inputs,
+                     any(n.op_type == "GroupQueryAttention" for n in model.graph.node))
+
+
+def _first(*values):
+    return next((v for v in values if v is not None), None)
+
+
+def special_token_ids(hf_config: dict, generation_config: dict | None) -> tuple[int, int | list[int], int]:
+    """(bos, eos, pad): generation_config.json first (chat models often correct config.json's EOS there), then
+    config.json; pad falls back to the first EOS, as transformers' generate does."""
+    gen = generation_config or {}
+    bos = _first(gen.get("bos_token_id"), hf_config.get("bos_token_id"))
+    eos = _first(gen.get("eos_token_id"), hf_config.get("eos_token_id"))
+    if eos is None or eos == []:
+        raise UnsupportedModelError("neither generation_config.json nor config.json names an eos_token_id",
+                                    "add eos_token_id to the model's generation_config.json")
+    eos_list = list(eos) if isinstance(eos, (list, tuple)) else [eos]
+    pad = _first(gen.get("pad_token_id"), hf_config.get("pad_token_id"), eos_list[0])
+    # onnxruntime-genai needs an integer bos; a model without one never sees it (the tokenizer does not add it).
+    eos_out = int(eos_list[0]) if len(eos_list) == 1 else [int(e) for e in eos_list]
+    return int(_first(bos, eos_list[0])), eos_out, int(pad)
+
+
+def genai_config(model_file: str, io: DecoderIO, hf_config: dict, generation_config: dict | None, *,
+                 context_length: int, provider_options: Sequence[dict] = ()) -> dict:
+    model_type = hf_config.get("model_type", "")
+    if model_type not in GENAI_MODEL_TYPES:
+        raise UnsupportedModelError(f"onnxruntime-genai packaging does not support model_type '{model_type}'",
+                                    f"supported: {', '.join(sorted(GENAI_MODEL_TYPES))}")
+    heads = int(hf_config["num_attention_heads"])
+    kv_heads = int(_first(hf_config.get("num_key_value_heads"), heads))
+    head_size = int(_first(hf_config.get("head_dim"), hf_config["hidden_size"] // heads))
+    layers = int(hf_config["num_hidden_layers"])
+    graph = (io.num_layers, io.kv_heads or kv_heads, io.head_size or head_size)
+    if graph != (layers, kv_heads, head_size):
+        raise EdgeqError(f"the ONNX decoder (layers, kv heads, head size) = {graph} disagrees with config.json's "
+                         f"{(layers, kv_heads, head_size)}", "this is an edgeq bug; please report it with config.json")
+    max_positions = hf_config.get("max_position_embeddings")
+    if context_length < 1 or (max_positions and context_length > max_positions):
+        raise UserInputError(f"context length {context_length} is outside 1..{max_positions} (the model's "
+                             "max_position_embeddings)", f"pass a context length of at most {max_positions}")
+    bos, eos, pad = special_token_ids(hf_config, generation_config)
+    gen = generation_config or {}
+    inputs = {"input_ids": "input_ids", "attention_mask": "attention_mask"}
+    if io.has_position_ids:
+        inputs["position_ids"] = "position_ids"
+    inputs |= {"past_key_names": PAST_KEY, "past_value_names": PAST_VALUE}
+    return {
+        "model": {
+            "bos_token_id": bos,
+            "context_length": context_length,
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai",
+                                    "provider_options": [dict(p) for p in provider_options]},
+                "filename": model_file,
+                "head_size": head_size,
+                "hidden_size": int(hf_config["hidden_size"]),
+                "inputs": inputs,
+                "outputs": {"logits": "logits", "present_key_names": PRESENT_KEY, "present_value_names": PRESENT_VALUE},
+                "num_attention_heads": heads,
+                "num_hidden_layers": layers,
+                "num_key_value_heads": kv_heads,
+            },
+            "eos_token_id": eos,
+            "pad_token_id": pad,
+            "type": GENAI_MODEL_TYPES[model_type],
+            "vocab_size": int(hf_config["vocab_size"]),
+        },
+        "search": {
+            # Greedy unless the app turns sampling on; the sampling values are the model's own recommendation.
+            "do_sample": False,
+            "early_stopping": True,
+            "max_length": context_length,
+            "min_length": 0,
+            "num_beams": 1,
+            "num_return_sequences": 1,
+            # optimum's graph grows present by concatenation (module doc); GroupQueryAttention writes into a shared
+            # buffer instead (same tokens, ~8% faster decode at 256 tokens of context on SmolLM2).
+            "past_present_share_buffer": io.group_query_attention,
+            "repetition_penalty": float(gen.get("repetition_penalty", 1.0)),
+            "temperature": float(gen.get("temperature", 1.0)),
+            "top_k": int(gen.get("top_k", 50)),
+            "top_p": float(gen.get("top_p", 1.0)),
+        },
+    }
+
+
+def write_genai_config(out_dir: Path, model_file: str, onnx_model: Path | onnx.ModelProto, hf_config: dict,
+                       generation_config: dict | None, *, context_length: int,
+                       provider_options: Sequence[dict] = ()) -> Path:
+    """Write ``out_dir/genai_config.json`` for the decoder ``model_file`` (relative to ``out_dir``).
+
+    ``onnx_model`` is the decoder (path or loaded proto) whose I/O names and KV shape are checked; ``hf_config`` and
+    ``generation_config`` are the source's config.json and generation_config.json as dicts; ``provider_options`` is
+    onnxruntime-genai's list of ``{provider: {option: value}}`` (empty: CPU).
+    """
+    config = genai_config(model_file, decoder_io(onnx_model), hf_config, generation_config,
+                          context_length=context_length, provider_options=provider_options)
+    path = Path(out_dir) / GENAI_CONFIG
+    path.write_text(json.dumps(config, indent=4) + "\n")
+    return path
+
+
+def _tokenizer(model):
+    import onnxruntime_genai as og
+
+    tok = og.Tokenizer(model)
+    # onnxruntime-genai 0.18 encodes with add_special_tokens off unless told (Tokenizer::Encode), so BOS would be
+    # dropped; on, the tokenizer adds exactly what tokenizer_config.json's add_bos_token/add_eos_token say.
+    tok.update_options(add_special_tokens="true")
+    return tok
+
+
+def _generator(model, context_length: int, prompt_ids: Sequence[int], max_new_tokens: int, greedy: bool):
+    import onnxruntime_genai as og
+
+    if len(prompt_ids) + max_new_tokens > context_length:
+        raise UserInputError(f"the prompt ({len(prompt_ids)} tokens) plus {max_new_tokens} new tokens exceeds the "
+                             f"package's context length {context_length}", "shorten the prompt or ask for fewer tokens")
+    params = og.GeneratorParams(model)
+    params.set_search_options(do_sample=not greedy, max_length=len(prompt_ids) + max_new_tokens)
+    generator = og.Generator(model, params)
+    generator.append_tokens([int(t) for t in prompt_ids])
+    return generator
+
+
+def _load(package_dir: Path):
+    """(og.Model, context length) for a package folder."""
+    import onnxruntime_genai as og
+
+    config = Path(package_dir) / GENAI_CONFIG
+    if not config.is_file():
+        raise UserInputError(f"{package_dir} has no {GENAI_CONFIG}", "pass an onnxruntime-genai package folder")
+    return og.Model(str(package_dir)), int(json.loads(config.read_text())["model"]["context_length"])
+
+
+def generate(package_dir: Path, prompt: str, max_new_tokens: int, *, greedy: bool = True) -> Iterator[str]:
+    """Stream the text onnxruntime-genai generates after ``prompt`` (BOS added as the source tokenizer does),
+    one piece per generated token (empty while a character's UTF-8 bytes are incomplete); stops at EOS or after
+    ``max_new_tokens``."""
+    model, context_length = _load(package_dir)
+    tok = _tokenizer(model)
+    generator = _generator(model, context_length, tok.encode(prompt), max_new_tokens, greedy)
+    stream = tok.create_stream()
+    # The stream decoder emits a space for a special token (measured: <|im_end|> -> " "); the EOS that ends the
+    # generation is not text, so it is not streamed.
+    eos = {int(t) for t in tok.eos_token_ids}
+    while not generator.is_done():
+        generator.generate_next_token()
+        token = int(generator.get_next_tokens()[0])
+        if token not in eos:
+            yield stream.decode(token)
+
+
+def greedy_tokens(package_dir: Path, prompt_ids: Sequence[int], n: int) -> list[int]:
+    """The ``n`` token ids (fewer if EOS comes first, EOS included) greedy search appends to ``prompt_ids``."""
+    model, context_length = _load(package_dir)
+    generator = _generator(model, context_length, prompt_ids, n, greedy=True)
+    out: list[int] = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        out.append(int(generator.get_next_tokens()[0]))
+    return out
+
+
+def chat_prompt(package_dir: Path, user_text: str) -> str:
+    """``user_text`` as one user turn through the package's chat template (as onnxruntime-genai applies it), ready
+    for generation; the text itself when the package has no template."""
+    import onnxruntime_genai as og
+
+    model, _ = _load(package_dir)
+    tok = og.Tokenizer(model)
+    try:
+        return tok.apply_chat_template(messages=json.dumps([{"role": "user", "content": user_text}]),
+                                       add_generation_prompt=True)
+    except Exception:  # no chat template in the package: a base model takes plain text
+        return user_text
