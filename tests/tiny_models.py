@@ -48,4 +48,34 @@ def tiny_bert(folder: Path, seed: int = 0, layers: int = 2, hidden: int = 64) ->
     return folder
 
 
+def tiny_onnx_encoder(path: Path, seed: int = 0, vocab: int = 50, hidden: int = 16) -> Path:
+    """input_ids, attention_mask -> last_hidden_state = (table[input_ids] @ W) * mask: a 5-node stand-in encoder
+    for stage tests that need a package-shaped model without an export."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    nodes = [
+        helper.make_node("Gather", ["table", "input_ids"], ["emb"], name="gather"),
+        helper.make_node("Cast", ["attention_mask"], ["mask_f"], to=TensorProto.FLOAT, name="cast"),
+        helper.make_node("Unsqueeze", ["mask_f", "axes"], ["mask_3d"], name="unsqueeze"),
+        helper.make_node("MatMul", ["emb", "W"], ["proj"], name="matmul"),
+        helper.make_node("Mul", ["proj", "mask_3d"], ["last_hidden_state"], name="mul"),
+    ]
+    graph = helper.make_graph(
+        nodes, "tiny-encoder",
+        [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "seq"]) for n in ("input_ids", "attention_mask")],
+        [helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT, ["batch", "seq", hidden])],
+        [numpy_helper.from_array(rng.standard_normal((vocab, hidden)).astype(np.float32), "table"),
+         numpy_helper.from_array(rng.standard_normal((hidden, hidden)).astype(np.float32), "W"),
+         numpy_helper.from_array(np.array([-1], np.int64), "axes")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(path))
+    return path
+
+
 TINY_MODELS = {"bert": tiny_bert}

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeq.errors import VerificationError
-from edgeq.manifest import MANIFEST, file_entries, read_manifest
+from edgeq.manifest import file_entries, read_manifest
 from edgeq.metrics import per_sample_cosine
 from edgeq.runtime import pool, session
 

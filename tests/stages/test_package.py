@@ -9,42 +9,20 @@ import re
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
 import edgeq.stages.package as package_mod
 from edgeq.errors import EdgeqError
 from edgeq.manifest import MANIFEST
 from edgeq.stages.package import MODEL_FILE, OPS_CONFIG, Package, convert_to_ort, copy_tokenizer, finish
+from tiny_models import tiny_onnx_encoder
 
 VOCAB, HIDDEN = 50, 16
 
 
 def tiny_encoder(path: Path) -> Path:
-    """input_ids, attention_mask -> last_hidden_state = (table[input_ids] @ W) * mask: a 5-node stand-in encoder."""
-    rng = np.random.default_rng(0)
-    nodes = [
-        helper.make_node("Gather", ["table", "input_ids"], ["emb"], name="gather"),
-        helper.make_node("Cast", ["attention_mask"], ["mask_f"], to=TensorProto.FLOAT, name="cast"),
-        helper.make_node("Unsqueeze", ["mask_f", "axes"], ["mask_3d"], name="unsqueeze"),
-        helper.make_node("MatMul", ["emb", "W"], ["proj"], name="matmul"),
-        helper.make_node("Mul", ["proj", "mask_3d"], ["last_hidden_state"], name="mul"),
-    ]
-    graph = helper.make_graph(
-        nodes, "tiny-encoder",
-        [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "seq"]) for n in ("input_ids", "attention_mask")],
-        [helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT, ["batch", "seq", HIDDEN])],
-        [numpy_helper.from_array(rng.standard_normal((VOCAB, HIDDEN)).astype(np.float32), "table"),
-         numpy_helper.from_array(rng.standard_normal((HIDDEN, HIDDEN)).astype(np.float32), "W"),
-         numpy_helper.from_array(np.array([-1], np.int64), "axes")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model, full_check=True)
-    onnx.save(model, str(path))
-    return path
+    return tiny_onnx_encoder(path, seed=0, vocab=VOCAB, hidden=HIDDEN)
 
 
 def feeds() -> dict[str, np.ndarray]:
