@@ -85,6 +85,12 @@ def _feeds_softmax(node: onnx.NodeProto, consumers: dict[str, list[onnx.NodeProt
     return any(c.op_type == "Softmax" for o in node.output for c in consumers.get(o, []))
 
 
+def embedding_tables(model: onnx.ModelProto) -> set[str]:
+    """The initializers read as embedding tables (what KeepFp16 stores at half the bytes)."""
+    by_name = {n.name: n for n in model.graph.node}
+    return {by_name[i.name].input[0] for i in classify(model).values() if i.category == "embedding"}
+
+
 def classify(model: onnx.ModelProto) -> dict[str, NodeInfo]:
     """Category of every node, by name. Node names must be unique (export and our passes ensure it)."""
     inits = {i.name: i for i in model.graph.initializer}

@@ -41,14 +41,28 @@ def main() -> None:
 @click.option("--seq-len", type=click.IntRange(min=8), help="Max tokens per calibration text (default: the profile's).")
 @click.option("--force", is_flag=True, help="Replace an existing package.")
 @click.option("--gguf-file", help="Name of a GGUF file in MODEL_DIR: dequantized through transformers, then exported.")
+@click.option("--int4-method", type=click.Choice(["gptq", "rtn"]),
+              help="Causal LMs: how INT4 weights are chosen (default: the profile's llm.int4_method).")
+@click.option("--max-size-mb", type=click.FloatRange(min=0), help="Causal LMs: largest model in MB; 8-bit promotions "
+              "are taken only while they fit (default: the profile's llm.max_size_mb).")
+@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
+              help="Override a profile field, e.g. --set llm.symmetric=true (keys: edgeq profiles --fields).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 @handle_errors
-def export_cmd(model_dir, profile, out_dir, calibration, samples, seq_len, force, gguf_file, quiet) -> None:
+def export_cmd(model_dir, profile, out_dir, calibration, samples, seq_len, force, gguf_file, int4_method, max_size_mb,
+               settings, quiet) -> None:
     """Export MODEL_DIR to a quantized package for a device profile."""
     from edgeq.pipeline import ExportRequest, export_package
+    from edgeq.profiles import parse_setting
     from edgeq.progress import Progress
 
-    req = ExportRequest(model_dir, profile, out_dir, calibration, samples, seq_len, force, gguf_file)
+    overrides = dict(parse_setting(s) for s in settings)
+    if int4_method:
+        overrides["llm.int4_method"] = int4_method
+    if max_size_mb is not None:
+        overrides["llm.max_size_mb"] = max_size_mb
+    req = ExportRequest(model_dir, profile, out_dir, calibration, samples, seq_len, force, gguf_file,
+                        tuple(overrides.items()))
     pkg = export_package(req, Progress(not quiet))
     click.echo(f"wrote {pkg.path}")
     click.echo(accuracy_line(pkg.manifest["accuracy"]))
@@ -78,10 +92,17 @@ def profiles_cmd(fields) -> None:
     for name in known_profiles():
         p = load_profile(name)
         q = p.quantization
-        rows.append((p.name, p.target, ",".join(p.model_kinds),
-                     f"linear {q.weight_type} per-{'channel' if q.weight_per_channel else 'tensor'} weights, "
-                     f"{q.activation_type} activations ({q.calibration_method}); sensitive layers {q.sensitive_precision}; "
-                     f"FP16: {', '.join(q.keep_fp16) or 'none'}"))
+        how = []
+        if "encoder" in p.model_kinds:
+            how.append(f"encoders: linear {q.weight_type} per-{'channel' if q.weight_per_channel else 'tensor'} "
+                       f"weights, {q.activation_type} activations ({q.calibration_method}); sensitive layers "
+                       f"{q.sensitive_precision}; FP16: {', '.join(q.keep_fp16) or 'none'}")
+        if "causal-lm" in p.model_kinds:
+            m = p.llm
+            how.append(f"causal LMs: INT4 {m.int4_method} block {m.block_size} "
+                       f"{'symmetric' if m.symmetric else 'asymmetric'}{', K/V INT8' if m.int8_kv else ''}; "
+                       f"lm_head {m.lm_head_precision}; embeddings {m.embedding_precision}; GenAI folder")
+        rows.append((p.name, p.target, ",".join(p.model_kinds), " | ".join(how)))
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     for r in rows:
         click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[3])

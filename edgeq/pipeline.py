@@ -39,6 +39,7 @@ class ExportRequest:
     seq_len: int | None = None  # overrides profile.quantization.calibration_seq_len
     force: bool = False
     gguf_file: str | None = None  # a GGUF in model_dir to dequantize and export (causal LMs)
+    settings: tuple[tuple[str, object], ...] = ()  # profile fields set over the file's (--set, --int4-method, ...)
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ class Inputs:
 
 def check_inputs(req: ExportRequest) -> Inputs:
     """Every user mistake is caught here, before minutes of work."""
-    profile = load_profile(req.profile)
+    profile = load_profile(req.profile, overrides=dict(req.settings))
     source = inspect_model_dir(req.model_dir, req.gguf_file)
     if source.kind not in profile.model_kinds:
         raise UnsupportedModelError(f"profile '{profile.name}' does not take {source.kind} models",
@@ -214,7 +215,8 @@ def _provenance(inputs: Inputs, req: ExportRequest) -> dict:
                    "task": src.task, "kind": src.kind, "pooling": src.pooling, "gguf_file": src.gguf_file,
                    "files": src.file_hashes},
         "profile": {"name": profile.name, "file": profile.source, "sha256": profile.sha256,
-                    "overrides": {"calibration_samples": req.samples, "calibration_seq_len": req.seq_len},
+                    "overrides": {"calibration_samples": req.samples, "calibration_seq_len": req.seq_len,
+                                  **dict(req.settings)},
                     "values": profile.to_dict()},  # values after the command line's overrides
     }
 

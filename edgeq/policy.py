@@ -125,7 +125,8 @@ def decide_llm_precision(fused, quantized, int4_decisions, profile: Profile) -> 
     per-layer decisions (which record why a linear layer was kept, e.g. a tied head), then the default.
 
     ``fused`` is the graph before INT4 (categories come from it), ``quantized`` the graph after; the INT4 pass renames
-    a quantized MatMul ``<name>_Q4``, so decisions are keyed by the quantized graph's names.
+    a quantized MatMul ``<name>_Q<bits>`` (4, or 8 for the layers it promotes), so decisions are keyed by the quantized
+    graph's names and carry the pass's own reason (why 4, why 8).
     """
     from edgeq.categories import classify
 
@@ -139,7 +140,7 @@ def decide_llm_precision(fused, quantized, int4_decisions, profile: Profile) -> 
     fp16_head = spec.lm_head_precision == "fp16" and spec.embedding_precision == "fp16"
     decisions = []
     for info in infos.values():
-        name, precision, reason = info.name, "fp32", ""
+        name, op, precision, reason = info.name, info.op_type, "fp32", ""
         if info.name in tied_t or info.name in tied_mm:
             if fp16_head:
                 precision = "fp16"
@@ -156,10 +157,9 @@ def decide_llm_precision(fused, quantized, int4_decisions, profile: Profile) -> 
                 reason = "embedding table: profile sets llm.embedding_precision = 'fp32'"
         elif info.name in int4:
             d = int4[info.name]
-            if d.quantize and f"{name}_Q4" in after:
-                name, precision = f"{name}_Q4", "int4"
-                reason = f"linear layer: INT4 MatMulNBits ({spec.int4_method}, block {spec.block_size}, " \
-                         f"{'symmetric' if spec.symmetric else 'asymmetric'}, accuracy_level {spec.accuracy_level})"
+            if d.quantize and f"{name}_Q{d.bits}" in after:
+                name, op, precision = f"{name}_Q{d.bits}", "MatMulNBits", f"int{d.bits}"
+                reason = f"linear layer, MatMulNBits: {d.reason}"
             else:
                 reason = d.reason
         elif info.category == "norm":
@@ -169,5 +169,5 @@ def decide_llm_precision(fused, quantized, int4_decisions, profile: Profile) -> 
             precision, reason = _HARD_RULES.get(info.category, ("fp32", "kept FP32"))
             if precision == "fp16":
                 precision = "fp32"
-        decisions.append(NodeDecision(name, info.op_type, info.category, info.role, precision, reason))
+        decisions.append(NodeDecision(name, op, info.category, info.role, precision, reason))
     return PrecisionPlan(tuple(decisions))

@@ -140,6 +140,14 @@ class LLMSpec:
         "'int4'/'int8' store a separate low-bit head that reads far fewer bytes per token.", "fp16",
         ("fp16", "int8", "int4"),
     )
+    int8_kv: bool = _f(
+        "Give the K/V projections (the MatMuls that write the KV cache) 8-bit MatMulNBits weights: INT4 error there "
+        "reaches every later token's attention (SmolLM2-135M: v_proj alone in FP32 halves the KL to FP32).", True,
+    )
+    promote: float = _f(
+        "Also give 8 bits to any layer whose INT4 relative output error on calibration data is above this multiple "
+        "of the median layer's (0 = none). Promotions stop where they would cross max_size_mb.", 2.0, minimum=0.0,
+    )
     calibration_windows: int = _f("Calibration windows of window_tokens tokens each.", 8, minimum=1)
     window_tokens: int = _f("Tokens per calibration/evaluation window.", 512, minimum=16)
     eval_windows: int = _f("Held-back evaluation windows (at most what the evaluation split gives).", 16, minimum=1)
@@ -148,7 +156,9 @@ class LLMSpec:
                                  minimum=0.0)
     min_top1_agreement: float = _f("Smallest top-1 next-token agreement with FP32 on held-back text.", 0.80,
                                    minimum=0.0, maximum=1.0)
-    max_size_mb: float = _f("Largest model (all weight files) in MB.", 150.0, minimum=0.0)
+    max_size_mb: float = _f(
+        "Largest model (all weight files) in MB; 8-bit promotions are taken only while they fit ('--max-size-mb').",
+        150.0, minimum=0.0)
     verify_tokens: int = _f("Greedy tokens generated for a fixed prompt and stored for 'edgeq verify'.", 16,
                             minimum=1)
 
@@ -185,8 +195,11 @@ def known_profiles(profiles_dir: Path = PROFILES_DIR) -> dict[str, Path]:
     return {p.stem: p for p in sorted(profiles_dir.glob("*.toml"))}
 
 
-def load_profile(name_or_path: str, profiles_dir: Path = PROFILES_DIR) -> Profile:
-    """Load a profile by name (from ``export_profiles/``) or from a path to a ``.toml`` file."""
+def load_profile(name_or_path: str, profiles_dir: Path = PROFILES_DIR, overrides: dict[str, object] | None = None) -> Profile:
+    """Load a profile by name (from ``export_profiles/``) or from a path to a ``.toml`` file.
+
+    ``overrides`` maps dotted keys (``llm.symmetric``) to values set over the file's, validated like the file's own
+    (the command line's ``--set``)."""
     path = Path(name_or_path)
     if path.suffix == ".toml" and not path.is_file():
         raise ProfileError(f"profile file {path} does not exist", "pass an existing .toml file or a profile name")
@@ -204,8 +217,37 @@ def load_profile(name_or_path: str, profiles_dir: Path = PROFILES_DIR) -> Profil
         data = tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ProfileError(f"profile {path} is not valid TOML: {exc}", "fix the syntax at the position given") from exc
-    profile = _build(Profile, data, path, "")
+    if overrides:
+        known = [k for k, _, _ in describe_fields()]
+        for key in overrides:
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1, cutoff=0.8)
+                raise ProfileError(f"--set {key}: no such profile key",
+                                   f"did you mean '{close[0]}'?" if close else "keys: edgeq profiles --fields")
+    for key, value in (overrides or {}).items():
+        *sections, leaf = key.split(".")
+        table = data
+        for sec in sections:
+            table = table.setdefault(sec, {})
+            if not isinstance(table, dict):
+                raise ProfileError(f"--set {key}: '{sec}' is not a section", "set a key inside a section: SECTION.KEY=VALUE")
+        table[leaf] = value
+    shown = Path(f"{path} with --set {', '.join(overrides)}") if overrides else path
+    profile = _build(Profile, data, shown, "")
     return dataclasses.replace(profile, source=str(path), sha256=hashlib.sha256(raw).hexdigest())
+
+
+def parse_setting(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` from the command line -> (key, value): the value read as a TOML value (true, 64, 0.1, "x",
+    [..]), or as a plain string when it is not one (``llm.int4_method=rtn``)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ProfileError(f"--set {text!r} is not KEY=VALUE", "e.g. --set llm.symmetric=true (keys: edgeq profiles --fields)")
+    try:
+        parsed = tomllib.loads(f"v = {value.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value.strip()
+    return key.strip(), parsed
 
 
 def _build(cls, data: dict, path: Path, where: str):

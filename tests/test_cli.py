@@ -290,6 +290,24 @@ def test_profiles_lists_android_arm64():
     assert lines[0].split()[:4] == ["NAME", "TARGET", "MODELS", "QUANTIZATION"]
     row = next(line for line in lines if line.startswith("android-arm64 "))
     assert "encoder" in row and "int8 per-channel" in row and "uint8 activations (percentile)" in row
+    assert "causal-lm" in row and "causal LMs: INT4 gptq block 32 asymmetric, K/V INT8" in row
+
+
+def test_set_with_a_typo_key_suggests_the_key(tiny_bert_dir, tmp_path):
+    out = tmp_path / "out"
+    msg, hint = assert_user_error(edgeq("export", tiny_bert_dir, "--profile", "android-arm64", "-o", out,
+                                        "--set", "llm.symetric=true"), out)
+    assert msg == "--set llm.symetric: no such profile key" and hint == "did you mean 'llm.symmetric'?"
+
+
+def test_set_with_a_wrong_value(tiny_bert_dir, tmp_path):
+    out = tmp_path / "out"
+    msg, hint = assert_user_error(edgeq("export", tiny_bert_dir, "--profile", "android-arm64", "-o", out,
+                                        "--set", "llm.block_size=48"), out)
+    assert "with --set llm.block_size" in msg and "'llm.block_size' = 48 is not one of 16, 32, 64, 128, 256" in msg
+    msg, _ = assert_user_error(edgeq("export", tiny_bert_dir, "--profile", "android-arm64", "-o", out,
+                                     "--set", "symmetric"), out)
+    assert msg == "--set 'symmetric' is not KEY=VALUE"
 
 
 def test_profiles_fields_documents_every_key():

@@ -20,6 +20,7 @@ from edgeq.profiles import (
     describe_fields,
     known_profiles,
     load_profile,
+    parse_setting,
 )
 
 BUNDLED = PROFILES_DIR / "android-arm64.toml"
@@ -52,7 +53,7 @@ def test_bundled_profile_loads_with_its_values():
     assert isinstance(p, Profile)
     assert p.name == "android-arm64"
     assert p.execution_provider == "CPUExecutionProvider"
-    assert p.model_kinds == ("encoder",)
+    assert p.model_kinds == ("encoder", "causal-lm")
     assert p.quantization.activation_type == "uint8"
     assert p.quantization.calibration_method == "percentile"
     assert p.quantization.calibration_percentile == 99.999
@@ -196,7 +197,7 @@ def test_typo_suggestion_is_the_closest_field(tmp_path, section, typo, intended)
         ('name = "android-arm64"', "name = 64", "'name' must be str, got int 64"),
         ('keep_fp16 = ["embedding", "norm"]', 'keep_fp16 = "embedding"',
          "'quantization.keep_fp16' must be a list of strings, got 'embedding'"),
-        ('model_kinds = ["encoder"]', "model_kinds = [1]", "'model_kinds' must be a list of strings, got [1]"),
+        ('model_kinds = ["encoder", "causal-lm"]', "model_kinds = [1]", "'model_kinds' must be a list of strings, got [1]"),
     ],
 )
 def test_wrong_type(tmp_path, line, bad, expected):
@@ -326,3 +327,27 @@ def test_bundled_profile_sets_every_documented_key():
         else:
             keys.add(key)
     assert keys == set(_leaf_keys(Profile))
+
+
+# --- command-line overrides (--set) ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("llm.symmetric=true", ("llm.symmetric", True)),
+    ("llm.block_size = 64", ("llm.block_size", 64)),
+    ("llm.max_size_mb=120.5", ("llm.max_size_mb", 120.5)),
+    ("llm.int4_method=rtn", ("llm.int4_method", "rtn")),  # a bare word is a string
+    ('model_kinds=["encoder"]', ("model_kinds", ["encoder"])),
+])
+def test_parse_setting(text, expected):
+    assert parse_setting(text) == expected
+
+
+def test_overrides_are_validated_like_the_file():
+    p = load_profile("android-arm64", overrides={"llm.symmetric": True, "llm.max_size_mb": 120})
+    assert p.llm.symmetric is True and p.llm.max_size_mb == 120.0
+    assert p.sha256 == load_profile("android-arm64").sha256  # the file's hash; the manifest records the overrides
+    with pytest.raises(ProfileError, match=r"'llm.promote' = -1 is out of range"):
+        load_profile("android-arm64", overrides={"llm.promote": -1})
+    with pytest.raises(ProfileError, match=r"'llm' is not a section|no such profile key"):
+        load_profile("android-arm64", overrides={"llm.symmetric.x": 1})

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import onnx
 
+from edgeq.categories import embedding_tables
 from edgeq.errors import AccuracyBudgetError, ModelFolderError, SizeBudgetError
 from edgeq.llm.activations import collect_activation_stats
 from edgeq.llm.evaluate import LMAccuracy, ReferenceLogits, evaluate_lm, token_windows
@@ -67,12 +68,18 @@ def build_llm_package(inp: LLMInputs, folder: Path, work: Path, progress: Progre
     fused_summary = results[0].summary
 
     progress.stage("calibrate", f"{len(cal)} windows x {spec.window_tokens} tokens")
-    stats = collect_activation_stats(model, cal, progress=progress) if spec.int4_method == "gptq" else None
+    # RTN uses the statistics too: clip search weighted by input energy, scale refit, sensitivity for promotion
+    stats = collect_activation_stats(model, cal, progress=progress)
     progress.stage("quantize", f"INT4 {spec.int4_method}, block {spec.block_size}, "
                                f"{'symmetric' if spec.symmetric else 'asymmetric'}")
+    tables = embedding_tables(model) if spec.embedding_precision == "fp16" else set()
     int4 = QuantizeInt4(stats=stats, block_size=spec.block_size, symmetric=spec.symmetric,
                         accuracy_level=spec.accuracy_level, method=spec.int4_method,
-                        quantize_tied=spec.lm_head_precision == "int4", progress=progress)
+                        quantize_tied=spec.lm_head_precision != "fp16",
+                        tied_bits=8 if spec.lm_head_precision == "int8" else 4, int8_kv=spec.int8_kv,
+                        promote=spec.promote or None, max_model_bytes=int(spec.max_size_mb * 1e6),
+                        fp16_initializers=tables, progress=progress)
+    del stats
     before = model
     model, results = run_passes(model, [int4])
     plan = decide_llm_precision(before, model, results[0].decisions, profile)
@@ -104,8 +111,12 @@ def build_llm_package(inp: LLMInputs, folder: Path, work: Path, progress: Progre
                   "execution_provider": profile.execution_provider, "fusions": fused_summary},
         "precision": {
             "summary": plan.summary(),
-            "int4": {"method": spec.int4_method, "block_size": spec.block_size, "symmetric": spec.symmetric,
-                     "accuracy_level": spec.accuracy_level, "seconds": round(results[0].seconds, 1)},
+            "int4": {"method": spec.int4_method, "setting": int4.setting, "block_size": spec.block_size,
+                     "symmetric": spec.symmetric, "accuracy_level": spec.accuracy_level,
+                     "layers_int4": sum(d.bits == 4 for d in results[0].decisions),
+                     "layers_int8": sum(d.bits == 8 for d in results[0].decisions),
+                     "layers_kept": sum(d.bits == 0 for d in results[0].decisions),
+                     "seconds": round(results[0].seconds, 1)},
             "nodes": [{"name": d.name, "op": d.op_type, "category": d.category, "precision": d.precision,
                        "reason": d.reason} for d in plan.decisions],
         },

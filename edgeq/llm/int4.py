@@ -18,15 +18,29 @@ Methods: ``rtn`` rounds to nearest (symmetric: signed max|w|; asymmetric: min/ma
 (Frantar et al. 2022) against the calibration Hessian ``H = X^T X`` + ``damp`` x mean(diag H): columns in order (or by
 decreasing diag H with ``act_order``, scales then fixed per block beforehand, as MatMulNBits has no permutation),
 lazy updates in batches of 128 columns, one scale per ``block_size`` group computed from the error-updated weights
-when the group starts. ``clip`` adds, for both, a per-block search of the scale's clip ratio (1.0 down to 0.625)
-minimizing the block's squared error weighted by the input-channel energy diag(H) (plain error without statistics).
+when the group starts. ``clip`` adds a per-block search of the scale's clip ratio (1.0 down to 0.625) minimizing the
+block's squared error weighted by the input-channel energy diag(H) (plain error without statistics). ``refit``
+then re-solves each output channel's block scales by least squares against the original W under H, codes fixed.
+By default it runs after RTN only: there it is the only use of the correlations in H (SmolLM2, RTN+clip with the
+8-bit layers, symmetric block 32: KL 0.134 -> 0.102, perplexity +12.0% -> +9.0%); after GPTQ it lowers the layer
+error 4-9% but not the model's (KL 0.170 vs 0.168 all INT4; +6.4% vs +5.9% at the default setting).
+SmolLM2-135M, KL to FP32 at symmetric block 32, every layer INT4: RTN 0.32, RTN+clip 0.20, GPTQ 0.26, GPTQ+clip
+0.17 (bench/int4_methods.py).
 
-Sensitive layers get 8 bits: with statistics, each layer's sensitivity is the relative output error of plain INT4
-RTN, ``tr(E^T H E) / tr(W^T H W)`` (E = W - RTN(W)), and a layer above ``promote`` x the median is promoted. On
-SmolLM2-135M that picks exactly the 30 v_proj layers and layer 0's up_proj (2.5-7x the median; the next layer is at
-1.9x): v_proj's output is a low-energy direction of its input, so the same absolute error is 5x more of its signal,
-and keeping v_proj alone in FP32 halves the model's KL (bench/int4_methods.py). llama.cpp's Q4_K_M also gives
-attn_v more bits. The cost is 4.2M weights at 8 bits instead of 4, +2.1 MB.
+8 bits for the layers INT4 hurts most (MatMulNBits bits=8, same block size):
+  * K/V projections (``int8_kv``), found from the graph: the MatMuls whose output reaches a ``present.*`` output.
+    On SmolLM2 keeping v_proj alone in FP32 halves the model's KL (0.15 -> 0.075); k_proj is the next most
+    effective per byte. With grouped-query attention they are small (2 x 576 x 192 of 3.5M weights per layer).
+  * with statistics, any layer whose plain-RTN relative output error ``tr(E^T H E) / tr(W^T H W)`` is above
+    ``promote`` x the median (on SmolLM2 at 2x: the 30 v_proj and layer 0's up_proj). v_proj's output is a
+    low-energy direction of its input, so the same absolute error is 5x more of its signal.
+On SmolLM2 both rules give 61 layers at 8 bits (30 k_proj, 30 v_proj, layer 0's up_proj), +3.8 MB on 66 MB of
+INT4 linear weights; llama.cpp's Q4_K_M also spends more bits on attn_v. In a graph whose Q, K and V come from one
+packed MatMul (edgeq's FuseLLM), that MatMul writes the cache and is promoted whole.
+
+Measured (bench/int4_methods.py, SmolLM2-135M, 16 x 512 held-back tokens vs FP32, accuracy_level 4), perplexity
+increase / KL: ORT's RTN symmetric block 32 +20.6% / 0.318; this pass's default (gptq+clip, asymmetric block 32,
+8-bit K/V and sensitive layers) +5.9% / 0.068; the same at symmetric block 32 +7.1% / 0.078.
 
 A MatMul reading the embedding table (tied lm_head: through a Transpose of the Gather's initializer, or an equal
 copy) is kept unless ``quantize_tied``: quantizing a shared table stores a second copy of it beside the Gather's.
@@ -121,8 +135,7 @@ def _params(w: torch.Tensor, symmetric: bool, bits: int, ratio: float = 1.0) -> 
     lo = torch.clamp(lo, max=0.0) * ratio
     hi = torch.clamp(hi, min=0.0) * ratio
     scale = (hi - lo) / _top(bits)
-    zp = torch.where(scale == 0, torch.full_like(scale, float(_mid(bits))),
-                     torch.round(-lo / _safe(scale))).clamp(0, _top(bits))
+    zp = torch.where(scale == 0, 0.0, _round(-lo / _safe(scale))).clamp(0, _top(bits))  # all-zero block: 0, as ORT
     return scale, zp
 
 
@@ -130,8 +143,17 @@ def _safe(scale: torch.Tensor) -> torch.Tensor:
     return torch.where(scale == 0, torch.ones_like(scale), scale)
 
 
+def _round(x: torch.Tensor) -> torch.Tensor:
+    """Round half away from zero (C's roundf, as ORT's quantizer rounds), not torch's half to even."""
+    r = torch.round(x)
+    t = torch.trunc(x)
+    return torch.where((x - t).abs() == 0.5, t + torch.sign(x), r)
+
+
 def _fake(w: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    q = torch.clamp(torch.round(w / _safe(scale)) + zp, 0, _top(bits))
+    # w times the reciprocal of the scale, plus the zero point, then roundf, as ORT's quantizer: each of the three
+    # decides which way a value within float32 rounding of a .5 tie goes
+    q = torch.clamp(_round(w * (1.0 / _safe(scale)) + zp), 0, _top(bits))
     return q, (q - zp) * scale
 
 
@@ -193,7 +215,7 @@ def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
 
 
 def quantize_gptq(w: np.ndarray, hessian: np.ndarray, block_size: int, symmetric: bool, clip: bool = True,
-                  damp: float = DAMP, act_order: bool = False, bits: int = BITS) -> BlockQuant:
+                  damp: float = DAMP, act_order: bool = False, bits: int = BITS, refit: bool = False) -> BlockQuant:
     """GPTQ of ``w`` [K, N] against ``hessian`` [K, K] (sum X^T X of the layer's inputs)."""
     k, n = w.shape
     groups = math.ceil(k / block_size)
@@ -214,6 +236,8 @@ def quantize_gptq(w: np.ndarray, hessian: np.ndarray, block_size: int, symmetric
             scales[:, g], zps[:, g] = s[:, 0], z[:, 0]
         perm = torch.argsort(H.diagonal(), descending=True)
         W, H = W[:, perm], H[perm][:, perm]
+    # The clip search weights by diag(H), not by GPTQ's own column cost 1 / U_ii^2: that one lowers the layer error
+    # 3-5% but raised SmolLM2's KL from 0.168 to 0.209 with every layer INT4 (symmetric block 32).
     U = _inverse_cholesky(H, damp).to(torch.float32)
     Q = torch.zeros(n, groups * block_size)
     lazy = max(LAZY_COLUMNS // block_size, 1) * block_size  # groups never straddle a lazy batch
@@ -242,7 +266,46 @@ def quantize_gptq(w: np.ndarray, hessian: np.ndarray, block_size: int, symmetric
         W[:, i2:] -= E1 @ U[i1:i2, i2:]
     if perm is not None:
         Q[:, :k] = Q[:, :k][:, torch.argsort(perm)]
-    return _block_quant(Q, scales, zps, k, block_size, bits, symmetric)
+    bq = _block_quant(Q, scales, zps, k, block_size, bits, symmetric)
+    return refit_scales(bq, w, hessian) if refit else bq
+
+
+def refit_scales(bq: BlockQuant, w: np.ndarray, hessian: np.ndarray, rows: int = 64) -> BlockQuant:
+    """Keep the codes, re-solve every output channel's block scales by least squares against the original W:
+    min_s (w - C s)^T H (w - C s), C the [K, blocks] matrix of the channel's centred codes. The current scales are
+    one candidate, so the calibration error can only go down (SmolLM2: 4-9% per layer)."""
+    n, kp = bq.q.shape
+    k, bs = bq.k, bq.block_size
+    nb = kp // bs
+    zp = _mid(bq.bits) if bq.zero_points is None else bq.zero_points[:, :, None].astype(np.float32)
+    c = torch.from_numpy(bq.q.reshape(n, nb, bs).astype(np.float32) - zp)
+    c.view(n, kp)[:, k:] = 0.0
+    h = torch.zeros(kp, kp)
+    h[:k, :k] = torch.from_numpy(np.asarray(hessian, np.float32))
+    wt = torch.zeros(n, kp)
+    wt[:, :k] = torch.from_numpy(np.ascontiguousarray(w.T, dtype=np.float32))
+    r_all = (c * (wt @ h).view(n, nb, bs)).sum(2).double()  # C^T H w per channel: [N, blocks]
+    hb = h.view(kp, nb, bs)
+    scales = torch.from_numpy(bq.scales.copy())
+    for i in range(0, n, rows):
+        ci = c[i:i + rows]
+        hc = torch.einsum("kbs,nbs->nkb", hb, ci)  # H C per channel, [r, K, blocks], via the block structure of C
+        a = torch.einsum("nas,nasb->nab", ci, hc.view(-1, nb, bs, nb)).double()
+        diag = a.diagonal(dim1=1, dim2=2)
+        diag += torch.where(diag > 0, 1e-9 * diag.mean(1, keepdim=True), 1.0)  # an all-zero block solves to 0
+        r = r_all[i:i + rows, :, None]
+        sol, info = torch.linalg.solve_ex(a, r)
+        old = scales[i:i + rows, :, None].double()
+        # keep a channel's old scales unless the solve is finite and better (float32 sums can be off by a hair)
+        better = _quadratic(a, r, sol) <= _quadratic(a, r, old)
+        ok = (info == 0) & torch.isfinite(sol).all(dim=(1, 2)) & better
+        scales[i:i + rows][ok] = sol[ok, :, 0].float()
+    return BlockQuant(bq.q, scales.numpy(), bq.zero_points, k, bs, bq.bits)
+
+
+def _quadratic(a: torch.Tensor, r: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """(w - C s)^T H (w - C s) up to the constant w^T H w, per channel: s^T A s - 2 r^T s."""
+    return (s.transpose(1, 2) @ a @ s - 2 * r.transpose(1, 2) @ s)[:, 0, 0]
 
 
 def hessian_error(w: np.ndarray, w_hat: np.ndarray, hessian: np.ndarray) -> float:
@@ -262,10 +325,10 @@ def sensitivity(w: np.ndarray, hessian: np.ndarray, block_size: int, symmetric: 
 # ---------------------------------------------------------------------------------------------------- packing
 
 
-def _pack_nibbles(v: np.ndarray) -> np.ndarray:
-    """Pairs along the last axis -> one byte, the first of each pair in the low nibble (odd length: padded 0)."""
+def _pack_nibbles(v: np.ndarray, pad: int = 0) -> np.ndarray:
+    """Pairs along the last axis -> one byte, the first of each pair in the low nibble (odd length: padded)."""
     if v.shape[-1] % 2:
-        v = np.concatenate([v, np.zeros(v.shape[:-1] + (1,), v.dtype)], axis=-1)
+        v = np.concatenate([v, np.full(v.shape[:-1] + (1,), pad, v.dtype)], axis=-1)
     v = v.astype(np.uint8)
     return (v[..., 0::2] & 0x0F) | ((v[..., 1::2] & 0x0F) << 4)
 
@@ -282,7 +345,9 @@ def pack_matmulnbits(bq: BlockQuant, dtype=np.float32) -> tuple[np.ndarray, np.n
     n, kp = bq.q.shape
     q = bq.q.reshape(n, kp // bq.block_size, bq.block_size)
     pack = _pack_nibbles if bq.bits == 4 else np.ascontiguousarray
-    zp = None if bq.zero_points is None else pack(bq.zero_points.astype(np.uint8))
+    # an odd block count leaves a spare zero-point nibble: 8, the default zero point, as ORT writes it
+    zp = None if bq.zero_points is None else (
+        _pack_nibbles(bq.zero_points.astype(np.uint8), _mid(4)) if bq.bits == 4 else np.ascontiguousarray(bq.zero_points))
     return pack(q.astype(np.uint8)), bq.scales.astype(dtype), zp
 
 
@@ -298,21 +363,81 @@ def dequantize_matmulnbits(b: np.ndarray, scales: np.ndarray, zero_points: np.nd
     return w.reshape(n, -1)[:, :k].T.copy()
 
 
+def matmulnbits_bytes(k: int, n: int, bits: int, block_size: int, symmetric: bool, scale_bytes: int = 4) -> int:
+    """Bytes MatMulNBits stores for a [K, N] weight: codes, one scale per block, packed zero points if asymmetric."""
+    blocks = math.ceil(k / block_size)
+    codes = n * blocks * block_size * bits // 8
+    zps = 0 if symmetric else n * (math.ceil(blocks / 2) if bits == 4 else blocks)
+    return codes + n * blocks * scale_bytes + zps
+
+
+def _stored_bytes(init: onnx.TensorProto, as_fp16: bool) -> int:
+    count = math.prod(init.dims)
+    return count * 2 if as_fp16 else count * np.dtype(helper.tensor_dtype_to_np_dtype(init.data_type)).itemsize
+
+
 # ---------------------------------------------------------------------------------------------------- the pass
+
+
+_ATTENTION_OPS = frozenset({"GroupQueryAttention", "MultiHeadAttention"})  # com.microsoft: query, key, value, ...
+_NOT_VALUES = frozenset({"MatMul", "MatMulNBits", "Gemm", "Shape", "Size"})
+
+
+def _value_outputs(node: onnx.NodeProto, idx: int) -> list[str]:
+    """The outputs that carry values of input ``idx``. A fused attention op (query, key, value, ...) ->
+    (output, present_key, present_value): a separate query reaches only the output, key/value their own cache."""
+    if node.op_type in _ATTENTION_OPS and len(node.input) > 2 and all(node.input[1:3]) and idx < 3:
+        return [node.output[0]] + ([node.output[idx]] if idx and len(node.output) > idx else [])
+    return list(node.output)
+
+
+def kv_projections(model: onnx.ModelProto) -> dict[str, str]:
+    """MatMuls whose output reaches a ``present.*`` graph output (the KV cache) without passing another MatMul:
+    the K and V projections (or a packed QKV one), found from the graph rather than from names.
+    -> node name -> the present output. Not followed: Shape/Size readers (they carry a tensor's shape, not its
+    values, into every later Reshape), empty optional names, and a separate query into a fused attention op (it
+    reaches the attention output, not the cache)."""
+    g = model.graph
+    consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+    for n in g.node:
+        for idx, i in enumerate(n.input):
+            if i:
+                consumers.setdefault(i, []).append((n, idx))
+    present = {o.name for o in g.output if o.name.startswith("present")}
+    out = {}
+    for n in g.node:
+        if n.op_type != "MatMul":
+            continue
+        seen, stack = {n.output[0]}, [n.output[0]]
+        while stack and n.name not in out:
+            t = stack.pop()
+            if t in present:
+                out[n.name] = t
+            for c, idx in consumers.get(t, []):
+                if c.op_type in _NOT_VALUES:
+                    continue
+                for o in _value_outputs(c, idx):
+                    if o and o not in seen:
+                        seen.add(o)
+                        stack.append(o)
+    return out
 
 
 class QuantizeInt4(PassBase):
     """INT4 MatMulNBits for the chosen linear layers (``nodes``; None: every one), INT8 for the sensitive ones.
 
-    ``int8_nodes`` names the 8-bit layers outright; otherwise, with ``stats``, layers whose INT4 sensitivity is above
-    ``promote`` x the median are promoted (``promote=None``: none). ``stats`` is required by ``gptq``.
+    ``int8_nodes`` names the 8-bit layers outright; otherwise the K/V projections (``int8_kv``) and, with ``stats``,
+    the layers whose INT4 sensitivity is above ``promote`` x the median (``promote=None``: none) get 8 bits.
+    ``stats`` is required by ``gptq`` and by ``refit``/data-aware clipping to have an effect.
     """
 
     def __init__(self, nodes: Collection[str] | None = None, stats: ActivationStats | None = None, *,
-                 block_size: int = 32, symmetric: bool = True, accuracy_level: int = 4, method: str = "gptq",
+                 block_size: int = 32, symmetric: bool = False, accuracy_level: int = 4, method: str = "gptq",
                  clip: bool = True, act_order: bool = False, damp: float = DAMP, quantize_tied: bool = False,
-                 int8_nodes: Collection[str] | None = None, promote: float | None = PROMOTE,
-                 progress: Progress = QUIET) -> None:
+                 tied_bits: int = BITS,
+                 int8_nodes: Collection[str] | None = None, int8_kv: bool = True, promote: float | None = PROMOTE,
+                 refit: bool | None = None, max_model_bytes: int | None = None,
+                 fp16_initializers: Collection[str] = (), progress: Progress = QUIET) -> None:
         if method not in METHODS:
             raise ValueError(f"unknown INT4 method '{method}' (known: {', '.join(METHODS)})")
         if block_size < 16 or block_size & (block_size - 1):
@@ -329,13 +454,21 @@ class QuantizeInt4(PassBase):
         self.act_order = act_order
         self.damp = damp
         self.quantize_tied = quantize_tied
+        if tied_bits not in (BITS, PROMOTED_BITS):
+            raise ValueError(f"tied_bits must be {BITS} or {PROMOTED_BITS}, not {tied_bits}")
+        self.tied_bits = tied_bits
         self.int8_nodes = None if int8_nodes is None else set(int8_nodes)
+        self.int8_kv = int8_kv
         self.promote = promote
+        self.refit = (method == "rtn") if refit is None else refit  # see the module docstring
+        self.max_model_bytes = max_model_bytes
+        self.fp16_initializers = frozenset(fp16_initializers)
         self.progress = progress
 
     @property
     def setting(self) -> str:
-        return (f"{self.method}{'+clip' if self.clip else ''}, block {self.block_size}, "
+        refit = "+refit" if self.refit and self.stats is not None else ""
+        return (f"{self.method}{'+clip' if self.clip else ''}{refit}, block {self.block_size}, "
                 f"{'symmetric' if self.symmetric else 'asymmetric'}, accuracy_level {self.accuracy_level}")
 
     def plan(self, model: onnx.ModelProto) -> list[tuple[LinearLayer, Int4Decision]]:
@@ -361,25 +494,61 @@ class QuantizeInt4(PassBase):
         todo = [layer for layer in layers if layer.node not in keep]
         sens = self._sensitivities(inits, todo)
         median = float(np.median(list(sens.values()))) if sens else 0.0
+        kv = kv_projections(model) if self.int8_kv and self.int8_nodes is None else {}
+        wanted: dict[str, str] = {}  # node -> why it should get 8 bits, in order of priority
+        if self.int8_nodes is not None:
+            wanted = {layer.node: "INT8: named in int8_nodes" for layer in todo if layer.node in self.int8_nodes}
+        else:
+            wanted = {layer.node: f"INT8: a K/V projection (writes the KV cache '{kv[layer.node]}')"
+                      for layer in todo if layer.node in kv}
+            if self.promote is not None:
+                for node, s in sorted(sens.items(), key=lambda kv_: -kv_[1]):
+                    if node not in wanted and s > self.promote * median:
+                        wanted[node] = (f"INT8: INT4 relative output error {s:.4f} is {s / median:.1f}x the median "
+                                        f"{median:.4f} (promoted above {self.promote:g}x)")
+        tied = {layer.node for layer in todo if layer.tied_to}
+        if self.tied_bits == PROMOTED_BITS:  # a separate INT8 head: the profile's choice, ahead of any promotion
+            wanted = {**{n: "INT8: the lm_head (profile: lm_head_precision = 'int8')" for n in tied}, **wanted}
+        promoted, refused = self._within_budget(g, todo, keep, wanted)
         out = []
         for layer in layers:
             if layer.node in keep:
                 out.append((layer, Int4Decision(layer.node, 0, keep[layer.node], layer.k, layer.n)))
                 continue
-            bits, reason = BITS, f"INT4 ({self.setting})"
-            s = sens.get(layer.node)
-            if self.int8_nodes is not None:
-                if layer.node in self.int8_nodes:
-                    bits, reason = PROMOTED_BITS, "INT8: named in int8_nodes"
-            elif s is not None and self.promote is not None and s > self.promote * median:
-                bits = PROMOTED_BITS
-                reason = (f"INT8: INT4 relative output error {s:.4f} is {s / median:.1f}x the median {median:.4f} "
-                          f"(promoted above {self.promote:g}x)")
-            out.append((layer, Int4Decision(layer.node, bits, reason, layer.k, layer.n, s)))
+            default = f"INT4 ({self.setting}){'; the lm_head, untied from the embedding table' if layer.node in tied else ''}"
+            bits, reason = BITS, refused.get(layer.node, default)
+            if layer.node in promoted:
+                bits, reason = PROMOTED_BITS, wanted[layer.node]
+            out.append((layer, Int4Decision(layer.node, bits, reason, layer.k, layer.n, sens.get(layer.node))))
         return out
 
+    def _within_budget(self, g: onnx.GraphProto, todo: list[LinearLayer], keep: dict[str, str],
+                       wanted: dict[str, str]) -> tuple[set[str], dict[str, str]]:
+        """Take the wanted 8-bit layers in priority order while the whole model stays within ``max_model_bytes``:
+        everything not quantized counted as stored (``fp16_initializers`` at 2 bytes per value), every quantized
+        layer at 4 bits, plus 8-bit's extra bytes per promoted layer. -> (promoted, refused node -> reason)."""
+        if self.max_model_bytes is None:
+            return set(wanted), {}
+        layers = {layer.node: layer for layer in todo}
+        quantized = {layer.weight for layer in todo}
+        base = sum(_stored_bytes(i, i.name in self.fp16_initializers) for i in g.initializer if i.name not in quantized)
+        base += sum(matmulnbits_bytes(layer.k, layer.n, BITS, self.block_size, self.symmetric) for layer in todo)
+        promoted, refused, total = set(), {}, base
+        for node, why in wanted.items():
+            layer = layers[node]
+            extra = (matmulnbits_bytes(layer.k, layer.n, PROMOTED_BITS, self.block_size, self.symmetric)
+                     - matmulnbits_bytes(layer.k, layer.n, BITS, self.block_size, self.symmetric))
+            if total + extra <= self.max_model_bytes:
+                promoted.add(node)
+                total += extra
+            else:
+                refused[node] = (f"INT4 ({self.setting}); {why[len('INT8: '):]}, but 8 bits (+{extra / 1e6:.2f} MB) "
+                                 f"would take the model over the size budget of {self.max_model_bytes / 1e6:.1f} MB "
+                                 f"(at {total / 1e6:.1f} MB)")
+        return promoted, refused
+
     def _sensitivities(self, inits: dict[str, onnx.TensorProto], todo: list[LinearLayer]) -> dict[str, float]:
-        if self.stats is None:
+        if self.stats is None or self.promote is None or self.int8_nodes is not None:
             return {}
         return {layer.node: sensitivity(_weight(inits[layer.weight], layer), self.stats.for_node(layer.node).hessian,
                                         self.block_size, self.symmetric) for layer in todo}
@@ -428,10 +597,13 @@ class QuantizeInt4(PassBase):
             # a weight read by several MatMuls serves all their inputs: their Hessians add
             hessian = sum(self.stats.for_node(l.node).hessian for l in sharing)
         if self.method == "gptq":
-            bq = quantize_gptq(w, hessian, self.block_size, self.symmetric, self.clip, self.damp, self.act_order, bits)
+            bq = quantize_gptq(w, hessian, self.block_size, self.symmetric, self.clip, self.damp, self.act_order, bits,
+                               self.refit)
         else:
             bq = quantize_rtn(w, self.block_size, self.symmetric, self.clip,
                               None if hessian is None else np.diag(hessian), bits)
+            if self.refit and hessian is not None:
+                bq = refit_scales(bq, w, hessian)
         b, scales, zp = pack_matmulnbits(bq, FLOAT_TYPES[init.data_type])
         base = f"{init.name}{'_T' if layer.transpose else ''}_Q{bits}"
         g.initializer.extend([numpy_helper.from_array(b, base + "_B"), numpy_helper.from_array(scales, base + "_scales")])

@@ -1,7 +1,6 @@
 """The causal-LM chain end to end on a tiny random Llama: export, fuse, GPTQ INT4, GenAI package, evaluate, verify."""
 
 import json
-import re
 import shutil
 from pathlib import Path
 
@@ -13,27 +12,20 @@ from edgeq.errors import AccuracyBudgetError, ModelFolderError
 from edgeq.llm.genai import greedy_tokens
 from edgeq.pipeline import ExportRequest, export_package
 from edgeq.stages.verify import verify
-from profile_edits import edited_profile
 
 
 
-def llm_profile(folder: Path, **changes) -> Path:
-    """The bundled android-arm64 profile taking causal LMs, with short windows for a 128-position tiny model."""
-    path = edited_profile(folder, r'^model_kinds = \[.*\]', 'model_kinds = ["encoder", "causal-lm"]', "llm.toml")
-    text = path.read_text()
-    for key, value in {"window_tokens": "128", "context_length": "128", **changes}.items():
-        text, n = re.subn(rf"(?m)^{key} = [^#\n]*", f"{key} = {value} ", text)
-        assert n == 1, key
-    path.write_text(text)
-    return path
+def llm_request(model: Path, out: Path, **changes) -> ExportRequest:
+    """The bundled android-arm64 profile through --set overrides: short windows for a 128-position tiny model."""
+    settings = {"llm.window_tokens": 128, "llm.context_length": 128, **{f"llm.{k}": v for k, v in changes.items()}}
+    return ExportRequest(model, "android-arm64", out_dir=out, settings=tuple(settings.items()))
 
 
 @pytest.fixture(scope="module")
 def package(tiny_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("llm-out")
     # a random model's perplexity is ~vocab size and moves freely; the budget here is checked by its own test
-    profile = llm_profile(tmp, max_ppl_increase="1.0", min_top1_agreement="0.0")
-    return export_package(ExportRequest(tiny_dir, str(profile), out_dir=tmp / "out"))
+    return export_package(llm_request(tiny_dir, tmp / "out", max_ppl_increase=1.0, min_top1_agreement=0.0))
 
 
 def test_package_is_a_genai_folder(package):
@@ -99,10 +91,9 @@ def test_tampered_package_fails_verification(package, tmp_path):
 
 
 def test_budget_failure_leaves_nothing(tiny_dir, tmp_path):
-    profile = llm_profile(tmp_path, max_ppl_increase="1.0", min_top1_agreement="1.0")
     out = tmp_path / "out"
     with pytest.raises(AccuracyBudgetError, match=r"top-1 agreement 0\.\d+ < 1\.0"):
-        export_package(ExportRequest(tiny_dir, str(profile), out_dir=out))
+        export_package(llm_request(tiny_dir, out, max_ppl_increase=1.0, min_top1_agreement=1.0))
     assert not out.exists() or not any(out.iterdir())
 
 
@@ -111,4 +102,4 @@ def test_model_without_tokenizer(tiny_dir, tmp_path):
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         (bare / name).unlink(missing_ok=True)
     with pytest.raises(ModelFolderError, match="no tokenizer files"):
-        export_package(ExportRequest(bare, str(llm_profile(tmp_path)), out_dir=tmp_path / "out"))
+        export_package(llm_request(bare, tmp_path / "out"))
