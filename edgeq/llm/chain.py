@@ -144,10 +144,25 @@ def check_llm_budget(acc: LMAccuracy, size: int, profile: Profile) -> None:
         failures.append(f"top-1 agreement {acc.top1_agreement:.3f} < {spec.min_top1_agreement}")
     if failures:
         raise AccuracyBudgetError(f"accuracy over budget on {acc.tokens} held-back tokens: {'; '.join(failures)}",
-                                  "use llm.int4_method = 'gptq', a smaller llm.block_size, or asymmetric blocks")
+                                  "try " + ", ".join(_more_accurate(spec)) + " (--set KEY=VALUE)")
     if size > spec.max_size_mb * 1e6:
         raise SizeBudgetError(f"model is {size / 1e6:.1f} MB, over the profile's {spec.max_size_mb:.0f} MB",
                               "raise llm.max_size_mb, or use llm.lm_head_precision = 'int4' / a larger block_size")
+
+
+def _more_accurate(spec) -> list[str]:
+    """Settings that cost size or time for accuracy, from the ones this export did not use."""
+    tips = []
+    if spec.int4_method != "gptq":
+        tips.append("llm.int4_method=gptq")
+    if spec.symmetric:
+        tips.append("llm.symmetric=false")
+    if spec.block_size > 16:
+        tips.append(f"llm.block_size={spec.block_size // 2}")
+    if not spec.int8_kv:
+        tips.append("llm.int8_kv=true")
+    tips.append(f"llm.promote={max(spec.promote / 2, 1.0) if spec.promote else 2.0:g} with a larger llm.max_size_mb")
+    return tips
 
 
 def verify_llm(folder: Path, manifest: dict) -> tuple[bool, str]:

@@ -92,8 +92,11 @@ def test_tampered_package_fails_verification(package, tmp_path):
 
 def test_budget_failure_leaves_nothing(tiny_dir, tmp_path):
     out = tmp_path / "out"
-    with pytest.raises(AccuracyBudgetError, match=r"top-1 agreement 0\.\d+ < 1\.0"):
+    with pytest.raises(AccuracyBudgetError, match=r"top-1 agreement 0\.\d+ < 1\.0") as exc:
         export_package(llm_request(tiny_dir, out, max_ppl_increase=1.0, min_top1_agreement=1.0))
+    # the hint names only settings this export did not already use (it ran gptq, asymmetric, block 32, K/V int8)
+    assert "llm.block_size=16" in exc.value.hint and "llm.promote=1" in exc.value.hint
+    assert "int4_method" not in exc.value.hint and "symmetric" not in exc.value.hint
     assert not out.exists() or not any(out.iterdir())
 
 
@@ -103,3 +106,26 @@ def test_model_without_tokenizer(tiny_dir, tmp_path):
         (bare / name).unlink(missing_ok=True)
     with pytest.raises(ModelFolderError, match="no tokenizer files"):
         export_package(llm_request(bare, tmp_path / "out"))
+
+
+def test_cli_overrides_reach_the_int4_pass_and_the_manifest(tiny_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from edgeq.cli import main
+
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, [
+        "export", str(tiny_dir), "--profile", "android-arm64", "-o", str(out), "-q", "--int4-method", "rtn",
+        "--max-size-mb", "50", "--set", "llm.int8_kv=false", "--set", "llm.promote=0",
+        "--set", "llm.window_tokens=128", "--set", "llm.context_length=128",
+        "--set", "llm.max_ppl_increase=1.0", "--set", "llm.min_top1_agreement=0.0"])
+    assert result.exit_code == 0, result.output
+    m = json.loads(next(out.glob("*/manifest.json")).read_text())
+    int4 = m["precision"]["int4"]
+    assert int4["method"] == "rtn" and int4["setting"].startswith("rtn+clip+refit") and int4["layers_int8"] == 0
+    assert m["size"]["max_mb"] == 50.0
+    assert m["profile"]["overrides"] == {"calibration_samples": None, "calibration_seq_len": None,
+                                         "llm.int8_kv": False, "llm.promote": 0, "llm.window_tokens": 128,
+                                         "llm.context_length": 128, "llm.max_ppl_increase": 1.0,
+                                         "llm.min_top1_agreement": 0.0, "llm.int4_method": "rtn",
+                                         "llm.max_size_mb": 50.0}

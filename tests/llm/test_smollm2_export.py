@@ -63,7 +63,9 @@ def test_default_package_runs_and_answers(default_export):
 
 
 def test_symmetric_block32_export(tmp_path):
-    m = export(tmp_path, "--set", "llm.symmetric=true", "--set", "llm.block_size=32")
+    # the profile's +6% budget is for its defaults; this export is judged against issue 3's +12% for the setting
+    m = export(tmp_path, "--set", "llm.symmetric=true", "--set", "llm.block_size=32",
+               "--set", "llm.max_ppl_increase=0.12")
     assert m["precision"]["int4"]["symmetric"] is True and m["precision"]["int4"]["block_size"] == 32
     # issue 3: within +12% when forced to symmetric block-32 INT4
     assert m["accuracy"]["ppl_increase"] <= 0.12, m["accuracy"]
