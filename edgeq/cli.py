@@ -77,7 +77,13 @@ def profiles_cmd(fields) -> None:
     rows = [("NAME", "TARGET", "MODELS", "QUANTIZATION")]
     for name in known_profiles():
         p = load_profile(name)
-        q = p.quantization
+        q, h = p.quantization, p.qnn
+        if p.execution_provider == "QNNExecutionProvider":
+            rows.append((p.name, p.target, ",".join(p.model_kinds),
+                         f"QDQ {h.activation_bits}-bit activations, {h.weight_bits}-bit per-tensor weights "
+                         f"({h.sensitive_weight_bits}-bit where needed); static {h.batch_size}x{h.seq_len}; EPContext "
+                         f"for soc_model {h.soc_model} (v{h.htp_arch})"))
+            continue
         rows.append((p.name, p.target, ",".join(p.model_kinds),
                      f"linear {q.weight_type} per-{'channel' if q.weight_per_channel else 'tensor'} weights, "
                      f"{q.activation_type} activations ({q.calibration_method}); sensitive layers {q.sensitive_precision}; "
@@ -117,8 +123,10 @@ def inspect_cmd(package, nodes) -> None:
 
 @main.command("verify")
 @click.argument("package", type=click.Path(path_type=Path))
-@click.option("--on", "on", default="host", show_default=True, help="Where to run the model: host (x86 ONNX Runtime CPU EP), or arm64 (PyPI's "
-              "aarch64 ONNX Runtime under qemu-user-static; builds a 225 MB runtime in .cache/ on first use).")
+@click.option("--on", "on", default="host", show_default=True, help="Where to run the model: host (x86 ONNX Runtime CPU EP), arm64 (PyPI's "
+              "aarch64 ONNX Runtime under qemu-user-static; builds a 225 MB runtime in .cache/ on first use), or qnn-htp "
+              "(android-qnn-htp packages: the EPContext model on the QNN HTP simulator, CPU fallback disabled; needs "
+              "edgeq[qnn]).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @handle_errors
 def verify_cmd(package, on, as_json) -> None:
