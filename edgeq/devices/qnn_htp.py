@@ -145,9 +145,6 @@ def run_package(folder: Path, manifest: dict, feeds: dict[str, np.ndarray]) -> t
     """``edgeq verify --on qnn-htp``: the package's EPContext model (its precompiled context binary) on the HTP
     simulator, CPU fallback disabled, the stored rows batch by batch; returns the first output and where it ran."""
     m = manifest["model"]
-    if "context_file" not in m:
-        raise DeviceUnavailableError(f"{folder} has no EPContext model: it was not built for the QNN EP",
-                                     "verify it --on host or --on arm64, or export with --profile android-qnn-htp")
     qnn = manifest.get("qnn", {})
     batch = m.get("batch_size") or len(feeds["attention_mask"])
     chunks = [{k: a[i:i + batch] for k, a in feeds.items()} for i in range(0, len(feeds["attention_mask"]), batch)]

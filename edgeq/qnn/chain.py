@@ -57,7 +57,7 @@ def build_qnn_package(inputs, req, folder: Path, work: Path, progress: Progress 
     sel_ref = embed(fp32, tokenizer, sel_texts, spec.seq_len, src.pooling)
     progress.stage("quantize", f"QDQ a{spec.activation_bits}/w{spec.weight_bits} on {len(cal_texts)} calibration texts")
     quantized = quantize_for_htp(static.onnx_path, tokenizer, cal_feeds, sel_texts, sel_ref, spec, src.pooling,
-                                 static.passes[1].modified, work, profile.qnn.sensitivity_target_mean_cosine, progress)
+                                 static.mask_bias_changed, work, profile.qnn.sensitivity_target_mean_cosine, progress)
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copy(quantized.onnx_path, folder / MODEL_FILE)
     progress.stage("context", f"QNN context binary for soc_model {spec.soc_model} (Hexagon v{spec.htp_arch})")
@@ -137,7 +137,7 @@ def _manifest(inputs, req, folder: Path, tokenizer, quantized: QnnQuantized, acc
         "qnn": {
             "soc_model": spec.soc_model, "htp_arch": spec.htp_arch, "backend": "HTP (libQnnHtp.so; x86_64 simulator here)",
             "graph_passes": [{"pass": name, "modified": r.modified, "summary": r.summary}
-                             for name, r in zip(("FixStaticShapes", "ClampMaskBias", "NameNodes"), static.passes)],
+                             for name, r in static.passes.items()],
             "qnn_preprocess_fused": static.preprocessed,
             "context": {"file": CONTEXT_FILE, "embed_mode": 1, "compile_seconds": round(compile_s, 3),
                         "placement_when_compiled": compile_placement},

@@ -103,6 +103,10 @@ def decide_qnn_precision(model: onnx.ModelProto, sqnr: dict[str, tuple[str, floa
             precision = a
             reason = (f"attention-mask path: {'float32-minimum bias replaced by ' + str(spec.mask_bias) + ', then ' if mask_bias_changed else ''}"
                       f"{spec.activation_bits}-bit QDQ like every activation (HTP runs no float ops)")
+        elif info.category == "norm":
+            precision = a
+            reason = (f"normalization: {spec.activation_bits}-bit activations, {spec.weight_bits}-bit per-tensor scale; "
+                      f"HTP computes LayerNorm in fixed point")
         elif info.category == "linear":
             db, rank = sqnr[info.name][1], ranking.index(info.name) + 1
             if info.name in promoted:
@@ -114,8 +118,9 @@ def decide_qnn_precision(model: onnx.ModelProto, sqnr: dict[str, tuple[str, floa
                 reason = (f"linear layer: {spec.weight_bits}-bit per-tensor weights (SQNR {db:.1f} dB, rank {rank} of "
                           f"{len(ranking)}), {spec.activation_bits}-bit activations")
         elif info.category == "embedding":
-            precision = f"w{spec.weight_bits}"
-            reason = f"embedding table: {spec.weight_bits}-bit per-tensor QDQ (HTP Gather reads the quantized table)"
+            precision = f"w{spec.activation_bits}"
+            reason = (f"embedding table: {spec.activation_bits}-bit per tensor (ONNX Runtime's QNN config quantizes a "
+                      f"Gather table at the activation width); HTP's Gather reads it quantized")
         else:
             precision = a
             reason = f"{info.category} op: {spec.activation_bits}-bit QDQ activations, fixed point on HTP"

@@ -25,14 +25,19 @@ from edgeq.qnn.rules import check_htp_graph
 @dataclass(frozen=True)
 class StaticGraph:
     onnx_path: Path
-    passes: tuple[PassResult, ...]
+    passes: dict[str, PassResult]  # pass name -> its result, in the order they ran
     preprocessed: bool  # qnn_preprocess_model fused something
+
+    @property
+    def mask_bias_changed(self) -> bool:
+        return self.passes["ClampMaskBias"].modified
 
 
 def static_graph(model: onnx.ModelProto, spec: QNNSpec, workdir: Path, model_name: str) -> StaticGraph:
     from onnxruntime.quantization.execution_providers.qnn import qnn_preprocess_model
 
-    fixed, results = run_passes(model, [FixStaticShapes(spec.batch_size, spec.seq_len), ClampMaskBias(spec.mask_bias)])
+    edits = [FixStaticShapes(spec.batch_size, spec.seq_len), ClampMaskBias(spec.mask_bias)]
+    fixed, results = run_passes(model, edits)
     raw, folded = workdir / "static.raw.onnx", workdir / "static.folded.onnx"
     onnx.save(fixed, str(raw))
     so = ort.SessionOptions()
@@ -43,7 +48,8 @@ def static_graph(model: onnx.ModelProto, spec: QNNSpec, workdir: Path, model_nam
     check_htp_graph(onnx.load(str(folded)), model_name)
     pre = workdir / "static.pre.onnx"
     fused = qnn_preprocess_model(str(folded), str(pre), fuse_layernorm=True)
-    named, more = run_passes(onnx.load(str(pre if fused else folded)), [NameNodes()])
+    naming = [NameNodes()]
+    named, more = run_passes(onnx.load(str(pre if fused else folded)), naming)
     out = workdir / "static.onnx"
     onnx.save(named, str(out))
-    return StaticGraph(out, tuple(results + more), bool(fused))
+    return StaticGraph(out, {p.name: r for p, r in zip(edits + naming, results + more)}, bool(fused))

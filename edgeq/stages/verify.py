@@ -110,6 +110,9 @@ def verify(folder: Path, on: str = "host") -> VerifyReport:
         return report
     if manifest.get("source", {}).get("kind") == "causal-lm":
         return _verify_llm(folder, manifest, report)
+    if on == "qnn-htp" and "context_file" not in manifest["model"]:
+        raise VerificationError(f"{folder} has no EPContext model: it was not built for the QNN EP",
+                                "verify it --on host or --on arm64, or re-export it with --profile android-qnn-htp")
     arm64 = None
     if on == "arm64":  # a runtime that cannot be built is an error with a hint, not a finding about the package
         from edgeq.devices.arm64 import ensure_runtime

@@ -9,6 +9,7 @@ on a 2-layer model measure > 0.9999).
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import numpy as np
 import onnx
 import pytest
 
-from edgeq.errors import DeviceUnavailableError
+from edgeq.errors import DeviceUnavailableError, VerificationError
 from edgeq.pipeline import ExportRequest, export_package
 from edgeq.stages.verify import verify
 
@@ -95,8 +96,6 @@ def test_verify_on_qnn_htp_passes_and_catches_a_changed_context(package, tmp_pat
     report = verify(package.path, on="qnn-htp")
     assert report.ok, report.checks
     assert any("100% of nodes on HTP" in d for _n, _ok, d in report.checks)
-    import shutil
-
     copy = tmp_path / package.path.name
     shutil.copytree(package.path, copy)
     data = bytearray((copy / "model_ctx.onnx").read_bytes())
@@ -112,3 +111,32 @@ def test_missing_qnn_wheel_stops_the_export_before_any_work(tiny_bert_dir, tmp_p
         export_package(ExportRequest(tiny_bert_dir, "android-qnn-htp", tmp_path / "out"))
     assert "pip install" in exc.value.hint
     assert not list((tmp_path / "out").iterdir())  # the staging folder is gone, nothing written
+
+
+def test_recorded_precisions_are_the_ones_in_the_qdq_file(package):
+    from onnx import TensorProto
+
+    model = onnx.load(str(package.path / "model.onnx"))
+    inits = {i.name: i.data_type for i in model.graph.initializer}
+    dq = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    by_name = {n.name: n for n in model.graph.node}
+    want = {"w8a16": TensorProto.UINT8, "w16a16": TensorProto.INT16, "w16": TensorProto.UINT16}
+    checked = 0
+    for d in package.manifest["precision"]["nodes"]:
+        if d["category"] in ("linear", "embedding"):
+            node = by_name[d["name"]]
+            table = node.input[0] if d["category"] == "embedding" else node.input[1]
+            assert inits[dq[table]] == want[d["precision"]], d["name"]
+            checked += 1
+    assert checked == 12 + 2  # 12 linear layers, word and token-type embedding tables
+
+
+def test_verify_on_qnn_htp_refuses_a_package_without_a_context_model(package, tmp_path):
+    copy = tmp_path / package.path.name
+    shutil.copytree(package.path, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    del manifest["model"]["context_file"]  # what a CPU package's manifest looks like
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(VerificationError, match="has no EPContext model") as exc:
+        verify(copy, on="qnn-htp")
+    assert "--profile android-qnn-htp" in exc.value.hint
