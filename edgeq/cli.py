@@ -38,7 +38,8 @@ def main() -> None:
               help="Folder the package is written into, as OUT/<model>-<profile>/.")
 @click.option("--calibration", type=click.Path(path_type=Path), help="Calibration text (.jsonl or .txt) instead of the bundled split.")
 @click.option("--samples", type=click.IntRange(min=1), help="Calibration texts to use (default: the profile's).")
-@click.option("--seq-len", type=click.IntRange(min=8), help="Max tokens per calibration text (default: the profile's).")
+@click.option("--seq-len", type=click.IntRange(min=8), help="Max tokens per calibration text (default: the profile's); "
+              "for QNN profiles the model's static sequence length (qnn.seq_len).")
 @click.option("--force", is_flag=True, help="Replace an existing package.")
 @click.option("--gguf-file", help="Name of a GGUF file in MODEL_DIR: dequantized through transformers, then exported.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
@@ -61,6 +62,18 @@ def accuracy_line(acc: dict) -> str:
                 f"top-1 agreement {acc['top1_agreement']:.3f}")
     return (f"accuracy vs FP32 on {acc['samples']} held-back texts: mean cosine {acc['mean_cosine']:.5f}, "
             f"min cosine {acc['min_cosine']:.5f}, retrieval top-1 agreement {acc['retrieval_top1']:.3f}")
+
+
+def qnn_line(q: dict) -> str:
+    runs, ctx = q["simulator"]["runs"], q["context"]["file"]
+    # node counts from the QDQ model's run: the context model is one EPContext node
+    where = next((r["placement"] for name, r in runs.items() if name != ctx), runs[ctx]["placement"])
+    acc = runs[ctx]["accuracy_vs_fp32"]
+    return (f"qnn      soc_model {q['soc_model']} (Hexagon v{q['htp_arch']}), {ctx}: "
+            f"{where['nodes'].get('QNNExecutionProvider', 0)} of {sum(where['nodes'].values())} nodes on HTP in "
+            f"{sum(where['partitions'].values())} partition(s), CPU fallback {q['simulator']['cpu_ep_fallback']}; "
+            f"on the HTP simulator vs FP32: mean cosine {acc['mean_cosine']:.5f}, min {acc['min_cosine']:.5f} on "
+            f"{acc['samples']} texts")
 
 
 @main.command("profiles")
@@ -116,6 +129,8 @@ def inspect_cmd(package, nodes) -> None:
     else:
         click.echo(f"size     {z['model_bytes'] / 1e6:.2f} MB model (profile allows {z['max_mb']:.0f} MB)")
     click.echo(accuracy_line(m["accuracy"]))
+    if "qnn" in m:
+        click.echo(qnn_line(m["qnn"]))
     if nodes:
         for d in m["precision"]["nodes"]:
             click.echo(f"  {d['precision']:16s} {d['name']}: {d['reason']}")

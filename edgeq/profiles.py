@@ -118,7 +118,8 @@ class AccuracyBudget:
         minimum=0.0,
     )
     eval_samples: int = _f("Evaluation texts used (all of the bundled split is 320).", 320, minimum=2)
-    eval_seq_len: int = _f("Maximum tokens per evaluation text.", 128, minimum=8)
+    eval_seq_len: int = _f("Maximum tokens per evaluation text (QNN profiles use qnn.seq_len, their static shape).", 128,
+                           minimum=8)
 
 
 @dataclass(frozen=True)

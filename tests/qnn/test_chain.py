@@ -140,3 +140,17 @@ def test_verify_on_qnn_htp_refuses_a_package_without_a_context_model(package, tm
     with pytest.raises(VerificationError, match="has no EPContext model") as exc:
         verify(copy, on="qnn-htp")
     assert "--profile android-qnn-htp" in exc.value.hint
+
+
+def test_cli_inspect_shows_htp_placement_and_verify_on_qnn_htp_exits_0(package):
+    from click.testing import CliRunner
+
+    from edgeq.cli import main
+
+    shown = CliRunner().invoke(main, ["inspect", str(package.path)])
+    assert shown.exit_code == 0, shown.output
+    assert "qnn      soc_model 57 (Hexagon v75), model_ctx.onnx:" in shown.output
+    assert "nodes on HTP in 1 partition(s), CPU fallback disabled" in shown.output
+    checked = CliRunner().invoke(main, ["verify", str(package.path), "--on", "qnn-htp"])
+    assert checked.exit_code == 0, checked.output
+    assert f"verified {package.path} on qnn-htp" in checked.output
