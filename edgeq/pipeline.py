@@ -59,6 +59,8 @@ def check_inputs(req: ExportRequest) -> Inputs:
         raise UnsupportedModelError(f"profile '{profile.name}' does not take {source.kind} models",
                                     f"it takes: {', '.join(profile.model_kinds)}")
     q = profile.quantization
+    if req.seq_len is not None and profile.execution_provider == "QNNExecutionProvider":  # the static shape
+        profile = replace(profile, qnn=replace(profile.qnn, seq_len=req.seq_len))
     if req.samples is not None or req.seq_len is not None:
         q = replace(q, calibration_samples=req.samples or q.calibration_samples,
                     calibration_seq_len=req.seq_len or q.calibration_seq_len)
@@ -85,6 +87,10 @@ def export_package(req: ExportRequest, progress: Progress = QUIET) -> Package:
         folder = staging / inputs.dest.name
         if inputs.source.kind == "causal-lm":
             manifest = _build_llm(inputs, req, folder, work, progress)
+        elif inputs.profile.execution_provider == "QNNExecutionProvider":
+            from edgeq.qnn.chain import build_qnn_package  # the QNN EP plugin is an optional extra
+
+            manifest = build_qnn_package(inputs, req, folder, work, progress)
         else:
             manifest = build_encoder_package(inputs, req, folder, work, progress)
         progress.stage("verify", str(folder))
@@ -221,6 +227,26 @@ def _provenance(inputs: Inputs, req: ExportRequest) -> dict:
     }
 
 
+def precision_section(plan, promoted: int, selection: EncoderAccuracy, measure: str = "sensitivity",
+                      digits: int = 7) -> dict:
+    """The manifest's per-node precision record; ``measure`` names what NodeDecision.sensitivity holds."""
+    return {
+        "summary": plan.summary(),
+        "promoted_sensitive_layers": promoted,
+        "selection_accuracy_on_calibration_text": selection.to_dict(),
+        "nodes": [{"name": d.name, "op": d.op_type, "category": d.category, "role": d.role,
+                   "precision": d.precision, "reason": d.reason,
+                   **({measure: round(d.sensitivity, digits)} if d.sensitivity is not None else {})}
+                  for d in plan.decisions],
+    }
+
+
+def budget_section(profile: Profile) -> dict:
+    b = profile.accuracy
+    return {"min_mean_cosine": b.min_mean_cosine, "min_min_cosine": b.min_min_cosine,
+            "min_retrieval_top1": b.min_retrieval_top1}
+
+
 def build_manifest(inputs: Inputs, req: ExportRequest, quantized: QuantizedModel, accuracy: EncoderAccuracy,
                    folder: Path, tokenizer) -> dict:
     src, profile = inputs.source, inputs.profile
@@ -246,21 +272,12 @@ def build_manifest(inputs: Inputs, req: ExportRequest, quantized: QuantizedModel
                         "seq_len": profile.quantization.calibration_seq_len,
                         "method": profile.quantization.calibration_method,
                         "sensitivity_samples": quantized.sensitivity.samples},
-        "precision": {
-            "summary": plan.summary(),
-            "promoted_sensitive_layers": quantized.promoted,
-            "selection_accuracy_on_calibration_text": quantized.calibration_accuracy.to_dict(),
-            "nodes": [{"name": d.name, "op": d.op_type, "category": d.category, "role": d.role,
-                       "precision": d.precision, "reason": d.reason,
-                       **({"sensitivity": round(d.sensitivity, 7)} if d.sensitivity is not None else {})}
-                      for d in plan.decisions],
-        },
+        "precision": precision_section(plan, quantized.promoted, quantized.calibration_accuracy),
         "accuracy": {
             "reference": "FP32 ONNX export of the source, same tokenizer and pooling",
             "evaluation_file": str(inputs.evaluation.path), "evaluation_sha256": inputs.evaluation.sha256,
             **accuracy.to_dict(),
-            "budget": {"min_mean_cosine": profile.accuracy.min_mean_cosine, "min_min_cosine": profile.accuracy.min_min_cosine,
-                       "min_retrieval_top1": profile.accuracy.min_retrieval_top1},
+            "budget": budget_section(profile),
         },
         "verification": {
             "texts": list(samples), "pooling": src.pooling, "min_cosine": profile.package.verify_min_cosine,

@@ -19,7 +19,7 @@ from edgeq.errors import ProfileError
 
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "export_profiles"
 
-PRECISIONS = ("int8", "int8-weight-only", "w8a16", "fp16", "fp32")
+PRECISIONS = ("int8", "int8-weight-only", "w8a16", "w16a16", "fp16", "fp32")
 
 
 def _f(doc: str, default=dataclasses.MISSING, choices: tuple = (), minimum=None, maximum=None, **kw):
@@ -83,7 +83,8 @@ class QuantizationSpec:
 class PackageSpec:
     """What the emitted package holds."""
 
-    format: str = _f("Model file format: 'ort' (ONNX Runtime's mobile format, model.ort).", "ort", ("ort",))
+    format: str = _f("Model file format: 'ort' (ONNX Runtime's mobile format, model.ort) or 'onnx' (model.onnx; "
+                     "the QNN EP's portable QDQ model, next to its EPContext model).", "ort", ("ort", "onnx"))
     target_platform: str = _f(
         "Platform the ORT-format conversion optimizes for; 'arm' keeps x86-only fusions out.", "arm", ("arm", "amd64")
     )
@@ -117,7 +118,8 @@ class AccuracyBudget:
         minimum=0.0,
     )
     eval_samples: int = _f("Evaluation texts used (all of the bundled split is 320).", 320, minimum=2)
-    eval_seq_len: int = _f("Maximum tokens per evaluation text.", 128, minimum=8)
+    eval_seq_len: int = _f("Maximum tokens per evaluation text (QNN profiles use qnn.seq_len, their static shape).", 128,
+                           minimum=8)
 
 
 @dataclass(frozen=True)
@@ -164,6 +166,49 @@ class LLMSpec:
 
 
 @dataclass(frozen=True)
+class QNNSpec:
+    """Qualcomm Hexagon NPU (QNN EP, HTP backend): static shapes, QDQ with 16-bit activations, an EPContext binary."""
+
+    seq_len: int = _f(
+        "Static sequence length of the model (HTP graphs have fixed shapes): every input is padded or truncated to it.",
+        128, minimum=8, maximum=512,
+    )
+    batch_size: int = _f("Static batch size.", 1, minimum=1, maximum=64)
+    activation_bits: int = _f(
+        "Bits of quantized activations (asymmetric, unsigned). 16: HTP's fixed-point path keeps softmax and "
+        "LayerNorm ranges; 8-bit activations are the fastest but cost the most accuracy.", 16, (8, 16),
+    )
+    weight_bits: int = _f("Default bits of linear-layer weights (per tensor: QNN has no per-channel MatMul).", 8,
+                          (8, 16))
+    sensitive_weight_bits: int = _f(
+        "Bits of the weights of linear layers promoted for accuracy (symmetric int16: what HTP's 16x16 "
+        "FullyConnected takes; needs htp_arch >= 73).", 16, (8, 16),
+    )
+    sensitivity_target_mean_cosine: float = _f(
+        "Linear layers are promoted to sensitive_weight_bits, worst 8-bit weight SQNR first, until the mean cosine "
+        "against FP32 on calibration text reaches this.", 0.998, minimum=0.0, maximum=1.0,
+    )
+    calibration_samples: int = _f("Calibration texts (one static-shape run each; activation ranges are min/max).",
+                                  64, minimum=1)
+    selection_samples: int = _f("Calibration texts scored for each candidate set of promoted layers.", 32, minimum=2)
+    mask_bias: float = _f(
+        "Value that replaces the float32-minimum (-3.4e38) additive attention-mask bias. Quantized, -3.4e38 takes "
+        "the whole range of every tensor it reaches (MiniLM: mean cosine 0.378); exp(-100) is 0 in float32 softmax "
+        "and keeps the masked scores' range within ~110, 0.002 per step at 16 bits.", -100.0, maximum=-10.0,
+    )
+    soc_model: int = _f(
+        "QNN soc_model the EPContext binary is compiled for (57 = Snapdragon 8 Gen 3, SM8650; 43 = 8 Gen 2; "
+        "69 = 8 Elite).", 57, minimum=0,
+    )
+    htp_arch: int = _f("Hexagon architecture of that SoC (73, 75, 79, ...); 16-bit weights need >= 73.", 75,
+                       (68, 69, 73, 75, 79, 81))
+    verify_samples: int = _f(
+        "Evaluation texts run on the HTP simulator with CPU fallback disabled (about 1 s each at 64 tokens on this "
+        "x86 host); their cosine against FP32 is gated like the accuracy budget.", 8, minimum=1,
+    )
+
+
+@dataclass(frozen=True)
 class Profile:
     """A device target: where the package runs and how it is quantized, packaged and judged."""
 
@@ -173,13 +218,14 @@ class Profile:
     execution_provider: str = _f(
         "ONNX Runtime execution provider the package is built and verified for.",
         "CPUExecutionProvider",
-        ("CPUExecutionProvider",),
+        ("CPUExecutionProvider", "QNNExecutionProvider"),
     )
     model_kinds: tuple[str, ...] = _f("Model kinds the profile accepts.", ("encoder",))
     quantization: QuantizationSpec = _f("See [quantization].", default_factory=QuantizationSpec)
     package: PackageSpec = _f("See [package].", default_factory=PackageSpec)
     accuracy: AccuracyBudget = _f("See [accuracy].", default_factory=AccuracyBudget)
     llm: LLMSpec = _f("See [llm].", default_factory=LLMSpec)
+    qnn: QNNSpec = _f("See [qnn] (execution_provider = 'QNNExecutionProvider' only).", default_factory=QNNSpec)
     source: str = field(default="", metadata={"doc": "File the profile was read from (set by the loader)."})
     sha256: str = field(default="", metadata={"doc": "sha256 of the profile file (set by the loader)."})
 
@@ -234,6 +280,7 @@ def load_profile(name_or_path: str, profiles_dir: Path = PROFILES_DIR, overrides
         table[leaf] = value
     shown = Path(f"{path} with --set {', '.join(overrides)}") if overrides else path
     profile = _build(Profile, data, shown, "")
+    _check_provider(profile, shown)
     return dataclasses.replace(profile, source=str(path), sha256=hashlib.sha256(raw).hexdigest())
 
 
@@ -248,6 +295,16 @@ def parse_setting(text: str) -> tuple[str, object]:
     except tomllib.TOMLDecodeError:
         parsed = value.strip()
     return key.strip(), parsed
+
+
+def _check_provider(profile: Profile, path: Path) -> None:
+    """Fields that must agree with the execution provider (each is valid alone)."""
+    want = "onnx" if profile.execution_provider == "QNNExecutionProvider" else "ort"
+    if profile.package.format != want:
+        raise ProfileError(f"profile {path}: package.format = '{profile.package.format}' does not fit execution_provider "
+                           f"'{profile.execution_provider}'", f"set package.format = '{want}'")
+    if profile.execution_provider == "QNNExecutionProvider" and "causal-lm" in profile.model_kinds:
+        raise ProfileError(f"profile {path}: the QNN HTP chain takes encoders only", 'set model_kinds = ["encoder"]')
 
 
 def _build(cls, data: dict, path: Path, where: str):

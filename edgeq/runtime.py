@@ -21,8 +21,10 @@ def session(model: onnx.ModelProto | Path | str, providers: tuple[str, ...] = ("
     return ort.InferenceSession(src, so, providers=list(providers))
 
 
-def encode(tokenizer, texts: tuple[str, ...] | list[str], seq_len: int, input_names: list[str]) -> dict[str, np.ndarray]:
-    enc = tokenizer(list(texts), padding=True, truncation=True, max_length=seq_len, return_tensors="np")
+def encode(tokenizer, texts: tuple[str, ...] | list[str], seq_len: int, input_names: list[str],
+           padding: bool | str = True) -> dict[str, np.ndarray]:
+    """Token feeds; ``padding="max_length"`` pads every text to exactly ``seq_len`` (static-shape models)."""
+    enc = tokenizer(list(texts), padding=padding, truncation=True, max_length=seq_len, return_tensors="np")
     feeds = {}
     for name in input_names:
         if name in enc:

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeq.errors import VerificationError
+from edgeq.errors import DeviceUnavailableError, VerificationError
 from edgeq.manifest import file_entries, read_manifest
 from edgeq.metrics import per_sample_cosine
 from edgeq.runtime import pool, session
 
-TARGETS = ("host", "arm64")
+TARGETS = ("host", "arm64", "qnn-htp")
 # Off the host a package does not reproduce its reference bit for bit: last-bit float differences (fp16 LayerNorm,
 # MatMulNBits' activation quantization) flip int8 roundings, and the flips compound over the layers. Measured on
 # all-MiniLM-L6-v2 android-arm64, arm64 against the x86 reference: cosine 0.99884-0.99937, max |diff| / max |ref|
@@ -57,13 +57,23 @@ def check_files(folder: Path, manifest: dict, report: VerifyReport) -> None:
         report.add(f"file {name}", False, "not listed in the manifest")
 
 
-def run_samples(folder: Path, manifest: dict, arm64=None) -> tuple[np.ndarray, str]:
+def run_samples(folder: Path, manifest: dict, arm64=None, on: str = "host") -> tuple[np.ndarray, str]:
     """Pooled outputs of the package's model for the manifest's stored sample inputs, and where they ran: the host's
-    ONNX Runtime, or ``arm64`` (an edgeq.devices.arm64.Arm64Runtime) if given."""
+    ONNX Runtime, ``arm64`` (an edgeq.devices.arm64.Arm64Runtime) if given, or the QNN HTP simulator."""
     v = manifest["verification"]
     model = folder / manifest["model"]["file"]
     feeds = {k: np.asarray(a, dtype=np.int64) for k, a in v["inputs"].items()}
-    if arm64 is not None:
+    batch = manifest["model"].get("batch_size")  # static-shape models take their stored rows batch by batch
+    if on == "qnn-htp":
+        from edgeq.devices.qnn_htp import run_package
+
+        hidden, where = run_package(folder, manifest, feeds)
+    elif batch:
+        sess = session(model)
+        hidden = np.concatenate([sess.run(None, {k: a[i:i + batch] for k, a in feeds.items()})[0]
+                                 for i in range(0, len(feeds["attention_mask"]), batch)])
+        where = "host"
+    elif arm64 is not None:
         from edgeq.devices.arm64 import run_on_arm64
 
         res = run_on_arm64(arm64, model, feeds)
@@ -100,13 +110,18 @@ def verify(folder: Path, on: str = "host") -> VerifyReport:
         return report
     if manifest.get("source", {}).get("kind") == "causal-lm":
         return _verify_llm(folder, manifest, report)
+    if on == "qnn-htp" and "context_file" not in manifest["model"]:
+        raise VerificationError(f"{folder} has no EPContext model: it was not built for the QNN EP",
+                                "verify it --on host or --on arm64, or re-export it with --profile android-qnn-htp")
     arm64 = None
     if on == "arm64":  # a runtime that cannot be built is an error with a hint, not a finding about the package
         from edgeq.devices.arm64 import ensure_runtime
 
         arm64 = ensure_runtime()
     try:
-        out, where = run_samples(folder, manifest, arm64)
+        out, where = run_samples(folder, manifest, arm64, on)
+    except DeviceUnavailableError:
+        raise
     except Exception as exc:  # ORT load/run failure is the finding, not a crash
         report.add("load and run", False, f"{type(exc).__name__}: {exc}")
         return report
@@ -120,7 +135,8 @@ def verify(folder: Path, on: str = "host") -> VerifyReport:
         need = min(need, manifest["profile"]["values"]["accuracy"]["min_mean_cosine"])
         max_rel = max(max_rel, OFF_HOST_MAX_REL_DIFF)
     rel = float(np.abs(ref - out).max() / max(np.abs(ref).max(), 1e-12))
-    report.add("load and run", True, f"{manifest['model']['file']} on {where} ({len(ref)} samples)")
+    ran = where if on == "qnn-htp" else f"{manifest['model']['file']} on {where}"  # qnn-htp names the EPContext model
+    report.add("load and run", True, f"{ran} ({len(ref)} samples)")
     report.add("outputs match reference", bool(cos.min() >= need and rel <= max_rel),
                f"min cosine {cos.min():.6f} (need >= {need}), max |diff| / max |ref| {rel:.2e} (need <= {max_rel})")
     return report

@@ -1,0 +1,164 @@
+"""The android-qnn-htp chain, from a validated model folder to an (unverified) package folder.
+
+export -> optimize (the encoder chain's stages) -> static graph (fixed shapes, mask bias, HTP rules, QNN fusions)
+-> QDQ for HTP (16-bit activations, 8-bit weights, 16-bit for the layers that need them) -> package: the portable
+QDQ ``model.onnx`` and ``model_ctx.onnx``, whose one EPContext node embeds the QNN context binary compiled for the
+profile's SoC -> accuracy on held-back text (CPU EP, all of ``accuracy.eval_samples``) and on the HTP simulator
+(``qnn.verify_samples`` texts, CPU fallback disabled, so every node is on HTP or the run fails).
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from edgeq.devices.qnn_htp import compile_context, qnn_module, run_htp
+from edgeq.errors import AccuracyBudgetError, SizeBudgetError
+from edgeq.manifest import SCHEMA_VERSION, tool_versions
+from edgeq.metrics import EncoderAccuracy, compare
+from edgeq.progress import QUIET, Progress
+from edgeq.qnn.inputs import embed_static, pooled, static_feeds
+from edgeq.qnn.quantize import QnnQuantized, quantize_for_htp
+from edgeq.qnn.static_graph import static_graph
+from edgeq.runtime import embed, session
+from edgeq.stages.export import export
+from edgeq.stages.optimize import optimize
+from edgeq.stages.package import copy_tokenizer, finish
+
+MODEL_FILE = "model.onnx"
+CONTEXT_FILE = "model_ctx.onnx"
+
+
+def build_qnn_package(inputs, req, folder: Path, work: Path, progress: Progress = QUIET) -> dict:
+    """``inputs``/``req`` are the pipeline's Inputs and ExportRequest; returns the manifest written into ``folder``."""
+    from edgeq.pipeline import _provenance, size_report
+
+    qnn_module()  # fail before minutes of work when the QNN EP is missing
+    src, profile = inputs.source, inputs.profile
+    spec = profile.qnn
+    progress.stage("export", f"{src.path} ({src.architecture}, task {src.task})")
+    exported = export(src, work)
+    from transformers import AutoTokenizer  # here, not at module top: keeps `edgeq --help` fast
+
+    tokenizer = AutoTokenizer.from_pretrained(str(exported.tokenizer_dir), local_files_only=True)
+    optimized = optimize(exported, work)
+    progress.stage("static", f"batch {spec.batch_size} x {spec.seq_len} tokens, mask bias {spec.mask_bias}")
+    static = static_graph(optimized.load(), spec, work, src.name)
+    names = [i.name for i in onnx.load(str(static.onnx_path), load_external_data=False).graph.input]
+    cal_texts = inputs.calibration.head(req.samples or spec.calibration_samples)
+    cal_feeds = static_feeds(tokenizer, cal_texts, spec.seq_len, spec.batch_size, names)
+    sel_texts = cal_texts[: spec.selection_samples]
+    fp32 = session(exported.onnx_path)
+    sel_ref = embed(fp32, tokenizer, sel_texts, spec.seq_len, src.pooling)
+    progress.stage("quantize", f"QDQ a{spec.activation_bits}/w{spec.weight_bits} on {len(cal_texts)} calibration texts")
+    quantized = quantize_for_htp(static.onnx_path, tokenizer, cal_feeds, sel_texts, sel_ref, spec, src.pooling,
+                                 static.mask_bias_changed, work, profile.qnn.sensitivity_target_mean_cosine, progress)
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(quantized.onnx_path, folder / MODEL_FILE)
+    progress.stage("context", f"QNN context binary for soc_model {spec.soc_model} (Hexagon v{spec.htp_arch})")
+    t = time.perf_counter()
+    compile_placement = compile_context(folder / MODEL_FILE, folder / CONTEXT_FILE, spec.soc_model, spec.htp_arch)
+    compile_s = time.perf_counter() - t
+    copy_tokenizer(exported.tokenizer_dir, folder, tuple(dict.fromkeys(
+        src.tokenizer_files + ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"))))
+    eval_texts = inputs.evaluation.head(profile.accuracy.eval_samples)
+    progress.stage("evaluate", f"{len(eval_texts)} held-back texts vs FP32 (CPU EP)")
+    ref = embed(fp32, tokenizer, eval_texts, spec.seq_len, src.pooling)
+    cpu = embed_static(session(folder / MODEL_FILE), tokenizer, eval_texts, spec.seq_len, spec.batch_size, src.pooling)
+    accuracy = compare(ref, cpu)
+    htp_texts = eval_texts[: spec.verify_samples]
+    progress.stage("simulate", f"{len(htp_texts)} held-back texts on the HTP simulator, CPU fallback disabled")
+    feeds = static_feeds(tokenizer, htp_texts, spec.seq_len, spec.batch_size, names)
+    htp = {}
+    for name in (MODEL_FILE, CONTEXT_FILE):
+        run = run_htp(folder / name, feeds, spec.soc_model, spec.htp_arch)
+        acc = compare(ref[: len(htp_texts)], pooled(run.outputs, feeds, len(htp_texts), src.pooling))
+        htp[name] = {"placement": run.placement.to_dict(), "accuracy_vs_fp32": acc.to_dict(),
+                     "load_seconds": round(run.load_seconds, 3),
+                     "run_seconds_mean": round(float(np.mean(run.run_seconds)), 3)}
+    manifest = _manifest(inputs, req, folder, tokenizer, quantized, accuracy, htp, compile_placement.to_dict(),
+                         compile_s, static, _provenance(inputs, req),
+                         {"calibration_samples": len(cal_texts), "htp_texts": len(htp_texts)})
+    manifest["size"] = size_report(folder / MODEL_FILE, exported.onnx_path, profile)
+    finish(folder, manifest)
+    check_qnn_budget(profile, accuracy, htp, quantized)
+    if manifest["size"]["checked"] and manifest["size"]["ratio"] > manifest["size"]["max_ratio"]:
+        z = manifest["size"]
+        raise SizeBudgetError(f"model.onnx is {z['ratio']:.1%} of the FP32 export; the profile allows {z['max_ratio']:.0%}",
+                              "raise package.max_size_ratio, or lower qnn.sensitivity_target_mean_cosine")
+    return manifest
+
+
+def check_qnn_budget(profile, acc: EncoderAccuracy, htp: dict, quantized: QnnQuantized) -> None:
+    b = profile.accuracy
+    rows = [("mean cosine", acc.mean_cosine, b.min_mean_cosine), ("min cosine", acc.min_cosine, b.min_min_cosine),
+            ("retrieval top-1 agreement", acc.retrieval_top1, b.min_retrieval_top1)]
+    for name, run in htp.items():
+        rows.append((f"mean cosine on the HTP simulator ({name})", run["accuracy_vs_fp32"]["mean_cosine"], b.min_mean_cosine))
+        rows.append((f"HTP node share ({name})", run["placement"]["htp_fraction"], 1.0))
+    failures = [f"{name} {got:.4f} < {need}" for name, got, need in rows if not got >= need]
+    if failures:
+        raise AccuracyBudgetError(
+            f"over budget ({acc.samples} held-back texts on the CPU EP): {'; '.join(failures)}; "
+            f"{quantized.promoted} linear layers had {profile.qnn.sensitive_weight_bits}-bit weights",
+            "raise qnn.sensitivity_target_mean_cosine or qnn.seq_len in the profile, or calibrate on text closer to "
+            "your use (--calibration)")
+
+
+def _manifest(inputs, req, folder: Path, tokenizer, quantized: QnnQuantized, accuracy: EncoderAccuracy, htp: dict,
+              compile_placement: dict, compile_s: float, static, provenance: dict, counts: dict) -> dict:
+    from edgeq.pipeline import budget_section, precision_section
+
+    src, profile = inputs.source, inputs.profile
+    spec = profile.qnn
+    sess = session(folder / MODEL_FILE)
+    samples = inputs.evaluation.head(profile.package.verify_samples)
+    names = [i.name for i in sess.get_inputs()]
+    feeds = static_feeds(tokenizer, samples, spec.seq_len, spec.batch_size, names)
+    rows = len(feeds) * spec.batch_size  # padded to whole static batches: verify runs them batch by batch
+    reference = pooled([sess.run(None, f)[0] for f in feeds], feeds, rows, src.pooling)
+    stored = {k: np.concatenate([f[k] for f in feeds]) for k in names}
+    return {
+        "schema_version": SCHEMA_VERSION,
+        **provenance,
+        "tools": {**tool_versions(), "onnxruntime-qnn": qnn_module().__version__},
+        "model": {
+            "file": MODEL_FILE, "format": "onnx", "execution_provider": profile.execution_provider,
+            "context_file": CONTEXT_FILE, "batch_size": spec.batch_size, "seq_len": spec.seq_len,
+            "inputs": [{"name": i.name, "dtype": i.type, "shape": i.shape} for i in sess.get_inputs()],
+            "outputs": [{"name": o.name, "dtype": o.type, "shape": o.shape} for o in sess.get_outputs()],
+            "ort_version": ort.__version__,
+        },
+        "qnn": {
+            "soc_model": spec.soc_model, "htp_arch": spec.htp_arch, "backend": "HTP (libQnnHtp.so; x86_64 simulator here)",
+            "graph_passes": [{"pass": name, "modified": r.modified, "summary": r.summary}
+                             for name, r in static.passes.items()],
+            "qnn_preprocess_fused": static.preprocessed,
+            "context": {"file": CONTEXT_FILE, "embed_mode": 1, "compile_seconds": round(compile_s, 3),
+                        "placement_when_compiled": compile_placement},
+            "simulator": {"cpu_ep_fallback": "disabled", "texts": counts["htp_texts"], "runs": htp},
+        },
+        "calibration": {"file": str(inputs.calibration.path), "sha256": inputs.calibration.sha256,
+                        "samples": counts["calibration_samples"], "seq_len": spec.seq_len,
+                        "method": "minmax (onnxruntime.quantization, get_qnn_qdq_config)"},
+        "precision": precision_section(quantized.plan, quantized.promoted, quantized.calibration_accuracy,
+                                       measure="weight_sqnr_db", digits=2),
+        "accuracy": {
+            "reference": "FP32 ONNX export of the source, same tokenizer, truncation and pooling",
+            "runtime": "CPU EP on model.onnx (QDQ emulated in float); HTP simulator numbers are under qnn.simulator",
+            "evaluation_file": str(inputs.evaluation.path), "evaluation_sha256": inputs.evaluation.sha256,
+            **accuracy.to_dict(),
+            "budget": budget_section(profile),
+        },
+        "verification": {
+            "texts": list(samples) + [""] * (rows - len(samples)), "pooling": src.pooling, "min_cosine": profile.package.verify_min_cosine,
+            "max_rel_diff": profile.package.verify_max_rel_diff,
+            "inputs": {k: v.tolist() for k, v in stored.items()},
+            "reference_pooled": [[round(float(x), 7) for x in row] for row in reference],
+        },
+    }
