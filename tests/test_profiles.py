@@ -56,8 +56,10 @@ def test_bundled_profile_loads_with_its_values():
     assert p.quantization.activation_type == "uint8"
     assert p.quantization.calibration_method == "percentile"
     assert p.quantization.calibration_percentile == 99.999
-    assert p.quantization.keep_fp16 == ("embedding", "norm")
+    assert p.quantization.keep_fp16 == ("embedding",)
     assert p.quantization.keep_fp32_nodes == ()
+    assert p.package.device_min_cosine == 0.999 and p.package.matmulnbits_accuracy_level == 0
+    assert p.package.partition_check_eps == ("NNAPI",) and p.status == "supported"
     assert p.package.target_platform == "arm"
     assert p.accuracy.min_mean_cosine == 0.995
     assert p.source == str(BUNDLED)
@@ -194,7 +196,7 @@ def test_typo_suggestion_is_the_closest_field(tmp_path, section, typo, intended)
          "'quantization.calibration_percentile' must be float, got str '99.999'"),
         ("min_mean_cosine = 0.995", "min_mean_cosine = false", "'accuracy.min_mean_cosine' must be float, got bool False"),
         ('name = "android-arm64"', "name = 64", "'name' must be str, got int 64"),
-        ('keep_fp16 = ["embedding", "norm"]', 'keep_fp16 = "embedding"',
+        ('keep_fp16 = ["embedding"]', 'keep_fp16 = "embedding"',
          "'quantization.keep_fp16' must be a list of strings, got 'embedding'"),
         ('model_kinds = ["encoder"]', "model_kinds = [1]", "'model_kinds' must be a list of strings, got [1]"),
     ],

@@ -21,6 +21,7 @@ from edgeq.llm.int4 import QuantizeInt4
 from edgeq.llm.tokenizer import check_tokenizer, write_package_tokenizer
 from edgeq.manifest import SCHEMA_VERSION, tool_versions
 from edgeq.modelsource import ModelSource
+from edgeq.partitions import partition_report
 from edgeq.passes.base import run_passes
 from edgeq.passes.fuse_llm import FuseLLM
 from edgeq.passes.keep_fp16 import KeepFp16
@@ -116,6 +117,7 @@ def build_llm_package(inp: LLMInputs, folder: Path, work: Path, progress: Progre
                      "windows": int(len(ev)),
                      "budget": {"max_ppl_increase": spec.max_ppl_increase, "min_top1_agreement": spec.min_top1_agreement}},
         "size": {"model_bytes": size, "max_mb": spec.max_size_mb},
+        "partitions": partition_report(folder / MODEL_FILE, profile.package.partition_check_eps),
         "verification": {"prompt": VERIFY_PROMPT, "prompt_ids": [int(i) for i in prompt_ids], "greedy_tokens": tokens},
     }
     finish(folder, manifest)

@@ -18,13 +18,11 @@ from edgeq.metrics import per_sample_cosine
 from edgeq.runtime import pool, session
 
 TARGETS = ("host", "arm64")
-# Off the host a package does not reproduce its reference bit for bit: last-bit float differences (fp16 LayerNorm,
-# MatMulNBits' activation quantization) flip int8 roundings, and the flips compound over the layers. Measured on
-# all-MiniLM-L6-v2 android-arm64, arm64 against the x86 reference: cosine 0.99884-0.99937, max |diff| / max |ref|
-# 0.037; yet arm64 is as close to FP32 as the host is (cosine 0.9981-0.9987 against 0.9980-0.9988; the host's own
-# max |diff| / max |ref| to FP32 is 0.039). So off the host the cosine bar is the profile's accuracy budget
-# (min_mean_cosine) and the scale check allows 10%: still far from a wrong kernel or a change of scale.
-OFF_HOST_MAX_REL_DIFF = 0.1
+# Off the host a package does not reproduce its reference bit for bit: last-bit float differences flip int8
+# roundings, and the flips compound over the layers. The bars are the profile's package.device_min_cosine (per
+# sample) and device_max_rel_diff, recorded in the manifest; see export_profiles/android-arm64.toml for what MiniLM
+# measures. A package written before those fields existed gets these defaults (PackageSpec's).
+DEVICE_DEFAULTS = {"device_min_cosine": 0.999, "device_max_rel_diff": 0.05}
 
 
 @dataclass
@@ -117,10 +115,12 @@ def verify(folder: Path, on: str = "host") -> VerifyReport:
     cos = per_sample_cosine(ref, out)
     need, max_rel = manifest["verification"]["min_cosine"], manifest["verification"]["max_rel_diff"]
     if on != "host":
-        need = min(need, manifest["profile"]["values"]["accuracy"]["min_mean_cosine"])
-        max_rel = max(max_rel, OFF_HOST_MAX_REL_DIFF)
+        v = {**DEVICE_DEFAULTS, **manifest["verification"]}
+        need, max_rel = v["device_min_cosine"], v["device_max_rel_diff"]
     rel = float(np.abs(ref - out).max() / max(np.abs(ref).max(), 1e-12))
     report.add("load and run", True, f"{manifest['model']['file']} on {where} ({len(ref)} samples)")
+    per_sample = ", ".join(f"{c:.6f}" for c in cos)
     report.add("outputs match reference", bool(cos.min() >= need and rel <= max_rel),
-               f"min cosine {cos.min():.6f} (need >= {need}), max |diff| / max |ref| {rel:.2e} (need <= {max_rel})")
+               f"min cosine {cos.min():.6f} (need >= {need} on every sample), max |diff| / max |ref| {rel:.2e} "
+               f"(need <= {max_rel}); per sample {per_sample}")
     return report
