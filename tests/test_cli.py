@@ -385,3 +385,12 @@ def test_verify_on_an_unknown_target_is_refused(package):
     assert "Traceback" not in result.output
     assert re.search(r"^error: unknown verification target 'pixel-8'$", result.stderr, re.M), result.stderr
     assert re.search(r"^hint: .*host", result.stderr, re.M)
+
+
+def test_profiles_lists_every_profile_and_says_which_are_deprecated():
+    out = edgeq("profiles").stdout
+    for name in ("android-arm64", "ios-arm64", "linux-arm64", "android-nnapi"):
+        assert re.search(rf"^{name} ", out, re.M), name
+    lines = out.splitlines()
+    nnapi = next(i for i, line in enumerate(lines) if line.startswith("android-nnapi "))
+    assert lines[nnapi + 1].startswith("  DEPRECATED: NNAPI is deprecated since Android 15")

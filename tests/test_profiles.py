@@ -7,6 +7,7 @@ import hashlib
 import re
 import tomllib
 import typing
+from pathlib import Path
 
 import pytest
 
@@ -328,3 +329,14 @@ def test_bundled_profile_sets_every_documented_key():
         else:
             keys.add(key)
     assert keys == set(_leaf_keys(Profile))
+
+
+@pytest.mark.parametrize("name", sorted(known_profiles()))
+def test_every_bundled_profile_loads_and_sets_every_key(name):
+    p = load_profile(name)
+    assert p.name == name
+    data = tomllib.loads(Path(p.source).read_text())
+    keys = {f"{k}.{sub}" if isinstance(v, dict) else k for k, v in data.items()
+            for sub in (v if isinstance(v, dict) else [None])}
+    assert keys == set(_leaf_keys(Profile))
+    assert p.note or p.status == "supported"  # a deprecated profile says why
