@@ -144,9 +144,12 @@ def check_llm_budget(acc: LMAccuracy, size: int, profile: Profile) -> None:
 def verify_llm(folder: Path, manifest: dict) -> tuple[bool, str]:
     """Greedy tokens for the stored prompt must be exactly the stored ones."""
     v = manifest["verification"]
-    got = greedy_tokens(folder, v["prompt_ids"], len(v["greedy_tokens"]))
-    same = got == v["greedy_tokens"]
-    first = next((i for i, (a, b) in enumerate(zip(got, v["greedy_tokens"])) if a != b), None)
-    return same, (f"{len(got)} greedy tokens equal the reference" if same
-                  else f"greedy tokens differ from position {first}: {got} vs {v['greedy_tokens']}")
+    return match_tokens(greedy_tokens(folder, v["prompt_ids"], len(v["greedy_tokens"])), v["greedy_tokens"])
 
+
+def match_tokens(got: list[int], want: list[int]) -> tuple[bool, str]:
+    """(equal, a line saying so or where they first differ)."""
+    same = got == want
+    first = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+    return same, (f"{len(got)} greedy tokens equal the reference" if same
+                  else f"greedy tokens differ from position {first}: {got} vs {want}")

@@ -112,3 +112,12 @@ def test_model_without_tokenizer(tiny_dir, tmp_path):
         (bare / name).unlink(missing_ok=True)
     with pytest.raises(ModelFolderError, match="no tokenizer files"):
         export_package(ExportRequest(bare, str(llm_profile(tmp_path)), out_dir=tmp_path / "out"))
+
+
+def test_match_tokens_says_where_tokens_first_differ():
+    from edgeq.llm.chain import match_tokens
+
+    assert match_tokens([1, 2, 3], [1, 2, 3]) == (True, "3 greedy tokens equal the reference")
+    same, detail = match_tokens([1, 5, 3], [1, 2, 3])
+    assert not same and detail.startswith("greedy tokens differ from position 1:")
+    assert match_tokens([1, 2], [1, 2, 3])[1].startswith("greedy tokens differ from position 2:")  # EOS came early
