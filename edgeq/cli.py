@@ -132,6 +132,11 @@ def inspect_cmd(package, nodes) -> None:
     else:
         click.echo(f"size     {z['model_bytes'] / 1e6:.2f} MB model (profile allows {z['max_mb']:.0f} MB)")
     click.echo(accuracy_line(m["accuracy"]))
+    for ep, r in m.get("partitions", {}).items():
+        if ep != "tool":
+            a, f = r["as_is"], r["fixed_shapes"]
+            click.echo(f"{ep:9s}{r['verdict']}: takes {a['supported_nodes']}/{a['nodes']} nodes in {a['partitions']} "
+                       f"partitions ({f['supported_nodes']} in {f['partitions']} with fixed input shapes)")
     if nodes:
         for d in m["precision"]["nodes"]:
             click.echo(f"  {d['precision']:16s} {d['name']}: {d['reason']}")
