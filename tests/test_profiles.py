@@ -7,7 +7,6 @@ import hashlib
 import re
 import tomllib
 import typing
-from pathlib import Path
 
 import pytest
 
@@ -332,11 +331,9 @@ def test_bundled_profile_sets_every_documented_key():
 
 
 @pytest.mark.parametrize("name", sorted(known_profiles()))
-def test_every_bundled_profile_loads_and_sets_every_key(name):
+def test_every_bundled_profile_loads(name):
+    """Every file loads (unknown keys and bad values are errors); android-arm64.toml alone must spell out every key
+    (test above), so a new section's defaults reach the other profiles without editing them."""
     p = load_profile(name)
     assert p.name == name
-    data = tomllib.loads(Path(p.source).read_text())
-    keys = {f"{k}.{sub}" if isinstance(v, dict) else k for k, v in data.items()
-            for sub in (v if isinstance(v, dict) else [None])}
-    assert keys == set(_leaf_keys(Profile))
     assert p.note or p.status == "supported"  # a deprecated profile says why
