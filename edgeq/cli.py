@@ -135,7 +135,7 @@ def inspect_cmd(package, nodes) -> None:
     for ep, r in m.get("partitions", {}).items():
         if ep != "tool":
             a, f = r["as_is"], r["fixed_shapes"]
-            click.echo(f"{ep:9s}{r['verdict']}: takes {a['supported_nodes']}/{a['nodes']} nodes in {a['partitions']} "
+            click.echo(f"{ep} {r['verdict']}: takes {a['supported_nodes']}/{a['nodes']} nodes in {a['partitions']} "
                        f"partitions ({f['supported_nodes']} in {f['partitions']} with fixed input shapes)")
     if nodes:
         for d in m["precision"]["nodes"]:
