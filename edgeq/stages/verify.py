@@ -15,14 +15,16 @@ import numpy as np
 from edgeq.errors import VerificationError
 from edgeq.manifest import file_entries, read_manifest
 from edgeq.metrics import per_sample_cosine
+from edgeq.profiles import PackageSpec
 from edgeq.runtime import pool, session
 
 TARGETS = ("host", "arm64")
 # Off the host a package does not reproduce its reference bit for bit: last-bit float differences flip int8
 # roundings, and the flips compound over the layers. The bars are the profile's package.device_min_cosine (per
 # sample) and device_max_rel_diff, recorded in the manifest; see export_profiles/android-arm64.toml for what MiniLM
-# measures. A package written before those fields existed gets these defaults (PackageSpec's).
-DEVICE_DEFAULTS = {"device_min_cosine": 0.999, "device_max_rel_diff": 0.05}
+# measures. A package written before those fields existed gets PackageSpec's defaults.
+DEVICE_DEFAULTS = {"device_min_cosine": PackageSpec().device_min_cosine,
+                   "device_max_rel_diff": PackageSpec().device_max_rel_diff}
 
 
 @dataclass
