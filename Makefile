@@ -42,7 +42,8 @@ verify-arm64: setup
 ON ?= arm64
 device-test: setup
 	@test -n "$(PACKAGE)" || { echo "error: PACKAGE is not set"; echo "hint: make device-test PACKAGE=build/<model>-<profile> [PROFILE=<profile>] [ON=arm64]"; exit 2; }
-	@test -z "$(PROFILE)" || $(BIN)/python -c 'import json, sys; p = json.load(open(sys.argv[1] + "/manifest.json"))["profile"]["name"]; sys.exit(0 if p == sys.argv[2] else f"error: {sys.argv[1]} was built for profile {p}, not {sys.argv[2]}")' "$(PACKAGE)" "$(PROFILE)"
+	@test -z "$(PROFILE)" || test "$$($(BIN)/python -c 'import json, sys; print(json.load(open(sys.argv[1] + "/manifest.json"))["profile"]["name"])' "$(PACKAGE)")" = "$(PROFILE)" || \
+		{ echo "error: $(PACKAGE) was not built for profile $(PROFILE)"; echo "hint: make $(PROFILE) MODEL=... first, or drop PROFILE="; exit 2; }
 	$(BIN)/edgeq verify "$(PACKAGE)" --on $(ON)
 
 check-model:
