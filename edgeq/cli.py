@@ -64,6 +64,11 @@ def export_cmd(model_dir, profile, out_dir, calibration, samples, seq_len, force
         overrides["llm.max_size_mb"] = max_size_mb
     req = ExportRequest(model_dir, profile, out_dir, calibration, samples, seq_len, force, gguf_file,
                         tuple(overrides.items()))
+    from edgeq.profiles import load_profile
+
+    p = load_profile(profile)
+    if p.status == "deprecated":
+        click.echo(f"note: profile '{p.name}' is deprecated: {p.note}", err=True)
     pkg = export_package(req, Progress(not quiet))
     click.echo(f"wrote {pkg.path}")
     click.echo(accuracy_line(pkg.manifest["accuracy"]))
@@ -92,16 +97,29 @@ def qnn_line(q: dict) -> str:
 
 @main.command("profiles")
 @click.option("--fields", is_flag=True, help="Document every profile field instead of listing profiles.")
+@click.option("--names", is_flag=True, help="Only the names of the supported (not deprecated) profiles, one a line.")
+@click.option("--model", "model_dir", type=click.Path(path_type=Path),
+              help="With --names: only the profiles that take this model folder's kind (encoder, causal-lm).")
 @handle_errors
-def profiles_cmd(fields) -> None:
+def profiles_cmd(fields, names, model_dir) -> None:
     """List the device profiles (name, target, what each quantizes how)."""
     from edgeq.profiles import describe_fields, known_profiles, load_profile
 
+    if names:
+        from edgeq.modelsource import inspect_model_dir
+
+        kind = inspect_model_dir(model_dir).kind if model_dir else None
+        for name in known_profiles():
+            p = load_profile(name)
+            if p.status == "supported" and (kind is None or kind in p.model_kinds):
+                click.echo(p.name)
+        return
     if fields:
         for key, default, doc in describe_fields():
             click.echo(f"{key}{f' (default {default})' if default else ''}\n    {doc}")
         return
     rows = [("NAME", "TARGET", "MODELS", "QUANTIZATION")]
+    notes = {}
     for name in known_profiles():
         p = load_profile(name)
         q, h = p.quantization, p.qnn
@@ -122,9 +140,13 @@ def profiles_cmd(fields) -> None:
                        f"{'symmetric' if m.symmetric else 'asymmetric'}{', K/V INT8' if m.int8_kv else ''}; "
                        f"lm_head {m.lm_head_precision}; embeddings {m.embedding_precision}; GenAI folder")
         rows.append((p.name, p.target, ",".join(p.model_kinds), " | ".join(how)))
+        if p.status != "supported" or p.note:
+            notes[p.name] = f"{p.status.upper()}: {p.note}" if p.status != "supported" else p.note
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     for r in rows:
         click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[3])
+        if r[0] in notes:
+            click.echo(f"  {notes[r[0]]}")
 
 
 @main.command("inspect")
@@ -152,6 +174,11 @@ def inspect_cmd(package, nodes) -> None:
     click.echo(accuracy_line(m["accuracy"]))
     if "qnn" in m:
         click.echo(qnn_line(m["qnn"]))
+    for ep, r in m.get("partitions", {}).items():
+        if ep != "tool":
+            a, f = r["as_is"], r["fixed_shapes"]
+            click.echo(f"{ep} {r['verdict']}: takes {a['supported_nodes']}/{a['nodes']} nodes in {a['partitions']} "
+                       f"partitions ({f['supported_nodes']} in {f['partitions']} with fixed input shapes)")
     if nodes:
         for d in m["precision"]["nodes"]:
             click.echo(f"  {d['precision']:16s} {d['name']}: {d['reason']}")

@@ -17,6 +17,7 @@ from edgeq.errors import (AccuracyBudgetError, OutputExistsError, SizeBudgetErro
 from edgeq.manifest import SCHEMA_VERSION, tool_versions
 from edgeq.metrics import EncoderAccuracy, compare
 from edgeq.modelsource import ModelSource, inspect_model_dir
+from edgeq.partitions import partition_report
 from edgeq.profiles import Profile, load_profile
 from edgeq.progress import QUIET, Progress
 from edgeq.runtime import embed, encode, pool, session
@@ -134,7 +135,8 @@ def build_encoder_package(inputs: Inputs, req: ExportRequest, folder: Path, work
     progress.stage("quantize", f"per-layer sensitivity on {min(q.sensitivity_samples, len(cal_texts))} texts")
     quantized = quantize(optimized, stats, tokenizer, cal_texts, profile, src.pooling, work, progress)
     progress.stage("package", f"ORT format for {profile.package.target_platform}")
-    convert_to_ort(quantized.onnx_path, folder, profile.package.target_platform)
+    convert_to_ort(quantized.onnx_path, folder, profile.package.target_platform,
+                   profile.package.matmulnbits_accuracy_level)
     # the source's tokenizer files, plus the fast-tokenizer files optimum writes even for a vocab.txt-only source
     copy_tokenizer(exported.tokenizer_dir, folder, tuple(dict.fromkeys(
         src.tokenizer_files + ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"))))
@@ -279,9 +281,12 @@ def build_manifest(inputs: Inputs, req: ExportRequest, quantized: QuantizedModel
             **accuracy.to_dict(),
             "budget": budget_section(profile),
         },
+        "partitions": partition_report(quantized.onnx_path, profile.package.partition_check_eps),
         "verification": {
             "texts": list(samples), "pooling": src.pooling, "min_cosine": profile.package.verify_min_cosine,
             "max_rel_diff": profile.package.verify_max_rel_diff,
+            "device_min_cosine": profile.package.device_min_cosine,
+            "device_max_rel_diff": profile.package.device_max_rel_diff,
             "inputs": {k: v.tolist() for k, v in feeds.items()},
             "reference_pooled": [[round(float(x), 7) for x in row] for row in reference],
         },

@@ -103,6 +103,27 @@ class PackageSpec:
         "Largest |output - reference| allowed, relative to the largest |reference| (catches a change of scale, "
         "which cosine does not see).", 0.01, minimum=0.0,
     )
+    device_min_cosine: float = _f(
+        "Minimum cosine, on every stored sample, between the pooled outputs computed on a device target "
+        "('edgeq verify --on arm64': the aarch64 ONNX Runtime) and the host's stored reference. Off the host a "
+        "package does not agree bit for bit: last-bit float differences flip int8 roundings.", 0.999,
+        minimum=0.0, maximum=1.0,
+    )
+    device_max_rel_diff: float = _f(
+        "Largest |device output - reference| relative to the largest |reference| on a device target.", 0.05,
+        minimum=0.0,
+    )
+    matmulnbits_accuracy_level: int = _f(
+        "accuracy_level of the 8-bit MatMulNBits that ONNX Runtime's converter fuses int8 weight-only layers into. "
+        "4 quantizes activations to int8 per 32-value block at run time, and x86 and ARM kernels round them "
+        "differently (MiniLM: min per-sample cosine arm64 vs x86 0.9983 at 4, 0.9994 at 0 on 16 texts); 0 computes "
+        "in float, which both architectures do alike.", 0, (0, 1, 2, 3, 4),
+    )
+    partition_check_eps: tuple[str, ...] = _f(
+        "Execution providers whose partitioning ONNX Runtime's mobile usability checker estimates for the package's "
+        "model; the manifest records nodes per EP, partitions and the checker's verdict for each.", (),
+        ("NNAPI", "CoreML-NeuralNetwork", "CoreML-MLProgram"),
+    )
 
 
 @dataclass(frozen=True)
@@ -221,6 +242,11 @@ class Profile:
         ("CPUExecutionProvider", "QNNExecutionProvider"),
     )
     model_kinds: tuple[str, ...] = _f("Model kinds the profile accepts.", ("encoder",))
+    status: str = _f(
+        "'supported', or 'deprecated' (the profile still works, but its target is on its way out; see note). "
+        "Shown by 'edgeq profiles'.", "supported", ("supported", "deprecated"),
+    )
+    note: str = _f("A line shown by 'edgeq profiles' under the profile (why it is deprecated, what to use).", "")
     quantization: QuantizationSpec = _f("See [quantization].", default_factory=QuantizationSpec)
     package: PackageSpec = _f("See [package].", default_factory=PackageSpec)
     accuracy: AccuracyBudget = _f("See [accuracy].", default_factory=AccuracyBudget)

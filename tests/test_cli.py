@@ -340,6 +340,9 @@ def test_inspect_shows_files_precision_and_accuracy(package, manifest):
     acc = manifest["accuracy"]
     assert (f"accuracy vs FP32 on 320 held-back texts: mean cosine {acc['mean_cosine']:.5f}, "
             f"min cosine {acc['min_cosine']:.5f}, retrieval top-1 agreement {acc['retrieval_top1']:.3f}") in out
+    nnapi = manifest["partitions"]["NNAPI"]
+    assert re.search(rf"^NNAPI\s+{re.escape(nnapi['verdict'])}: takes {nnapi['as_is']['supported_nodes']}/"
+                     rf"{nnapi['as_is']['nodes']} nodes in {nnapi['as_is']['partitions']} partitions", out, re.M), out
 
 
 def test_inspect_nodes_gives_every_decision_and_reason(package, manifest):
@@ -403,3 +406,20 @@ def test_verify_on_an_unknown_target_is_refused(package):
     assert "Traceback" not in result.output
     assert re.search(r"^error: unknown verification target 'pixel-8'$", result.stderr, re.M), result.stderr
     assert re.search(r"^hint: .*host", result.stderr, re.M)
+
+
+def test_profiles_lists_every_profile_and_says_which_are_deprecated():
+    out = edgeq("profiles").stdout
+    for name in ("android-arm64", "ios-arm64", "linux-arm64", "android-nnapi"):
+        assert re.search(rf"^{name} ", out, re.M), name
+    lines = out.splitlines()
+    nnapi = next(i for i, line in enumerate(lines) if line.startswith("android-nnapi "))
+    assert lines[nnapi + 1].startswith("  DEPRECATED: NNAPI is deprecated since Android 15")
+
+
+def test_export_with_a_deprecated_profile_says_so_first(tmp_path):
+    result = edgeq("export", tmp_path / "nope", "--profile", "android-nnapi", "-o", tmp_path / "out")
+    assert result.exit_code == 2
+    lines = result.stderr.splitlines()
+    assert lines[0].startswith("note: profile 'android-nnapi' is deprecated: NNAPI is deprecated since Android 15")
+    assert lines[1].startswith("error: model folder")

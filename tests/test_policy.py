@@ -45,7 +45,15 @@ def _nodes() -> dict[str, NodeInfo]:
 
 @pytest.fixture(scope="module")
 def profile():
-    return load_profile("android-arm64")
+    """The bundled profile with norms FP16 too (it keeps them FP32 for ARM/x86 agreement): exercises both categories."""
+    p = load_profile("android-arm64")
+    return dataclasses.replace(p, quantization=dataclasses.replace(p.quantization, keep_fp16=("embedding", "norm")))
+
+
+def test_bundled_profile_keeps_norms_fp32():
+    by = decide_precision(_nodes(), load_profile("android-arm64")).by_name()
+    assert by["/embeddings/word_embeddings/Gather"].precision == "fp16"
+    assert by["/embeddings/LayerNorm/LayerNormalization"].precision == "fp32"
 
 
 @pytest.fixture
@@ -74,7 +82,7 @@ def test_every_node_gets_one_decision_with_a_reason(nodes, profile):
         assert d.sensitivity is None
 
 
-def test_default_profile_embeddings_and_norms_fp16(nodes, profile):
+def test_keep_fp16_embedding_and_norm(nodes, profile):
     by = decide_precision(nodes, profile).by_name()
     for n in nodes.values():
         if n.category in ("embedding", "norm"):

@@ -57,8 +57,10 @@ def test_bundled_profile_loads_with_its_values():
     assert p.quantization.activation_type == "uint8"
     assert p.quantization.calibration_method == "percentile"
     assert p.quantization.calibration_percentile == 99.999
-    assert p.quantization.keep_fp16 == ("embedding", "norm")
+    assert p.quantization.keep_fp16 == ("embedding",)
     assert p.quantization.keep_fp32_nodes == ()
+    assert p.package.device_min_cosine == 0.999 and p.package.matmulnbits_accuracy_level == 0
+    assert p.package.partition_check_eps == ("NNAPI",) and p.status == "supported"
     assert p.package.target_platform == "arm"
     assert p.accuracy.min_mean_cosine == 0.995
     assert p.source == str(BUNDLED)
@@ -195,7 +197,7 @@ def test_typo_suggestion_is_the_closest_field(tmp_path, section, typo, intended)
          "'quantization.calibration_percentile' must be float, got str '99.999'"),
         ("min_mean_cosine = 0.995", "min_mean_cosine = false", "'accuracy.min_mean_cosine' must be float, got bool False"),
         ('name = "android-arm64"', "name = 64", "'name' must be str, got int 64"),
-        ('keep_fp16 = ["embedding", "norm"]', 'keep_fp16 = "embedding"',
+        ('keep_fp16 = ["embedding"]', 'keep_fp16 = "embedding"',
          "'quantization.keep_fp16' must be a list of strings, got 'embedding'"),
         ('model_kinds = ["encoder", "causal-lm"]', "model_kinds = [1]", "'model_kinds' must be a list of strings, got [1]"),
     ],
@@ -352,3 +354,12 @@ def test_overrides_are_validated_like_the_file():
         load_profile("android-arm64", overrides={"llm.promote": -1})
     with pytest.raises(ProfileError, match=r"'llm' is not a section|no such profile key"):
         load_profile("android-arm64", overrides={"llm.symmetric.x": 1})
+
+
+@pytest.mark.parametrize("name", sorted(known_profiles()))
+def test_every_bundled_profile_loads(name):
+    """Every file loads (unknown keys and bad values are errors); android-arm64.toml alone must spell out every key
+    (test above), so a new section's defaults reach the other profiles without editing them."""
+    p = load_profile(name)
+    assert p.name == name
+    assert p.note or p.status == "supported"  # a deprecated profile says why

@@ -22,6 +22,7 @@ from edgeq.llm.int4 import QuantizeInt4
 from edgeq.llm.tokenizer import check_tokenizer, write_package_tokenizer
 from edgeq.manifest import SCHEMA_VERSION, tool_versions
 from edgeq.modelsource import ModelSource
+from edgeq.partitions import partition_report
 from edgeq.passes.base import run_passes
 from edgeq.passes.fuse_llm import FuseLLM
 from edgeq.passes.keep_fp16 import KeepFp16
@@ -127,6 +128,7 @@ def build_llm_package(inp: LLMInputs, folder: Path, work: Path, progress: Progre
                      "windows": int(len(ev)),
                      "budget": {"max_ppl_increase": spec.max_ppl_increase, "min_top1_agreement": spec.min_top1_agreement}},
         "size": {"model_bytes": size, "max_mb": spec.max_size_mb},
+        "partitions": partition_report(folder / MODEL_FILE, profile.package.partition_check_eps),
         "verification": {"prompt": VERIFY_PROMPT, "prompt_ids": [int(i) for i in prompt_ids], "greedy_tokens": tokens},
     }
     finish(folder, manifest)
@@ -168,9 +170,12 @@ def _more_accurate(spec) -> list[str]:
 def verify_llm(folder: Path, manifest: dict) -> tuple[bool, str]:
     """Greedy tokens for the stored prompt must be exactly the stored ones."""
     v = manifest["verification"]
-    got = greedy_tokens(folder, v["prompt_ids"], len(v["greedy_tokens"]))
-    same = got == v["greedy_tokens"]
-    first = next((i for i, (a, b) in enumerate(zip(got, v["greedy_tokens"])) if a != b), None)
-    return same, (f"{len(got)} greedy tokens equal the reference" if same
-                  else f"greedy tokens differ from position {first}: {got} vs {v['greedy_tokens']}")
+    return match_tokens(greedy_tokens(folder, v["prompt_ids"], len(v["greedy_tokens"])), v["greedy_tokens"])
 
+
+def match_tokens(got: list[int], want: list[int]) -> tuple[bool, str]:
+    """(equal, a line saying so or where they first differ)."""
+    same = got == want
+    first = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+    return same, (f"{len(got)} greedy tokens equal the reference" if same
+                  else f"greedy tokens differ from position {first}: {got} vs {want}")

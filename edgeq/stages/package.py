@@ -2,7 +2,9 @@
 
 The ORT conversion uses ONNX Runtime's own converter (``convert_onnx_models_to_ort``) in 'Fixed' style for the
 profile's target platform, with type reduction so ``required_operators_and_types.config`` can drive an ONNX Runtime
-minimal build. Its optimizations are those the CPU EP applies at load (QDQ -> integer kernels), baked in.
+minimal build. Its optimizations are those the CPU EP applies at load (QDQ -> integer kernels), baked in -- including
+the fusion of int8 weight-only layers (DQ -> MatMul) into 8-bit MatMulNBits, whose ``accuracy_level`` is a session
+option the command-line converter does not expose; the converter's ``_convert`` is called with it instead.
 """
 
 from __future__ import annotations
@@ -36,19 +38,34 @@ class Package:
         return self.path / MODEL_FILE
 
 
-def convert_to_ort(onnx_path: Path, dest: Path, target_platform: str) -> Path:
+# Runs in a child Python: convert_onnx_models_to_ort's main() with one more session option. Its _convert is the
+# private function main() calls (ONNX Runtime 1.20-1.32); the child fails loudly if that ever changes.
+_CONVERT = """
+import pathlib, sys
+from onnxruntime.tools import convert_onnx_models_to_ort as c
+from onnxruntime.tools.ort_format_model import create_config_from_models
+stage, platform, level = pathlib.Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+entries = {"session.qdqisint8allowed": "1" if platform == "arm" else "0",
+           "session.qdq_matmulnbits_accuracy_level": level}
+models = c._convert(stage, stage, "all", c.OptimizationStyle.Fixed, None, False, False, platform, entries)
+create_config_from_models(models, stage / "required_operators_and_types.config", True)
+"""
+
+
+def convert_to_ort(onnx_path: Path, dest: Path, target_platform: str, matmulnbits_accuracy_level: int = 0) -> Path:
+    """``onnx_path`` -> ``dest/model.ort`` (+ the ops config). ``matmulnbits_accuracy_level``: see
+    ``PackageSpec.matmulnbits_accuracy_level`` in edgeq/profiles.py."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{dest.name}.ortconv-", dir=dest.parent))
     try:
-        return _convert(onnx_path, stage, dest, target_platform)
+        return _convert(onnx_path, stage, dest, target_platform, matmulnbits_accuracy_level)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
 
 
-def _convert(onnx_path: Path, stage: Path, dest: Path, target_platform: str) -> Path:
+def _convert(onnx_path: Path, stage: Path, dest: Path, target_platform: str, accuracy_level: int) -> Path:
     shutil.copy(onnx_path, stage / "model.onnx")
-    cmd = [sys.executable, "-m", "onnxruntime.tools.convert_onnx_models_to_ort", str(stage), "--output_dir", str(stage),
-           "--optimization_style", "Fixed", "--enable_type_reduction", "--target_platform", target_platform]
+    cmd = [sys.executable, "-c", _CONVERT, str(stage), target_platform, str(accuracy_level)]
     run = subprocess.run(cmd, capture_output=True, text=True)
     if run.returncode != 0 or not (stage / "model.ort").is_file():
         raise EdgeqError(f"ORT-format conversion failed:\n{run.stdout[-2000:]}\n{run.stderr[-2000:]}",

@@ -17,6 +17,7 @@ Tolerances, measured on the reference machine (x86_64 host ORT vs emulated arm64
 from __future__ import annotations
 
 import json
+import shutil
 import time
 
 import numpy as np
@@ -25,8 +26,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from edgeq.errors import DeviceRunError, DeviceUnavailableError
-from edgeq.devices.arm64 import (DEFAULT_CACHE, FAKE_CPUS, PYTHON_VERSION, STAMP, cpuinfo_text, ensure_runtime,
+from edgeq.errors import DeviceRunError
+from edgeq.devices.arm64 import (FAKE_CPUS, PYTHON_VERSION, STAMP, cpuinfo_text, ensure_runtime,
                                  is_current, recipe_hash, run_on_arm64, write_cpu_tree)
 from edgeq.metrics import per_sample_cosine
 from edgeq.runtime import pool, session
@@ -40,14 +41,6 @@ ORT_LIB = "onnxruntime_pybind11_state"
 
 MIN_POOLED_COSINE = 0.999
 PACKAGE_MAX_ABS = 0.05  # pooled embedding, tiny BERT; measured max 0.0 (see test); MiniLM-L6 package: 0.042
-
-
-@pytest.fixture(scope="module")
-def arm64_runtime():
-    try:
-        return ensure_runtime(DEFAULT_CACHE)
-    except DeviceUnavailableError as exc:
-        pytest.skip(f"arm64 runtime cannot be built here, apt is unavailable: {exc.message} ({exc.hint})")
 
 
 def qdq_model(path, hidden: int = 64, out: int = 96, seed: int = 0):
@@ -163,6 +156,25 @@ def test_edgeq_package_matches_on_arm64(arm64_runtime, tiny_package):
     cos = per_sample_cosine(ref, arm)
     assert cos.min() >= MIN_POOLED_COSINE, f"pooled cosine arm64 vs reference {cos}"
     assert np.abs(arm - ref).max() <= PACKAGE_MAX_ABS
+
+
+@device
+def test_verify_on_arm64_holds_every_sample_to_the_manifest_device_tolerance(arm64_runtime, tiny_package, tmp_path):
+    from edgeq.stages.verify import verify
+
+    report = verify(tiny_package.path, "arm64")
+    assert report.ok, report.checks
+    detail = dict((n, d) for n, _, d in report.checks)["outputs match reference"]
+    need = tiny_package.manifest["verification"]["device_min_cosine"]
+    assert f"need >= {need} on every sample" in detail and detail.count(", ") >= 3  # one cosine per stored sample
+    # the same package with a bar no device can meet fails on that check alone
+    copy = tmp_path / "pkg"
+    shutil.copytree(tiny_package.path, copy)
+    m = json.loads((copy / "manifest.json").read_text())
+    m["verification"]["device_min_cosine"] = 1.5
+    (copy / "manifest.json").write_text(json.dumps(m))
+    failed = [n for n, ok, _ in verify(copy, "arm64").checks if not ok]
+    assert failed == ["outputs match reference"]
 
 
 @device

@@ -129,3 +129,12 @@ def test_cli_overrides_reach_the_int4_pass_and_the_manifest(tiny_dir, tmp_path):
                                          "llm.context_length": 128, "llm.max_ppl_increase": 1.0,
                                          "llm.min_top1_agreement": 0.0, "llm.int4_method": "rtn",
                                          "llm.max_size_mb": 50.0}
+
+
+def test_match_tokens_says_where_tokens_first_differ():
+    from edgeq.llm.chain import match_tokens
+
+    assert match_tokens([1, 2, 3], [1, 2, 3]) == (True, "3 greedy tokens equal the reference")
+    same, detail = match_tokens([1, 5, 3], [1, 2, 3])
+    assert not same and detail.startswith("greedy tokens differ from position 1:")
+    assert match_tokens([1, 2], [1, 2, 3])[1].startswith("greedy tokens differ from position 2:")  # EOS came early
