@@ -104,7 +104,7 @@ def _verify_llm(folder: Path, manifest: dict, report: VerifyReport) -> VerifyRep
             from edgeq.devices.arm64_genai import greedy_tokens_on_arm64
 
             got, info = greedy_tokens_on_arm64(runtime, folder, v["prompt_ids"], len(v["greedy_tokens"]))
-            same, detail = match_tokens(got, v["greedy_tokens"])
+            same, detail = match_tokens(got, v["greedy_tokens"], v.get("logit_margins"))
             where = (f"onnxruntime-genai {info['onnxruntime_genai']} on {info['machine']} onnxruntime "
                      f"{info['onnxruntime']} under qemu")
     except Exception as exc:  # a load/generation failure is the finding, not a crash

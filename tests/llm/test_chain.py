@@ -54,6 +54,8 @@ def test_manifest_accuracy_and_verification(package, tiny_dir):
     v = m["verification"]
     assert len(v["greedy_tokens"]) == 16
     assert greedy_tokens(package.path, v["prompt_ids"], 16) == v["greedy_tokens"]
+    # the top-2 gap of every greedy step, teacher-forced through the package: a greedy token is its step's argmax
+    assert len(v["logit_margins"]) == 16 and all(g >= 0 for g in v["logit_margins"])
     assert verify(package.path).ok
 
 
@@ -138,3 +140,5 @@ def test_match_tokens_says_where_tokens_first_differ():
     same, detail = match_tokens([1, 5, 3], [1, 2, 3])
     assert not same and detail.startswith("greedy tokens differ from position 1:")
     assert match_tokens([1, 2], [1, 2, 3])[1].startswith("greedy tokens differ from position 2:")  # EOS came early
+    same, detail = match_tokens([1, 5, 3], [1, 2, 3], [2.5, 0.061, 1.0])
+    assert detail.startswith("greedy tokens differ from position 1 (the reference's top-2 logit gap there: 0.061):")

@@ -70,3 +70,14 @@ def test_symmetric_block32_export(tmp_path):
     # issue 3: within +12% when forced to symmetric block-32 INT4
     assert m["accuracy"]["ppl_increase"] <= 0.12, m["accuracy"]
     assert m["size"]["model_bytes"] <= MAX_MB * 1e6
+
+
+@pytest.mark.device
+def test_default_package_gives_the_same_greedy_tokens_on_arm64(default_export):
+    """Issue 4: PyPI's aarch64 onnxruntime-genai under qemu reproduces the x86 greedy tokens for the fixed prompt."""
+    from edgeq.stages.verify import verify
+
+    folder, m = default_export
+    report = verify(folder, "arm64")
+    assert report.ok, report.checks
+    assert len(m["verification"]["greedy_tokens"]) >= 8  # the answer, up to EOS (16 at most)
