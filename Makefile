@@ -13,7 +13,7 @@ setup: $(BIN)/edgeq
 $(BIN)/edgeq: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test,demo]'
+	$(BIN)/pip install --quiet -e '.[test,demo,bench]'
 	touch $@
 
 demo: setup
