@@ -256,8 +256,11 @@ def measure_speed(row: Row, package: Path, manifest: dict, prompt_tokens: int = 
     if row.kind == LLM:
         from edgeq.speed import llm_speed
 
+        # prompt + new tokens must fit the package's context (a 128-position test model takes 64 + 64)
+        context = json.loads((package / manifest["model"]["genai_config"]).read_text())["model"]["context_length"]
+        prompt_tokens = min(prompt_tokens, context // 2)
         ids = tokenizer("\n\n".join(texts), add_special_tokens=False, verbose=False)["input_ids"][:prompt_tokens]
-        s = llm_speed(package, ids, new_tokens)
+        s = llm_speed(package, ids, min(new_tokens, context - prompt_tokens))
         row.prefill_tok_s, row.decode_tok_s = s.prefill_tok_s, s.decode_tok_s
     else:
         from edgeq.speed import encoder_ms_per_sentence
