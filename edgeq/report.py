@@ -171,11 +171,13 @@ def plot(rows: Sequence[Row], out_dir: Path, prefix: str = "") -> list[Path]:
             if not pts:
                 continue
             fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
-            for x, y, r in pts:
+            for k, (x, y, r) in enumerate(sorted(pts, key=lambda p: p[0])):
                 ax.scatter([x], [100 * y if ykey == "ppl_increase" else y], s=60 if r.edgeq else 36,
                            marker="*" if r.edgeq else "o", color="tab:red" if r.edgeq else "tab:blue")
                 ax.annotate(r.name, (x, 100 * y if ykey == "ppl_increase" else y), textcoords="offset points",
-                            xytext=(5, 4), fontsize=8)
+                            xytext=(5, 4 - 12 * (k % 2)), fontsize=8)  # alternate above/below: neighbours overlap
+            if ykey == "ppl_increase":  # peers range from a few % to >1000%: linear near 0, log beyond 10%
+                ax.set_yscale("symlog", linthresh=10)
             ax.set_xlabel("model size (MB)")
             ax.set_ylabel(ylabel + (" (%)" if ykey == "ppl_increase" else ""))
             ax.grid(alpha=0.3)
