@@ -237,7 +237,9 @@ def section(model_name: str, kind: str, rows: list[Row], meta: dict, pngs: list[
     text = [f"## {model_name} ({kind})", "",
             f"Command: `{command}` — total {t['total_s'] / 60:.1f} min (builds {t['build_s'] / 60:.1f}, accuracy "
             f"{t['accuracy_s'] / 60:.1f}, speed {t['speed_s'] / 60:.1f}), run {meta['date']}. Speeds: median of "
-            f"{meta['speed_repeats']} interleaved rounds, one process per run (all runs in bench.json).", "",
+            f"{meta['speed_repeats']} interleaved rounds, one process per run (all runs in bench.json). Load average "
+            f"(1 min) {meta['load_average']['start'][0]:.1f} at the start, {meta['load_average']['end'][0]:.1f} at "
+            f"the end, on {os.cpu_count()} cores.", "",
             f"Memory bandwidth {bw['gbs']:.1f} GB/s ({bw['method']}: read {bw['read_gbs']:.1f}, copy "
             f"{bw['copy_gbs']:.1f}). {meta['accuracy_text']}", "",
             markdown_table(rows, bw["gbs"])]
@@ -325,7 +327,9 @@ def main(argv: list[str] | None = None) -> int:
                            fp32_dir=(work / "build" / "fp32").resolve(), gguf=gguf.resolve() if gguf else None,
                            calibration_windows=args.calibration_windows, eval_windows=args.windows)
         ctx.work.mkdir(parents=True, exist_ok=True)
+        load_before = os.getloadavg()
         rows, meta = bench_model(ctx, args.sentences, args.only, args.repeats)
+        meta["load_average"] = {"start": load_before, "end": os.getloadavg()}  # others' work on the shared cores
         acc_text = (f"Accuracy vs the FP32 export on {args.windows} x 512 held-back tokens of "
                     "calibration_data/evaluation.jsonl (edgeq.llm.evaluate)" if ctx.kind == LLM else
                     f"Accuracy vs the FP32 export on {args.sentences} held-back texts of "
