@@ -231,19 +231,21 @@ def machine() -> dict:
             "python": platform.python_version(), "versions": versions}
 
 
-def section(model_name: str, kind: str, rows: list[Row], meta: dict, pngs: list[Path], command: str) -> str:
+def section(model_name: str, kind: str, rows: list[Row], meta: dict, pngs: list[Path], link_from: Path) -> str:
+    """This model's Markdown: how it was run, the table, and the plots linked relative to ``link_from``."""
     bw = meta["bandwidth"]
     t = meta["timings"]
+    load = meta.get("load_average")
     text = [f"## {model_name} ({kind})", "",
-            f"Command: `{command}` — total {t['total_s'] / 60:.1f} min (builds {t['build_s'] / 60:.1f}, accuracy "
-            f"{t['accuracy_s'] / 60:.1f}, speed {t['speed_s'] / 60:.1f}), run {meta['date']}. Speeds: median of "
-            f"{meta['speed_repeats']} interleaved rounds, one process per run (all runs in bench.json). Load average "
-            f"(1 min) {meta['load_average']['start'][0]:.1f} at the start, {meta['load_average']['end'][0]:.1f} at "
-            f"the end, on {os.cpu_count()} cores.", "",
+            f"Command: `{meta.get('command', 'make bench')}` — total {t['total_s'] / 60:.1f} min (builds "
+            f"{t['build_s'] / 60:.1f}, accuracy {t['accuracy_s'] / 60:.1f}, speed {t['speed_s'] / 60:.1f}), run "
+            f"{meta['date']}. Speeds: median of {meta['speed_repeats']} interleaved rounds, one process per run (all "
+            "runs in bench.json)." + (f" Load average (1 min) {load['start'][0]:.1f} at the start, {load['end'][0]:.1f} "
+                                      f"at the end, on {meta['machine']['cores']} cores." if load else ""), "",
             f"Memory bandwidth {bw['gbs']:.1f} GB/s ({bw['method']}: read {bw['read_gbs']:.1f}, copy "
             f"{bw['copy_gbs']:.1f}). {meta['accuracy_text']}", "",
             markdown_table(rows, bw["gbs"])]
-    text += [f"![{p.stem}]({os.path.relpath(p, ROOT)})" for p in pngs]
+    text += [f"![{p.stem}]({os.path.relpath(p, link_from)})" for p in pngs]
     return "\n".join(text) + "\n"
 
 
@@ -268,17 +270,23 @@ def update_benchmarks_md(model_name: str, body: str, mach: dict) -> Path:
     return write_atomic(path, text)
 
 
-def write_outputs(model_name: str, ctx: BuildContext, rows: list[Row], meta: dict, out: Path, command: str,
-                  update_md: bool) -> None:
+def write_outputs(model_name: str, kind: str, rows: list[Row], meta: dict, out: Path, update_md: bool) -> None:
+    """bench.json, the PNG plots and bench.md in ``out``; this model's section of BENCHMARKS.md."""
     out.mkdir(parents=True, exist_ok=True)
-    gbs = meta["bandwidth"]["gbs"]
-    write_json(out / "bench.json", rows, meta, gbs)
+    write_json(out / "bench.json", rows, meta, meta["bandwidth"]["gbs"])
     pngs = plot(rows, out)
-    body = section(model_name, ctx.kind, rows, meta, pngs, command)
-    write_atomic(out / "bench.md", body)
+    write_atomic(out / "bench.md", section(model_name, kind, rows, meta, pngs, out))
+    body = section(model_name, kind, rows, meta, pngs, ROOT)
     print(body)
     if update_md:
         print(f"[bench] updated {update_benchmarks_md(model_name, body, meta['machine'])}")
+
+
+def render(results: Path, update_md: bool) -> None:
+    """Redo the Markdown and plots of a finished run from its bench.json (after a change to the rendering)."""
+    data = json.loads(results.read_text())
+    rows = [Row.from_dict(r) for r in data.pop("rows")]
+    write_outputs(data.get("name", results.parent.name), rows[0].kind, rows, data, results.parent, update_md)
 
 
 # ---------------------------------------------------------------------------------------------------- main
@@ -307,10 +315,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="speed rounds (median reported)")
     ap.add_argument("--only", nargs="*", help="only variants whose name contains one of these (FP32 always runs)")
     ap.add_argument("--no-benchmarks-md", action="store_true", help="do not update BENCHMARKS.md")
+    ap.add_argument("--render", type=Path, nargs="+", metavar="BENCH_JSON",
+                    help="only redo bench.md, the plots and BENCHMARKS.md from finished runs' bench.json")
     ap.add_argument("--_child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args._child:
         _child_main(args._child)
+        return 0
+    if args.render:
+        for results in args.render:
+            render(results, not args.no_benchmarks_md)
         return 0
     models = [(m, args.gguf, args.name) for m in args.model] + (demo_models() if args.demo else [])
     if not models:
@@ -338,9 +352,10 @@ def main(argv: list[str] | None = None) -> int:
                  "accuracy_text": acc_text + "; build s and peak RSS are each variant's own process (peers exclude "
                  "the shared FP32 export, its own row). Ratios are this row over edgeq's, measured in the same run; "
                  "a speed ratio above 1x is faster than edgeq."}
-        command = "make bench" if args.demo else "python bench/bench.py " + " ".join(
+        meta["command"] = "make bench" if args.demo else "python bench/bench.py " + " ".join(
             sys.argv[1:] if argv is None else argv)
-        write_outputs(name, ctx, rows, meta, work, command, not args.no_benchmarks_md)
+        meta["name"] = name
+        write_outputs(name, ctx.kind, rows, meta, work, not args.no_benchmarks_md)
     return 0
 
 

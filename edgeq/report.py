@@ -115,8 +115,9 @@ def _llm_table(rows: Sequence[Row], bandwidth_gbs: float | None) -> list[str]:
         ceiling = r.ceiling_tok_s(bandwidth_gbs)
         frac = r.decode_tok_s / ceiling if ceiling and r.decode_tok_s else None
         inc = a.get("ppl_increase")
+        pct = None if inc is None else round(100 * inc, 1) + 0.0  # + 0.0: FP32's -0.0 prints as +0.0
         return (_size_cells(r, ref) + [
-            _f(a.get("perplexity"), ".2f"), _f(inc and 100 * inc, "+.1f") + ("%" if inc is not None else ""),
+            _f(a.get("perplexity"), ".2f"), _f(pct, "+.1f") + ("%" if pct is not None else ""),
             _f(a.get("mean_kl"), ".4f"), _f(a.get("top1_agreement"), ".3f"), _f(r.prefill_tok_s, ".0f"),
             _f(r.decode_tok_s, ".1f"), _ratio(r.decode_tok_s, ref.decode_tok_s if ref else None),
             _f(r.decode_bytes_per_token and r.decode_bytes_per_token / 1e6, ".1f"), _f(ceiling, ".0f"),
