@@ -5,6 +5,8 @@ Peers quantize the FP32 export that every ORT row shares (``build_fp32``), with 
 
 * ``ort-dynamic-int8``: Optimum's ``ORTQuantizer`` with ``AutoQuantizationConfig.arm64(is_static=False)``
   (what ``optimum-cli onnxruntime quantize --arm64`` runs), per-channel: QOperator, u8 activations, s8 symmetric weights.
+* ``ort-quantize-dynamic``: ONNX Runtime's ``quantize_dynamic`` with its defaults, per-channel (only MatMuls with
+  a constant weight: ``MatMulConstBOnly``).
 * ``ort-static-qdq``: ``AutoQuantizationConfig.arm64(is_static=True)``, per-channel, QDQ, MinMax ranges from ONNX
   Runtime's calibrator over edgeq's calibration text (Optimum's ``fit`` runs the same calibrator; it only needs a
   ``datasets.Dataset``, which edgeq does not depend on).
@@ -136,6 +138,20 @@ def build_ort_dynamic(ctx: BuildContext) -> Built:
                       "Optimum arm64 dynamic: QOperator, u8 activations, s8 symmetric per-channel weights")
 
 
+def build_ort_quantize_dynamic(ctx: BuildContext) -> Built:
+    """ONNX Runtime's own ``quantize_dynamic`` entry point, per-channel. It differs from Optimum's arm64 config in
+    one default that matters: ``MatMulConstBOnly`` (only MatMuls with a constant weight are quantized), which
+    Optimum's ORTQuantizer does not set, so there attention's activation x activation MatMuls run in int8 too."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    out = ctx.work / "ort-quantize-dynamic"
+    out.mkdir(parents=True, exist_ok=True)
+    quantize_dynamic(ctx.fp32_dir / "model.onnx", out / "model.onnx", per_channel=True, weight_type=QuantType.QInt8)
+    return _ort_built(ctx, out / "model.onnx", "ort-quantize-dynamic",
+                      "onnxruntime.quantization.quantize_dynamic defaults, per-channel s8 weights "
+                      "(MatMulConstBOnly: activation x activation MatMuls stay FP32)")
+
+
 class _Feeds:
     """An ONNX Runtime CalibrationDataReader over a list of feed dicts."""
 
@@ -241,6 +257,7 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("FP32 (optimum export)", (ENCODER, LLM), build_fp32),
     Variant("edgeq android-arm64", (ENCODER, LLM), build_edgeq, edgeq=True),
     Variant("ORT dynamic INT8 (Optimum arm64)", (ENCODER, LLM), build_ort_dynamic),
+    Variant("ORT quantize_dynamic INT8 (defaults)", (ENCODER, LLM), build_ort_quantize_dynamic),
     Variant("ORT static QDQ (Optimum arm64)", (ENCODER, LLM), build_ort_static),
     Variant("ORT MatMulNBits RTN b32 sym acc4", (ENCODER, LLM), build_ort_rtn),
     *(Variant(f"llama.cpp {q}", (LLM,), llamacpp_builder(q), requires="llama_cpp") for q in ("Q4_0", "Q4_K_M", "Q8_0")),
