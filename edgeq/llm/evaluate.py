@@ -9,11 +9,12 @@ row chunks of ``CHUNK`` positions (64 x 49152 float64 = 25 MB of temporaries).
 
 from __future__ import annotations
 
+import functools
 import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import onnx
@@ -131,19 +132,22 @@ class ReferenceLogits:
         self.close()
 
 
-def evaluate_lm(model: onnx.ModelProto | Path | str | ort.InferenceSession,
+def evaluate_lm(model: onnx.ModelProto | Path | str | ort.InferenceSession | Callable[[np.ndarray], np.ndarray],
                 reference: ReferenceLogits | onnx.ModelProto | Path | str | ort.InferenceSession,
                 windows: np.ndarray, progress: Progress = QUIET) -> LMAccuracy:
-    """Compare ``model`` with the reference (precomputed ``ReferenceLogits`` or a reference model run per window)."""
+    """Compare ``model`` with the reference (precomputed ``ReferenceLogits`` or a reference model run per window).
+
+    ``model`` may also be a function from one window's ids [S] to its logits [S, V]: another runtime (llama.cpp in
+    bench/) is then measured by exactly the same statistics."""
     windows = np.asarray(windows)
     if isinstance(reference, ReferenceLogits) and not np.array_equal(reference.windows, windows):
         raise ValueError("the reference log-probabilities were computed on other windows")
-    sess = lm_session(model)
+    logits_of = model if callable(model) else functools.partial(window_logits, lm_session(model))
     ref_sess = None if isinstance(reference, ReferenceLogits) else lm_session(reference)
     nll = ref_nll = kl = 0.0
     agree = tokens = 0
     for i, ids in enumerate(windows):
-        logits = window_logits(sess, ids)
+        logits = logits_of(ids)
         ref = reference.logprobs(i) if ref_sess is None else window_logits(ref_sess, ids)
         targets = ids[1:]
         for c in range(0, len(ids) - 1, CHUNK):  # position t predicts token t+1; the last position has no target

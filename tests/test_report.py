@@ -1,0 +1,113 @@
+"""``edgeq report`` on a tiny encoder package, and the report's tables and decode-bytes rule on hand-made inputs.
+Speeds are measured but never asserted on (timings belong in bench/)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+from edgeq.cli import main
+from edgeq.report import ENCODER, LLM, Row, markdown_table
+from edgeq.speed import measure_bandwidth, onnx_decode_bytes
+
+
+def edgeq(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def package(tiny_bert_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("report-pkg")
+    result = edgeq("export", tiny_bert_dir, "--profile", "android-arm64", "-o", out, "--samples", 16, "-q")
+    assert result.exit_code == 0, result.output
+    return out / "tiny-bert-android-arm64"
+
+
+def test_report_writes_markdown_json_and_plots(package, tmp_path):
+    manifest = json.loads((package / "manifest.json").read_text())
+    result = edgeq("report", package, package, "-o", tmp_path)
+    assert result.exit_code == 0, result.output
+    names = {p.name for p in tmp_path.iterdir()}
+    assert {"REPORT.md", "report.json", "encoder_accuracy_vs_size.png", "encoder_speed_vs_size.png"} <= names
+    text = (tmp_path / "REPORT.md").read_text()
+    rows = [ln for ln in text.splitlines() if ln.startswith("| tiny-bert-android-arm64 |")]
+    assert len(rows) == 2
+    assert f"{manifest['accuracy']['mean_cosine']:.5f}" in rows[0]
+    assert "1.00x" in rows[1]  # the same package against itself
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert data["rows"][0]["ms_per_sentence"] > 0
+    assert data["rows"][0]["size_bytes"] == manifest["files"]["model.ort"]["size"]
+    for png in ("encoder_accuracy_vs_size.png", "encoder_speed_vs_size.png"):
+        assert (tmp_path / png).read_bytes().startswith(b"\x89PNG")
+        assert f"]({png})" in text
+
+
+def test_report_html_is_one_file(package, tmp_path):
+    result = edgeq("report", package, "-o", tmp_path, "--html", "--no-speed")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.html", "report.json"]
+    page = (tmp_path / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 1  # accuracy vs size; no speed measured, no speed plot
+    assert "<td>tiny-bert-android-arm64</td>" in page
+
+
+def test_report_on_a_folder_that_is_not_a_package(tmp_path):
+    result = edgeq("report", tmp_path, "-o", tmp_path / "out")
+    assert result.exit_code == 1
+    assert re.search(r"^error: .*has no manifest\.json$", result.stderr, re.M)
+    assert not (tmp_path / "out").exists()
+
+
+def test_llm_table_ratios_ceiling_and_skipped_rows():
+    rows = [Row("edgeq", LLM, 100_000_000, {"perplexity": 11.0, "ppl_increase": 0.1, "mean_kl": 0.05,
+                                            "top1_agreement": 0.9}, decode_tok_s=50.0, decode_bytes_per_token=80_000_000,
+                edgeq=True),
+            Row("peer", LLM, 200_000_000, {"perplexity": 12.0, "ppl_increase": 0.2, "mean_kl": 0.1,
+                                           "top1_agreement": 0.8}, decode_tok_s=25.0, decode_bytes_per_token=160_000_000),
+            Row("llama.cpp Q4_0", LLM, skipped="llama-cpp-python is not installed")]
+    table = markdown_table(rows, bandwidth_gbs=8.0)
+    edgeq_line, peer_line, skipped_line = [ln for ln in table.splitlines() if ln.startswith("| ") and "---" not in ln][1:]
+    assert "| 100 |" in edgeq_line and "| 50% |" in edgeq_line  # 8 GB/s / 80 MB = 100 tok/s; 50 measured
+    assert "| 2.00x |" in peer_line and "| 0.50x |" in peer_line and "+20.0%" in peer_line
+    assert "skipped: llama-cpp-python is not installed" in skipped_line
+    assert rows[0].to_dict(8.0)["fraction_of_ceiling"] == pytest.approx(0.5)
+    assert Row.from_dict(rows[1].to_dict(8.0)) == rows[1]
+
+
+def test_encoder_table_without_an_edgeq_row_has_no_ratios():
+    table = markdown_table([Row("a", ENCODER, 1_000_000, {"mean_cosine": 0.99, "min_cosine": 0.9,
+                                                          "retrieval_top1": 0.95}, ms_per_sentence=2.0)])
+    assert "| a | 1.0 | — | 0.99000 | 0.9000 | 0.950 | 2.00 | — |" in table
+
+
+def _graph(nodes, inits, tmp_path: Path) -> Path:
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 8])],
+                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_decode_bytes_count_one_embedding_row_and_every_weight(tmp_path):
+    table = np.zeros((100, 8), np.float16)  # 1600 bytes, 16 per row
+    w = np.zeros((8, 8), np.float32)  # 256 bytes
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["e16"]),
+             helper.make_node("Cast", ["e16"], ["e"], to=TensorProto.FLOAT),
+             helper.make_node("MatMul", ["e", "w"], ["y"])]
+    assert onnx_decode_bytes(_graph(nodes, {"table": table, "w": w}, tmp_path)) == 16 + 256
+    # tied: the head reads the whole table every token
+    nodes += [helper.make_node("Transpose", ["table"], ["tT"], perm=[1, 0])]
+    assert onnx_decode_bytes(_graph(nodes, {"table": table, "w": w}, tmp_path)) == 1600 + 256
+
+
+def test_bandwidth_is_positive_and_says_how_it_was_measured():
+    bw = measure_bandwidth(mb=8, repeats=2)
+    assert bw.gbs > 0 and "best of 2" in bw.method
