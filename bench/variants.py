@@ -71,8 +71,8 @@ class Variant:
 
 # ---------------------------------------------------------------------------------------------------- edgeq
 def bench_profile(ctx: BuildContext) -> Path:
-    """The bundled android-arm64 profile taking causal LMs too, with the LLM budgets opened: the bench measures
-    what edgeq produces instead of refusing it (the row shows whether the profile's budget would pass)."""
+    """The bundled android-arm64 profile with the LLM budgets opened: the bench measures what edgeq produces
+    instead of refusing it (the row shows whether the profile's budget would pass)."""
     text = BUNDLED_PROFILE.read_text()
     for key, value in {"model_kinds": '["encoder", "causal-lm"]', "max_ppl_increase": "10.0",
                        "min_top1_agreement": "0.0", "max_size_mb": "100000.0", "eval_windows": str(ctx.eval_windows),

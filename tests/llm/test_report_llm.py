@@ -9,17 +9,16 @@ import pytest
 from click.testing import CliRunner
 
 from edgeq.cli import main
-from edgeq.pipeline import ExportRequest, export_package
+from edgeq.pipeline import export_package
 from edgeq.speed import onnx_decode_bytes
 
-from .test_chain import llm_profile
+from .test_chain import llm_request
 
 
 @pytest.fixture(scope="module")
 def package(tiny_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("llm-report")
-    profile = llm_profile(tmp, max_ppl_increase="1.0", min_top1_agreement="0.0")
-    return export_package(ExportRequest(tiny_dir, str(profile), out_dir=tmp / "out"))
+    return export_package(llm_request(tiny_dir, tmp / "out", max_ppl_increase=1.0, min_top1_agreement=0.0))
 
 
 def test_report_on_an_llm_package(package, tmp_path):
