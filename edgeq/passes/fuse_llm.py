@@ -31,7 +31,12 @@ Equivalence (FP32): over a prefill and 8 decode steps the fused model's logits a
 relative; greedy tokens through onnxruntime-genai identical for 128 steps), and the fused FP32 graph gives the same
 logits on the ARM64 CPU EP as on x86-64 (7e-5 absolute). ``tests/llm/test_fuse_llm.py`` checks the tolerance.
 
-Assumptions: decoder-only, causal, no sliding window, non-interleaved (rotate_half) rotary over the whole head,
+Families (tests/llm/test_families.py): Llama, Mistral, Gemma fuse completely (Gemma's export derives positions from
+the cache length instead of ``position_ids``; its cos/sin are evaluated for an empty past, allowed because the
+past and ``input_ids`` reach them through Shape only); SmolLM3's NoPE layers, Qwen2's q/k/v bias and Phi-3's packed
+``qkv_proj`` with a partial-rotary Concat are left unfused and reported, exact by construction.
+
+Assumptions: decoder-only, causal, no sliding window within the context (genai_config refuses a longer context), non-interleaved (rotate_half) rotary over the whole head,
 no attention bias. The fused model runs through GroupQueryAttention's semantics: right- or no padding per row
 (onnxruntime-genai's convention); a left-padded batch fed with optimum's ``position_ids`` would differ.
 """
@@ -39,6 +44,7 @@ no attention bias. The fused model runs through GroupQueryAttention's semantics:
 from __future__ import annotations
 
 import collections
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -48,6 +54,7 @@ from onnx import TensorProto, helper, numpy_helper
 from edgeq.passes.base import PassBase, PassResult
 
 MS_DOMAIN = "com.microsoft"
+_PAST_RE = re.compile(r"past_key_values\.\d+\.(key|value)")
 
 
 class _NoMatch(Exception):
@@ -580,21 +587,38 @@ class FuseLLM(PassBase):
         wanted = sorted({m["cos"] for m in matches} | {m["sin"] for m in matches})
         nodes, needed_inputs = _ancestors(g, wanted)
         graph_inputs = {i.name: i for i in model.graph.input}
-        if set(needed_inputs) - {"position_ids"}:
-            raise _NoMatch(f"rotary tables depend on {sorted(needed_inputs)}, not only position_ids")
-        if "position_ids" not in needed_inputs:
-            raise _NoMatch("rotary tables do not depend on position_ids")
+        # Gemma's export ignores position_ids and counts positions from the cache instead (cache_position =
+        # arange(past_len, past_len + seq), read off Shape(past) and Shape(embeddings)): such tables are evaluated
+        # for an empty past and max_positions new tokens. Allowed only where those inputs reach the tables through
+        # Shape alone (their values never matter, so placeholder values give the true tables).
+        other = set(needed_inputs) - {"position_ids"}
+        if other - {"input_ids"} - {n for n in other if _PAST_RE.fullmatch(n)}:
+            raise _NoMatch(f"rotary tables depend on {sorted(needed_inputs)}, not only on positions")
+        tainted = set(other)
+        for n in nodes:
+            if n.op_type not in ("Shape", "Size") and any(i in tainted for i in n.input):
+                tainted.update(o for o in n.output if o)
+        if tainted & set(wanted):
+            raise _NoMatch(f"rotary tables depend on the values of {sorted(other)}, not only their shapes")
+        if not needed_inputs:
+            raise _NoMatch("rotary tables do not depend on the positions")
         used = {i for n in nodes for i in n.input}
         sub = helper.make_graph(
-            nodes, "rotary", [graph_inputs["position_ids"]],
+            nodes, "rotary", [graph_inputs[n] for n in needed_inputs],
             [onnx.ValueInfoProto(name=w) for w in wanted],
             [t for t in model.graph.initializer if t.name in used])
         sub_model = helper.make_model(sub, opset_imports=list(model.opset_import), ir_version=model.ir_version)
         so = ort.SessionOptions()
         so.log_severity_level = 3
         sess = ort.InferenceSession(sub_model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-        pos = np.arange(self.max_positions, dtype=np.int64)[None, :]
-        values = dict(zip(wanted, sess.run(wanted, {"position_ids": pos})))
+        feeds = {}
+        for i in sess.get_inputs():
+            if i.name in ("position_ids", "input_ids"):
+                feeds[i.name] = np.arange(self.max_positions, dtype=np.int64)[None, :] * (i.name == "position_ids")
+            else:  # past [batch, kv_heads, 0, head_dim], read only through its shape
+                dims = [d if isinstance(d, int) else 1 for d in i.shape]
+                feeds[i.name] = np.zeros(dims[:2] + [0] + dims[3:], np.float32)
+        values = dict(zip(wanted, sess.run(wanted, feeds)))
         names = {}
         for k, w in enumerate(wanted):
             table = np.asarray(values[w])
