@@ -31,13 +31,14 @@ Equivalence (FP32): over a prefill and 8 decode steps the fused model's logits a
 relative; greedy tokens through onnxruntime-genai identical for 128 steps), and the fused FP32 graph gives the same
 logits on the ARM64 CPU EP as on x86-64 (7e-5 absolute). ``tests/llm/test_fuse_llm.py`` checks the tolerance.
 
-Families (tests/llm/test_families.py): Llama, Mistral, Gemma fuse completely (Gemma's export derives positions from
-the cache length instead of ``position_ids``; its cos/sin are evaluated for an empty past, allowed because the
-past and ``input_ids`` reach them through Shape only); SmolLM3's NoPE layers, Qwen2's q/k/v bias and Phi-3's packed
-``qkv_proj`` with a partial-rotary Concat are left unfused and reported, exact by construction.
+Families (tests/llm/test_families.py): Llama, Mistral, Qwen2, Gemma fuse completely. Qwen2's q/k/v biases become one
+Add of the packed bias after the packed MatMul (GroupQueryAttention takes none). Gemma's export derives positions
+from the cache length instead of ``position_ids``; its cos/sin are evaluated for an empty past, allowed because the
+past and ``input_ids`` reach them through Shape only. SmolLM3's NoPE layers and Phi-3's packed ``qkv_proj`` with a
+partial-rotary Concat are left unfused and reported, exact by construction.
 
-Assumptions: decoder-only, causal, no sliding window within the context (genai_config refuses a longer context), non-interleaved (rotate_half) rotary over the whole head,
-no attention bias. The fused model runs through GroupQueryAttention's semantics: right- or no padding per row
+Assumptions: decoder-only, causal, no sliding window within the context (genai_config refuses a longer context),
+non-interleaved (rotate_half) rotary over the whole head, no bias on the output projection. The fused model runs through GroupQueryAttention's semantics: right- or no padding per row
 (onnxruntime-genai's convention); a left-padded batch fed with optimum's ``position_ids`` would differ.
 """
 
@@ -385,6 +386,15 @@ class FuseLLM(PassBase):
                     np.concatenate([q_w, k_w, v_w], axis=1).astype(q_w.dtype), w_name))
                 qkv = f"{base}/qkv_proj/MatMul_output_0"
                 emitted.append(helper.make_node("MatMul", [m["x"], w_name], [qkv], name=f"{base}/qkv_proj/MatMul"))
+                if any(m["biases"]):  # GroupQueryAttention takes no bias: one Add of the packed [bq | bk | bv]
+                    b_name = f"{base}/qkv_proj.bias"
+                    parts = [numpy_helper.to_array(g.inits[b[1]]) if b else np.zeros(w.shape[1], q_w.dtype)
+                             for b, w in zip(m["biases"], (q_w, k_w, v_w))]
+                    added_inits.append(numpy_helper.from_array(np.concatenate(parts).astype(q_w.dtype), b_name))
+                    emitted.append(helper.make_node("Add", [qkv, b_name], [qkv + "_bias"],
+                                                    name=f"{base}/qkv_proj/Add"))
+                    qkv = qkv + "_bias"
+                    drop.update(id(b[0]) for b in m["biases"] if b)
                 qkv_inputs = [qkv, "", ""]
                 drop.update(id(n) for n in (m["q_mm"], m["k_mm"], m["v_mm"]))
                 counts["packed QKV MatMul"] += 1
@@ -430,16 +440,32 @@ class FuseLLM(PassBase):
         raise _NoMatch(f"{name!r} is not a rotate_half rotary embedding")
 
     @staticmethod
-    def _proj(g: _Graph, name: str) -> tuple[str, str, onnx.NodeProto, list[onnx.NodeProto], int | None]:
-        """``Transpose(Reshape(MatMul(x, W)), [0,2,1,3])`` -> (x, W, matmul, nodes, head_dim)."""
+    def _proj(g: _Graph, name: str) -> tuple[str, str, onnx.NodeProto, list[onnx.NodeProto], int | None,
+                                             tuple[onnx.NodeProto, str] | None]:
+        """``Transpose(Reshape(MatMul(x, W) [+ b]), [0,2,1,3])`` -> (x, W, matmul, nodes, head_dim, (Add, b) or None).
+
+        The bias (Qwen2's q/k/v projections) is a 1-D initializer of W's output width added after the MatMul."""
         tr = g.op(name, "Transpose")
         if list(_attr(tr, "perm", [])) != [0, 2, 1, 3]:
             raise _NoMatch(f"{name!r}: transpose is not BSHD->BHSD")
         rs = g.op(tr.input[0], "Reshape")
-        mm = g.op(rs.input[0], "MatMul")
+        bias = None
+        node = g.producer.get(rs.input[0])
+        if node is not None and node.op_type == "Add":
+            for bi in (0, 1):
+                b = g.init_name(node.input[bi])
+                src = g.producer.get(node.input[1 - bi])
+                if b is not None and len(g.inits[b].dims) == 1 and src is not None and src.op_type == "MatMul":
+                    bias, mm_input = (node, b), node.input[1 - bi]
+                    break
+            else:
+                raise _NoMatch(f"{name!r}: the Add before the head reshape is not a projection bias")
+        mm = g.op(mm_input if bias else rs.input[0], "MatMul")
         w = g.init_name(mm.input[1])
         if w is None or len(g.inits[w].dims) != 2:
             raise _NoMatch(f"{name!r}: projection weight is not a 2-D initializer")
+        if bias and list(g.inits[bias[1]].dims) != [g.inits[w].dims[1]]:
+            raise _NoMatch(f"{name!r}: bias shape {list(g.inits[bias[1]].dims)} does not fit the weight")
         head_dim = None
         shape = g.const(rs.input[1])
         if shape is not None and shape.size == 4 and shape[-1] > 0:
@@ -450,7 +476,7 @@ class FuseLLM(PassBase):
                 last = g.const(cat.input[3])
                 if last is not None and last.size == 1 and int(last.reshape(())) > 0:
                     head_dim = int(last.reshape(()))
-        return mm.input[0], w, mm, [tr, rs, mm], head_dim
+        return mm.input[0], w, mm, [tr, rs, mm], head_dim, bias
 
     @staticmethod
     def _repeat_kv(g: _Graph, name: str) -> tuple[str, list[onnx.NodeProto]]:
@@ -552,9 +578,10 @@ class FuseLLM(PassBase):
         k_new, cos_k, sin_k, rope_k = self._rope(g, caches["key"][1])
         if (cos, sin) != (cos_k, sin_k):
             raise _NoMatch("q and k use different rotary tables")
-        xq, wq, q_mm, q_nodes, dq = self._proj(g, q_t)
-        xk, wk, k_mm, k_nodes, dk = self._proj(g, k_new)
-        xv, wv, v_mm, v_nodes, dv = self._proj(g, caches["value"][1])
+        xq, wq, q_mm, q_nodes, dq, bq = self._proj(g, q_t)
+        xk, wk, k_mm, k_nodes, dk, bk = self._proj(g, k_new)
+        xv, wv, v_mm, v_nodes, dv, bv = self._proj(g, caches["value"][1])
+        biases = (bq, bk, bv)
         if not xq == xk == xv:
             raise _NoMatch("q, k, v projections read different inputs")
         head_dim = dq or dk or dv
@@ -564,7 +591,7 @@ class FuseLLM(PassBase):
         replaced += rope_q + rope_k + q_nodes[:-1] + k_nodes[:-1] + v_nodes[:-1]
         # Nothing outside the block may read its intermediates (the rotary q/k, the repeated cache...).
         internal = {o for n in replaced for o in n.output} - {out_rs[0].output[0], present_key, present_value}
-        ids = {id(n) for n in replaced} | {id(q_mm), id(k_mm), id(v_mm)}
+        ids = {id(n) for n in replaced} | {id(q_mm), id(k_mm), id(v_mm)} | {id(b[0]) for b in biases if b}
         # Shape readers are allowed: they feed the block's own shape arithmetic, which dies with it (checked
         # globally before the rewrite is applied, see _dangling).
         for t in internal:
@@ -577,7 +604,8 @@ class FuseLLM(PassBase):
         return dict(softmax=softmax, replaced=replaced, out=out_rs[0].output[0], out_node=out_rs[0],
                     present_key=present_key, present_value=present_value, past_key=caches["key"][0],
                     past_value=caches["value"][0], x=xq, wq=wq, wk=wk, wv=wv, q_mm=q_mm, k_mm=k_mm, v_mm=v_mm,
-                    q=q_mm.output[0], k=k_mm.output[0], v=v_mm.output[0], cos=cos, sin=sin,
+                    q=(bq[0] if bq else q_mm).output[0], k=(bk[0] if bk else k_mm).output[0],
+                    v=(bv[0] if bv else v_mm).output[0], biases=biases, cos=cos, sin=sin,
                     head_dim=head_dim, scale=float(scale), prefix=prefix)
 
     def _rotary_caches(self, model: onnx.ModelProto, g: _Graph, matches: list[dict]) -> dict[str, str]:

@@ -47,6 +47,9 @@ def tiny_family(model_type: str, folder: Path, seed: int = 0) -> Path:
     std = 0.5 / hidden_scale(model_type)
     with torch.no_grad():
         model.get_input_embeddings().weight.normal_(0.0, std)
+        for module in model.modules():  # Qwen2's q/k/v biases start at zero: random ones test their fusion
+            if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                module.bias.normal_(0.0, 0.2)
     model.save_pretrained(str(folder), safe_serialization=True)
     GenerationConfig(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=EOS_ID).save_pretrained(str(folder))
     return folder
