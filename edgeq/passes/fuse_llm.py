@@ -31,11 +31,12 @@ Equivalence (FP32): over a prefill and 8 decode steps the fused model's logits a
 relative; greedy tokens through onnxruntime-genai identical for 128 steps), and the fused FP32 graph gives the same
 logits on the ARM64 CPU EP as on x86-64 (7e-5 absolute). ``tests/llm/test_fuse_llm.py`` checks the tolerance.
 
-Families (tests/llm/test_families.py): Llama, Mistral, Qwen2, Gemma fuse completely. Qwen2's q/k/v biases become one
-Add of the packed bias after the packed MatMul (GroupQueryAttention takes none). Gemma's export derives positions
+Families (tests/llm/test_families.py): Llama, Mistral, Qwen2, Gemma, SmolLM3 fuse completely (SmolLM3's NoPE
+layers, whose q and k come straight from their projections, as GroupQueryAttention with ``do_rotary=0``). Qwen2's
+q/k/v biases become one Add of the packed bias after the packed MatMul (GroupQueryAttention takes none). Gemma's export derives positions
 from the cache length instead of ``position_ids``; its cos/sin are evaluated for an empty past, allowed because the
-past and ``input_ids`` reach them through Shape only. SmolLM3's NoPE layers and Phi-3's packed ``qkv_proj`` with a
-partial-rotary Concat are left unfused and reported, exact by construction.
+past and ``input_ids`` reach them through Shape only. Phi-3's packed ``qkv_proj`` split by Slice, with a partial-rotary
+Concat, is left unfused and reported, exact by construction.
 
 Assumptions: decoder-only, causal, no sliding window within the context (genai_config refuses a longer context),
 non-interleaved (rotate_half) rotary over the whole head, no bias on the output projection. The fused model runs through GroupQueryAttention's semantics: right- or no padding per row
@@ -370,7 +371,8 @@ class FuseLLM(PassBase):
         added_inits: list[onnx.TensorProto] = []
         used_prefixes: set[str] = set()
         for k, m in enumerate(matches):
-            cos_name, sin_name = caches[m["cos"]], caches[m["sin"]]
+            rotary = m["cos"] is not None
+            cos_name, sin_name = (caches[m["cos"]], caches[m["sin"]]) if rotary else ("", "")
             base = m["prefix"] if m["prefix"] not in used_prefixes else f"{m['prefix']}/attention{k}"
             used_prefixes.add(base)
             q_w, k_w, v_w = (numpy_helper.to_array(g.inits[m[w]]) for w in ("wq", "wk", "wv"))
@@ -404,7 +406,7 @@ class FuseLLM(PassBase):
                 "GroupQueryAttention",
                 qkv_inputs + [m["past_key"], m["past_value"], seqlens, total, cos_name, sin_name],
                 [m["out"], m["present_key"], m["present_value"]], name=f"{base}/GroupQueryAttention",
-                domain=MS_DOMAIN, num_heads=heads, kv_num_heads=kv_heads, scale=m["scale"], do_rotary=1,
+                domain=MS_DOMAIN, num_heads=heads, kv_num_heads=kv_heads, scale=m["scale"], do_rotary=int(rotary),
                 rotary_interleaved=0))
             drop.update(id(n) for n in m["replaced"])
             new_nodes.setdefault(index[id(m["out_node"])], []).extend(emitted)
@@ -574,8 +576,16 @@ class FuseLLM(PassBase):
             caches[kind] = (cat.input[0], cat.input[1])
             replaced.append(cat)
 
-        q_t, cos, sin, rope_q = self._rope(g, q_rot)
-        k_new, cos_k, sin_k, rope_k = self._rope(g, caches["key"][1])
+        try:
+            q_t, cos, sin, rope_q = self._rope(g, q_rot)
+            k_new, cos_k, sin_k, rope_k = self._rope(g, caches["key"][1])
+        except _NoMatch as exc:
+            # A layer without rotary (SmolLM3's NoPE layers): q and k come straight from their projections, checked
+            # by _proj below; any other rotary spelling fails there and leaves the layer unfused.
+            if any(g.producer.get(t) is None or g.producer[t].op_type != "Transpose"
+                   for t in (q_rot, caches["key"][1])):
+                raise exc
+            q_t, k_new, cos, sin, cos_k, sin_k, rope_q, rope_k = q_rot, caches["key"][1], None, None, None, None, [], []
         if (cos, sin) != (cos_k, sin_k):
             raise _NoMatch("q and k use different rotary tables")
         xq, wq, q_mm, q_nodes, dq, bq = self._proj(g, q_t)
@@ -612,7 +622,9 @@ class FuseLLM(PassBase):
         """Evaluate each distinct cos/sin table for positions 0..max_positions-1; return tensor -> initializer."""
         import onnxruntime as ort
 
-        wanted = sorted({m["cos"] for m in matches} | {m["sin"] for m in matches})
+        wanted = sorted(({m["cos"] for m in matches} | {m["sin"] for m in matches}) - {None})
+        if not wanted:
+            return {}
         nodes, needed_inputs = _ancestors(g, wanted)
         graph_inputs = {i.name: i for i in model.graph.input}
         # Gemma's export ignores position_ids and counts positions from the cache instead (cache_position =

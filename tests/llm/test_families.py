@@ -11,7 +11,8 @@ Measured (onnxruntime 1.32, onnxruntime-genai 0.18, transformers 4.57; fused vs 
 family   fusion                                  fused-unfused  greedy (16, margin)  INT4 rel / cos / top-1
 llama    GQA 2/2 (packed QKV), norms 5/5         1.9e-5         equal (0.21)         0.27 / 0.973 / 0.66
 mistral  GQA 2/2 (packed QKV), norms 5/5         8.3e-6         equal (0.51, EOS@4)  0.29 / 0.970 / 0.64
-smollm3  GQA 1/2 (NoPE layer unfused), norms 5/5 1.8e-5         equal (0.08)         0.30 / 0.973 / 0.75
+smollm3  GQA 2/2 (NoPE layer: do_rotary=0),      1.7e-5         equal (0.08)         0.31 / 0.973 / 0.73
+         norms 5/5
 qwen2    GQA 2/2 (packed QKV + one packed bias 1.9e-5         equal (0.054)        0.30 / 0.973 / 0.69
          Add; random biases, not the zero init), norms 5/5; unpacked (pack_qkv=False) 1.6e-5
 phi3     norms only: packed qkv_proj split by    4.8e-6         equal (0.05)         0.33 / 0.972 / 0.69
@@ -47,7 +48,7 @@ from .test_genai import chat_ids, make_package, optimum_export, torch_greedy
 from .tiny_families import FAMILIES, tiny_family
 
 # family -> (GroupQueryAttention nodes FuseLLM emits, K/V projection MatMuls in the fused graph)
-EXPECTED = {"llama": (2, 2), "mistral": (2, 2), "smollm3": (1, 3), "qwen2": (2, 2), "phi3": (0, 2), "gemma": (2, 2)}
+EXPECTED = {"llama": (2, 2), "mistral": (2, 2), "smollm3": (2, 2), "qwen2": (2, 2), "phi3": (0, 2), "gemma": (2, 2)}
 
 
 def test_every_claimed_family_is_tested():
@@ -164,4 +165,4 @@ def test_int4_package_near_fp32_with_kv_at_8_bits(family):
         ref = model(torch.from_numpy(ids)[None]).logits[0].numpy()
     rel = np.abs(got - ref).max() / np.abs(ref).max()
     cos = ((got * ref).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(ref, axis=1)).mean()
-    assert rel <= 0.6 and cos >= 0.93, (rel, cos)  # measured rel 0.27-0.33, cos 0.972-0.974
+    assert rel <= 0.6 and cos >= 0.93, (rel, cos)  # measured rel 0.27-0.33, cos 0.970-0.974
