@@ -18,7 +18,15 @@ from edgeq.errors import ModelFolderError, UnsupportedModelError
 ENCODER_TYPES = frozenset(
     {"bert", "roberta", "xlm-roberta", "distilbert", "mpnet", "electra", "albert", "camembert", "deberta-v2", "nomic_bert"}
 )
-CAUSAL_LM_TYPES = frozenset({"llama", "qwen2", "phi3", "gemma", "gemma2", "mistral", "smollm3"})
+CAUSAL_LM_TYPES = frozenset({"llama", "qwen2", "phi3", "gemma", "mistral", "smollm3"})
+# Causal LM families refused with the reason (tests/llm/test_families.py measured each one).
+REFUSED_CAUSAL_LM = {
+    "gemma2": ("optimum's Gemma-2 export drops the attention logit soft-capping (config attn_logit_softcapping; "
+               "measured: no Tanh before the attention softmax of the exported graph, as transformers' SDPA attention "
+               "ignores it), so the package would differ from the model wherever a score nears the cap",
+               "Gemma-2 needs an export with eager attention and soft-capping in GroupQueryAttention (softcap, "
+               "local_window_size), which edgeq does not do yet; use a Gemma, Llama, Qwen2, Phi-3 or Mistral model"),
+}
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
                    "merges.txt", "vocab.json", "sentencepiece.bpe.model", "spiece.model", "tokenizer.model")
@@ -155,6 +163,9 @@ def inspect_model_dir(path: Path, gguf_file: str | None = None) -> ModelSource:
     model_type = config.get("model_type", "")
     archs = config.get("architectures") or []
     arch = archs[0] if archs else ""
+    if model_type in REFUSED_CAUSAL_LM:
+        reason, hint = REFUSED_CAUSAL_LM[model_type]
+        raise UnsupportedModelError(f"{path} is a {model_type} causal LM, which edgeq refuses: {reason}", hint)
     kind = "causal-lm" if model_type in CAUSAL_LM_TYPES and (not arch or arch.endswith("ForCausalLM")) else "encoder"
     if kind == "encoder" and (model_type in CAUSAL_LM_TYPES or arch.endswith("ForCausalLM")):
         raise UnsupportedModelError(

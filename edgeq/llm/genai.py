@@ -44,7 +44,7 @@ class DecoderIO:
     kv_heads: int | None  # None where the export left the dimension symbolic
     head_size: int | None
     has_position_ids: bool
-    group_query_attention: bool = False  # fused by FuseLLM: present shares the past buffer, as the GenAI builder's
+    group_query_attention: bool = False  # every layer fused by FuseLLM: present shares the past buffer, as the builder's
 
 
 def _dims(value: onnx.ValueInfoProto) -> list[int | str]:
@@ -72,7 +72,15 @@ def decoder_io(onnx_model: Path | onnx.ModelProto) -> DecoderIO:
     kv_heads, head_size = (dims[1], dims[3]) if len(dims) == 4 else (None, None)
     return DecoderIO(len(layers), kv_heads if isinstance(kv_heads, int) else None,
                      head_size if isinstance(head_size, int) else None, "position_ids" in inputs,
-                     any(n.op_type == "GroupQueryAttention" for n in model.graph.node))
+                     _all_presents_from_gqa(model, len(layers)))
+
+
+def _all_presents_from_gqa(model: onnx.ModelProto, layers: int) -> bool:
+    """Every ``present.N`` is written by a GroupQueryAttention (which can share the past buffer). A partly fused
+    graph (measured on SmolLM3, whose NoPE layers have no rotary to fuse) still grows the other layers' present by
+    Concat, which a shared buffer breaks ('present.1.key' {1,2,52,16} vs computed {1,2,88,16})."""
+    gqa_out = {o for n in model.graph.node if n.op_type == "GroupQueryAttention" for o in n.output}
+    return all(p % i in gqa_out for i in range(layers) for p in (PRESENT_KEY, PRESENT_VALUE))
 
 
 def _first(*values):
@@ -113,6 +121,21 @@ def genai_config(model_file: str, io: DecoderIO, hf_config: dict, generation_con
     if context_length < 1 or (max_positions and context_length > max_positions):
         raise UserInputError(f"context length {context_length} is outside 1..{max_positions} (the model's "
                              "max_position_embeddings)", f"pass a context length of at most {max_positions}")
+    # Sliding-window attention (Mistral v0.1, Qwen2 with use_sliding_window) equals full causal attention up to the
+    # window; FuseLLM's GroupQueryAttention attends to the whole context, so a longer context would differ.
+    window = hf_config.get("sliding_window") if hf_config.get("use_sliding_window", True) else None
+    if window and context_length > window:
+        raise UserInputError(f"context length {context_length} exceeds the model's sliding_window {window}; edgeq's "
+                             "attention has no sliding window, so tokens past it would attend too far back",
+                             f"pass a context length of at most {window} (llm.context_length)")
+    # LongRoPE (Phi-3 128k / Phi-3.5) picks its short or long factors by sequence length in Python; the traced
+    # export keeps the short ones, which transformers uses only up to original_max_position_embeddings.
+    rope = hf_config.get("rope_scaling") or {}
+    original = hf_config.get("original_max_position_embeddings")
+    if rope.get("rope_type", rope.get("type")) == "longrope" and original and context_length > original:
+        raise UserInputError(f"context length {context_length} exceeds the LongRoPE model's "
+                             f"original_max_position_embeddings {original}; the export keeps only the short factors",
+                             f"pass a context length of at most {original} (llm.context_length)")
     bos, eos, pad = special_token_ids(hf_config, generation_config)
     gen = generation_config or {}
     inputs = {"input_ids": "input_ids", "attention_mask": "attention_mask"}

@@ -396,8 +396,11 @@ def kv_projections(model: onnx.ModelProto) -> dict[str, str]:
     the K and V projections (or a packed QKV one), found from the graph rather than from names.
     -> node name -> the present output. Not followed: Shape/Size readers (they carry a tensor's shape, not its
     values, into every later Reshape), empty optional names, and a separate query into a fused attention op (it
-    reaches the attention output, not the cache)."""
+    reaches the attention output, not the cache), nor MatMuls without a constant weight: the rotary
+    ``inv_freq x position_ids`` MatMul of an unfused graph reaches the key cache through cos/sin (measured on the
+    unfused Qwen2, Phi-3 and Gemma exports) but is no projection."""
     g = model.graph
+    weights = {t.name for t in g.initializer} | {o for n in g.node if n.op_type == "Constant" for o in n.output}
     consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
     for n in g.node:
         for idx, i in enumerate(n.input):
@@ -406,7 +409,7 @@ def kv_projections(model: onnx.ModelProto) -> dict[str, str]:
     present = {o.name for o in g.output if o.name.startswith("present")}
     out = {}
     for n in g.node:
-        if n.op_type != "MatMul":
+        if n.op_type != "MatMul" or n.input[1] not in weights:
             continue
         seen, stack = {n.output[0]}, [n.output[0]]
         while stack and n.name not in out:

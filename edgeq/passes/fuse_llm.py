@@ -31,14 +31,22 @@ Equivalence (FP32): over a prefill and 8 decode steps the fused model's logits a
 relative; greedy tokens through onnxruntime-genai identical for 128 steps), and the fused FP32 graph gives the same
 logits on the ARM64 CPU EP as on x86-64 (7e-5 absolute). ``tests/llm/test_fuse_llm.py`` checks the tolerance.
 
-Assumptions: decoder-only, causal, no sliding window, non-interleaved (rotate_half) rotary over the whole head,
-no attention bias. The fused model runs through GroupQueryAttention's semantics: right- or no padding per row
+Families (tests/llm/test_families.py): Llama, Mistral, Qwen2, Gemma, SmolLM3 fuse completely (SmolLM3's NoPE
+layers, whose q and k come straight from their projections, as GroupQueryAttention with ``do_rotary=0``). Qwen2's
+q/k/v biases become one Add of the packed bias after the packed MatMul (GroupQueryAttention takes none). Gemma's export derives positions
+from the cache length instead of ``position_ids``; its cos/sin are evaluated for an empty past, allowed because the
+past and ``input_ids`` reach them through Shape only. Phi-3's packed ``qkv_proj`` split by Slice, with a partial-rotary
+Concat, is left unfused and reported, exact by construction.
+
+Assumptions: decoder-only, causal, no sliding window within the context (genai_config refuses a longer context),
+non-interleaved (rotate_half) rotary over the whole head, no bias on the output projection. The fused model runs through GroupQueryAttention's semantics: right- or no padding per row
 (onnxruntime-genai's convention); a left-padded batch fed with optimum's ``position_ids`` would differ.
 """
 
 from __future__ import annotations
 
 import collections
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -48,6 +56,7 @@ from onnx import TensorProto, helper, numpy_helper
 from edgeq.passes.base import PassBase, PassResult
 
 MS_DOMAIN = "com.microsoft"
+_PAST_RE = re.compile(r"past_key_values\.\d+\.(key|value)")
 
 
 class _NoMatch(Exception):
@@ -362,7 +371,8 @@ class FuseLLM(PassBase):
         added_inits: list[onnx.TensorProto] = []
         used_prefixes: set[str] = set()
         for k, m in enumerate(matches):
-            cos_name, sin_name = caches[m["cos"]], caches[m["sin"]]
+            rotary = m["cos"] is not None
+            cos_name, sin_name = (caches[m["cos"]], caches[m["sin"]]) if rotary else ("", "")
             base = m["prefix"] if m["prefix"] not in used_prefixes else f"{m['prefix']}/attention{k}"
             used_prefixes.add(base)
             q_w, k_w, v_w = (numpy_helper.to_array(g.inits[m[w]]) for w in ("wq", "wk", "wv"))
@@ -378,6 +388,15 @@ class FuseLLM(PassBase):
                     np.concatenate([q_w, k_w, v_w], axis=1).astype(q_w.dtype), w_name))
                 qkv = f"{base}/qkv_proj/MatMul_output_0"
                 emitted.append(helper.make_node("MatMul", [m["x"], w_name], [qkv], name=f"{base}/qkv_proj/MatMul"))
+                if any(m["biases"]):  # GroupQueryAttention takes no bias: one Add of the packed [bq | bk | bv]
+                    b_name = f"{base}/qkv_proj.bias"
+                    parts = [numpy_helper.to_array(g.inits[b[1]]) if b else np.zeros(w.shape[1], q_w.dtype)
+                             for b, w in zip(m["biases"], (q_w, k_w, v_w))]
+                    added_inits.append(numpy_helper.from_array(np.concatenate(parts).astype(q_w.dtype), b_name))
+                    emitted.append(helper.make_node("Add", [qkv, b_name], [qkv + "_bias"],
+                                                    name=f"{base}/qkv_proj/Add"))
+                    qkv = qkv + "_bias"
+                    drop.update(id(b[0]) for b in m["biases"] if b)
                 qkv_inputs = [qkv, "", ""]
                 drop.update(id(n) for n in (m["q_mm"], m["k_mm"], m["v_mm"]))
                 counts["packed QKV MatMul"] += 1
@@ -387,7 +406,7 @@ class FuseLLM(PassBase):
                 "GroupQueryAttention",
                 qkv_inputs + [m["past_key"], m["past_value"], seqlens, total, cos_name, sin_name],
                 [m["out"], m["present_key"], m["present_value"]], name=f"{base}/GroupQueryAttention",
-                domain=MS_DOMAIN, num_heads=heads, kv_num_heads=kv_heads, scale=m["scale"], do_rotary=1,
+                domain=MS_DOMAIN, num_heads=heads, kv_num_heads=kv_heads, scale=m["scale"], do_rotary=int(rotary),
                 rotary_interleaved=0))
             drop.update(id(n) for n in m["replaced"])
             new_nodes.setdefault(index[id(m["out_node"])], []).extend(emitted)
@@ -423,16 +442,32 @@ class FuseLLM(PassBase):
         raise _NoMatch(f"{name!r} is not a rotate_half rotary embedding")
 
     @staticmethod
-    def _proj(g: _Graph, name: str) -> tuple[str, str, onnx.NodeProto, list[onnx.NodeProto], int | None]:
-        """``Transpose(Reshape(MatMul(x, W)), [0,2,1,3])`` -> (x, W, matmul, nodes, head_dim)."""
+    def _proj(g: _Graph, name: str) -> tuple[str, str, onnx.NodeProto, list[onnx.NodeProto], int | None,
+                                             tuple[onnx.NodeProto, str] | None]:
+        """``Transpose(Reshape(MatMul(x, W) [+ b]), [0,2,1,3])`` -> (x, W, matmul, nodes, head_dim, (Add, b) or None).
+
+        The bias (Qwen2's q/k/v projections) is a 1-D initializer of W's output width added after the MatMul."""
         tr = g.op(name, "Transpose")
         if list(_attr(tr, "perm", [])) != [0, 2, 1, 3]:
             raise _NoMatch(f"{name!r}: transpose is not BSHD->BHSD")
         rs = g.op(tr.input[0], "Reshape")
-        mm = g.op(rs.input[0], "MatMul")
+        bias = None
+        node = g.producer.get(rs.input[0])
+        if node is not None and node.op_type == "Add":
+            for bi in (0, 1):
+                b = g.init_name(node.input[bi])
+                src = g.producer.get(node.input[1 - bi])
+                if b is not None and len(g.inits[b].dims) == 1 and src is not None and src.op_type == "MatMul":
+                    bias, mm_input = (node, b), node.input[1 - bi]
+                    break
+            else:
+                raise _NoMatch(f"{name!r}: the Add before the head reshape is not a projection bias")
+        mm = g.op(mm_input if bias else rs.input[0], "MatMul")
         w = g.init_name(mm.input[1])
         if w is None or len(g.inits[w].dims) != 2:
             raise _NoMatch(f"{name!r}: projection weight is not a 2-D initializer")
+        if bias and list(g.inits[bias[1]].dims) != [g.inits[w].dims[1]]:
+            raise _NoMatch(f"{name!r}: bias shape {list(g.inits[bias[1]].dims)} does not fit the weight")
         head_dim = None
         shape = g.const(rs.input[1])
         if shape is not None and shape.size == 4 and shape[-1] > 0:
@@ -443,7 +478,7 @@ class FuseLLM(PassBase):
                 last = g.const(cat.input[3])
                 if last is not None and last.size == 1 and int(last.reshape(())) > 0:
                     head_dim = int(last.reshape(()))
-        return mm.input[0], w, mm, [tr, rs, mm], head_dim
+        return mm.input[0], w, mm, [tr, rs, mm], head_dim, bias
 
     @staticmethod
     def _repeat_kv(g: _Graph, name: str) -> tuple[str, list[onnx.NodeProto]]:
@@ -541,13 +576,22 @@ class FuseLLM(PassBase):
             caches[kind] = (cat.input[0], cat.input[1])
             replaced.append(cat)
 
-        q_t, cos, sin, rope_q = self._rope(g, q_rot)
-        k_new, cos_k, sin_k, rope_k = self._rope(g, caches["key"][1])
+        try:
+            q_t, cos, sin, rope_q = self._rope(g, q_rot)
+            k_new, cos_k, sin_k, rope_k = self._rope(g, caches["key"][1])
+        except _NoMatch as exc:
+            # A layer without rotary (SmolLM3's NoPE layers): q and k come straight from their projections, checked
+            # by _proj below; any other rotary spelling fails there and leaves the layer unfused.
+            if any(g.producer.get(t) is None or g.producer[t].op_type != "Transpose"
+                   for t in (q_rot, caches["key"][1])):
+                raise exc
+            q_t, k_new, cos, sin, cos_k, sin_k, rope_q, rope_k = q_rot, caches["key"][1], None, None, None, None, [], []
         if (cos, sin) != (cos_k, sin_k):
             raise _NoMatch("q and k use different rotary tables")
-        xq, wq, q_mm, q_nodes, dq = self._proj(g, q_t)
-        xk, wk, k_mm, k_nodes, dk = self._proj(g, k_new)
-        xv, wv, v_mm, v_nodes, dv = self._proj(g, caches["value"][1])
+        xq, wq, q_mm, q_nodes, dq, bq = self._proj(g, q_t)
+        xk, wk, k_mm, k_nodes, dk, bk = self._proj(g, k_new)
+        xv, wv, v_mm, v_nodes, dv, bv = self._proj(g, caches["value"][1])
+        biases = (bq, bk, bv)
         if not xq == xk == xv:
             raise _NoMatch("q, k, v projections read different inputs")
         head_dim = dq or dk or dv
@@ -557,7 +601,7 @@ class FuseLLM(PassBase):
         replaced += rope_q + rope_k + q_nodes[:-1] + k_nodes[:-1] + v_nodes[:-1]
         # Nothing outside the block may read its intermediates (the rotary q/k, the repeated cache...).
         internal = {o for n in replaced for o in n.output} - {out_rs[0].output[0], present_key, present_value}
-        ids = {id(n) for n in replaced} | {id(q_mm), id(k_mm), id(v_mm)}
+        ids = {id(n) for n in replaced} | {id(q_mm), id(k_mm), id(v_mm)} | {id(b[0]) for b in biases if b}
         # Shape readers are allowed: they feed the block's own shape arithmetic, which dies with it (checked
         # globally before the rewrite is applied, see _dangling).
         for t in internal:
@@ -570,31 +614,51 @@ class FuseLLM(PassBase):
         return dict(softmax=softmax, replaced=replaced, out=out_rs[0].output[0], out_node=out_rs[0],
                     present_key=present_key, present_value=present_value, past_key=caches["key"][0],
                     past_value=caches["value"][0], x=xq, wq=wq, wk=wk, wv=wv, q_mm=q_mm, k_mm=k_mm, v_mm=v_mm,
-                    q=q_mm.output[0], k=k_mm.output[0], v=v_mm.output[0], cos=cos, sin=sin,
+                    q=(bq[0] if bq else q_mm).output[0], k=(bk[0] if bk else k_mm).output[0],
+                    v=(bv[0] if bv else v_mm).output[0], biases=biases, cos=cos, sin=sin,
                     head_dim=head_dim, scale=float(scale), prefix=prefix)
 
     def _rotary_caches(self, model: onnx.ModelProto, g: _Graph, matches: list[dict]) -> dict[str, str]:
         """Evaluate each distinct cos/sin table for positions 0..max_positions-1; return tensor -> initializer."""
         import onnxruntime as ort
 
-        wanted = sorted({m["cos"] for m in matches} | {m["sin"] for m in matches})
+        wanted = sorted(({m["cos"] for m in matches} | {m["sin"] for m in matches}) - {None})
+        if not wanted:
+            return {}
         nodes, needed_inputs = _ancestors(g, wanted)
         graph_inputs = {i.name: i for i in model.graph.input}
-        if set(needed_inputs) - {"position_ids"}:
-            raise _NoMatch(f"rotary tables depend on {sorted(needed_inputs)}, not only position_ids")
-        if "position_ids" not in needed_inputs:
-            raise _NoMatch("rotary tables do not depend on position_ids")
+        # Gemma's export ignores position_ids and counts positions from the cache instead (cache_position =
+        # arange(past_len, past_len + seq), read off Shape(past) and Shape(embeddings)): such tables are evaluated
+        # for an empty past and max_positions new tokens. Allowed only where those inputs reach the tables through
+        # Shape alone (their values never matter, so placeholder values give the true tables).
+        other = set(needed_inputs) - {"position_ids"}
+        if other - {"input_ids"} - {n for n in other if _PAST_RE.fullmatch(n)}:
+            raise _NoMatch(f"rotary tables depend on {sorted(needed_inputs)}, not only on positions")
+        tainted = set(other)
+        for n in nodes:
+            if n.op_type not in ("Shape", "Size") and any(i in tainted for i in n.input):
+                tainted.update(o for o in n.output if o)
+        if tainted & set(wanted):
+            raise _NoMatch(f"rotary tables depend on the values of {sorted(other)}, not only their shapes")
+        if not needed_inputs:
+            raise _NoMatch("rotary tables do not depend on the positions")
         used = {i for n in nodes for i in n.input}
         sub = helper.make_graph(
-            nodes, "rotary", [graph_inputs["position_ids"]],
+            nodes, "rotary", [graph_inputs[n] for n in needed_inputs],
             [onnx.ValueInfoProto(name=w) for w in wanted],
             [t for t in model.graph.initializer if t.name in used])
         sub_model = helper.make_model(sub, opset_imports=list(model.opset_import), ir_version=model.ir_version)
         so = ort.SessionOptions()
         so.log_severity_level = 3
         sess = ort.InferenceSession(sub_model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-        pos = np.arange(self.max_positions, dtype=np.int64)[None, :]
-        values = dict(zip(wanted, sess.run(wanted, {"position_ids": pos})))
+        feeds = {}
+        for i in sess.get_inputs():
+            if i.name in ("position_ids", "input_ids"):
+                feeds[i.name] = np.arange(self.max_positions, dtype=np.int64)[None, :] * (i.name == "position_ids")
+            else:  # past [batch, kv_heads, 0, head_dim], read only through its shape
+                dims = [d if isinstance(d, int) else 1 for d in i.shape]
+                feeds[i.name] = np.zeros(dims[:2] + [0] + dims[3:], np.float32)
+        values = dict(zip(wanted, sess.run(wanted, feeds)))
         names = {}
         for k, w in enumerate(wanted):
             table = np.asarray(values[w])
