@@ -498,7 +498,7 @@ class QuantizeInt4(PassBase):
         sens = self._sensitivities(inits, todo)
         median = float(np.median(list(sens.values()))) if sens else 0.0
         kv = kv_projections(model) if self.int8_kv and self.int8_nodes is None else {}
-        wanted: dict[str, str] = {}  # node -> why it should get 8 bits, in order of priority
+        # node -> why it should get 8 bits, in order of priority
         if self.int8_nodes is not None:
             wanted = {layer.node: "INT8: named in int8_nodes" for layer in todo if layer.node in self.int8_nodes}
         else:
@@ -512,7 +512,7 @@ class QuantizeInt4(PassBase):
         tied = {layer.node for layer in todo if layer.tied_to}
         if self.tied_bits == PROMOTED_BITS:  # a separate INT8 head: the profile's choice, ahead of any promotion
             wanted = {**{n: "INT8: the lm_head (profile: lm_head_precision = 'int8')" for n in tied}, **wanted}
-        promoted, refused = self._within_budget(g, todo, keep, wanted)
+        promoted, refused = self._within_budget(g, todo, wanted)
         out = []
         for layer in layers:
             if layer.node in keep:
@@ -525,8 +525,7 @@ class QuantizeInt4(PassBase):
             out.append((layer, Int4Decision(layer.node, bits, reason, layer.k, layer.n, sens.get(layer.node))))
         return out
 
-    def _within_budget(self, g: onnx.GraphProto, todo: list[LinearLayer], keep: dict[str, str],
-                       wanted: dict[str, str]) -> tuple[set[str], dict[str, str]]:
+    def _within_budget(self, g: onnx.GraphProto, todo: list[LinearLayer], wanted: dict[str, str]) -> tuple[set[str], dict[str, str]]:
         """Take the wanted 8-bit layers in priority order while the whole model stays within ``max_model_bytes``:
         everything not quantized counted as stored (``fp16_initializers`` at 2 bytes per value), every quantized
         layer at 4 bits, plus 8-bit's extra bytes per promoted layer. -> (promoted, refused node -> reason)."""
