@@ -249,16 +249,25 @@ def section(model_name: str, kind: str, rows: list[Row], meta: dict, pngs: list[
     return "\n".join(text) + "\n"
 
 
+def _replace_block(text: str, key: str, body: str) -> str:
+    """``body`` between ``<!-- bench:key -->`` and ``<!-- /bench:key -->``, in place or appended."""
+    begin, end = f"<!-- bench:{key} -->", f"<!-- /bench:{key} -->"
+    block = f"{begin}\n{body}{end}"
+    if begin in text and end in text:
+        return text[:text.index(begin)] + block + text[text.index(end) + len(end):]
+    return text.rstrip("\n") + "\n\n" + block + "\n"
+
+
+def update_spread_md(model_name: str, body: str) -> Path:
+    """This model's text-spread block (bench/text_spread.py) in BENCHMARKS.md."""
+    path = ROOT / "BENCHMARKS.md"
+    return write_atomic(path, _replace_block(path.read_text() if path.exists() else "", f"spread:{model_name}", body))
+
+
 def update_benchmarks_md(model_name: str, body: str, mach: dict) -> Path:
     """Replace (or add) this model's section between its markers; rewrite the machine paragraph."""
     path = ROOT / "BENCHMARKS.md"
-    text = path.read_text() if path.exists() else ""
-    begin, end = f"<!-- bench:{model_name} -->", f"<!-- /bench:{model_name} -->"
-    block = f"{begin}\n{body}{end}"
-    if begin in text and end in text:
-        text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    text = _replace_block(path.read_text() if path.exists() else "", model_name, body)
     m_begin, m_end = "<!-- bench:machine -->", "<!-- /bench:machine -->"
     v = mach["versions"]
     machine_text = (f"{m_begin}\nMachine of the latest run: {mach['cpu']}, {mach['cores']} cores, "
@@ -315,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="speed rounds (median reported)")
     ap.add_argument("--only", nargs="*", help="only variants whose name contains one of these (FP32 always runs)")
     ap.add_argument("--no-benchmarks-md", action="store_true", help="do not update BENCHMARKS.md")
+    ap.add_argument("--no-text-spread", action="store_true",
+                    help="skip measuring the rows on more texts against the quoted figures (bench/text_spread.py)")
     ap.add_argument("--render", type=Path, nargs="+", metavar="BENCH_JSON",
                     help="only redo bench.md, the plots and BENCHMARKS.md from finished runs' bench.json")
     ap.add_argument("--_child", help=argparse.SUPPRESS)
@@ -356,6 +367,12 @@ def main(argv: list[str] | None = None) -> int:
             sys.argv[1:] if argv is None else argv)
         meta["name"] = name
         write_outputs(name, ctx.kind, rows, meta, work, not args.no_benchmarks_md)
+        if not args.no_text_spread:
+            import text_spread
+
+            md = text_spread.spread(work, args.windows, min(args.sentences, text_spread.QUOTED_SENTENCES))
+            if not args.no_benchmarks_md:
+                print(f"[bench] updated {update_spread_md(name, md)}")
     return 0
 
 

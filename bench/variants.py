@@ -3,9 +3,11 @@
 Every builder takes a ``BuildContext`` and returns a ``Built`` (the model file measured, the folder a runtime loads).
 Peers quantize the FP32 export that every ORT row shares (``build_fp32``), with the settings their tools use:
 
-* ``ort-dynamic-int8``: Optimum's ``ORTQuantizer`` with ``AutoQuantizationConfig.arm64(is_static=False)``
-  (what ``optimum-cli onnxruntime quantize --arm64`` runs), per-channel: QOperator, u8 activations, s8 symmetric weights.
-* ``ort-quantize-dynamic``: ONNX Runtime's ``quantize_dynamic`` with its defaults, per-channel (only MatMuls with
+* ``ort-dynamic-int8-cli``: what ``optimum-cli onnxruntime quantize --arm64`` runs: Optimum's ``ORTQuantizer`` with
+  ``AutoQuantizationConfig.arm64(is_static=False, per_channel=False)`` (the CLI's ``--per_channel`` is off unless
+  given): QOperator, u8 activations, one s8 symmetric scale per weight tensor.
+* ``ort-dynamic-int8``: the same with ``per_channel=True`` (``--arm64 --per_channel``).
+* ``ort-quantize-dynamic``: ONNX Runtime's ``quantize_dynamic`` with per_channel=True, otherwise its defaults (only MatMuls with
   a constant weight: ``MatMulConstBOnly``).
 * ``ort-static-qdq``: ``AutoQuantizationConfig.arm64(is_static=True)``, per-channel, QDQ, MinMax ranges from ONNX
   Runtime's calibrator over edgeq's calibration text (Optimum's ``fit`` runs the same calibrator; it only needs a
@@ -123,19 +125,30 @@ def _ort_built(ctx: BuildContext, model_file: Path, name: str, note: str) -> Bui
 
 
 # ---------------------------------------------------------------------------------------------------- ORT peers
-def _arm64_config(is_static: bool):
+def _arm64_config(is_static: bool, per_channel: bool = True):
     from optimum.onnxruntime.configuration import AutoQuantizationConfig
 
-    return AutoQuantizationConfig.arm64(is_static=is_static, per_channel=True)
+    return AutoQuantizationConfig.arm64(is_static=is_static, per_channel=per_channel)
+
+
+def _build_optimum_dynamic(ctx: BuildContext, per_channel: bool) -> Built:
+    from optimum.onnxruntime import ORTQuantizer
+
+    name = "ort-dynamic-int8" if per_channel else "ort-dynamic-int8-cli"
+    out = ctx.work / name
+    ORTQuantizer.from_pretrained(ctx.fp32_dir, file_name="model.onnx").quantize(_arm64_config(False, per_channel), out)
+    return _ort_built(ctx, out / "model_quantized.onnx", name,
+                      "Optimum arm64 dynamic: QOperator, u8 activations, s8 symmetric "
+                      + ("per-channel weights (`--arm64 --per_channel`)" if per_channel else
+                         "per-tensor weights (`optimum-cli onnxruntime quantize --arm64`, its default)"))
 
 
 def build_ort_dynamic(ctx: BuildContext) -> Built:
-    from optimum.onnxruntime import ORTQuantizer
+    return _build_optimum_dynamic(ctx, per_channel=True)
 
-    out = ctx.work / "ort-dynamic-int8"
-    ORTQuantizer.from_pretrained(ctx.fp32_dir, file_name="model.onnx").quantize(_arm64_config(False), out)
-    return _ort_built(ctx, out / "model_quantized.onnx", "ort-dynamic-int8",
-                      "Optimum arm64 dynamic: QOperator, u8 activations, s8 symmetric per-channel weights")
+
+def build_ort_dynamic_cli(ctx: BuildContext) -> Built:
+    return _build_optimum_dynamic(ctx, per_channel=False)
 
 
 def build_ort_quantize_dynamic(ctx: BuildContext) -> Built:
@@ -256,8 +269,9 @@ def llamacpp_builder(qtype: str) -> Callable[[BuildContext], Built]:
 VARIANTS: tuple[Variant, ...] = (
     Variant("FP32 (optimum export)", (ENCODER, LLM), build_fp32),
     Variant("edgeq android-arm64", (ENCODER, LLM), build_edgeq, edgeq=True),
-    Variant("ORT dynamic INT8 (Optimum arm64)", (ENCODER, LLM), build_ort_dynamic),
-    Variant("ORT quantize_dynamic INT8 (defaults)", (ENCODER, LLM), build_ort_quantize_dynamic),
+    Variant("ORT dynamic INT8 (optimum-cli --arm64)", (ENCODER, LLM), build_ort_dynamic_cli),
+    Variant("ORT dynamic INT8 per-channel (Optimum arm64)", (ENCODER, LLM), build_ort_dynamic),
+    Variant("ORT quantize_dynamic INT8 per-channel", (ENCODER, LLM), build_ort_quantize_dynamic),
     Variant("ORT static QDQ (Optimum arm64)", (ENCODER, LLM), build_ort_static),
     Variant("ORT MatMulNBits RTN b32 sym acc4", (ENCODER, LLM), build_ort_rtn),
     *(Variant(f"llama.cpp {q}", (LLM,), llamacpp_builder(q), requires="llama_cpp") for q in ("Q4_0", "Q4_K_M", "Q8_0")),

@@ -74,10 +74,16 @@ def export_cmd(model_dir, profile, out_dir, calibration, samples, seq_len, force
     click.echo(accuracy_line(pkg.manifest["accuracy"]))
 
 
+def _interval_text(acc: dict) -> str:
+    bounds = acc.get("ppl_increase_interval")
+    return f"; 95% over windows {bounds[0]:+.1%} to {bounds[1]:+.1%}" if bounds else ""
+
+
 def accuracy_line(acc: dict) -> str:
     if "perplexity" in acc:
         return (f"accuracy vs FP32 on {acc['tokens']} held-back tokens: perplexity {acc['perplexity']:.3f} vs "
-                f"{acc['ref_perplexity']:.3f} ({acc['ppl_increase']:+.2%}), mean KL {acc['mean_kl']:.4f}, "
+                f"{acc['ref_perplexity']:.3f} ({acc['ppl_increase']:+.2%}{_interval_text(acc)}), "
+                f"mean KL {acc['mean_kl']:.4f}, "
                 f"top-1 agreement {acc['top1_agreement']:.3f}")
     return (f"accuracy vs FP32 on {acc['samples']} held-back texts: mean cosine {acc['mean_cosine']:.5f}, "
             f"min cosine {acc['min_cosine']:.5f}, retrieval top-1 agreement {acc['retrieval_top1']:.3f}")

@@ -26,10 +26,10 @@ def per_sample_cosine(ref: np.ndarray, out: np.ndarray) -> np.ndarray:
     return (_unit(ref.astype(np.float64)) * _unit(out.astype(np.float64))).sum(1)
 
 
-def retrieval_top1(ref: np.ndarray, out: np.ndarray) -> float:
-    """Each text queries all the others; agreement = same nearest neighbour under both embeddings."""
+def retrieval_agreement(ref: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """Per text: does its nearest other text under ``out`` equal the one under ``ref``? bool [n]."""
     if len(ref) < 2:
-        return 1.0
+        return np.ones(len(ref), dtype=bool)
 
     def nearest(e: np.ndarray) -> np.ndarray:
         u = _unit(e.astype(np.float64))
@@ -37,7 +37,12 @@ def retrieval_top1(ref: np.ndarray, out: np.ndarray) -> float:
         np.fill_diagonal(s, -np.inf)
         return s.argmax(1)
 
-    return float((nearest(ref) == nearest(out)).mean())
+    return nearest(ref) == nearest(out)
+
+
+def retrieval_top1(ref: np.ndarray, out: np.ndarray) -> float:
+    """Each text queries all the others; agreement = same nearest neighbour under both embeddings."""
+    return float(retrieval_agreement(ref, out).mean())
 
 
 def compare(ref: np.ndarray, out: np.ndarray) -> EncoderAccuracy:

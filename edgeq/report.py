@@ -81,7 +81,7 @@ def _table(columns: Sequence[str], rows: Sequence[Row], cells: Callable[[Row], l
 
 ENCODER_COLUMNS = ("variant", "size MB", "size vs edgeq", "mean cosine", "min cosine", "top-1 retrieval",
                    "ms/sentence (batch 1)", "speed vs edgeq", "build s", "peak RSS MB")
-LLM_COLUMNS = ("variant", "size MB", "size vs edgeq", "perplexity", "vs FP32", "KL", "top-1", "prefill tok/s",
+LLM_COLUMNS = ("variant", "size MB", "size vs edgeq", "perplexity", "vs FP32", "95% interval", "KL", "top-1", "prefill tok/s",
                "decode tok/s", "decode vs edgeq", "decode MB/token", "ceiling tok/s", "of ceiling", "build s",
                "peak RSS MB")
 
@@ -107,6 +107,14 @@ def _encoder_table(rows: Sequence[Row]) -> list[str]:
     return _table(ENCODER_COLUMNS, rows, cells)
 
 
+def _interval(bounds) -> str:
+    """The bootstrap interval of the perplexity increase over windows, in points: "+6.9 to +9.8"."""
+    if not bounds:  # absent (an older bench.json) or None (one window)
+        return "—"
+    lo, hi = (round(100 * b, 1) + 0.0 for b in bounds)
+    return f"{lo:+.1f} to {hi:+.1f}"
+
+
 def _llm_table(rows: Sequence[Row], bandwidth_gbs: float | None) -> list[str]:
     ref = _reference(rows)
 
@@ -118,6 +126,7 @@ def _llm_table(rows: Sequence[Row], bandwidth_gbs: float | None) -> list[str]:
         pct = None if inc is None else round(100 * inc, 1) + 0.0  # + 0.0: FP32's -0.0 prints as +0.0
         return (_size_cells(r, ref) + [
             _f(a.get("perplexity"), ".2f"), _f(pct, "+.1f") + ("%" if pct is not None else ""),
+            _interval(a.get("ppl_increase_interval")),
             _f(a.get("mean_kl"), ".4f"), _f(a.get("top1_agreement"), ".3f"), _f(r.prefill_tok_s, ".0f"),
             _f(r.decode_tok_s, ".1f"), _ratio(r.decode_tok_s, ref.decode_tok_s if ref else None),
             _f(r.decode_bytes_per_token and r.decode_bytes_per_token / 1e6, ".1f"), _f(ceiling, ".0f"),

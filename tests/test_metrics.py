@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edgeq.metrics import EncoderAccuracy, compare, per_sample_cosine, retrieval_top1
+from edgeq.metrics import EncoderAccuracy, compare, per_sample_cosine, retrieval_agreement, retrieval_top1
 
 
 def unit_rows(x: np.ndarray) -> np.ndarray:
@@ -105,6 +105,7 @@ def test_swapping_two_embeddings_changes_exactly_four_neighbours(clustered):
     assert retrieval_top1(clustered, clustered) == 1.0
     assert retrieval_top1(clustered, out) == pytest.approx(0.6, abs=0)
     assert compare(clustered, out).retrieval_top1 == 0.6
+    assert retrieval_agreement(clustered, out).tolist() == [False] * 4 + [True] * 6  # which four, by name
 
 
 def test_moving_one_text_to_another_cluster_changes_two_neighbours(clustered):

@@ -70,12 +70,14 @@ def test_llm_table_ratios_ceiling_and_skipped_rows():
                                             "top1_agreement": 0.9}, decode_tok_s=50.0, decode_bytes_per_token=80_000_000,
                 edgeq=True),
             Row("peer", LLM, 200_000_000, {"perplexity": 12.0, "ppl_increase": 0.2, "mean_kl": 0.1,
-                                           "top1_agreement": 0.8}, decode_tok_s=25.0, decode_bytes_per_token=160_000_000),
+                                           "top1_agreement": 0.8, "ppl_increase_interval": [0.17, 0.234]},
+                decode_tok_s=25.0, decode_bytes_per_token=160_000_000),
             Row("llama.cpp Q4_0", LLM, skipped="llama-cpp-python is not installed")]
     table = markdown_table(rows, bandwidth_gbs=8.0)
     edgeq_line, peer_line, skipped_line = [ln for ln in table.splitlines() if ln.startswith("| ") and "---" not in ln][1:]
     assert "| 100 |" in edgeq_line and "| 50% |" in edgeq_line  # 8 GB/s / 80 MB = 100 tok/s; 50 measured
     assert "| 2.00x |" in peer_line and "| 0.50x |" in peer_line and "+20.0%" in peer_line
+    assert "| +17.0 to +23.4 |" in peer_line and "| — |" in edgeq_line  # the edgeq row has no interval stored
     assert "skipped: llama-cpp-python is not installed" in skipped_line
     assert rows[0].to_dict(8.0)["fraction_of_ceiling"] == pytest.approx(0.5)
     assert Row.from_dict(rows[1].to_dict(8.0)) == rows[1]

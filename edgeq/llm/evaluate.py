@@ -28,6 +28,7 @@ WINDOW = 512  # tokens per window: long enough that most predictions see real co
 CALIBRATION_WINDOWS = 8  # 4096 tokens: H = X^T X of a 1536-wide layer is then well determined (4096 > 1536 rows)
 EVALUATION_WINDOWS = 16  # 8176 predicted tokens: the perplexity's standard error is then ~1-2%
 CHUNK = 64  # positions per log-softmax chunk
+BOOTSTRAP_RESAMPLES = 2000  # the 2.5/97.5% quantiles of 2000 resamples move by < 0.1 point between seeds
 
 _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
                 "tensor(int32)": np.int32}
@@ -35,7 +36,11 @@ _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "ten
 
 @dataclass(frozen=True)
 class LMAccuracy:
-    """``ppl_increase`` is a fraction (0.06 = +6%); ``mean_kl`` is in nats per predicted token."""
+    """``ppl_increase`` is a fraction (0.06 = +6%); ``mean_kl`` is in nats per predicted token.
+
+    ``ppl_increase_interval`` is the 95% paired bootstrap interval of ``ppl_increase`` over the windows: how far the
+    figure would move on other text of the same kind (windows resampled with replacement, the same windows for both
+    models). It is the noise against which two measurements on different text should be compared."""
 
     perplexity: float
     ref_perplexity: float
@@ -43,6 +48,7 @@ class LMAccuracy:
     mean_kl: float
     top1_agreement: float
     tokens: int
+    ppl_increase_interval: tuple[float, float] | None = None  # None: fewer than two windows
 
 
 def token_windows(tokenizer, texts: Sequence[str], seq_len: int = WINDOW, max_windows: int | None = None) -> np.ndarray:
@@ -146,7 +152,9 @@ def evaluate_lm(model: onnx.ModelProto | Path | str | ort.InferenceSession | Cal
     ref_sess = None if isinstance(reference, ReferenceLogits) else lm_session(reference)
     nll = ref_nll = kl = 0.0
     agree = tokens = 0
+    per_window = []  # (nll, ref_nll, tokens) of each window, for the bootstrap interval
     for i, ids in enumerate(windows):
+        before = (nll, ref_nll, tokens)
         logits = logits_of(ids)
         ref = reference.logprobs(i) if ref_sess is None else window_logits(ref_sess, ids)
         targets = ids[1:]
@@ -163,7 +171,26 @@ def evaluate_lm(model: onnx.ModelProto | Path | str | ort.InferenceSession | Cal
             kl += (np.exp(lp) * (lp - lq)).sum()
             agree += int((lq.argmax(-1) == lp.argmax(-1)).sum())
             tokens += stop - c
+        per_window.append((nll - before[0], ref_nll - before[1], tokens - before[2]))
         progress.step("evaluation window", i + 1, len(windows))
     ppl, ref_ppl = math.exp(nll / tokens), math.exp(ref_nll / tokens)
     return LMAccuracy(perplexity=ppl, ref_perplexity=ref_ppl, ppl_increase=ppl / ref_ppl - 1.0,
-                      mean_kl=max(kl / tokens, 0.0), top1_agreement=agree / tokens, tokens=tokens)
+                      mean_kl=max(kl / tokens, 0.0), top1_agreement=agree / tokens, tokens=tokens,
+                      ppl_increase_interval=ppl_increase_interval(np.asarray(per_window)))
+
+
+def ppl_increase_interval(per_window: np.ndarray, level: float = 0.95, resamples: int = BOOTSTRAP_RESAMPLES,
+                          seed: int = 0) -> tuple[float, float] | None:
+    """Paired bootstrap interval of ppl/ref_ppl - 1 from per-window (nll, ref_nll, tokens) sums [n, 3].
+
+    Windows, not tokens, are resampled: neighbouring tokens share context, so their errors are not independent.
+    One window gives no interval (None). Fixed seed: the same measurement always prints the same interval."""
+    per_window = np.asarray(per_window, dtype=np.float64)
+    n = len(per_window)
+    if n < 2:
+        return None
+    picks = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+    sums = per_window[picks].sum(axis=1)  # [resamples, 3]
+    increases = np.exp((sums[:, 0] - sums[:, 1]) / sums[:, 2]) - 1.0
+    lo, hi = np.quantile(increases, [(1 - level) / 2, (1 + level) / 2])
+    return (float(lo), float(hi))

@@ -8,7 +8,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from edgeq.errors import CalibrationDataError
-from edgeq.llm.evaluate import ReferenceLogits, evaluate_lm, log_softmax, token_windows
+from edgeq.llm.evaluate import ReferenceLogits, evaluate_lm, log_softmax, token_windows, ppl_increase_interval
 
 VOCAB, HIDDEN, SEQ = 50, 8, 24
 
@@ -99,3 +99,23 @@ def test_token_windows():
     assert token_windows(FakeTokenizer(), ["abcdefgh"], seq_len=2, max_windows=3).shape == (3, 2)
     with pytest.raises(CalibrationDataError):
         token_windows(FakeTokenizer(), ["ab"], seq_len=3)
+
+
+def test_interval_brackets_the_increase_and_is_the_bootstrap_of_window_sums(tmp_path):
+    ref_model, _ = bigram_lm(0)
+    q_model, _ = bigram_lm(0, noise=0.3)
+    w = windows()
+    with ReferenceLogits(ref_model, w, tmp_path / "ref") as ref:
+        acc = evaluate_lm(q_model, ref, w)
+    lo, hi = acc.ppl_increase_interval
+    assert lo <= acc.ppl_increase <= hi and lo < hi
+
+
+def test_interval_by_hand():
+    # two windows of 10 tokens: increases exp(0.1) - 1 and exp(0.3) - 1; resamples mix them, nothing outside
+    per_window = np.array([[11.0, 10.0, 10], [13.0, 10.0, 10]])
+    lo, hi = ppl_increase_interval(per_window)
+    assert lo == pytest.approx(np.exp(0.1) - 1) and hi == pytest.approx(np.exp(0.3) - 1)
+    # identical windows: no spread; one window: no interval at all
+    assert ppl_increase_interval(np.array([[11.0, 10.0, 10]] * 4)) == pytest.approx((np.exp(0.1) - 1,) * 2)
+    assert ppl_increase_interval(per_window[:1]) is None

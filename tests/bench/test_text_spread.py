@@ -1,0 +1,57 @@
+"""bench/text_spread.py: the rule that says whether a quoted figure is within the noise of one measured here."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+
+from text_spread import python_docs, verdicts, within_noise  # noqa: E402
+
+
+@pytest.mark.parametrize("quoted, expected", [
+    (0.23, True),    # 3 points above, half-width above 2.5: 3 <= 2.5 * sqrt(2) = 3.54
+    (0.24, False),   # 4 points above: > 3.54
+    (0.175, True),   # 2.5 points below, half-width below 2: 2.5 <= 2.83
+    (0.17, False),   # 3 points below: > 2.83
+])
+def test_two_sample_rule_uses_the_half_width_on_the_quotes_side(quoted, expected):
+    assert within_noise(quoted, 0.20, (0.18, 0.225)) is expected
+
+
+def test_without_an_interval_only_equality_counts():
+    assert within_noise(0.5, 0.5, None) and not within_noise(0.5, 0.51, None)
+
+
+def test_verdicts_name_the_texts_a_quote_is_reproduced_on():
+    measured = {"a": {"llama.cpp Q4_K_M": {"ppl_increase": 0.083, "interval": (0.071, 0.094)}},
+                "b": {"llama.cpp Q4_K_M": {"ppl_increase": 0.066, "interval": (0.052, 0.079)}}}
+    (check,) = verdicts("SmolLM2-135M-Instruct", measured)  # the Q4_K_M quote is +6.0%
+    assert check["within_noise_on"] == ["b"] and check["reproduced"]
+    assert math.isclose(check["quoted"], 0.060)
+    assert check["span"] == pytest.approx((0.066 - 0.014 * math.sqrt(2), 0.083 + 0.011 * math.sqrt(2)))
+
+
+def test_a_quote_between_two_texts_is_reproduced_though_near_neither():
+    # +63.6% between texts at +50.8% and +72.0%, each with tight intervals
+    measured = {"a": {"ORT quantize_dynamic INT8 per-channel": {"ppl_increase": 0.720, "interval": (0.668, 0.779)}},
+                "b": {"ORT quantize_dynamic INT8 per-channel": {"ppl_increase": 0.508, "interval": (0.482, 0.536)}}}
+    (check,) = verdicts("SmolLM2-135M-Instruct", measured)
+    assert check["within_noise_on"] == [] and check["reproduced"]
+
+
+def test_a_quote_outside_every_text_is_not_reproduced():
+    measured = {"a": {"ORT static QDQ (Optimum arm64)": {"mean_cosine": 0.8395, "interval": (0.836, 0.8432),
+                                                          "retrieval_top1": 0.711, "retrieval_interval": (0.656, 0.77)}}}
+    checks = {c["metric"]: c for c in verdicts("all-MiniLM-L6-v2", measured)}
+    assert not checks["mean_cosine"]["reproduced"] and not checks["retrieval_top1"]["reproduced"]  # 0.778 / 0.40
+
+
+def test_python_docs_are_prose_paragraphs():
+    paragraphs = python_docs()
+    assert len(paragraphs) > 500
+    assert all(60 <= len(p) <= 600 and "\n" not in p and not p.startswith(">>>") for p in paragraphs)
