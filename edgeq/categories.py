@@ -85,10 +85,11 @@ def _feeds_softmax(node: onnx.NodeProto, consumers: dict[str, list[onnx.NodeProt
     return any(c.op_type == "Softmax" for o in node.output for c in consumers.get(o, []))
 
 
-def embedding_tables(model: onnx.ModelProto) -> set[str]:
-    """The initializers read as embedding tables (what KeepFp16 stores at half the bytes)."""
+def embedding_tables(model: onnx.ModelProto, infos: dict[str, NodeInfo] | None = None) -> set[str]:
+    """The initializers read as embedding tables (what KeepFp16 stores at half the bytes); ``infos``: the model's
+    ``classify`` result when the caller has it already."""
     by_name = {n.name: n for n in model.graph.node}
-    return {by_name[i.name].input[0] for i in classify(model).values() if i.category == "embedding"}
+    return {by_name[i.name].input[0] for i in (infos or classify(model)).values() if i.category == "embedding"}
 
 
 def classify(model: onnx.ModelProto) -> dict[str, NodeInfo]:

@@ -128,13 +128,13 @@ def decide_llm_precision(fused, quantized, int4_decisions, profile: Profile) -> 
     a quantized MatMul ``<name>_Q<bits>`` (4, or 8 for the layers it promotes), so decisions are keyed by the quantized
     graph's names and carry the pass's own reason (why 4, why 8).
     """
-    from edgeq.categories import classify
+    from edgeq.categories import classify, embedding_tables
 
     spec = profile.llm
     int4 = {d.node: d for d in int4_decisions}
     after = {n.name for n in quantized.graph.node}
     infos = classify(fused)
-    tables = {n.input[0] for n in fused.graph.node if infos[n.name].category == "embedding"}
+    tables = embedding_tables(fused, infos)
     tied_t = {n.name: n.output[0] for n in fused.graph.node if n.op_type == "Transpose" and n.input[0] in tables}
     tied_mm = {n.name for n in fused.graph.node if n.op_type == "MatMul" and n.input[1] in tied_t.values()}
     fp16_head = spec.lm_head_precision == "fp16" and spec.embedding_precision == "fp16"
