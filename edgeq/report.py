@@ -153,6 +153,10 @@ def _accuracy_axis(kind: str) -> tuple[str, str]:
     return ("mean_cosine", "mean cosine vs FP32") if kind == ENCODER else ("ppl_increase", "perplexity increase vs FP32")
 
 
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h")
+_PEER_COLOURS = ("C0", "C1", "C2", "C4", "C5", "C6", "C7", "C8", "C9")  # C3 is tab:red, edgeq's own
+
+
 def plot(rows: Sequence[Row], out_dir: Path, prefix: str = "") -> list[Path]:
     """``accuracy_vs_size.png`` per model kind, and ``decode_vs_size.png`` for LLMs (encoders: ms/sentence).
     Needs matplotlib (the ``bench`` extra); returns the files written."""
@@ -180,12 +184,21 @@ def plot(rows: Sequence[Row], out_dir: Path, prefix: str = "") -> list[Path]:
             pts = [(r.size_bytes / 1e6, getter(r), r) for r in group if getter(r) is not None]
             if not pts:
                 continue
-            fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
-            for k, (x, y, r) in enumerate(sorted(pts, key=lambda p: p[0])):
-                ax.scatter([x], [100 * y if ykey == "ppl_increase" else y], s=60 if r.edgeq else 36,
-                           marker="*" if r.edgeq else "o", color="tab:red" if r.edgeq else "tab:blue")
-                ax.annotate(r.name, (x, 100 * y if ykey == "ppl_increase" else y), textcoords="offset points",
-                            xytext=(5, 4 - 12 * (k % 2)), fontsize=8)  # alternate above/below: neighbours overlap
+            fig, ax = plt.subplots(figsize=(9, 4.5), dpi=110)
+            peers = 0
+            for x, y, r in sorted(pts, key=lambda p: p[0]):
+                scale = 100 if ykey == "ppl_increase" else 1
+                # a legend entry per row, not labels beside the points: rows of one size (every INT8 variant
+                # is ~23 MB / ~137 MB) sit on top of each other and their labels overprinted
+                style = (dict(marker="*", s=140, color="tab:red", zorder=3) if r.edgeq else
+                         dict(marker=_MARKERS[peers % len(_MARKERS)], s=40, color=_PEER_COLOURS[peers % len(_PEER_COLOURS)]))
+                peers += 0 if r.edgeq else 1
+                ax.scatter([x], [scale * y], label=r.name, **style)
+                bounds = r.accuracy.get("ppl_increase_interval") if ykey == "ppl_increase" else None
+                if bounds:  # the 95% interval over windows, so a gap between two rows can be read as real or not
+                    ax.errorbar([x], [scale * y], yerr=[[scale * (y - bounds[0])], [scale * (bounds[1] - y)]],
+                                fmt="none", ecolor=style["color"], capsize=3, lw=1)
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
             if ykey == "ppl_increase":  # peers range from a few % to >1000%: linear near 0, log beyond 10%
                 ax.set_yscale("symlog", linthresh=10)
             ax.set_xlabel("model size (MB)")
