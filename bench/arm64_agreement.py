@@ -19,7 +19,9 @@ from pathlib import Path
 import numpy as np
 
 
-def agreement(package: Path, n: int) -> dict:
+def agreement(package: Path, n: int, reference: Path | None = None) -> dict:
+    """arm64 against x86 for the package's model; with ``reference`` (the FP32 ONNX model), each of the two against
+    it as well: ``host_vs_reference`` and ``arm64_vs_reference`` (min and mean cosine), what a user on each CPU gets."""
     from transformers import AutoTokenizer
 
     from edgeq.devices.arm64 import ensure_runtime, run_on_arm64
@@ -39,10 +41,16 @@ def agreement(package: Path, n: int) -> dict:
     cos = per_sample_cosine(host, arm)
     # "agree": equal up to float rounding (no int8 activation flipped): per text max |diff| <= 1e-5 of max |ref|
     per_text = np.abs(host - arm).max(axis=1) / np.abs(host).max(axis=1)
-    return {"package": str(package), "texts": n, "agree": int((per_text <= 1e-5).sum()),
-            "min_cosine": float(cos.min()), "mean_cosine": float(cos.mean()),
-            "max_rel_diff": float(np.abs(host - arm).max() / np.abs(host).max()),
-            "per_text_cosine": [round(float(c), 6) for c in cos]}
+    out = {"package": str(package), "texts": n, "agree": int((per_text <= 1e-5).sum()),
+           "min_cosine": float(cos.min()), "mean_cosine": float(cos.mean()),
+           "max_rel_diff": float(np.abs(host - arm).max() / np.abs(host).max()),
+           "per_text_cosine": [round(float(c), 6) for c in cos]}
+    if reference is not None:
+        ref = pool(session(reference).run(None, feeds)[0], feeds["attention_mask"], pooling)
+        for name, emb in (("host_vs_reference", host), ("arm64_vs_reference", arm)):
+            c = per_sample_cosine(ref, emb)
+            out[name] = {"min_cosine": float(c.min()), "mean_cosine": float(c.mean())}
+    return out
 
 
 def taps(model_path: Path, text: int, tokenizer_dir: Path) -> None:

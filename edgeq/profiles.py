@@ -116,8 +116,10 @@ class PackageSpec:
     matmulnbits_accuracy_level: int = _f(
         "accuracy_level of the 8-bit MatMulNBits that ONNX Runtime's converter fuses int8 weight-only layers into. "
         "4 quantizes activations to int8 per 32-value block at run time, and x86 and ARM kernels round them "
-        "differently (MiniLM: min per-sample cosine arm64 vs x86 0.9983 at 4, 0.9994 at 0 on 16 texts); 0 computes "
-        "in float, which both architectures do alike.", 0, (0, 1, 2, 3, 4),
+        "differently (MiniLM: min per-sample cosine arm64 vs x86 0.9945 at 4, 0.9993 at 0 on 16 texts, though each "
+        "CPU is as close to FP32 at 4 as at 0); 0 computes in float, which both architectures do alike, but ONNX "
+        "Runtime has no float kernel for 8-bit blocks and dequantizes the whole weight on every call (MiniLM on x86: "
+        "5.4 ms per sentence at 0, 1.9 at 4, FP32 3.0; bench/encoder_speed.py).", 0, (0, 1, 2, 3, 4),
     )
     partition_check_eps: tuple[str, ...] = _f(
         "Execution providers whose partitioning ONNX Runtime's mobile usability checker estimates for the package's "

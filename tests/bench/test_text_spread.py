@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
-from text_spread import python_docs, verdicts, within_noise  # noqa: E402
+from text_spread import embed_attending_padding, python_docs, verdicts, within_noise  # noqa: E402
 
 
 @pytest.mark.parametrize("quoted, expected", [
@@ -55,3 +55,45 @@ def test_python_docs_are_prose_paragraphs():
     paragraphs = python_docs()
     assert len(paragraphs) > 500
     assert all(60 <= len(p) <= 600 and "\n" not in p and not p.startswith(">>>") for p in paragraphs)
+
+
+def _mixing_encoder(path: Path) -> Path:
+    """last_hidden_state = emb + the mean of emb over the positions attention_mask lets in: every position sees the
+    others, as attention does, so padding changes the real tokens' outputs only when the mask lets it in."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [helper.make_node("Gather", ["table", "input_ids"], ["emb"]),
+             helper.make_node("Cast", ["attention_mask"], ["m"], to=TensorProto.FLOAT),
+             helper.make_node("Unsqueeze", ["m", "axes"], ["m3"]),
+             helper.make_node("Mul", ["emb", "m3"], ["masked"]),
+             helper.make_node("ReduceSum", ["masked", "seq_axis"], ["total"], keepdims=1),
+             helper.make_node("ReduceSum", ["m3", "seq_axis"], ["count"], keepdims=1),
+             helper.make_node("Div", ["total", "count"], ["ctx"]),
+             helper.make_node("Add", ["emb", "ctx"], ["last_hidden_state"])]
+    ins = [helper.make_tensor_value_info(n, TensorProto.INT64, ["b", "s"])
+           for n in ("input_ids", "attention_mask", "token_type_ids")]
+    graph = helper.make_graph(nodes, "mixing", ins, [helper.make_tensor_value_info("last_hidden_state",
+                                                                                   TensorProto.FLOAT, ["b", "s", 8])],
+                              [numpy_helper.from_array(np.random.default_rng(0).standard_normal((700, 8)).astype(
+                                  np.float32), "table"), numpy_helper.from_array(np.array([-1], np.int64), "axes"),
+                               numpy_helper.from_array(np.array([1], np.int64), "seq_axis")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    return path
+
+
+def test_attending_padding_changes_only_the_padded_texts(tmp_path, tiny_bert_dir):
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from edgeq.runtime import embed, session
+
+    sess = session(_mixing_encoder(tmp_path / "m.onnx"))
+    tok = AutoTokenizer.from_pretrained(str(tiny_bert_dir))
+    texts = ["the water of the river", "the", "of the water and the river of the city"]  # padded to the longest
+    masked, attended = embed(sess, tok, texts, 128), embed_attending_padding(sess, tok, texts, 128, "mean")
+    np.testing.assert_allclose(attended[2], masked[2], rtol=1e-6)  # the longest text has no padding
+    assert not np.allclose(attended[:2], masked[:2], rtol=1e-3)  # the others averaged padding into every token
+    alone = [embed_attending_padding(sess, tok, [t], 128, "mean")[0] for t in texts]  # batch 1: no padding at all
+    np.testing.assert_allclose(np.stack(alone), masked, rtol=1e-5, atol=1e-6)
