@@ -35,6 +35,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 ROUNDS = 3
+LEVEL0 = "edgeq, weight-only layers at accuracy_level 0 (bundled)"
+LEVEL4 = "edgeq, weight-only layers at accuracy_level 4"
 
 
 def export_at_level(build: Path, level: int, work: Path) -> Path:
@@ -85,8 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="encoder-speed-", dir=build))
     level4 = export_at_level(build, 4, work)
     models = {"FP32": build / "fp32" / "model.onnx",
-              "edgeq, weight-only layers at accuracy_level 0 (bundled)": bundled / "model.ort",
-              "edgeq, weight-only layers at accuracy_level 4": level4 / "model.ort",
+              LEVEL0: bundled / "model.ort",
+              LEVEL4: level4 / "model.ort",
               "ORT dynamic INT8 per-channel": build / "ort-dynamic-int8" / "model_quantized.onnx"}
     manifest = _manifest(bundled)
     seq_len = manifest["profile"]["values"]["accuracy"]["eval_seq_len"]
@@ -103,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, path in models.items():
         lines.append(f"| {name} | {path.stat().st_size / 1e6:.1f} | {ms[name]:.2f} | "
                      f"{ms['FP32'] / ms[name]:.2f}x |")
-    ms0, ms4 = list(ms.values())[1:3]
+    ms0, ms4 = ms[LEVEL0], ms[LEVEL4]
     lines += ["", f"The {layers} weight-only layers cost {(ms0 - ms4) / layers * 1000:.0f} µs more per call at "
                   f"level 0 than at level 4 ({ms0 - ms4:.2f} ms per sentence). Accuracy against FP32 on "
                   "the held-back texts (the packages' manifests): " + "; ".join(
@@ -113,9 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.arm64_texts:
         from arm64_agreement import agreement
 
+        from edgeq.stages.verify import DEVICE_DEFAULTS
+
         lines += ["", f"arm64 (PyPI's aarch64 ONNX Runtime under qemu) vs x86, {args.arm64_texts} texts, per-text "
                       f"cosine of pooled outputs (profile package.device_min_cosine "
-                      f"{manifest['verification'].get('device_min_cosine', 0.999)}):", ""]
+                      f"{manifest['verification'].get('device_min_cosine', DEVICE_DEFAULTS['device_min_cosine'])}):", ""]
         for name, pkg in (("level 0 (bundled)", bundled), ("level 4", level4)):
             a = agreement(pkg, args.arm64_texts, models["FP32"])
             h, r = a["host_vs_reference"], a["arm64_vs_reference"]

@@ -244,7 +244,7 @@ def spread(results: Path, windows: int = 16, sentences: int = 256) -> str:
             continue
         measured[text_name] = encoder_figures(unseen, fp32, Path(bench["model"]), corpus, sentences)
         if QUOTED.get(bench["name"]):
-            print(f"[text_spread] {bench['name']} on {text_name}, padding attended (the quoting probe's setup)")
+            print(f"[text_spread] {bench['name']} on {text_name}, padding attended (the quoting probe's setup)", flush=True)
             attended[text_name] = encoder_figures(unseen, fp32, Path(bench["model"]), corpus, sentences, True)
     return write(results, bench["name"], kind, measured, attended)
 

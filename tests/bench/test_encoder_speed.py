@@ -4,7 +4,6 @@ accuracy_level."""
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -44,4 +43,3 @@ def test_a_profile_without_the_line_is_refused_with_its_path(tmp_path):
     build = _build(tmp_path, tmp_path, text)
     with pytest.raises(SystemExit, match="bench-profile.toml has no single 'matmulnbits_accuracy_level = ' line"):
         export_at_level(build, 4, tmp_path)
-    shutil.rmtree(build)
