@@ -14,7 +14,7 @@ import onnxruntime as ort
 
 from edgeq.errors import (AccuracyBudgetError, OutputExistsError, SizeBudgetError, UnsupportedModelError,
                           VerificationError)
-from edgeq.manifest import SCHEMA_VERSION, tool_versions
+from edgeq.manifest import SCHEMA_VERSION, stored_rows, tool_versions
 from edgeq.metrics import EncoderAccuracy, compare
 from edgeq.modelsource import ModelSource, inspect_model_dir
 from edgeq.partitions import partition_report
@@ -256,6 +256,9 @@ def build_manifest(inputs: Inputs, req: ExportRequest, quantized: QuantizedModel
     samples = inputs.evaluation.head(profile.package.verify_samples)
     feeds = encode(tokenizer, samples, profile.accuracy.eval_seq_len, [i.name for i in sess.get_inputs()])
     reference = pool(sess.run(None, feeds)[0], feeds["attention_mask"], src.pooling)
+    fp32 = session(quantized.optimized.exported.onnx_path)
+    fp32_ref = pool(fp32.run(None, {i.name: feeds[i.name] for i in fp32.get_inputs()})[0], feeds["attention_mask"],
+                    src.pooling)
     plan = quantized.plan
     return {
         "schema_version": SCHEMA_VERSION,
@@ -288,6 +291,7 @@ def build_manifest(inputs: Inputs, req: ExportRequest, quantized: QuantizedModel
             "device_min_cosine": profile.package.device_min_cosine,
             "device_max_rel_diff": profile.package.device_max_rel_diff,
             "inputs": {k: v.tolist() for k, v in feeds.items()},
-            "reference_pooled": [[round(float(x), 7) for x in row] for row in reference],
+            "reference_pooled": stored_rows(reference),
+            "fp32_pooled": stored_rows(fp32_ref),  # what a device check holds the target's outputs to
         },
     }

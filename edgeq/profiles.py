@@ -104,13 +104,15 @@ class PackageSpec:
         "which cosine does not see).", 0.01, minimum=0.0,
     )
     device_min_cosine: float = _f(
-        "Minimum cosine, on every stored sample, between the pooled outputs computed on a device target "
-        "('edgeq verify --on arm64': the aarch64 ONNX Runtime) and the host's stored reference. Off the host a "
-        "package does not agree bit for bit: last-bit float differences flip int8 roundings.", 0.999,
+        "Expected agreement (cosine, every stored sample) between a device target's pooled outputs ('edgeq verify "
+        "--on arm64') and the building host's stored reference. Reported, not gated: a device check holds the "
+        "target to FP32 by the accuracy budget, and an x86 host is no reference for ARM (an AVX2-only x86 saturates "
+        "int8 sums). Gated only for packages written before they stored FP32 outputs.", 0.999,
         minimum=0.0, maximum=1.0,
     )
     device_max_rel_diff: float = _f(
-        "Largest |device output - reference| relative to the largest |reference| on a device target.", 0.05,
+        "Expected largest |device output - host reference| relative to the largest |reference| (reported like "
+        "device_min_cosine).", 0.05,
         minimum=0.0,
     )
     matmulnbits_accuracy_level: int = _f(

@@ -125,7 +125,7 @@ def encoder_ms_per_sentence(model_path: Path, tokenizer, texts: Sequence[str], s
     """Median ms of one ``session.run`` per sentence at batch 1 (tokenization excluded), after ``warmup`` runs."""
     from edgeq.runtime import encode, session
 
-    sess = session(model_path)
+    sess = session(model_path, fuse_qdq=True)
     names = [i.name for i in sess.get_inputs()]
     feeds = [encode(tokenizer, [t], seq_len, names) for t in texts]
     for f in feeds[:warmup]:

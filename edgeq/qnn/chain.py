@@ -19,7 +19,7 @@ import onnxruntime as ort
 
 from edgeq.devices.qnn_htp import compile_context, qnn_module, run_htp
 from edgeq.errors import AccuracyBudgetError, SizeBudgetError
-from edgeq.manifest import SCHEMA_VERSION, tool_versions
+from edgeq.manifest import SCHEMA_VERSION, stored_rows, tool_versions
 from edgeq.metrics import EncoderAccuracy, compare
 from edgeq.progress import QUIET, Progress
 from edgeq.qnn.inputs import embed_static, pooled, static_feeds
@@ -83,7 +83,7 @@ def build_qnn_package(inputs, req, folder: Path, work: Path, progress: Progress 
                      "run_seconds_mean": round(float(np.mean(run.run_seconds)), 3)}
     manifest = _manifest(inputs, req, folder, tokenizer, quantized, accuracy, htp, compile_placement.to_dict(),
                          compile_s, static, _provenance(inputs, req),
-                         {"calibration_samples": len(cal_texts), "htp_texts": len(htp_texts)})
+                         {"calibration_samples": len(cal_texts), "htp_texts": len(htp_texts)}, fp32)
     manifest["size"] = size_report(folder / MODEL_FILE, exported.onnx_path, profile)
     finish(folder, manifest)
     check_qnn_budget(profile, accuracy, htp, quantized)
@@ -111,7 +111,7 @@ def check_qnn_budget(profile, acc: EncoderAccuracy, htp: dict, quantized: QnnQua
 
 
 def _manifest(inputs, req, folder: Path, tokenizer, quantized: QnnQuantized, accuracy: EncoderAccuracy, htp: dict,
-              compile_placement: dict, compile_s: float, static, provenance: dict, counts: dict) -> dict:
+              compile_placement: dict, compile_s: float, static, provenance: dict, counts: dict, fp32) -> dict:
     from edgeq.pipeline import budget_section, precision_section
 
     src, profile = inputs.source, inputs.profile
@@ -122,6 +122,8 @@ def _manifest(inputs, req, folder: Path, tokenizer, quantized: QnnQuantized, acc
     feeds = static_feeds(tokenizer, samples, spec.seq_len, spec.batch_size, names)
     rows = len(feeds) * spec.batch_size  # padded to whole static batches: verify runs them batch by batch
     reference = pooled([sess.run(None, f)[0] for f in feeds], feeds, rows, src.pooling)
+    fp32_ref = pooled([fp32.run(None, {i.name: f[i.name] for i in fp32.get_inputs()})[0] for f in feeds], feeds, rows,
+                      src.pooling)
     stored = {k: np.concatenate([f[k] for f in feeds]) for k in names}
     return {
         "schema_version": SCHEMA_VERSION,
@@ -159,6 +161,7 @@ def _manifest(inputs, req, folder: Path, tokenizer, quantized: QnnQuantized, acc
             "texts": list(samples) + [""] * (rows - len(samples)), "pooling": src.pooling, "min_cosine": profile.package.verify_min_cosine,
             "max_rel_diff": profile.package.verify_max_rel_diff,
             "inputs": {k: v.tolist() for k, v in stored.items()},
-            "reference_pooled": [[round(float(x), 7) for x in row] for row in reference],
+            "reference_pooled": stored_rows(reference),
+            "fp32_pooled": stored_rows(fp32_ref[: len(samples)]),  # the real texts; a device check holds them to it
         },
     }

@@ -146,15 +146,41 @@ def verify(folder: Path, on: str = "host") -> VerifyReport:
         report.add("outputs match reference", False, f"reference shape {ref.shape} differs from outputs {out.shape}")
         return report
     cos = per_sample_cosine(ref, out)
-    need, max_rel = manifest["verification"]["min_cosine"], manifest["verification"]["max_rel_diff"]
-    if on != "host":
-        v = {**DEVICE_DEFAULTS, **manifest["verification"]}
-        need, max_rel = v["device_min_cosine"], v["device_max_rel_diff"]
     rel = float(np.abs(ref - out).max() / max(np.abs(ref).max(), 1e-12))
     ran = where if on == "qnn-htp" else f"{manifest['model']['file']} on {where}"  # qnn-htp names the EPContext model
     report.add("load and run", True, f"{ran} ({len(ref)} samples)")
     per_sample = ", ".join(f"{c:.6f}" for c in cos)
-    report.add("outputs match reference", bool(cos.min() >= need and rel <= max_rel),
-               f"min cosine {cos.min():.6f} (need >= {need} on every sample), max |diff| / max |ref| {rel:.2e} "
-               f"(need <= {max_rel}); per sample {per_sample}")
+    v = manifest["verification"]
+    if on == "host" or "fp32_pooled" not in v:  # the host reproduces its own reference; so did device checks before
+        v = {**DEVICE_DEFAULTS, **v}              # packages stored FP32 outputs, to the profile's agreement bar
+        need, max_rel = (v["min_cosine"], v["max_rel_diff"]) if on == "host" else (v["device_min_cosine"],
+                                                                                   v["device_max_rel_diff"])
+        report.add("outputs match reference", bool(cos.min() >= need and rel <= max_rel),
+                   f"min cosine {cos.min():.6f} (need >= {need} on every sample), max |diff| / max |ref| {rel:.2e} "
+                   f"(need <= {max_rel}); per sample {per_sample}")
+        return report
+    check_against_fp32(out, manifest, report)
+    # How far the target is from the host that built the package is a finding, not a gate: x86 hosts round int8
+    # differently (an AVX2-only x86 saturates U8S8 sums; see edgeq/runtime.py), ARM and NPUs are the truth.
+    v = {**DEVICE_DEFAULTS, **v}
+    expected = cos.min() >= v["device_min_cosine"] and rel <= v["device_max_rel_diff"]
+    note = "within" if expected else "outside"
+    report.add("agreement with the host's reference (reported, not gated)", True,
+               f"min cosine {cos.min():.6f}, max |diff| / max |ref| {rel:.2e} ({note} the profile's expected "
+               f"device_min_cosine {v['device_min_cosine']} / device_max_rel_diff {v['device_max_rel_diff']}); "
+               f"per sample {per_sample}")
     return report
+
+
+def check_against_fp32(out: np.ndarray, manifest: dict, report: VerifyReport) -> None:
+    """A device target's outputs against the FP32 model's, held to the profile's accuracy budget (the bar the
+    export's own evaluation met on the host): every stored sample at least min_min_cosine, their mean at least
+    min_mean_cosine. The FP32 outputs were computed on the host: FP32 differs between CPUs by ~1e-7 in cosine,
+    far below any budget."""
+    fp32 = np.asarray(manifest["verification"]["fp32_pooled"], dtype=np.float32)
+    budget = manifest["accuracy"]["budget"]
+    cos = per_sample_cosine(fp32, out[: len(fp32)])
+    ok = bool(cos.min() >= budget["min_min_cosine"] and cos.mean() >= budget["min_mean_cosine"])
+    report.add("outputs vs FP32 within the accuracy budget", ok,
+               f"min cosine {cos.min():.6f} (need >= {budget['min_min_cosine']}), mean {cos.mean():.6f} (need >= "
+               f"{budget['min_mean_cosine']}) on {len(fp32)} samples; per sample {', '.join(f'{c:.6f}' for c in cos)}")

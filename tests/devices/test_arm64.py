@@ -153,28 +153,34 @@ def test_edgeq_package_matches_on_arm64(arm64_runtime, tiny_package):
     host = pool(session(model).run(None, feeds)[0], feeds["attention_mask"], v["pooling"])
     ref = np.asarray(v["reference_pooled"], dtype=np.float32)
     np.testing.assert_allclose(host, ref, atol=1e-5)  # the manifest's reference is the host's output
-    cos = per_sample_cosine(ref, arm)
-    assert cos.min() >= MIN_POOLED_COSINE, f"pooled cosine arm64 vs reference {cos}"
-    assert np.abs(arm - ref).max() <= PACKAGE_MAX_ABS
+    # arm64 is held to FP32 by the profile's budget, as verify does; the x86 host is not the truth (an AVX2-only
+    # x86 saturates int8 sums that ARM computes exactly), so arm64 vs host is not asserted here
+    fp32 = np.asarray(v["fp32_pooled"], dtype=np.float32)
+    budget = m["accuracy"]["budget"]
+    cos = per_sample_cosine(fp32, arm)
+    assert cos.min() >= budget["min_min_cosine"] and cos.mean() >= budget["min_mean_cosine"], cos
+    assert np.abs(arm - fp32).max() <= PACKAGE_MAX_ABS
 
 
 @device
-def test_verify_on_arm64_holds_every_sample_to_the_manifest_device_tolerance(arm64_runtime, tiny_package, tmp_path):
+def test_verify_on_arm64_holds_the_samples_to_fp32_within_the_accuracy_budget(arm64_runtime, tiny_package, tmp_path):
     from edgeq.stages.verify import verify
 
     report = verify(tiny_package.path, "arm64")
     assert report.ok, report.checks
-    detail = dict((n, d) for n, _, d in report.checks)["outputs match reference"]
-    need = tiny_package.manifest["verification"]["device_min_cosine"]
-    assert f"need >= {need} on every sample" in detail and detail.count(", ") >= 3  # one cosine per stored sample
+    details = dict((n, d) for n, _, d in report.checks)
+    detail = details["outputs vs FP32 within the accuracy budget"]
+    need = tiny_package.manifest["accuracy"]["budget"]["min_min_cosine"]
+    assert f"need >= {need})" in detail and detail.split("per sample")[1].count(", ") >= 3  # one cosine per sample
+    assert "agreement with the host's reference (reported, not gated)" in details
     # the same package with a bar no device can meet fails on that check alone
     copy = tmp_path / "pkg"
     shutil.copytree(tiny_package.path, copy)
     m = json.loads((copy / "manifest.json").read_text())
-    m["verification"]["device_min_cosine"] = 1.5
+    m["accuracy"]["budget"]["min_min_cosine"] = 1.5
     (copy / "manifest.json").write_text(json.dumps(m))
     failed = [n for n, ok, _ in verify(copy, "arm64").checks if not ok]
-    assert failed == ["outputs match reference"]
+    assert failed == ["outputs vs FP32 within the accuracy budget"]
 
 
 @device
