@@ -188,9 +188,9 @@ def test_a_malformed_manifest_is_a_clear_error(copy, tmp_path, case, command):
         edit(copy, change)
     args = {"verify": (), "inspect": (), "report": ("--no-speed", "--no-plots", "-o", tmp_path / "report"),
             "run": ("--prompt", "hi"), "eval": ("--text", tmp_path / "text.txt")}[command]
-    error = refused(edgeq(command, copy, *args), says)
-    assert str(copy) in error
-    assert re.search(r"^hint: re-export the package", edgeq(command, copy, *args).stderr, re.M)
+    result = edgeq(command, copy, *args)
+    assert str(copy) in refused(result, says)
+    assert re.search(r"^hint: re-export the package", result.stderr, re.M)
 
 
 def test_a_malformed_detail_inspect_shows_is_a_clear_error(copy):
