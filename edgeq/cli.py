@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from edgeq.errors import EdgeqError
+from edgeq.errors import EdgeqError, UserInputError
 
 
 def handle_errors(fn):
@@ -161,33 +161,49 @@ def profiles_cmd(fields, names, model_dir) -> None:
 @handle_errors
 def inspect_cmd(package, nodes) -> None:
     """Show a package's files, precision per op category, and measured accuracy."""
-    from edgeq.manifest import read_manifest
+    from edgeq.errors import PackageError
+    from edgeq.manifest import DISPLAY_FIELDS, MANIFEST, REEXPORT, check_fields, read_manifest
 
     m = read_manifest(package)
-    click.echo(f"package  {package}\nprofile  {m['profile']['name']}\nsource   {m['source']['path']} ({m['source']['architecture']})")
-    click.echo("files:")
+    check_fields(m, DISPLAY_FIELDS[m["source"]["kind"]], package / MANIFEST)
+    try:
+        lines = _package_lines(package, m, nodes)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+        # a nested detail the field tables do not cover (a qnn or partitions section, a node record)
+        raise PackageError(f"{package / MANIFEST} is malformed: {type(exc).__name__} {exc} while showing it",
+                           REEXPORT) from exc
+    click.echo("\n".join(lines))
+
+
+def _package_lines(package: Path, m: dict, nodes: bool) -> list[str]:
+    """inspect's lines, built before any is printed: a malformed detail then prints nothing but the error."""
+    lines: list[str] = []
+    echo = lines.append
+    echo(f"package  {package}\nprofile  {m['profile']['name']}\nsource   {m['source']['path']} ({m['source']['architecture']})")
+    echo("files:")
     for name, e in m["files"].items():
-        click.echo(f"  {e['size'] / 1e6:10.2f} MB  {name}")
-    click.echo("precision by op category (nodes):")
+        echo(f"  {e['size'] / 1e6:10.2f} MB  {name}")
+    echo("precision by op category (nodes):")
     for cat, counts in m["precision"]["summary"].items():
-        click.echo(f"  {cat:18s} " + ", ".join(f"{p}: {n}" for p, n in sorted(counts.items())))
+        echo(f"  {cat:18s} " + ", ".join(f"{p}: {n}" for p, n in sorted(counts.items())))
     z = m["size"]
     if "ratio" in z:
-        click.echo(f"size     {z['model_bytes'] / 1e6:.2f} MB model, {z['ratio']:.1%} of the FP32 ONNX export "
-                   f"({z['fp32_onnx_bytes'] / 1e6:.1f} MB; profile allows {z['max_ratio']:.0%})")
+        echo(f"size     {z['model_bytes'] / 1e6:.2f} MB model, {z['ratio']:.1%} of the FP32 ONNX export "
+             f"({z['fp32_onnx_bytes'] / 1e6:.1f} MB; profile allows {z['max_ratio']:.0%})")
     else:
-        click.echo(f"size     {z['model_bytes'] / 1e6:.2f} MB model (profile allows {z['max_mb']:.0f} MB)")
-    click.echo(accuracy_line(m["accuracy"]))
+        echo(f"size     {z['model_bytes'] / 1e6:.2f} MB model (profile allows {z['max_mb']:.0f} MB)")
+    echo(accuracy_line(m["accuracy"]))
     if "qnn" in m:
-        click.echo(qnn_line(m["qnn"]))
+        echo(qnn_line(m["qnn"]))
     for ep, r in m.get("partitions", {}).items():
         if ep != "tool":
             a, f = r["as_is"], r["fixed_shapes"]
-            click.echo(f"{ep} {r['verdict']}: takes {a['supported_nodes']}/{a['nodes']} nodes in {a['partitions']} "
-                       f"partitions ({f['supported_nodes']} in {f['partitions']} with fixed input shapes)")
+            echo(f"{ep} {r['verdict']}: takes {a['supported_nodes']}/{a['nodes']} nodes in {a['partitions']} "
+                 f"partitions ({f['supported_nodes']} in {f['partitions']} with fixed input shapes)")
     if nodes:
         for d in m["precision"]["nodes"]:
-            click.echo(f"  {d['precision']:16s} {d['name']}: {d['reason']}")
+            echo(f"  {d['precision']:16s} {d['name']}: {d['reason']}")
+    return lines
 
 
 @main.command("verify")
@@ -223,7 +239,10 @@ def verify_cmd(package, on, as_json) -> None:
 def run_cmd(package, prompt, max_new_tokens, raw) -> None:
     """Generate text with an LLM package through onnxruntime-genai, streamed as it is produced."""
     from edgeq.llm.genai import chat_prompt, generate
+    from edgeq.manifest import read_manifest
 
+    if read_manifest(package)["source"]["kind"] != "causal-lm":  # a package from anyone: read it checked first
+        raise UserInputError(f"{package} is not an LLM package", "edgeq run generates with causal-LM packages")
     text = prompt if raw else chat_prompt(package, prompt)
     for piece in generate(package, text, max_new_tokens):
         click.echo(piece, nl=False)

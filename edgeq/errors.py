@@ -41,6 +41,11 @@ class CalibrationDataError(UserInputError):
     """The calibration file is missing, empty, not text, or overlaps the evaluation split."""
 
 
+class PackageError(UserInputError):
+    """The package folder is missing or not a package, its manifest.json is malformed, or a path in it leaves the
+    folder (absolute, '..', a symlink): refused before anything in it is read or run."""
+
+
 class OutputExistsError(UserInputError):
     """The package folder already exists and --force was not given."""
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from edgeq.errors import (AccuracyBudgetError, OutputExistsError, SizeBudgetError, UnsupportedModelError,
-                          VerificationError)
+from edgeq.errors import (AccuracyBudgetError, ModelFolderError, OutputExistsError, SizeBudgetError,
+                          UnsupportedModelError, VerificationError)
 from edgeq.manifest import SCHEMA_VERSION, stored_rows, tool_versions
 from edgeq.metrics import EncoderAccuracy, compare
 from edgeq.modelsource import ModelSource, inspect_model_dir
@@ -72,6 +72,14 @@ def check_inputs(req: ExportRequest) -> Inputs:
     if Path(req.out_dir).exists() and not Path(req.out_dir).is_dir():
         raise OutputExistsError(f"output path {req.out_dir} is a file, not a folder", "pass -o a folder (it is created if missing)")
     dest = Path(req.out_dir) / f"{source.name}-{profile.name}"
+    # the profile name is plain (edgeq.profiles.check_profile_name); the model's comes from a folder or GGUF file
+    # name: 'export --force' replaces dest, so it must be a folder directly inside OUT, never a hidden one
+    if source.name.startswith(".") or any(c in source.name for c in "/\\") or not source.name.isprintable():
+        raise ModelFolderError(f"the model name {source.name!r} cannot name a package folder",
+                               "rename the model folder (or GGUF file) to letters, digits, '.', '_' and '-'")
+    if dest.resolve().parent != Path(req.out_dir).resolve():
+        raise OutputExistsError(f"{dest} does not resolve to a folder directly inside {req.out_dir} (a symlink?)",
+                                "remove it, or pass -o to write elsewhere")
     if (dest.exists() or zip_path(dest).exists()) and not req.force:
         raise OutputExistsError(f"{dest} already exists", "pass --force to replace it, or -o to write elsewhere")
     return Inputs(source, profile, calibration, evaluation, dest)
@@ -95,7 +103,7 @@ def export_package(req: ExportRequest, progress: Progress = QUIET) -> Package:
         else:
             manifest = build_encoder_package(inputs, req, folder, work, progress)
         progress.stage("verify", str(folder))
-        report = verify(folder)
+        report = verify(folder, profile=inputs.profile)  # the bars it was built with, --set included
         if not report.ok:
             bad = "; ".join(f"{n}: {d}" for n, ok, d in report.checks if not ok)
             raise VerificationError(f"fresh package failed verification: {bad}", "this is an edgeq bug; please report it")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -310,6 +311,7 @@ def load_profile(name_or_path: str, profiles_dir: Path = PROFILES_DIR, overrides
         table[leaf] = value
     shown = Path(f"{path} with --set {', '.join(overrides)}") if overrides else path
     profile = _build(Profile, data, shown, "")
+    check_profile_name(profile.name, shown)
     _check_provider(profile, shown)
     return dataclasses.replace(profile, source=str(path), sha256=hashlib.sha256(raw).hexdigest())
 
@@ -325,6 +327,19 @@ def parse_setting(text: str) -> tuple[str, object]:
     except tomllib.TOMLDecodeError:
         parsed = value.strip()
     return key.strip(), parsed
+
+
+# The name becomes part of a folder name, OUT/<model>-<name>, which 'export --force' replaces: a name with a path
+# separator or '..' (x/../../victim) would point that replacement outside OUT.
+PROFILE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
+
+
+def check_profile_name(name: str, path: Path) -> None:
+    """A profile name is a plain file name: letters, digits, '.', '_' and '-', not starting with '.', no '..'."""
+    if not PROFILE_NAME.fullmatch(name) or ".." in name:
+        raise ProfileError(f"profile {path}: name {name!r} is not a plain name",
+                           "use only letters, digits, '.', '_' and '-' (not first: '.'; no '..'), at most 128 "
+                           "characters, e.g. name = \"my-phone\"")
 
 
 def _check_provider(profile: Profile, path: Path) -> None:

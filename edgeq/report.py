@@ -247,16 +247,19 @@ def write_json(path: Path, rows: Sequence[Row], meta: dict, bandwidth_gbs: float
 
 # ---------------------------------------------------------------------------------------------------- packages
 def _model_file(package: Path, manifest: dict) -> Path:
-    return package / manifest["model"]["file"]
+    from edgeq.manifest import package_path
+
+    return package_path(package, manifest["model"]["file"], "the manifest's model.file")
 
 
 def package_row(package: Path, speed: bool = True) -> Row:
     """A row for an edgeq package: size and accuracy from its manifest, speed measured now on this machine."""
-    from edgeq.manifest import read_manifest
+    from edgeq.manifest import DISPLAY_FIELDS, MANIFEST, check_fields, read_manifest
 
     package = Path(package)
     m = read_manifest(package)
     kind = m["source"]["kind"]
+    check_fields(m, DISPLAY_FIELDS[kind], package / MANIFEST)
     acc = {k: v for k, v in m["accuracy"].items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     size = sum(e["size"] for n, e in m["files"].items() if n.startswith("model."))
     row = Row(name=package.name, kind=kind, size_bytes=size, accuracy=acc, path=str(package),
@@ -282,7 +285,9 @@ def measure_speed(row: Row, package: Path, manifest: dict, prompt_tokens: int = 
         from edgeq.speed import llm_speed
 
         # prompt + new tokens must fit the package's context (a 128-position test model takes 64 + 64)
-        context = json.loads((package / manifest["model"]["genai_config"]).read_text())["model"]["context_length"]
+        from edgeq.llm.genai import check_genai_config
+
+        context = check_genai_config(package)["model"]["context_length"]
         prompt_tokens = min(prompt_tokens, context // 2)
         ids = tokenizer("\n\n".join(texts), add_special_tokens=False, verbose=False)["input_ids"][:prompt_tokens]
         s = llm_speed(package, ids, min(new_tokens, context - prompt_tokens))

@@ -354,10 +354,8 @@ def test_inspect_nodes_gives_every_decision_and_reason(package, manifest):
 
 def test_inspect_on_a_folder_that_is_not_a_package(tmp_path):
     result = edgeq("inspect", tmp_path)
-    assert result.exit_code == 1
-    assert "Traceback" not in result.output
-    assert re.search(r"^error: .*has no manifest\.json$", result.stderr, re.M)
-    assert re.search(r"^hint: \S", result.stderr, re.M)
+    error, hint = assert_user_error(result)  # a user mistake: exit 2
+    assert re.fullmatch(r".*has no manifest\.json", error) and "edgeq export" in hint
 
 
 # ---------------------------------------------------------------------------------------------------- verify

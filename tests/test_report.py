@@ -60,7 +60,7 @@ def test_report_html_is_one_file(package, tmp_path):
 
 def test_report_on_a_folder_that_is_not_a_package(tmp_path):
     result = edgeq("report", tmp_path, "-o", tmp_path / "out")
-    assert result.exit_code == 1
+    assert result.exit_code == 2  # a user mistake
     assert re.search(r"^error: .*has no manifest\.json$", result.stderr, re.M)
     assert not (tmp_path / "out").exists()
 

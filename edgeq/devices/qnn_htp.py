@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from edgeq.errors import DeviceRunError, DeviceUnavailableError
+from edgeq.errors import DeviceRunError, DeviceUnavailableError, PackageError
+from edgeq.manifest import REEXPORT, package_path
 
 EP = "QNNExecutionProvider"
 INSTALL_HINT = "pip install 'edgeq[qnn]' (the onnxruntime-qnn wheel from PyPI; it carries the x86_64 HTP simulator)"
@@ -141,14 +142,33 @@ def run_htp(model_path: Path, feeds: list[dict[str, np.ndarray]], soc_model: int
     return HtpRun(outs, placement(sess), load, times)
 
 
+def check_embedded_context(ctx_path: Path) -> None:
+    """A package's EPContext nodes must embed their context binary (``embed_mode`` 1, as edgeq writes them): with
+    0, ``ep_cache_context`` is a path the QNN EP opens, which a stranger's package could point anywhere."""
+    import onnx
+
+    model = onnx.load(str(ctx_path), load_external_data=False)
+    for node in model.graph.node:
+        if node.op_type == "EPContext":
+            mode = next((a.i for a in node.attribute if a.name == "embed_mode"), 1)  # the contrib op's default is 1
+            if mode != 1:
+                raise PackageError(f"{ctx_path.name}: EPContext node {node.name!r} has embed_mode {mode}, naming a "
+                                   "context binary outside the model", REEXPORT)
+
+
 def run_package(folder: Path, manifest: dict, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, str]:
     """``edgeq verify --on qnn-htp``: the package's EPContext model (its precompiled context binary) on the HTP
     simulator, CPU fallback disabled, the stored rows batch by batch; returns the first output and where it ran."""
     m = manifest["model"]
-    qnn = manifest.get("qnn", {})
+    qnn = manifest.get("qnn") if isinstance(manifest.get("qnn"), dict) else {}
     batch = m.get("batch_size") or len(feeds["attention_mask"])
     chunks = [{k: a[i:i + batch] for k, a in feeds.items()} for i in range(0, len(feeds["attention_mask"]), batch)]
-    run = run_htp(folder / m["context_file"], chunks, qnn.get("soc_model", 57), qnn.get("htp_arch", 75))
+    ctx = package_path(folder, m["context_file"], "the manifest's model.context_file")
+    check_embedded_context(ctx)
+    soc, arch = (qnn.get(k, d) for k, d in (("soc_model", 57), ("htp_arch", 75)))
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (soc, arch)):
+        raise PackageError(f"the manifest's qnn.soc_model {soc!r} and qnn.htp_arch {arch!r} must be integers", REEXPORT)
+    run = run_htp(ctx, chunks, soc, arch)
     share = run.placement.htp_fraction
     where = (f"QNN HTP simulator (v{qnn.get('htp_arch')}, soc_model {qnn.get('soc_model')}), {m['context_file']}, "
              f"{share:.0%} of nodes on HTP, {np.mean(run.run_seconds):.2f} s per run")

@@ -174,13 +174,6 @@ def _more_accurate(spec) -> list[str]:
     return tips
 
 
-def verify_llm(folder: Path, manifest: dict) -> tuple[bool, str]:
-    """Greedy tokens for the stored prompt must be exactly the stored ones."""
-    v = manifest["verification"]
-    return match_tokens(greedy_tokens(folder, v["prompt_ids"], len(v["greedy_tokens"])), v["greedy_tokens"],
-                        v.get("logit_margins"))
-
-
 def match_tokens(got: list[int], want: list[int], margins: list[float] | None = None) -> tuple[bool, str]:
     """(equal, a line saying so or where they first differ, with the reference's top-2 logit gap there if known:
     a small gap means a near-tie flipped, a large one a kernel computing something else)."""

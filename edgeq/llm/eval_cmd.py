@@ -6,11 +6,15 @@ import tempfile
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from edgeq.errors import UserInputError
+from edgeq.errors import PackageError, UserInputError
 from edgeq.llm.evaluate import ReferenceLogits, evaluate_lm, token_windows
-from edgeq.manifest import read_manifest
+from edgeq.manifest import COUNT, MANIFEST, REEXPORT, check_fields, package_path, plain_relative_path, read_manifest
 from edgeq.modelsource import inspect_model_dir
 from edgeq.textdata import load_texts
+
+# what eval reads beyond read_manifest's fields: the windows and the source to export the FP32 reference from
+EVAL_FIELDS = (("profile.values.llm", dict), ("profile.values.llm.window_tokens", COUNT),
+               ("profile.values.llm.eval_windows", COUNT), ("source.path", str), ("source.files", dict))
 
 
 def evaluate_package(package: Path, text_file: Path, reference: Path | None = None) -> dict:
@@ -23,13 +27,15 @@ def evaluate_package(package: Path, text_file: Path, reference: Path | None = No
                              "measured at export (see edgeq inspect)")
     from transformers import AutoTokenizer
 
+    check_fields(manifest, EVAL_FIELDS, package / MANIFEST)
     spec = manifest["profile"]["values"]["llm"]
+    model = package_path(package, manifest["model"]["file"], "the manifest's model.file")
     tokenizer = AutoTokenizer.from_pretrained(str(package))
     windows = token_windows(tokenizer, load_texts(text_file).texts, spec["window_tokens"], spec["eval_windows"])
     with tempfile.TemporaryDirectory(prefix="edgeq-eval-") as tmp:
         ref_path = Path(reference) if reference else _fp32_reference(manifest, Path(tmp))
         with ReferenceLogits(ref_path, windows, directory=Path(tmp) / "ref") as ref:
-            acc = evaluate_lm(package / manifest["model"]["file"], ref, windows)
+            acc = evaluate_lm(model, ref, windows)
     return asdict(acc)
 
 
@@ -38,7 +44,12 @@ def _fp32_reference(manifest: dict, work: Path) -> Path:
     from edgeq.stages.export import export
 
     src_info = manifest["source"]
-    src = inspect_model_dir(Path(src_info["path"]), src_info.get("gguf_file") or None)
+    gguf = src_info.get("gguf_file") or None
+    if gguf is not None and len(plain_relative_path(gguf, "the manifest's source.gguf_file").parts) != 1:
+        raise PackageError(f"the manifest's source.gguf_file {gguf!r} is not a file name", REEXPORT)
+    # the source folder is outside the package by design; it is checked as any model folder is, and must still
+    # hold the files the manifest hashed
+    src = inspect_model_dir(Path(src_info["path"]), gguf)
     if src.file_hashes != src_info["files"]:
         raise UserInputError(f"the source model in {src.path} changed since the package was made",
                              "pass --reference with the FP32 ONNX model to compare with")

@@ -23,9 +23,14 @@ from pathlib import Path
 
 import onnx
 
-from edgeq.errors import EdgeqError, UnsupportedModelError, UserInputError
+from edgeq.errors import EdgeqError, PackageError, UnsupportedModelError, UserInputError
+from edgeq.manifest import REEXPORT, package_path
 
 GENAI_CONFIG = "genai_config.json"
+# The session options edgeq writes. onnxruntime-genai reads more (custom_ops_library: a shared library it loads;
+# provider options naming backend libraries): from a stranger's package that would run native code, so a package's
+# config may hold only these, with no provider options. A profile that needs a provider must be allowed here.
+SESSION_OPTION_KEYS = frozenset({"log_id", "provider_options"})
 PAST_KEY, PAST_VALUE = "past_key_values.%d.key", "past_key_values.%d.value"
 PRESENT_KEY, PRESENT_VALUE = "present.%d.key", "present.%d.value"
 # model.type values onnxruntime-genai 0.18 runs as a plain decoder-only LLM (src/models/model_type.h: IsLLM), keyed
@@ -221,14 +226,50 @@ def _generator(model, context_length: int, prompt_ids: Sequence[int], max_new_to
     return generator
 
 
+def _walk_config(value, key: str = ""):
+    """(key, value) of every entry of a JSON value, nested ones included."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield k, v
+            yield from _walk_config(v, k)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _walk_config(v, key)
+
+
+def check_genai_config(package_dir: Path) -> dict:
+    """The package's genai_config.json, checked before onnxruntime-genai reads it: every ``filename`` in it is a
+    plain path to a file inside the package, session options are only those edgeq writes (no library to load, no
+    provider), and the context length is a positive integer. PackageError otherwise."""
+    path = package_path(package_dir, GENAI_CONFIG, GENAI_CONFIG)
+    if not path.is_file():
+        raise UserInputError(f"{package_dir} has no {GENAI_CONFIG}", "pass an onnxruntime-genai package folder")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise PackageError(f"{path} is not valid JSON: {exc}", REEXPORT) from exc
+    context = config.get("model", {}).get("context_length") if isinstance(config, dict) else None
+    if not isinstance(config.get("model"), dict) or not isinstance(context, int) or isinstance(context, bool) \
+            or context < 1:
+        raise PackageError(f"{path} has no positive integer model.context_length", REEXPORT)
+    for key, value in _walk_config(config):
+        if key == "filename":
+            if not package_path(package_dir, value, f"{GENAI_CONFIG} filename").is_file():
+                raise PackageError(f"{path} names the model file {value!r}, which the package does not hold", REEXPORT)
+        elif key == "session_options":
+            extra = sorted(set(value) - SESSION_OPTION_KEYS) if isinstance(value, dict) else ["(not an object)"]
+            if extra or value.get("provider_options", []) != []:
+                raise PackageError(f"{path}: session_options {', '.join(extra) or 'provider_options'} is not one "
+                                   "edgeq writes; a package may not name libraries or providers to load", REEXPORT)
+    return config
+
+
 def _load(package_dir: Path):
     """(og.Model, context length) for a package folder."""
     import onnxruntime_genai as og
 
-    config = Path(package_dir) / GENAI_CONFIG
-    if not config.is_file():
-        raise UserInputError(f"{package_dir} has no {GENAI_CONFIG}", "pass an onnxruntime-genai package folder")
-    return og.Model(str(package_dir)), int(json.loads(config.read_text())["model"]["context_length"])
+    config = check_genai_config(package_dir)
+    return og.Model(str(package_dir)), config["model"]["context_length"]
 
 
 def generate(package_dir: Path, prompt: str, max_new_tokens: int, *, greedy: bool = True) -> Iterator[str]:

@@ -1,28 +1,37 @@
 """verify: a package is what its manifest says and still computes what it computed when it was made.
 
-Checks, in order: every file in the manifest exists with its sha256 and size, and no file is unlisted; the model
-loads in ONNX Runtime; the stored sample inputs reproduce the stored reference outputs (pooled embeddings, cosine
-at least the manifest's ``min_cosine``).
+Checks, in order: every file in the manifest exists with its sha256 and size, and no file is unlisted; the
+manifest's bars are not looser than its profile's; the model loads in ONNX Runtime; the stored sample inputs
+reproduce the stored reference outputs (pooled embeddings, cosine at least ``min_cosine`` on every sample) on the
+host; on a device target they must stay within the profile's accuracy budget of the stored FP32 outputs.
+
+The manifest is not hashed, so its bars are never taken alone. They come from the profile the manifest names:
+- a bundled profile (``export_profiles/<name>.toml``): its [package] (and [llm]) values, as this edgeq ships them;
+- a profile from a .toml of the user's (not bundled; the manifest records its path, which verify does not read:
+  the manifest chooses it): PackageSpec's and LLMSpec's defaults, which are the bundled profiles' values;
+- any other name: refused (exit 2).
+The manifest's recorded ``profile.values`` (the profile as applied, --set included) and its ``verification`` bars
+count only where they are stricter. A stated bar looser than the profile's fails the "thresholds" check, and the
+profile's bar is used. ``edgeq export`` verifies its fresh package against the profile it was built with.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
-from edgeq.errors import DeviceUnavailableError, VerificationError
-from edgeq.manifest import file_entries, read_manifest
+from edgeq.errors import DeviceUnavailableError, PackageError, UserInputError
+from edgeq.manifest import file_entries, package_path, read_manifest
 from edgeq.metrics import per_sample_cosine
-from edgeq.profiles import PackageSpec
+from edgeq.profiles import AccuracyBudget, LLMSpec, PackageSpec, Profile, known_profiles, load_profile
 from edgeq.runtime import pool, session
 
 TARGETS = ("host", "arm64", "qnn-htp")
-# Off the host a package does not reproduce its reference bit for bit: last-bit float differences flip int8
-# roundings, and the flips compound over the layers. The bars are the profile's package.device_min_cosine (per
-# sample) and device_max_rel_diff, recorded in the manifest; see export_profiles/android-arm64.toml for what MiniLM
-# measures. A package written before those fields existed gets PackageSpec's defaults.
+# A device target is held to the stored FP32 outputs by the profile's accuracy budget; its agreement with the host's
+# reference (package.device_min_cosine, device_max_rel_diff) is reported, and gated only for packages written
+# before they stored FP32 outputs. A package that records no device bars (a QNN package) gets PackageSpec's.
 DEVICE_DEFAULTS = {"device_min_cosine": PackageSpec().device_min_cosine,
                    "device_max_rel_diff": PackageSpec().device_max_rel_diff}
 
@@ -41,8 +50,82 @@ class VerifyReport:
         self.checks.append((name, ok, detail))
 
 
+# manifest verification key -> (profile [package] field, whether a higher value is the stricter)
+BARS = {"min_cosine": ("verify_min_cosine", True), "max_rel_diff": ("verify_max_rel_diff", False),
+        "device_min_cosine": ("device_min_cosine", True), "device_max_rel_diff": ("device_max_rel_diff", False)}
+
+
+# the recorded profile values that can tighten a bar: (profile section, field, whether a higher value is stricter)
+TIGHTENED = tuple(("package", f, higher) for f, higher in BARS.values()) + (
+    ("package", "verify_samples", True), ("llm", "verify_tokens", True),
+    ("accuracy", "min_mean_cosine", True), ("accuracy", "min_min_cosine", True))
+
+
+@dataclass(frozen=True)
+class Bars:
+    """The profile's verification bars for a package, and the words that say where they come from."""
+
+    package: PackageSpec
+    llm: LLMSpec
+    source: str
+    accuracy: AccuracyBudget = AccuracyBudget()
+
+
+def _stricter(a: float, b: float, higher: bool) -> float:
+    return max(a, b) if higher else min(a, b)
+
+
+def profile_bars(manifest: dict, profile: Profile | None = None) -> Bars:
+    """The bars of the profile the manifest names (module doc), or of ``profile`` when the caller holds the one the
+    package was built with; the manifest's recorded profile values tighten them, never loosen them."""
+    name = manifest["profile"]["name"]
+    if profile is not None:
+        package, llm, accuracy = profile.package, profile.llm, profile.accuracy
+        source = f"profile '{profile.name}' as exported"
+    elif name in known_profiles():
+        p = load_profile(name)
+        package, llm, accuracy, source = p.package, p.llm, p.accuracy, f"profile '{name}'"
+    elif str(manifest["profile"].get("file", "")).endswith(".toml"):
+        package, llm, accuracy = PackageSpec(), LLMSpec(), AccuracyBudget()
+        source = f"edgeq's defaults (profile '{name}' is not bundled)"
+    else:
+        raise PackageError(f"the package names an unknown profile {name!r}, so its verification bars are unknown",
+                           f"known profiles: {', '.join(known_profiles())}; re-export the package with one of them")
+    values = manifest["profile"]["values"]
+    specs = {"package": package, "llm": llm, "accuracy": accuracy}
+    for spec, key, higher in TIGHTENED:
+        v = values.get(spec, {}).get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v):  # else it tightens nothing
+            current = getattr(specs[spec], key)
+            specs[spec] = replace(specs[spec], **{key: type(current)(_stricter(current, v, higher))})
+    return Bars(specs["package"], specs["llm"], source, specs["accuracy"])
+
+
+def check_thresholds(manifest: dict, bars: Bars, report: VerifyReport) -> dict[str, float]:
+    """Fail the 'thresholds' check for every bar the manifest states looser than the profile's; return the bars
+    verify applies (the stricter of the two, each)."""
+    v = manifest["verification"]
+    applied, looser = {}, []
+    for key, (field_name, higher) in BARS.items():
+        need = getattr(bars.package, field_name)
+        stated = v.get(key, need)
+        if (stated < need) if higher else (stated > need):
+            looser.append(f"verification.{key} = {stated} in the manifest is looser than {need} "
+                          f"(package.{field_name} of {bars.source})")
+        applied[key] = _stricter(stated, need, higher)
+    rows = len(v["reference_pooled"])
+    if rows < bars.package.verify_samples:
+        looser.append(f"verification holds {rows} samples, fewer than {bars.package.verify_samples} "
+                      f"(package.verify_samples of {bars.source})")
+    report.add("thresholds", not looser, "; ".join(looser) or
+               f"min_cosine {applied['min_cosine']}, max_rel_diff {applied['max_rel_diff']}, device_min_cosine "
+               f"{applied['device_min_cosine']}, device_max_rel_diff {applied['device_max_rel_diff']} "
+               f"(at least as strict as {bars.source})")
+    return applied
+
+
 def check_files(folder: Path, manifest: dict, report: VerifyReport) -> None:
-    listed = manifest.get("files", {})
+    listed = manifest["files"]
     actual = file_entries(folder)
     for name, entry in listed.items():
         got = actual.get(name)
@@ -61,7 +144,7 @@ def run_samples(folder: Path, manifest: dict, arm64=None, on: str = "host") -> t
     """Pooled outputs of the package's model for the manifest's stored sample inputs, and where they ran: the host's
     ONNX Runtime, ``arm64`` (an edgeq.devices.arm64.Arm64Runtime) if given, or the QNN HTP simulator."""
     v = manifest["verification"]
-    model = folder / manifest["model"]["file"]
+    model = package_path(folder, manifest["model"]["file"], "the manifest's model.file")
     feeds = {k: np.asarray(a, dtype=np.int64) for k, a in v["inputs"].items()}
     batch = manifest["model"].get("batch_size")  # static-shape models take their stored rows batch by batch
     if on == "qnn-htp":
@@ -83,12 +166,17 @@ def run_samples(folder: Path, manifest: dict, arm64=None, on: str = "host") -> t
     return pool(hidden, feeds["attention_mask"], v["pooling"]), where
 
 
-def _verify_llm(folder: Path, manifest: dict, report: VerifyReport) -> VerifyReport:
+def _verify_llm(folder: Path, manifest: dict, report: VerifyReport, bars: Bars) -> VerifyReport:
     """LLM packages: onnxruntime-genai loads the folder and greedy decoding reproduces the stored tokens exactly --
-    on the host, or on arm64 (PyPI's aarch64 onnxruntime-genai under qemu; see edgeq/devices/arm64_genai.py)."""
-    from edgeq.llm.chain import match_tokens, verify_llm
+    on the host, or on arm64 (PyPI's aarch64 onnxruntime-genai under qemu; see edgeq/devices/arm64_genai.py).
+    Decoding runs for the profile's llm.verify_tokens at least, so a manifest that stores fewer tokens than the
+    model generates (a shortened reference) fails unless the model really stops there (EOS)."""
+    from edgeq.llm.chain import match_tokens
+    from edgeq.llm.genai import check_genai_config, greedy_tokens
 
     v = manifest["verification"]
+    check_genai_config(folder)  # before anything loads it, here or under qemu
+    n = max(len(v["greedy_tokens"]), bars.llm.verify_tokens)
     runtime = None
     if report.on == "arm64":  # a runtime that cannot be built is an error with a hint, not a finding
         from edgeq.devices.arm64 import ensure_runtime
@@ -98,37 +186,46 @@ def _verify_llm(folder: Path, manifest: dict, report: VerifyReport) -> VerifyRep
         ensure_genai(runtime)
     try:
         if runtime is None:
-            same, detail = verify_llm(folder, manifest)
+            got = greedy_tokens(folder, v["prompt_ids"], n)
             where = "onnxruntime-genai"
         else:
             from edgeq.devices.arm64_genai import greedy_tokens_on_arm64
 
-            got, info = greedy_tokens_on_arm64(runtime, folder, v["prompt_ids"], len(v["greedy_tokens"]))
-            same, detail = match_tokens(got, v["greedy_tokens"], v.get("logit_margins"))
+            got, info = greedy_tokens_on_arm64(runtime, folder, v["prompt_ids"], n)
             where = (f"onnxruntime-genai {info['onnxruntime_genai']} on {info['machine']} onnxruntime "
                      f"{info['onnxruntime']} under qemu")
     except Exception as exc:  # a load/generation failure is the finding, not a crash
         report.add("load and generate", False, f"{type(exc).__name__}: {exc}")
         return report
+    same, detail = match_tokens(got, v["greedy_tokens"], v.get("logit_margins"))
+    want = len(v["greedy_tokens"])
+    if not same and len(got) > want and got[:want] == v["greedy_tokens"]:
+        detail = (f"the manifest stores {want} greedy tokens but the model goes on past them; {bars.source} asks "
+                  f"for {bars.llm.verify_tokens} (llm.verify_tokens)")
     report.add("load and generate", True, f"{manifest['model']['file']} through {where}")
     report.add("greedy tokens match reference", same, detail)
     return report
 
 
-def verify(folder: Path, on: str = "host") -> VerifyReport:
+def verify(folder: Path, on: str = "host", profile: Profile | None = None) -> VerifyReport:
+    """Check the package ``folder`` on target ``on``. ``profile``: the one the package was just built with (the
+    export's own check); otherwise the bars come from the profile the manifest names (module doc). A malformed or
+    unsafe package is a PackageError; a package that fails a check is a report whose ``ok`` is False."""
     if on not in TARGETS:
-        raise VerificationError(f"unknown verification target '{on}'", f"targets available: {', '.join(TARGETS)}")
+        raise UserInputError(f"unknown verification target '{on}'", f"targets available: {', '.join(TARGETS)}")
     folder = Path(folder)
     manifest = read_manifest(folder)
+    bars = profile_bars(manifest, profile)
+    if on == "qnn-htp" and "context_file" not in manifest["model"]:
+        raise UserInputError(f"{folder} has no EPContext model: it was not built for the QNN EP",
+                             "verify it --on host or --on arm64, or re-export it with --profile android-qnn-htp")
     report = VerifyReport(folder, on)
     check_files(folder, manifest, report)
     if not report.ok:
         return report
-    if manifest.get("source", {}).get("kind") == "causal-lm":
-        return _verify_llm(folder, manifest, report)
-    if on == "qnn-htp" and "context_file" not in manifest["model"]:
-        raise VerificationError(f"{folder} has no EPContext model: it was not built for the QNN EP",
-                                "verify it --on host or --on arm64, or re-export it with --profile android-qnn-htp")
+    if manifest["source"]["kind"] == "causal-lm":
+        return _verify_llm(folder, manifest, report, bars)
+    applied = check_thresholds(manifest, bars, report)
     arm64 = None
     if on == "arm64":  # a runtime that cannot be built is an error with a hint, not a finding about the package
         from edgeq.devices.arm64 import ensure_runtime
@@ -136,13 +233,16 @@ def verify(folder: Path, on: str = "host") -> VerifyReport:
         arm64 = ensure_runtime()
     try:
         out, where = run_samples(folder, manifest, arm64, on)
-    except DeviceUnavailableError:
+    except (DeviceUnavailableError, PackageError):  # the machine or the package's layout, not a finding
         raise
     except Exception as exc:  # ORT load/run failure is the finding, not a crash
         report.add("load and run", False, f"{type(exc).__name__}: {exc}")
         return report
-    ref = np.asarray(manifest["verification"].get("reference_pooled", []), dtype=np.float32)
-    if ref.shape != out.shape:  # the manifest is not hashed: an edited reference is a failed check, not a crash
+    try:
+        ref = np.asarray(manifest["verification"]["reference_pooled"], dtype=np.float32)
+    except (TypeError, ValueError):  # ragged rows or non-numbers
+        ref = np.zeros((0,), np.float32)
+    if ref.shape != out.shape or not ref.size:  # the manifest is not hashed: an edited reference fails, not crashes
         report.add("outputs match reference", False, f"reference shape {ref.shape} differs from outputs {out.shape}")
         return report
     cos = per_sample_cosine(ref, out)
@@ -150,37 +250,42 @@ def verify(folder: Path, on: str = "host") -> VerifyReport:
     ran = where if on == "qnn-htp" else f"{manifest['model']['file']} on {where}"  # qnn-htp names the EPContext model
     report.add("load and run", True, f"{ran} ({len(ref)} samples)")
     per_sample = ", ".join(f"{c:.6f}" for c in cos)
-    v = manifest["verification"]
-    if on == "host" or "fp32_pooled" not in v:  # the host reproduces its own reference; so did device checks before
-        v = {**DEVICE_DEFAULTS, **v}              # packages stored FP32 outputs, to the profile's agreement bar
-        need, max_rel = (v["min_cosine"], v["max_rel_diff"]) if on == "host" else (v["device_min_cosine"],
-                                                                                   v["device_max_rel_diff"])
+    need, max_rel = applied["min_cosine"], applied["max_rel_diff"]
+    if on != "host":
+        need, max_rel = applied["device_min_cosine"], applied["device_max_rel_diff"]
+    if on == "host" or "fp32_pooled" not in manifest["verification"]:
+        # the host reproduces its own reference; so did device checks before packages stored FP32 outputs
         report.add("outputs match reference", bool(cos.min() >= need and rel <= max_rel),
                    f"min cosine {cos.min():.6f} (need >= {need} on every sample), max |diff| / max |ref| {rel:.2e} "
                    f"(need <= {max_rel}); per sample {per_sample}")
         return report
-    check_against_fp32(out, manifest, report)
+    check_against_fp32(out, manifest, bars, report)
     # How far the target is from the host that built the package is a finding, not a gate: x86 hosts round int8
     # differently (an AVX2-only x86 saturates U8S8 sums; see edgeq/runtime.py), ARM and NPUs are the truth.
-    v = {**DEVICE_DEFAULTS, **v}
-    expected = cos.min() >= v["device_min_cosine"] and rel <= v["device_max_rel_diff"]
-    note = "within" if expected else "outside"
+    note = "within" if cos.min() >= need and rel <= max_rel else "outside"
     report.add("agreement with the host's reference (reported, not gated)", True,
                f"min cosine {cos.min():.6f}, max |diff| / max |ref| {rel:.2e} ({note} the profile's expected "
-               f"device_min_cosine {v['device_min_cosine']} / device_max_rel_diff {v['device_max_rel_diff']}); "
-               f"per sample {per_sample}")
+               f"device_min_cosine {need} / device_max_rel_diff {max_rel}); per sample {per_sample}")
     return report
 
 
-def check_against_fp32(out: np.ndarray, manifest: dict, report: VerifyReport) -> None:
+def check_against_fp32(out: np.ndarray, manifest: dict, bars: Bars, report: VerifyReport) -> None:
     """A device target's outputs against the FP32 model's, held to the profile's accuracy budget (the bar the
     export's own evaluation met on the host): every stored sample at least min_min_cosine, their mean at least
     min_mean_cosine. The FP32 outputs were computed on the host: FP32 differs between CPUs by ~1e-7 in cosine,
     far below any budget."""
-    fp32 = np.asarray(manifest["verification"]["fp32_pooled"], dtype=np.float32)
-    budget = manifest["accuracy"]["budget"]
+    try:
+        fp32 = np.asarray(manifest["verification"]["fp32_pooled"], dtype=np.float32)
+    except (TypeError, ValueError):  # ragged rows or non-numbers: the manifest is not hashed
+        fp32 = np.zeros((0,), np.float32)
+    if fp32.ndim != 2 or not len(fp32) or fp32.shape[1:] != out.shape[1:] or len(fp32) > len(out):
+        report.add("outputs vs FP32 within the accuracy budget", False,
+                   f"stored FP32 outputs of shape {fp32.shape} do not fit the outputs {out.shape}")
+        return
+    b = bars.accuracy
     cos = per_sample_cosine(fp32, out[: len(fp32)])
-    ok = bool(cos.min() >= budget["min_min_cosine"] and cos.mean() >= budget["min_mean_cosine"])
+    ok = bool(cos.min() >= b.min_min_cosine and cos.mean() >= b.min_mean_cosine)
     report.add("outputs vs FP32 within the accuracy budget", ok,
-               f"min cosine {cos.min():.6f} (need >= {budget['min_min_cosine']}), mean {cos.mean():.6f} (need >= "
-               f"{budget['min_mean_cosine']}) on {len(fp32)} samples; per sample {', '.join(f'{c:.6f}' for c in cos)}")
+               f"min cosine {cos.min():.6f} (need >= {b.min_min_cosine}), mean {cos.mean():.6f} (need >= "
+               f"{b.min_mean_cosine}; accuracy budget of {bars.source}) on {len(fp32)} samples; per sample "
+               f"{', '.join(f'{c:.6f}' for c in cos)}")

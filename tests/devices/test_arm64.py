@@ -170,14 +170,14 @@ def test_verify_on_arm64_holds_the_samples_to_fp32_within_the_accuracy_budget(ar
     assert report.ok, report.checks
     details = dict((n, d) for n, _, d in report.checks)
     detail = details["outputs vs FP32 within the accuracy budget"]
-    need = tiny_package.manifest["accuracy"]["budget"]["min_min_cosine"]
+    need = tiny_package.manifest["profile"]["values"]["accuracy"]["min_min_cosine"]
     assert f"need >= {need})" in detail and detail.split("per sample")[1].count(", ") >= 3  # one cosine per sample
     assert "agreement with the host's reference (reported, not gated)" in details
     # the same package with a bar no device can meet fails on that check alone
     copy = tmp_path / "pkg"
     shutil.copytree(tiny_package.path, copy)
     m = json.loads((copy / "manifest.json").read_text())
-    m["accuracy"]["budget"]["min_min_cosine"] = 1.5
+    m["profile"]["values"]["accuracy"]["min_min_cosine"] = 1.5  # recorded profile values can only tighten
     (copy / "manifest.json").write_text(json.dumps(m))
     failed = [n for n, ok, _ in verify(copy, "arm64").checks if not ok]
     assert failed == ["outputs vs FP32 within the accuracy budget"]

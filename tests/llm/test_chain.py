@@ -8,9 +8,10 @@ import numpy as np
 import onnx
 import pytest
 
-from edgeq.errors import AccuracyBudgetError, ModelFolderError
+from edgeq.errors import AccuracyBudgetError, ModelFolderError, PackageError
 from edgeq.llm.genai import greedy_tokens
 from edgeq.pipeline import ExportRequest, export_package
+from edgeq.stages.package import finish
 from edgeq.stages.verify import verify
 
 
@@ -142,3 +143,25 @@ def test_match_tokens_says_where_tokens_first_differ():
     assert match_tokens([1, 2], [1, 2, 3])[1].startswith("greedy tokens differ from position 2:")  # EOS came early
     same, detail = match_tokens([1, 5, 3], [1, 2, 3], [2.5, 0.061, 1.0])
     assert detail.startswith("greedy tokens differ from position 1 (the reference's top-2 logit gap there: 0.061):")
+
+
+def test_a_shortened_reference_fails_verification(package, tmp_path):
+    """The manifest is not hashed: storing fewer greedy tokens than the profile's llm.verify_tokens used to check
+    only those few. verify decodes the profile's count and the model goes on past the stored ones."""
+    copy = Path(shutil.copytree(package.path, tmp_path / "copy"))
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["verification"]["greedy_tokens"] = manifest["verification"]["greedy_tokens"][:2]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    detail = dict((n, d) for n, ok, d in verify(copy).checks if not ok)["greedy tokens match reference"]
+    assert detail == ("the manifest stores 2 greedy tokens but the model goes on past them; profile 'android-arm64' "
+                      "asks for 16 (llm.verify_tokens)")
+
+
+def test_a_genai_config_that_loads_a_library_is_refused_before_loading(package, tmp_path):
+    copy = Path(shutil.copytree(package.path, tmp_path / "copy"))
+    config = json.loads((copy / "genai_config.json").read_text())
+    config["model"]["decoder"]["session_options"]["custom_ops_library"] = str(tmp_path / "evil.so")
+    (copy / "genai_config.json").write_text(json.dumps(config))
+    finish(copy, json.loads((copy / "manifest.json").read_text()))  # rehashed: only the config's content is wrong
+    with pytest.raises(PackageError, match="session_options custom_ops_library is not one edgeq writes"):
+        verify(copy)

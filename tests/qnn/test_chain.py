@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 import pytest
 
-from edgeq.errors import DeviceUnavailableError, VerificationError
+from edgeq.errors import DeviceUnavailableError, UserInputError
 from edgeq.pipeline import ExportRequest, export_package
 from edgeq.stages.verify import verify
 
@@ -137,7 +137,7 @@ def test_verify_on_qnn_htp_refuses_a_package_without_a_context_model(package, tm
     manifest = json.loads((copy / "manifest.json").read_text())
     del manifest["model"]["context_file"]  # what a CPU package's manifest looks like
     (copy / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(VerificationError, match="has no EPContext model") as exc:
+    with pytest.raises(UserInputError, match="has no EPContext model") as exc:
         verify(copy, on="qnn-htp")
     assert "--profile android-qnn-htp" in exc.value.hint
 
