@@ -253,8 +253,10 @@ def _model_file(package: Path, manifest: dict) -> Path:
 def package_row(package: Path, speed: bool = True) -> Row:
     """A row for an edgeq package: size and accuracy from its manifest, speed measured now on this machine."""
     from edgeq.manifest import read_manifest
+    from edgeq.safe_load import refuse_code
 
     package = Path(package)
+    refuse_code(package, "package")
     m = read_manifest(package)
     kind = m["source"]["kind"]
     acc = {k: v for k, v in m["accuracy"].items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -272,12 +274,11 @@ def package_row(package: Path, speed: bool = True) -> Row:
 
 def measure_speed(row: Row, package: Path, manifest: dict, prompt_tokens: int = 128, new_tokens: int = 64,
                   sentences: int = 64) -> None:
-    from transformers import AutoTokenizer
-
+    from edgeq.safe_load import load_tokenizer
     from edgeq.textdata import EVALUATION_FILE, load_texts
 
     texts = load_texts(EVALUATION_FILE).texts
-    tokenizer = AutoTokenizer.from_pretrained(str(package), local_files_only=True)
+    tokenizer = load_tokenizer(package)
     if row.kind == LLM:
         from edgeq.speed import llm_speed
 

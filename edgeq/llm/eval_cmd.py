@@ -10,6 +10,7 @@ from edgeq.errors import UserInputError
 from edgeq.llm.evaluate import ReferenceLogits, evaluate_lm, token_windows
 from edgeq.manifest import read_manifest
 from edgeq.modelsource import inspect_model_dir
+from edgeq.safe_load import load_tokenizer, refuse_code
 from edgeq.textdata import load_texts
 
 
@@ -17,14 +18,13 @@ def evaluate_package(package: Path, text_file: Path, reference: Path | None = No
     """Perplexity, KL and top-1 agreement of the package vs FP32 on ``text_file``. Without ``reference`` the FP32
     model is exported again from the source the manifest names (its hashes must still match)."""
     package = Path(package)
+    refuse_code(package, "package")
     manifest = read_manifest(package)
     if manifest["source"]["kind"] != "causal-lm":
         raise UserInputError(f"{package} is not an LLM package", "edgeq eval measures causal LMs; encoders are "
                              "measured at export (see edgeq inspect)")
-    from transformers import AutoTokenizer
-
     spec = manifest["profile"]["values"]["llm"]
-    tokenizer = AutoTokenizer.from_pretrained(str(package))
+    tokenizer = load_tokenizer(package)
     windows = token_windows(tokenizer, load_texts(text_file).texts, spec["window_tokens"], spec["eval_windows"])
     with tempfile.TemporaryDirectory(prefix="edgeq-eval-") as tmp:
         ref_path = Path(reference) if reference else _fp32_reference(manifest, Path(tmp))
@@ -38,7 +38,8 @@ def _fp32_reference(manifest: dict, work: Path) -> Path:
     from edgeq.stages.export import export
 
     src_info = manifest["source"]
-    src = inspect_model_dir(Path(src_info["path"]), src_info.get("gguf_file") or None)
+    src = inspect_model_dir(Path(src_info["path"]), src_info.get("gguf_file") or None,
+                            allow_pickle=src_info.get("allow_pickle") is True)
     if src.file_hashes != src_info["files"]:
         raise UserInputError(f"the source model in {src.path} changed since the package was made",
                              "pass --reference with the FP32 ONNX model to compare with")

@@ -24,6 +24,7 @@ from pathlib import Path
 import onnx
 
 from edgeq.errors import EdgeqError, UnsupportedModelError, UserInputError
+from edgeq.safe_load import refuse_code
 
 GENAI_CONFIG = "genai_config.json"
 PAST_KEY, PAST_VALUE = "past_key_values.%d.key", "past_key_values.%d.value"
@@ -225,6 +226,7 @@ def _load(package_dir: Path):
     """(og.Model, context length) for a package folder."""
     import onnxruntime_genai as og
 
+    refuse_code(package_dir, "package")
     config = Path(package_dir) / GENAI_CONFIG
     if not config.is_file():
         raise UserInputError(f"{package_dir} has no {GENAI_CONFIG}", "pass an onnxruntime-genai package folder")
