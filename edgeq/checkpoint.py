@@ -14,16 +14,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from edgeq.errors import ModelFolderError
-from edgeq.modelsource import PICKLE_SUFFIXES, SAFE_WEIGHTS, ModelSource, check_safetensors, select_weights
+from edgeq.modelsource import (PICKLE_SUFFIXES, SAFE_WEIGHTS, ModelSource, check_safetensors, name_list,
+                               select_weights)
 from edgeq.safe_load import no_stdin
-
-SHOWN = 5  # tensor names listed per kind of problem; the count says how many more
-
-
-def _names(items: list[str]) -> str:
-    more = f" and {len(items) - SHOWN} more" if len(items) > SHOWN else ""
-    return ", ".join(items[:SHOWN]) + more
-
 
 def _origin(source: ModelSource) -> str:
     return f"the GGUF {source.gguf_file} (dequantized)" if source.gguf_file else str(source.path)
@@ -83,7 +76,7 @@ def check_complete(source: ModelSource) -> None:
     expected = {k: list(v.shape) for k, v in model.state_dict().items()}
     mismatched = [f"{new} {shapes[old]} (the config wants {expected[new]})" for old, new in mapping.items()
                   if new in expected and shapes[old] != expected[new]]
-    problems = [f"{len(items)} {what}: {_names(items)}" for what, items in (
+    problems = [f"{len(items)} {what}: {name_list(items)}" for what, items in (
         ("missing", missing), ("unexpected", unexpected), ("with another shape", mismatched)) if items]
     if problems:
         raise ModelFolderError(
@@ -113,7 +106,7 @@ def check_finite(source: ModelSource) -> None:
                     bad.append(key)
     if bad:
         raise ModelFolderError(f"the weights in {_origin(source)} hold NaN or Inf values in {len(bad)} tensors: "
-                               f"{_names(bad)}",
+                               f"{name_list(bad)}",
                                "the checkpoint is damaged (a diverged training run or a broken conversion): "
                                "re-download it or use another checkpoint")
 

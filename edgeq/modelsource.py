@@ -124,15 +124,21 @@ def _pickle_files(path: Path) -> list[str]:
                   if p.suffix.lower() in PICKLE_SUFFIXES and p.is_file())
 
 
-def _convert_hint(path: Path, kind: str) -> str:
+def name_list(names: list[str], shown: int = 5) -> str:
+    """The first ``shown`` names and how many more: errors name a few, with the count."""
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+def _convert_hint(path: Path, kind: str, pickles: list[str]) -> str:
     auto = "AutoModelForCausalLM" if kind == "causal-lm" else "AutoModel"
     return (f"convert them once to {SAFE_WEIGHTS} (transformers loads them with torch.load(weights_only=True)): python -c "
             f"\"from transformers import {auto} as M; M.from_pretrained('{path}').save_pretrained('{path}', "
-            f"safe_serialization=True)\" then delete the pickle files, or pass --allow-pickle if you trust them")
+            f"safe_serialization=True)\" then delete {name_list(pickles)}, or pass --allow-pickle if you trust them")
 
 
 def select_weights(path: Path, kind: str, allow_pickle: bool = False) -> tuple[tuple[str, ...], str]:
-    """(the weight files transformers' loader will read, "safetensors" | "pickle"); everything else is refused.
+    """(the weight files transformers' loader will read, "safetensors" | "pickle"), chosen by name (headers are
+    checked by check_safetensors); everything else is refused.
 
     Safetensors follow transformers' names: model.safetensors, or model.safetensors.index.json with its shards (the
     index is recorded too). Other *.safetensors files (model.fp16.safetensors, adapters, decoys) are never read by
@@ -143,15 +149,11 @@ def select_weights(path: Path, kind: str, allow_pickle: bool = False) -> tuple[t
         safe = (path / SAFE_WEIGHTS).is_file() or (path / SAFE_INDEX).is_file()
         raise ModelFolderError(
             f"{path} holds {'pickle files' if safe else 'no safetensors weights, only pickle files'} "
-            f"({', '.join(pickles[:5])}{', ...' if len(pickles) > 5 else ''}); edgeq does not load pickle weights "
-            "(unpickling can run code)", _convert_hint(path, kind))
+            f"({name_list(pickles)}); edgeq does not load pickle weights "
+            "(unpickling can run code)", _convert_hint(path, kind, pickles))
     if (path / SAFE_INDEX).is_file():
-        shards = _index_shards(path, SAFE_INDEX)
-        for name in shards:
-            check_safetensors(path / name)
-        return (SAFE_INDEX, *shards), "safetensors"
+        return (SAFE_INDEX, *_index_shards(path, SAFE_INDEX)), "safetensors"
     if (path / SAFE_WEIGHTS).is_file():
-        check_safetensors(path / SAFE_WEIGHTS)
         return (SAFE_WEIGHTS,), "safetensors"
     if (path / PICKLE_INDEX).is_file():
         return (PICKLE_INDEX, *_index_shards(path, PICKLE_INDEX)), "pickle"
@@ -250,11 +252,14 @@ def inspect_model_dir(path: Path, gguf_file: str | None = None, allow_pickle: bo
             f"{path} is a {arch} (a task head); edgeq exports sentence encoders (the base *Model) for embeddings",
             "export the base encoder (architectures: ['BertModel'] or similar) whose last_hidden_state is pooled",
         )
+    # after the architecture checks: a wrong model type is the more useful error
+    weights, weight_format = select_weights(path, kind, allow_pickle)
     tokenizer_files = tuple(n for n in TOKENIZER_FILES if (path / n).is_file())
     if not tokenizer_files:
         raise ModelFolderError(f"{path} has no tokenizer files", f"expected tokenizer.json (or one of {', '.join(TOKENIZER_FILES)})")
-    # after the architecture checks: a wrong model type is the more useful error
-    weights, weight_format = select_weights(path, kind, allow_pickle)
+    for name in weights:
+        if name.endswith(".safetensors"):
+            check_safetensors(path / name)
     pooling = _pooling(path) if kind == "encoder" else ""
     hashed = ["config.json", *weights, *tokenizer_files]
     if (path / "1_Pooling" / "config.json").is_file():

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgeq.errors import ModelFolderError, UnsupportedModelError
+from edgeq.modelsource import name_list
 from edgeq.safe_load import no_stdin
 
 # GGUF general.architecture values that are decoder-only causal LMs transformers loads from GGUF (4.57).
@@ -58,7 +59,7 @@ def read_gguf_info(path: Path) -> GgufInfo:
 def check_gguf_loading(path: Path, loading: dict) -> None:
     """transformers fills parameters the GGUF lacks (or holds in another shape) at random and only logs it; once
     saved, such a model looks complete, so what the loader reports is checked here."""
-    problems = [f"{len(keys)} {what}: {', '.join(map(str, keys[:5]))}{' and more' if len(keys) > 5 else ''}"
+    problems = [f"{len(keys)} {what}: {name_list(keys)}"
                 for what, keys in (("missing", sorted(loading.get("missing_keys") or [])),
                                    ("with another shape", [k[0] if isinstance(k, tuple) else k
                                                            for k in loading.get("mismatched_keys") or []]))
