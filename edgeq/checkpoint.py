@@ -105,10 +105,18 @@ def check_finite(source: ModelSource) -> None:
                 if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                     bad.append(key)
     if bad:
-        raise ModelFolderError(f"the weights in {_origin(source)} hold NaN or Inf values in {len(bad)} tensors: "
+        raise ModelFolderError(f"the weights in {_origin(source)} hold NaN or Inf values in {len(bad)} "
+                               f"tensor{'s' if len(bad) > 1 else ''}: "
                                f"{name_list(bad)}",
                                "the checkpoint is damaged (a diverged training run or a broken conversion): "
                                "re-download it or use another checkpoint")
+
+
+def _pickle_reason(exc: Exception) -> str:
+    """The line of torch's error that says what was refused (its message goes on to suggest weights_only=False)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    why = next((ln for ln in lines if ln.startswith("WeightsUnpickler error:")), lines[0] if lines else type(exc).__name__)
+    return why.removeprefix("WeightsUnpickler error: ")
 
 
 def stage_pickle_weights(source: ModelSource, work: Path) -> ModelSource:
@@ -133,9 +141,10 @@ def stage_pickle_weights(source: ModelSource, work: Path) -> ModelSource:
         try:
             part = torch.load(source.path / name, map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises UnpicklingError, RuntimeError or EOFError; none is a bug here
-            raise ModelFolderError(f"{source.path / name} is not a plain tensor checkpoint: {exc}",
-                                   "convert it where it was made, with save_pretrained(dir, safe_serialization=True)"
-                                   ) from exc
+            raise ModelFolderError(f"{source.path / name} is not a plain tensor checkpoint: torch.load(weights_only=True) "
+                                   f"refused it ({_pickle_reason(exc)})",
+                                   "edgeq unpickles nothing but tensors: re-save the weights where they were made, "
+                                   "with save_pretrained(dir, safe_serialization=True)") from exc
         if not isinstance(part, dict) or not all(isinstance(v, torch.Tensor) for v in part.values()):
             raise ModelFolderError(f"{source.path / name} does not hold a state dict (name -> tensor)",
                                    "pass a folder saved with save_pretrained")

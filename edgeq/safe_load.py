@@ -60,7 +60,8 @@ def refuse_code(folder: Path, what: str = "model folder") -> None:
             if name.endswith(".py"):
                 raise UnsupportedModelError(
                     f"{what} {folder} holds Python code ({rel}); edgeq never runs code from a {what}",
-                    f"delete {rel} (a model whose architecture ships with transformers needs no code of its own)")
+                    f"delete {rel} (a model whose architecture ships with transformers needs no code of its own)"
+                    if what == "model folder" else "edgeq writes no code into packages: re-export it from its model")
             if name.endswith(".json") and _json_with_code_key(path):
                 raise UnsupportedModelError(
                     f"{folder} needs custom code ({rel} has '{CODE_KEY}'); edgeq never runs trust_remote_code",

@@ -136,8 +136,9 @@ def test_package_with_code_is_refused(command, tiny_llama_dir, tmp_path):
     (tmp_path / "t.txt").write_text("some text to measure\n")
     args = {"eval": ["--text", tmp_path / "t.txt"], "report": ["-o", tmp_path / "report", "--no-plots"],
             "run": ["--prompt", "hi"], "inspect": []}[command]
-    error, _ = user_error(edgeq(command, package, *args, stdin="y\n"))
+    error, hint = user_error(edgeq(command, package, *args, stdin="y\n"))
     assert f"package {package} holds Python code (tokenization_evil.py)" in error
+    assert "re-export it" in hint
     assert not marker.exists() and not (tmp_path / "report").exists()
 
 
@@ -172,7 +173,9 @@ def test_allow_pickle_still_unpickles_tensors_only(bert_copy, tmp_path):
     torch.save({"x": _Exploit(marker)}, bert_copy / "pytorch_model.bin")
     (bert_copy / "model.safetensors").unlink()
     error, hint = user_error(export(bert_copy, tmp_path / "out", "--allow-pickle"), tmp_path / "out")
-    assert "pytorch_model.bin is not a plain tensor checkpoint" in error
+    assert "pytorch_model.bin is not a plain tensor checkpoint: torch.load(weights_only=True) refused it" in error
+    assert "Unsupported global" in error and "weights_only=False" not in error  # torch's own advice is not passed on
+    assert "unpickles nothing but tensors" in hint
     assert not marker.exists()
 
 
@@ -231,7 +234,7 @@ def test_bert_config_with_t5_weights_is_refused(bert_copy, tmp_path):
 def test_non_finite_weight_is_refused_by_name(bert_copy, tmp_path, value):
     rewrite_weights(bert_copy, lambda s: s[QUERY].view(-1).__setitem__(7, value))
     error, hint = user_error(export(bert_copy, tmp_path / "out"), tmp_path / "out")
-    assert f"hold NaN or Inf values in 1 tensors: {QUERY}" in error
+    assert f"hold NaN or Inf values in 1 tensor: {QUERY}" in error
     assert "re-download" in hint
 
 
@@ -296,7 +299,7 @@ def test_gguf_with_a_nan_weight_is_refused_by_name(tiny_llama_dir, tmp_path):
 
     write_llama_gguf(tiny_llama_dir, tmp_path / "m.gguf", poison)
     error, _ = user_error(export(tmp_path, tmp_path / "out", "--gguf-file", "m.gguf"), tmp_path / "out")
-    assert error == ("the weights in the GGUF m.gguf (dequantized) hold NaN or Inf values in 1 tensors: "
+    assert error == ("the weights in the GGUF m.gguf (dequantized) hold NaN or Inf values in 1 tensor: "
                      "model.layers.1.mlp.up_proj.weight")
 
 
