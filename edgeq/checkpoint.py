@@ -18,6 +18,7 @@ from edgeq.modelsource import (PICKLE_SUFFIXES, SAFE_WEIGHTS, ModelSource, check
                                select_weights)
 from edgeq.safe_load import no_stdin
 
+
 def _origin(source: ModelSource) -> str:
     return f"the GGUF {source.gguf_file} (dequantized)" if source.gguf_file else str(source.path)
 
@@ -47,16 +48,17 @@ def _skeleton(source: ModelSource):
                                f"{exc}", "restore the config.json the model came with") from exc
 
 
-def check_complete(source: ModelSource) -> None:
+def check_complete(source: ModelSource, origin: str = "") -> None:
     """Missing, unexpected or differently shaped tensors -> ModelFolderError naming the first few and the count.
 
     The comparison is transformers' own (4.57 ``_load_pretrained_model``): its key renaming (legacy LayerNorm
     gamma/beta, the base_model_prefix added or stripped: "bert.x" vs "x"), tied parameters present once (lm_head
     tied to the embeddings), buffers optional (persistent ones keep their constructor values, non-persistent ones
     such as position_ids are never loaded), and the model's own ignore patterns. A task checkpoint's head (keys
-    outside the prefix) counts as unexpected, as transformers reports it."""
+    outside the prefix) counts as unexpected, as transformers reports it. ``origin`` names the source in errors."""
     from transformers.modeling_utils import _find_missing_and_unexpected_keys
 
+    origin = origin or _origin(source)
     shapes = checkpoint_shapes(source)
     model = _skeleton(source)
     keys = list(shapes)
@@ -68,7 +70,7 @@ def check_complete(source: ModelSource) -> None:
         mapping = model._get_key_renaming_mapping(keys, getattr(model, "_checkpoint_conversion_mapping", None) or None,
                                                   base_from_task, task_from_base)
     except ValueError as exc:  # a task model's head keys without the base prefix
-        raise ModelFolderError(f"{_origin(source)}: {exc}", "re-download or re-save the weights") from exc
+        raise ModelFolderError(f"{origin}: {exc}", "re-download or re-save the weights") from exc
     missing, unexpected = _find_missing_and_unexpected_keys(model, keys, list(mapping.values()), base_from_task, None)
     missing, unexpected = model._adjust_missing_and_unexpected_keys(missing, unexpected, task_from_base)
     buffers = {n for n, _ in model.named_buffers()}
@@ -80,13 +82,13 @@ def check_complete(source: ModelSource) -> None:
         ("missing", missing), ("unexpected", unexpected), ("with another shape", mismatched)) if items]
     if problems:
         raise ModelFolderError(
-            f"the weights in {_origin(source)} do not match its config ({source.architecture or source.model_type}, "
+            f"the weights in {origin} do not match its config ({source.architecture or source.model_type}, "
             f"{len(expected)} tensors): {'; '.join(problems)}",
             "the weights belong to another model, or the files are incomplete: re-download the folder or re-save it "
             "with save_pretrained (edgeq never fills missing weights at random)")
 
 
-def check_finite(source: ModelSource) -> None:
+def check_finite(source: ModelSource, origin: str = "") -> None:
     """NaN/Inf in any floating-point tensor -> ModelFolderError naming the tensors.
 
     One tensor at a time through safetensors' memory map: memory stays at the largest tensor (SmolLM2-135M's
@@ -105,7 +107,7 @@ def check_finite(source: ModelSource) -> None:
                 if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                     bad.append(key)
     if bad:
-        raise ModelFolderError(f"the weights in {_origin(source)} hold NaN or Inf values in {len(bad)} "
+        raise ModelFolderError(f"the weights in {origin or _origin(source)} hold NaN or Inf values in {len(bad)} "
                                f"tensor{'s' if len(bad) > 1 else ''}: "
                                f"{name_list(bad)}",
                                "the checkpoint is damaged (a diverged training run or a broken conversion): "
@@ -161,11 +163,12 @@ def stage_pickle_weights(source: ModelSource, work: Path) -> ModelSource:
 def checked_weights(source: ModelSource, work: Path) -> ModelSource:
     """The source export should read: pickles staged as safetensors (a GGUF already dequantized into a safetensors
     folder by materialize_gguf), then complete and finite, or refused."""
+    origin = _origin(source)  # the user's folder, not the staging copy
     if source.weight_format == "pickle":
         source = stage_pickle_weights(source, work)
     elif source.weight_format == "gguf":
         source = replace(source, weight_files=select_weights(source.path, source.kind)[0])
-    check_complete(source)
-    check_finite(source)
+    check_complete(source, origin)
+    check_finite(source, origin)
     return source
 

@@ -179,6 +179,16 @@ def test_allow_pickle_still_unpickles_tensors_only(bert_copy, tmp_path):
     assert not marker.exists()
 
 
+def test_allowed_pickle_is_checked_like_safetensors(bert_copy, tmp_path):
+    state = load_file(bert_copy / "model.safetensors")
+    del state[QUERY]
+    torch.save(state, bert_copy / "pytorch_model.bin")
+    (bert_copy / "model.safetensors").unlink()
+    error, _ = user_error(export(bert_copy, tmp_path / "out", "--allow-pickle"), tmp_path / "out")
+    assert f"the weights in {bert_copy.resolve()} do not match its config" in error  # the user's folder, not staging
+    assert f"1 missing: {QUERY}" in error
+
+
 def test_allow_pickle_exports_the_pickle_and_records_it(tmp_path):
     folder = tiny_bert(tmp_path / "tiny-bert", layers=1, hidden=32)
     pickle_beside_decoy(folder)
