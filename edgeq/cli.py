@@ -42,6 +42,8 @@ def main() -> None:
               "for QNN profiles the model's static sequence length (qnn.seq_len).")
 @click.option("--force", is_flag=True, help="Replace an existing package.")
 @click.option("--gguf-file", help="Name of a GGUF file in MODEL_DIR: dequantized through transformers, then exported.")
+@click.option("--allow-pickle", is_flag=True, help="Accept pickle files in MODEL_DIR and use pytorch_model.bin weights "
+              "where there are no safetensors, loaded with torch.load(weights_only=True); recorded in the manifest.")
 @click.option("--int4-method", type=click.Choice(["gptq", "rtn"]),
               help="Causal LMs: how INT4 weights are chosen (default: the profile's llm.int4_method).")
 @click.option("--max-size-mb", type=click.FloatRange(min=0), help="Causal LMs: largest model in MB; 8-bit promotions "
@@ -50,8 +52,8 @@ def main() -> None:
               help="Override a profile field, e.g. --set llm.symmetric=true (keys: edgeq profiles --fields).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 @handle_errors
-def export_cmd(model_dir, profile, out_dir, calibration, samples, seq_len, force, gguf_file, int4_method, max_size_mb,
-               settings, quiet) -> None:
+def export_cmd(model_dir, profile, out_dir, calibration, samples, seq_len, force, gguf_file, allow_pickle, int4_method,
+               max_size_mb, settings, quiet) -> None:
     """Export MODEL_DIR to a quantized package for a device profile."""
     from edgeq.pipeline import ExportRequest, export_package
     from edgeq.profiles import parse_setting
@@ -63,7 +65,7 @@ def export_cmd(model_dir, profile, out_dir, calibration, samples, seq_len, force
     if max_size_mb is not None:
         overrides["llm.max_size_mb"] = max_size_mb
     req = ExportRequest(model_dir, profile, out_dir, calibration, samples, seq_len, force, gguf_file,
-                        tuple(overrides.items()))
+                        allow_pickle=allow_pickle, settings=tuple(overrides.items()))
     from edgeq.profiles import load_profile
 
     p = load_profile(profile)

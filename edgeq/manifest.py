@@ -18,6 +18,7 @@ from pathlib import Path, PurePosixPath
 
 from edgeq.errors import PackageError
 from edgeq.modelsource import sha256_file
+from edgeq.safe_load import refuse_code
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -211,6 +212,7 @@ def read_manifest(folder: Path) -> dict:
     if not folder.is_dir():
         raise PackageError(f"package folder {folder} {'is not a folder' if folder.exists() else 'does not exist'}",
                            "pass a package folder written by 'edgeq export' (OUT/<model>-<profile>)")
+    refuse_code(folder, "package")  # first: nothing (a tokenizer load) may ever import a package's Python
     path = folder / MANIFEST
     if not path.is_file() and not path.is_symlink():
         raise PackageError(f"{folder} has no {MANIFEST}", "pass a package folder written by 'edgeq export'")

@@ -1,7 +1,8 @@
 """The source model folder: what it holds, what kind of model it is, and the hashes that identify it.
 
-Only local folders, only safetensors weights (a pickle ``.bin`` can execute code when loaded), never
-``trust_remote_code``: a folder whose config names custom code is refused.
+Only local folders, only safetensors weights (a pickle ``.bin`` can execute code when loaded) unless pickles are
+explicitly allowed, never ``trust_remote_code``: a folder holding Python or a config naming custom code is refused.
+The weight files recorded and hashed are exactly the ones transformers' loader reads.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgeq.errors import ModelFolderError, UnsupportedModelError
+from edgeq.safe_load import refuse_code
 
 # model_type -> kind. Encoders export as optimum's "feature-extraction" task (last_hidden_state output); causal LMs
 # as "text-generation-with-past" (one decoder whose past_key_values inputs also serve prefill with an empty past).
@@ -27,6 +29,11 @@ REFUSED_CAUSAL_LM = {
                "Gemma-2 needs an export with eager attention and soft-capping in GroupQueryAttention (softcap, "
                "local_window_size), which edgeq does not do yet; use a Gemma, Llama, Qwen2, Phi-3 or Mistral model"),
 }
+
+# What transformers loads, in its order of preference (modeling_utils: SAFE_WEIGHTS_NAME and its index first).
+SAFE_WEIGHTS, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
+PICKLE_WEIGHTS, PICKLE_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
                    "merges.txt", "vocab.json", "sentencepiece.bpe.model", "spiece.model", "tokenizer.model")
@@ -47,6 +54,7 @@ class ModelSource:
     file_hashes: dict[str, str]  # relative path -> sha256 of config, weights and tokenizer files
     pooling: str  # encoders: "mean" or "cls" (sentence-transformers' pooling config); causal LMs: ""
     gguf_file: str = ""  # set when the weights come from a GGUF file that export dequantizes first
+    weight_format: str = "safetensors"  # "safetensors" | "pickle" (allowed by --allow-pickle) | "gguf"
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -57,9 +65,10 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def check_safetensors(path: Path) -> None:
+def check_safetensors(path: Path) -> dict[str, dict]:
     """The header must parse: 8 little-endian bytes of header length, then that much JSON. A clone made without
-    git-lfs leaves a small text pointer in place of the weights."""
+    git-lfs leaves a small text pointer in place of the weights. Returns the tensors' entries (dtype, shape,
+    data_offsets) by name; a file with none (a decoy) is refused."""
     with open(path, "rb") as f:
         head = f.read(8)
         if head.startswith(b"version "):
@@ -74,16 +83,86 @@ def check_safetensors(path: Path) -> None:
             except (json.JSONDecodeError, UnicodeDecodeError):
                 header = None
             ok = isinstance(header, dict)
-    if ok:  # the tensors must fill the file exactly: a download cut after the header fails here, not in the exporter
-        ends = [t["data_offsets"][1] for k, t in header.items()
-                if k != "__metadata__" and isinstance(t, dict) and "data_offsets" in t]
-        if max(ends, default=0) != total - 8 - size:
-            raise ModelFolderError(f"{path} is truncated or padded: its header describes {max(ends, default=0)} bytes "
-                                   f"of tensors, the file holds {total - 8 - size}",
-                                   "re-download the weights; the file is incomplete")
     if not ok:
         raise ModelFolderError(f"{path} is not a valid safetensors file (its header does not parse)",
                                "re-download or re-save the weights: model.save_pretrained(dir, safe_serialization=True)")
+    tensors = {k: t for k, t in header.items() if k != "__metadata__"}
+    if not all(isinstance(t, dict) and "data_offsets" in t and "shape" in t for t in tensors.values()):
+        raise ModelFolderError(f"{path} is not a valid safetensors file (a tensor entry lacks its shape or offsets)",
+                               "re-download or re-save the weights: model.save_pretrained(dir, safe_serialization=True)")
+    # the tensors must fill the file exactly: a download cut after the header fails here, not in the exporter
+    end = max((t["data_offsets"][1] for t in tensors.values()), default=0)
+    if end != total - 8 - size:
+        raise ModelFolderError(f"{path} is truncated or padded: its header describes {end} bytes "
+                               f"of tensors, the file holds {total - 8 - size}",
+                               "re-download the weights; the file is incomplete")
+    if not tensors:
+        raise ModelFolderError(f"{path} holds no tensors", "re-download or re-save the weights: "
+                               "model.save_pretrained(dir, safe_serialization=True)")
+    return tensors
+
+
+def _index_shards(path: Path, index_name: str) -> list[str]:
+    """The shard files a transformers index (``weight_map``: tensor -> file) names, each a plain file in ``path``."""
+    index = path / index_name
+    try:
+        weight_map = json.loads(index.read_text()).get("weight_map")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
+        raise ModelFolderError(f"{index} is not a valid weights index ({exc})", "re-download the index and its shards") from exc
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ModelFolderError(f"{index} has no weight_map", "re-download the index and its shards")
+    shards = sorted(set(map(str, weight_map.values())))
+    for name in shards:
+        if Path(name).name != name or not (path / name).is_file():
+            raise ModelFolderError(f"{index} names the shard {name!r}, which is not a file beside it",
+                                   "re-download the index and all its shards")
+    return shards
+
+
+def _pickle_files(path: Path) -> list[str]:
+    return sorted(p.relative_to(path).as_posix() for p in path.rglob("*")
+                  if p.suffix.lower() in PICKLE_SUFFIXES and p.is_file())
+
+
+def name_list(names: list[str], shown: int = 5) -> str:
+    """The first ``shown`` names and how many more: errors name a few, with the count."""
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+def _convert_hint(path: Path, kind: str, pickles: list[str]) -> str:
+    auto = "AutoModelForCausalLM" if kind == "causal-lm" else "AutoModel"
+    return (f"convert them once to {SAFE_WEIGHTS} (transformers loads them with torch.load(weights_only=True)): python -c "
+            f"\"from transformers import {auto} as M; M.from_pretrained('{path}').save_pretrained('{path}', "
+            f"safe_serialization=True)\" then delete {name_list(pickles)}, or pass --allow-pickle if you trust them")
+
+
+def select_weights(path: Path, kind: str, allow_pickle: bool = False) -> tuple[tuple[str, ...], str]:
+    """(the weight files transformers' loader will read, "safetensors" | "pickle"), chosen by name (headers are
+    checked by check_safetensors); everything else is refused.
+
+    Safetensors follow transformers' names: model.safetensors, or model.safetensors.index.json with its shards (the
+    index is recorded too). Other *.safetensors files (model.fp16.safetensors, adapters, decoys) are never read by
+    the loader, so they are ignored and not hashed. Any pickle file (loading one can run code) is refused unless
+    ``allow_pickle``; then pytorch_model.bin (or its index and shards) is used only where no safetensors are."""
+    pickles = _pickle_files(path)
+    if pickles and not allow_pickle:
+        safe = (path / SAFE_WEIGHTS).is_file() or (path / SAFE_INDEX).is_file()
+        raise ModelFolderError(
+            f"{path} holds {'pickle files' if safe else 'no safetensors weights, only pickle files'} "
+            f"({name_list(pickles)}); edgeq does not load pickle weights "
+            "(unpickling can run code)", _convert_hint(path, kind, pickles))
+    if (path / SAFE_INDEX).is_file():
+        return (SAFE_INDEX, *_index_shards(path, SAFE_INDEX)), "safetensors"
+    if (path / SAFE_WEIGHTS).is_file():
+        return (SAFE_WEIGHTS,), "safetensors"
+    if (path / PICKLE_INDEX).is_file():
+        return (PICKLE_INDEX, *_index_shards(path, PICKLE_INDEX)), "pickle"
+    if (path / PICKLE_WEIGHTS).is_file():
+        return (PICKLE_WEIGHTS,), "pickle"
+    others = sorted(p.name for p in path.glob("*.safetensors"))
+    found = f"; found {', '.join(others + pickles)}, which transformers does not load" if others or pickles else ""
+    raise ModelFolderError(f"{path} holds no safetensors weights under transformers' names",
+                           f"expected {SAFE_WEIGHTS} (or {SAFE_INDEX} with its shards){found}")
 
 
 _POOLING_KEYS = {"cls": "pooling_mode_cls_token", "mean": "pooling_mode_mean_tokens", "max": "pooling_mode_max_tokens",
@@ -113,7 +192,8 @@ def _folder_name(path: Path) -> str:
 
 
 def inspect_gguf(path: Path, gguf_file: str) -> ModelSource:
-    """A GGUF causal LM: checked from its own metadata; export dequantizes it through transformers."""
+    """A GGUF causal LM: checked from its own metadata; export dequantizes it through transformers, from a folder
+    that holds only this file (materialize_gguf), so nothing else beside it is read: it is the one file hashed."""
     from edgeq.llm.gguf_source import CAUSAL_LM_GGUF_ARCHS, read_gguf_info
 
     info = read_gguf_info(path / gguf_file)
@@ -123,11 +203,13 @@ def inspect_gguf(path: Path, gguf_file: str) -> ModelSource:
     return ModelSource(
         path=path.resolve(), name=Path(gguf_file).stem, model_type=info.architecture, architecture=info.architecture,
         kind="causal-lm", task="text-generation-with-past", weight_files=(gguf_file,), tokenizer_files=(),
-        file_hashes={gguf_file: sha256_file(path / gguf_file)}, pooling="", gguf_file=gguf_file,
+        file_hashes={gguf_file: sha256_file(path / gguf_file)}, pooling="", gguf_file=gguf_file, weight_format="gguf",
     )
 
 
-def inspect_model_dir(path: Path, gguf_file: str | None = None) -> ModelSource:
+def inspect_model_dir(path: Path, gguf_file: str | None = None, allow_pickle: bool = False) -> ModelSource:
+    """Check a model folder from its files alone (no weights loaded); ``allow_pickle`` lets pytorch_model.bin
+    weights through (export then loads them with torch.load(weights_only=True))."""
     path = Path(path)
     if not path.exists():
         raise ModelFolderError(f"model folder {path} does not exist", "pass the folder that holds config.json and the weights")
@@ -135,6 +217,7 @@ def inspect_model_dir(path: Path, gguf_file: str | None = None) -> ModelSource:
         raise ModelFolderError(f"{path} is not a folder", "pass the model's folder, not a file inside it")
     if gguf_file:
         return inspect_gguf(path, gguf_file)
+    refuse_code(path)
     config_path = path / "config.json"
     if not config_path.is_file():
         ggufs = sorted(p.name for p in path.glob("*.gguf"))
@@ -147,19 +230,6 @@ def inspect_model_dir(path: Path, gguf_file: str | None = None) -> ModelSource:
         raise ModelFolderError(f"{config_path} is not valid JSON: {exc}", "restore the config.json the model came with") from exc
     if not isinstance(config, dict):
         raise ModelFolderError(f"{config_path} does not hold a JSON object", "restore the config.json the model came with")
-    weights = sorted(p.name for p in path.glob("*.safetensors"))
-    if not weights:
-        pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
-        hint = "expected model.safetensors (or sharded model-0000x-of-0000y.safetensors)"
-        if pickles:
-            hint += (f"; found {', '.join(pickles)}: edgeq does not load pickle weights (they can run code). Convert "
-                     "them once with transformers: AutoModel.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)")
-        raise ModelFolderError(f"{path} holds no safetensors weights", hint)
-    if config.get("auto_map"):
-        raise UnsupportedModelError(
-            f"{path} needs custom code (config.json has 'auto_map'); edgeq never runs trust_remote_code",
-            "use a model whose architecture ships with transformers",
-        )
     model_type = config.get("model_type", "")
     archs = config.get("architectures") or []
     arch = archs[0] if archs else ""
@@ -182,11 +252,14 @@ def inspect_model_dir(path: Path, gguf_file: str | None = None) -> ModelSource:
             f"{path} is a {arch} (a task head); edgeq exports sentence encoders (the base *Model) for embeddings",
             "export the base encoder (architectures: ['BertModel'] or similar) whose last_hidden_state is pooled",
         )
+    # after the architecture checks: a wrong model type is the more useful error
+    weights, weight_format = select_weights(path, kind, allow_pickle)
     tokenizer_files = tuple(n for n in TOKENIZER_FILES if (path / n).is_file())
     if not tokenizer_files:
         raise ModelFolderError(f"{path} has no tokenizer files", f"expected tokenizer.json (or one of {', '.join(TOKENIZER_FILES)})")
-    for name in weights:  # after the architecture checks: a wrong model type is the more useful error
-        check_safetensors(path / name)
+    for name in weights:
+        if name.endswith(".safetensors"):
+            check_safetensors(path / name)
     pooling = _pooling(path) if kind == "encoder" else ""
     hashed = ["config.json", *weights, *tokenizer_files]
     if (path / "1_Pooling" / "config.json").is_file():
@@ -198,8 +271,9 @@ def inspect_model_dir(path: Path, gguf_file: str | None = None) -> ModelSource:
         architecture=arch,
         kind=kind,
         task="feature-extraction" if kind == "encoder" else "text-generation-with-past",
-        weight_files=tuple(weights),
+        weight_files=weights,
         tokenizer_files=tokenizer_files,
         file_hashes={n: sha256_file(path / n) for n in hashed},
         pooling=pooling,
+        weight_format=weight_format,
     )

@@ -21,6 +21,7 @@ from edgeq.partitions import partition_report
 from edgeq.profiles import Profile, load_profile
 from edgeq.progress import QUIET, Progress
 from edgeq.runtime import embed, encode, pool, session
+from edgeq.safe_load import load_tokenizer
 from edgeq.stages.calibrate import calibrate
 from edgeq.stages.export import export
 from edgeq.stages.optimize import optimize
@@ -40,6 +41,7 @@ class ExportRequest:
     seq_len: int | None = None  # overrides profile.quantization.calibration_seq_len
     force: bool = False
     gguf_file: str | None = None  # a GGUF in model_dir to dequantize and export (causal LMs)
+    allow_pickle: bool = False  # --allow-pickle: pytorch_model.bin weights, loaded with torch.load(weights_only=True)
     settings: tuple[tuple[str, object], ...] = ()  # profile fields set over the file's (--set, --int4-method, ...)
 
 
@@ -55,7 +57,7 @@ class Inputs:
 def check_inputs(req: ExportRequest) -> Inputs:
     """Every user mistake is caught here, before minutes of work."""
     profile = load_profile(req.profile, overrides=dict(req.settings))
-    source = inspect_model_dir(req.model_dir, req.gguf_file)
+    source = inspect_model_dir(req.model_dir, req.gguf_file, req.allow_pickle)
     if source.kind not in profile.model_kinds:
         raise UnsupportedModelError(f"profile '{profile.name}' does not take {source.kind} models",
                                     f"it takes: {', '.join(profile.model_kinds)}")
@@ -132,9 +134,7 @@ def build_encoder_package(inputs: Inputs, req: ExportRequest, folder: Path, work
     q = profile.quantization
     progress.stage("export", f"{src.path} ({src.architecture}, task {src.task})")
     exported = export(src, work)
-    from transformers import AutoTokenizer  # here, not at module top: keeps `edgeq --help` fast
-
-    tokenizer = AutoTokenizer.from_pretrained(str(exported.tokenizer_dir), local_files_only=True)
+    tokenizer = load_tokenizer(exported.tokenizer_dir)
     progress.stage("optimize", "ONNX Runtime basic level (provider-independent)")
     optimized = optimize(exported, work)
     cal_texts = inputs.calibration.head(q.calibration_samples)
@@ -229,7 +229,8 @@ def _provenance(inputs: Inputs, req: ExportRequest) -> dict:
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "source": {"path": str(src.path), "model_type": src.model_type, "architecture": src.architecture,
                    "task": src.task, "kind": src.kind, "pooling": src.pooling, "gguf_file": src.gguf_file,
-                   "files": src.file_hashes},
+                   "allow_pickle": req.allow_pickle, "weight_format": src.weight_format,
+                   "weight_files": list(src.weight_files), "files": src.file_hashes},
         "profile": {"name": profile.name, "file": profile.source, "sha256": profile.sha256,
                     "overrides": {"calibration_samples": req.samples, "calibration_seq_len": req.seq_len,
                                   **dict(req.settings)},

@@ -275,12 +275,11 @@ def package_row(package: Path, speed: bool = True) -> Row:
 
 def measure_speed(row: Row, package: Path, manifest: dict, prompt_tokens: int = 128, new_tokens: int = 64,
                   sentences: int = 64) -> None:
-    from transformers import AutoTokenizer
-
+    from edgeq.safe_load import load_tokenizer
     from edgeq.textdata import EVALUATION_FILE, load_texts
 
     texts = load_texts(EVALUATION_FILE).texts
-    tokenizer = AutoTokenizer.from_pretrained(str(package), local_files_only=True)
+    tokenizer = load_tokenizer(package)
     if row.kind == LLM:
         from edgeq.speed import llm_speed
 

@@ -17,15 +17,20 @@ BERT_CONFIG = {"model_type": "bert", "architectures": ["BertModel"], "hidden_siz
 EMPTY_SAFETENSORS = len(b"{}").to_bytes(8, "little") + b"{}"
 
 
+def one_tensor_safetensors(name: str = "w") -> bytes:
+    """A well-formed safetensors file holding one float32 scalar: inspect parses the header, never the tensors."""
+    header = json.dumps({name: {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}).encode()
+    return len(header).to_bytes(8, "little") + header + b"\0\0\0\0"
+
+
 def make_folder(root, name="model-x", config=BERT_CONFIG, weights=("model.safetensors",), tokenizer=("vocab.txt",)):
-    """A folder that passes every check unless one part is overridden (weights are an empty but well-formed
-    safetensors file: inspect parses the header, never the tensors)."""
+    """A folder that passes every check unless one part is overridden."""
     folder = root / name
     folder.mkdir()
     if config is not None:
         (folder / "config.json").write_text(json.dumps(config) if isinstance(config, dict) else config)
     for w in weights:
-        (folder / w).write_bytes(EMPTY_SAFETENSORS if w.endswith(".safetensors") else b"weights:" + w.encode())
+        (folder / w).write_bytes(one_tensor_safetensors() if w.endswith(".safetensors") else b"weights:" + w.encode())
     for t in tokenizer:
         (folder / t).write_text("[PAD]\n[UNK]\nhello\n")
     return folder
@@ -124,16 +129,59 @@ def test_config_but_no_weights(no_weights):
 
 
 def test_only_pytorch_model_bin_explains_pickle_refusal(only_pickle):
-    err = refused(only_pickle, ModelFolderError, r"holds no safetensors weights")
-    assert "model.safetensors" in err.hint
-    assert "found pytorch_model.bin" in err.hint
-    assert "pickle" in err.hint and "run code" in err.hint
-    assert "safe_serialization=True" in err.hint
+    err = refused(only_pickle, ModelFolderError,
+                  r"holds no safetensors weights, only pickle files \(pytorch_model\.bin\).*unpickling can run code")
+    assert "safe_serialization=True" in err.hint and "--allow-pickle" in err.hint
 
 
-def test_only_pt_file_is_named_too(tmp_path):
-    err = refused(make_folder(tmp_path, weights=("weights.pt",)), ModelFolderError, r"no safetensors")
-    assert "found weights.pt" in err.hint
+@pytest.mark.parametrize("name", ["weights.pt", "model.pth", "last.ckpt", "tok.pkl", "x.pickle", "sub/training_args.bin"])
+def test_any_pickle_file_is_named(tmp_path, name):
+    folder = make_folder(tmp_path)
+    (folder / name).parent.mkdir(exist_ok=True)
+    (folder / name).write_bytes(b"pickle")
+    refused(folder, ModelFolderError, rf"holds pickle files \({name}\); edgeq does not load")
+
+
+def test_allowed_pickle_is_used_only_without_safetensors(tmp_path):
+    both = make_folder(tmp_path, weights=("model.safetensors", "pytorch_model.bin"))
+    src = inspect_model_dir(both, allow_pickle=True)
+    assert (src.weight_files, src.weight_format) == (("model.safetensors",), "safetensors")
+    assert "pytorch_model.bin" not in src.file_hashes  # never read, so not recorded as the weights
+    only = inspect_model_dir(make_folder(tmp_path, name="only", weights=("pytorch_model.bin",)), allow_pickle=True)
+    assert (only.weight_files, only.weight_format) == (("pytorch_model.bin",), "pickle")
+    assert "pytorch_model.bin" in only.file_hashes
+
+
+def test_allowed_pickle_under_another_name_is_refused(tmp_path):
+    folder = make_folder(tmp_path, weights=("weights.pt",))
+    with pytest.raises(ModelFolderError, match="no safetensors weights under transformers' names") as exc:
+        inspect_model_dir(folder, allow_pickle=True)
+    assert "found weights.pt" in exc.value.hint
+
+
+def test_safetensors_outside_transformers_names_are_refused(tmp_path):
+    err = refused(make_folder(tmp_path, weights=("decoy.safetensors",)), ModelFolderError,
+                  r"no safetensors weights under transformers' names")
+    assert "found decoy.safetensors" in err.hint
+
+
+def test_extra_safetensors_are_neither_read_nor_hashed(tmp_path):
+    src = inspect_model_dir(make_folder(tmp_path, weights=("model.safetensors", "model.fp16.safetensors")))
+    assert src.weight_files == ("model.safetensors",)
+    assert "model.fp16.safetensors" not in src.file_hashes
+
+
+def test_empty_safetensors_is_refused(tmp_path):
+    folder = make_folder(tmp_path)
+    (folder / "model.safetensors").write_bytes(EMPTY_SAFETENSORS)
+    refused(folder, ModelFolderError, r"model\.safetensors holds no tensors")
+
+
+def test_index_must_name_its_shards(tmp_path):
+    folder = make_folder(tmp_path, weights=("model-00001-of-00002.safetensors",))
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "../model-00002-of-00002.safetensors"}}))
+    refused(folder, ModelFolderError, r"names the shard '\.\./model-00002-of-00002\.safetensors'")
 
 
 def test_causal_lm_is_inspected_as_one(causal_lm):
@@ -200,10 +248,12 @@ def test_config_json_that_is_not_an_object(tmp_path, content):
 
 
 def test_minimal_folder_inspects(tmp_path):
-    folder = make_folder(tmp_path, weights=("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"),
-                         tokenizer=("tokenizer.json", "vocab.txt"))
+    shards = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
+    folder = make_folder(tmp_path, weights=shards, tokenizer=("tokenizer.json", "vocab.txt"))
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": shards[0], "b": shards[1]}}))
     src = inspect_model_dir(folder)
-    assert src.weight_files == ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
+    assert src.weight_files == ("model.safetensors.index.json", *shards)
+    assert set(src.file_hashes) >= set(src.weight_files)
     assert src.tokenizer_files == ("tokenizer.json", "vocab.txt")  # in TOKENIZER_FILES order
     assert src.name == "model-x"
     assert src.pooling == "mean"

@@ -29,6 +29,7 @@ from edgeq.passes.keep_fp16 import KeepFp16
 from edgeq.policy import decide_llm_precision
 from edgeq.profiles import Profile
 from edgeq.progress import Progress
+from edgeq.safe_load import load_tokenizer
 from edgeq.stages.export import export
 from edgeq.stages.package import finish
 
@@ -58,9 +59,8 @@ def build_llm_package(inp: LLMInputs, folder: Path, work: Path, progress: Progre
         src = replace(src, path=materialize_gguf(src.path, src.gguf_file, work / "source"))
     progress.stage("export", f"{src.path} ({src.architecture}, task {src.task})")
     exported = export(src, work)
-    from transformers import AutoTokenizer  # here, not at module top: keeps `edgeq --help` fast
-
-    tokenizer = AutoTokenizer.from_pretrained(str(src.path), local_files_only=True)
+    src = exported.source  # pickle weights were staged as safetensors beside links to the other files
+    tokenizer = load_tokenizer(src.path)
     hf_config = json.loads((src.path / "config.json").read_text())
     gen_path = src.path / "generation_config.json"
     gen_config = json.loads(gen_path.read_text()) if gen_path.is_file() else None

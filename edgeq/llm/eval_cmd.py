@@ -10,6 +10,7 @@ from edgeq.errors import PackageError, UserInputError
 from edgeq.llm.evaluate import ReferenceLogits, evaluate_lm, token_windows
 from edgeq.manifest import COUNT, MANIFEST, REEXPORT, check_fields, package_path, plain_relative_path, read_manifest
 from edgeq.modelsource import inspect_model_dir
+from edgeq.safe_load import load_tokenizer
 from edgeq.textdata import load_texts
 
 # what eval reads beyond read_manifest's fields: the windows and the source to export the FP32 reference from
@@ -25,12 +26,10 @@ def evaluate_package(package: Path, text_file: Path, reference: Path | None = No
     if manifest["source"]["kind"] != "causal-lm":
         raise UserInputError(f"{package} is not an LLM package", "edgeq eval measures causal LMs; encoders are "
                              "measured at export (see edgeq inspect)")
-    from transformers import AutoTokenizer
-
     check_fields(manifest, EVAL_FIELDS, package / MANIFEST)
     spec = manifest["profile"]["values"]["llm"]
     model = package_path(package, manifest["model"]["file"], "the manifest's model.file")
-    tokenizer = AutoTokenizer.from_pretrained(str(package))
+    tokenizer = load_tokenizer(package)
     windows = token_windows(tokenizer, load_texts(text_file).texts, spec["window_tokens"], spec["eval_windows"])
     with tempfile.TemporaryDirectory(prefix="edgeq-eval-") as tmp:
         ref_path = Path(reference) if reference else _fp32_reference(manifest, Path(tmp))
@@ -49,7 +48,7 @@ def _fp32_reference(manifest: dict, work: Path) -> Path:
         raise PackageError(f"the manifest's source.gguf_file {gguf!r} is not a file name", REEXPORT)
     # the source folder is outside the package by design; it is checked as any model folder is, and must still
     # hold the files the manifest hashed
-    src = inspect_model_dir(Path(src_info["path"]), gguf)
+    src = inspect_model_dir(Path(src_info["path"]), gguf, allow_pickle=src_info.get("allow_pickle") is True)
     if src.file_hashes != src_info["files"]:
         raise UserInputError(f"the source model in {src.path} changed since the package was made",
                              "pass --reference with the FP32 ONNX model to compare with")

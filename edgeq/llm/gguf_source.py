@@ -2,7 +2,9 @@
 
 transformers reads the GGUF (``from_pretrained(dir, gguf_file=NAME)``, needs the ``gguf`` package) and dequantizes
 every tensor to float, so the export that follows is the same as for a safetensors folder. The GGUF's own metadata
-is checked first: only decoder-only causal LMs that transformers can load from GGUF are accepted.
+is checked first: only decoder-only causal LMs that transformers can load from GGUF are accepted. transformers
+reads the GGUF from a folder holding nothing else (a symlink to it): a tokenizer_config.json or code beside the GGUF
+is never read, so the GGUF is the whole source, as its hash in the manifest says.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgeq.errors import ModelFolderError, UnsupportedModelError
+from edgeq.modelsource import name_list
+from edgeq.safe_load import no_stdin
 
 # GGUF general.architecture values that are decoder-only causal LMs transformers loads from GGUF (4.57).
 CAUSAL_LM_GGUF_ARCHS = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "stablelm",
@@ -52,6 +56,19 @@ def read_gguf_info(path: Path) -> GgufInfo:
                     None if bos is None else bool(bos), None if eos is None else int(eos))
 
 
+def check_gguf_loading(path: Path, loading: dict) -> None:
+    """transformers fills parameters the GGUF lacks (or holds in another shape) at random and only logs it; once
+    saved, such a model looks complete, so what the loader reports is checked here."""
+    problems = [f"{len(keys)} {what}: {name_list(keys)}"
+                for what, keys in (("missing", sorted(loading.get("missing_keys") or [])),
+                                   ("with another shape", [k[0] if isinstance(k, tuple) else k
+                                                           for k in loading.get("mismatched_keys") or []]))
+                if keys]
+    if problems:
+        raise ModelFolderError(f"the GGUF {path} does not hold every tensor of its architecture: {'; '.join(problems)}",
+                               "re-download or re-convert the GGUF (edgeq never fills missing weights at random)")
+
+
 def materialize_gguf(folder: Path, gguf_name: str, out: Path) -> Path:
     """Dequantize ``folder/gguf_name`` into an FP32 safetensors folder at ``out`` (config, weights, tokenizer)."""
     info = read_gguf_info(Path(folder) / gguf_name)
@@ -66,10 +83,16 @@ def materialize_gguf(folder: Path, gguf_name: str, out: Path) -> Path:
 
     transformers.logging.set_verbosity_error()  # the GGUF loader's "legacy behaviour" notice is not the user's concern
 
-    with contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():  # tqdm bars and legacy notices
+    alone = out.parent / f"{out.name}-gguf"
+    alone.mkdir(parents=True, exist_ok=True)
+    (alone / info.path.name).symlink_to(info.path.resolve())
+    safe = {"gguf_file": info.path.name, "local_files_only": True, "trust_remote_code": False}
+    with contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings(), no_stdin():  # tqdm bars, notices
         warnings.simplefilter("ignore")
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf_name)
-        model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=gguf_name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(str(alone), **safe)
+        model, loading = AutoModelForCausalLM.from_pretrained(str(alone), dtype=torch.float32,
+                                                              output_loading_info=True, **safe)
+    check_gguf_loading(info.path, loading)
     # The GGUF is the source: follow its own BOS/EOS. SmolLM2's says add_bos_token false and eos <|im_end|>;
     # transformers adds <|im_start|> as BOS (doubled by the chat template, "Paris." became "L'Étoile, la
     # Marsebeau, ...") and names <|im_start|> as EOS.

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgeq.errors import ModelFolderError, UnsupportedModelError
+from edgeq.safe_load import load_tokenizer
 
 TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -65,8 +66,6 @@ class TokenizerMismatch:
 
 def load_source_tokenizer(src_dir: Path):
     """The source folder's fast tokenizer, as transformers loads it; ModelFolderError if it has none."""
-    from transformers import AutoTokenizer
-
     src_dir = Path(src_dir)
     if not (src_dir / TOKENIZER_JSON).is_file() and not (src_dir / TOKENIZER_CONFIG).is_file():
         raise ModelFolderError(
@@ -74,11 +73,7 @@ def load_source_tokenizer(src_dir: Path):
             "copy the model's tokenizer files into the folder, e.g. "
             "AutoTokenizer.from_pretrained(<model id>).save_pretrained(<folder>)",
         )
-    try:
-        tok = AutoTokenizer.from_pretrained(str(src_dir), local_files_only=True, trust_remote_code=False)
-    except (OSError, ValueError, TypeError, KeyError) as exc:
-        raise ModelFolderError(f"cannot load the tokenizer in {src_dir}: {exc}",
-                               "check the tokenizer files are complete (re-save them with save_pretrained)") from exc
+    tok = load_tokenizer(src_dir)
     if not tok.is_fast:
         raise ModelFolderError(f"the tokenizer in {src_dir} has no fast (tokenizer.json) form",
                                "save it as a fast tokenizer: AutoTokenizer.from_pretrained(dir).save_pretrained(dir)")

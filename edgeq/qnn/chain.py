@@ -43,9 +43,9 @@ def build_qnn_package(inputs, req, folder: Path, work: Path, progress: Progress 
     spec = profile.qnn
     progress.stage("export", f"{src.path} ({src.architecture}, task {src.task})")
     exported = export(src, work)
-    from transformers import AutoTokenizer  # here, not at module top: keeps `edgeq --help` fast
+    from edgeq.safe_load import load_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(exported.tokenizer_dir), local_files_only=True)
+    tokenizer = load_tokenizer(exported.tokenizer_dir)
     optimized = optimize(exported, work)
     progress.stage("static", f"batch {spec.batch_size} x {spec.seq_len} tokens, mask bias {spec.mask_bias}")
     static = static_graph(optimized.load(), spec, work, src.name)

@@ -13,15 +13,17 @@ from pathlib import Path
 import onnx
 from safetensors import SafetensorError
 
+from edgeq.checkpoint import checked_weights
 from edgeq.errors import ModelFolderError, UnsupportedModelError
 from edgeq.modelsource import ModelSource
+from edgeq.safe_load import no_stdin
 
 
 @dataclass(frozen=True)
 class ExportedModel:
     """FP32 ONNX export of the source, with the tokenizer files optimum saved beside it."""
 
-    source: ModelSource
+    source: ModelSource  # what was exported: pickle weights staged as safetensors in the workdir
     onnx_path: Path
     tokenizer_dir: Path
     input_names: tuple[str, ...]
@@ -29,7 +31,9 @@ class ExportedModel:
 
 
 def export(source: ModelSource, workdir: Path) -> ExportedModel:
+    """Check the weights (complete, finite; pickles staged through weights_only), then export them."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local folders only: never reach for a hub
+    source = checked_weights(source, workdir)
     from optimum.exporters.onnx import main_export
 
     out = workdir / "export"
@@ -38,7 +42,7 @@ def export(source: ModelSource, workdir: Path) -> ExportedModel:
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
         # The exporter's tracer warnings and prints are about its internals, not the user's model.
-        with contextlib.redirect_stdout(log), warnings.catch_warnings():
+        with contextlib.redirect_stdout(log), warnings.catch_warnings(), no_stdin():
             warnings.simplefilter("ignore")
             main_export(
                 str(source.path), str(out), task=source.task, local_files_only=True, trust_remote_code=False,
