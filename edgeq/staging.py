@@ -207,9 +207,12 @@ def disk_full(exc: BaseException, out: Path, needed: int) -> DiskFullError | Non
             full = shutil.disk_usage(out).free < NEARLY_FULL
     if not full:
         return None
-    first = next((e for e in chain if isinstance(e, OSError) and e.errno in DISK_ERRNOS), chain[-1])
-    what = (str(first).strip().splitlines() or [type(first).__name__])[0][:200]
-    return DiskFullError(f"the disk holding {out} is full ({what}); the export stopped and nothing was written to {out}",
+    errnos = [e for e in chain if isinstance(e, OSError) and e.errno in DISK_ERRNOS]  # the plainest words first
+    lines = [line.strip() for e in errnos + chain for line in str(e).splitlines() if line.strip()]
+    what = next((line for line in lines if any(t in line.lower() for t in (*DISK_TEXTS, "serialization failed"))),
+                lines[0] if lines else type(exc).__name__)[:200]
+    return DiskFullError(f"the disk holding {out} is full ({what}); the export stopped and nothing was written "
+                         f"to {out}",
                          f"free space on that disk (this export needs about {_mb(needed)}), or pass -o a folder on a "
                          "disk with more room")
 
@@ -283,10 +286,17 @@ class Staging:
             aside = self.root / "replaced"
             aside.mkdir()
             legacy_zip = self.dest.parent / f"{self.dest.name}.zip"  # where edgeq before 13 wrote the zip
-            for old in (self.dest, *((legacy_zip,) if self.force else ())):
-                if old.exists() or old.is_symlink():
+            olds = (self.dest, legacy_zip) if self.force else (self.dest,)
+            moved = [old for old in olds if old.exists() or old.is_symlink()]
+            try:
+                for old in moved:
                     os.rename(old, aside / old.name)
-            os.rename(self.folder, self.dest)
+                os.rename(self.folder, self.dest)
+            except OSError:  # e.g. no room for a directory entry: put the old package back before the cleanup
+                for old in moved:
+                    if (aside / old.name).exists() or (aside / old.name).is_symlink():
+                        os.rename(aside / old.name, old)
+                raise
             self.guard.committed = True
 
 
@@ -299,7 +309,8 @@ def staged(dest: Path, force: bool, needed: int) -> Iterator[Staging]:
             out.mkdir(parents=True, exist_ok=True)
             with claim(dest, guard):
                 if (dest.exists() or dest.is_symlink()) and not force:  # the check before the lock may be stale
-                    raise OutputExistsError(f"{dest} already exists", "pass --force to replace it, or -o to write elsewhere")
+                    raise OutputExistsError(f"{dest} already exists",
+                                            "pass --force to replace it, or -o to write elsewhere")
                 check_space(out, needed)
                 with guard.hold():
                     stage = Staging(Path(tempfile.mkdtemp(prefix=".edgeq-", dir=out)), dest, force, guard)

@@ -211,6 +211,29 @@ def test_claim_refuses_a_held_destination_and_takes_over_a_dead_ones_lock(tmp_pa
     assert list(tmp_path.iterdir()) == []
 
 
+def test_claim_starts_over_when_the_lock_file_is_unlinked_between_open_and_flock(tmp_path, monkeypatch):
+    """The race a finishing export leaves: it unlinks its lock file just after we opened it, so our flock lands on
+    an orphan inode that guards nothing. The claim must notice and lock the file the path names now."""
+    import fcntl
+
+    dest = tmp_path / PACKAGE_NAME
+    lock_path(dest).write_text("1\n")
+    real_flock, orphans = fcntl.flock, []
+
+    def flock_after_the_holder_finished(fd, op):
+        if not orphans:  # the other export finishes now: unlinks its file; a third one creates a new one
+            orphans.append(os.fstat(fd).st_ino)
+            lock_path(dest).unlink()
+            lock_path(dest).write_text("")
+        return real_flock(fd, op)
+
+    monkeypatch.setattr(fcntl, "flock", flock_after_the_holder_finished)
+    with SignalGuard() as guard, claim(dest, guard):
+        assert lock_path(dest).stat().st_ino != orphans[0]
+        assert lock_path(dest).read_text() == f"{os.getpid()}\n"
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_destination_made_while_waiting_for_the_lock_is_refused_without_force(tmp_path):
     """check_inputs looks before the lock; another export may have finished since. staged() looks again."""
     dest = tmp_path / "out" / PACKAGE_NAME
@@ -265,8 +288,9 @@ def test_space_needed_is_the_factor_times_the_fp32_parameters(tiny_bert_dir):
 def test_check_space_names_free_and_needed_bytes(tmp_path):
     free = shutil.disk_usage(tmp_path).free
     check_space(tmp_path, free // 2)
-    with pytest.raises(DiskFullError, match=rf"not enough free space in {re.escape(str(tmp_path))}: [\d.]+ MB free "
-                                            rf"\(\d+ bytes\), the export needs about [\d.]+ MB \({free * 2} bytes\)") as err:
+    pattern = (rf"not enough free space in {re.escape(str(tmp_path))}: [\d.]+ MB free \(\d+ bytes\), the export "
+               rf"needs about [\d.]+ MB \({free * 2} bytes\)")
+    with pytest.raises(DiskFullError, match=pattern) as err:
         check_space(tmp_path, free * 2)
     assert err.value.hint == "free space on that disk, or pass -o a folder on a disk with more room"
     assert err.value.exit_code == 2
@@ -334,7 +358,8 @@ def test_package_zip_is_inside_the_folder_and_verified(package):
     with zipfile.ZipFile(zip_path(package)) as z:
         assert z.namelist() == sorted(f"{PACKAGE_NAME}/{n}" for n in [*manifest["files"], "manifest.json"])
     checks = {name: (ok, detail) for name, ok, detail in verify(package).checks}
-    assert checks[f"zip {PACKAGE_NAME}.zip"] == (True, f"{len(manifest['files']) + 1} files, each byte for byte the folder's")
+    detail = f"{len(manifest['files']) + 1} files, each byte for byte the folder's"
+    assert checks[f"zip {PACKAGE_NAME}.zip"] == (True, detail)
 
 
 def _rezip(archive: Path, edit) -> None:
