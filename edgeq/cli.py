@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -22,6 +23,10 @@ def handle_errors(fn):
             if exc.hint:
                 click.echo(f"hint: {exc.hint}", err=True)
             sys.exit(exc.exit_code)
+        except KeyboardInterrupt as exc:  # SIGINT; SIGTERM and SIGHUP too while an export runs (edgeq.staging)
+            signum = getattr(exc, "signum", signal.SIGINT)
+            click.echo(f"error: {getattr(exc, 'message', '') or 'interrupted'}", err=True)
+            sys.exit(128 + signum)  # the shell's convention for a process stopped by a signal
     return wrapper
 
 

@@ -50,6 +50,14 @@ class OutputExistsError(UserInputError):
     """The package folder already exists and --force was not given."""
 
 
+class DestinationBusyError(UserInputError):
+    """Another export holds the lock on the same package folder in OUT."""
+
+
+class DiskFullError(UserInputError):
+    """The disk holding OUT has too little free space for the export, or filled up during it."""
+
+
 class AccuracyBudgetError(EdgeqError):
     """The quantized model is further from the FP32 model than the profile's budget allows."""
 
@@ -76,3 +84,13 @@ class DeviceRunError(DeviceError):
 
 class PassError(EdgeqError):
     """A graph pass failed; the message names the pass and the passes that ran before it."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT, SIGTERM or SIGHUP stopped the run. A KeyboardInterrupt, not an EdgeqError, so that no ``except
+    Exception`` on the way swallows it; the CLI prints ``message`` and exits with 128 + ``signum``."""
+
+    def __init__(self, signum: int, message: str = "") -> None:
+        super().__init__(message)
+        self.signum = signum
+        self.message = message

@@ -4,9 +4,6 @@ into place only after the accuracy gate and verification passed. Nothing half-wr
 from __future__ import annotations
 
 import datetime as dt
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -22,6 +19,7 @@ from edgeq.profiles import Profile, load_profile
 from edgeq.progress import QUIET, Progress
 from edgeq.runtime import embed, encode, pool, session
 from edgeq.safe_load import load_tokenizer
+from edgeq.staging import space_needed, staged, write_zip, zip_path
 from edgeq.stages.calibrate import calibrate
 from edgeq.stages.export import export
 from edgeq.stages.optimize import optimize
@@ -89,13 +87,8 @@ def check_inputs(req: ExportRequest) -> Inputs:
 
 def export_package(req: ExportRequest, progress: Progress = QUIET) -> Package:
     inputs = check_inputs(req)
-    out_dir = inputs.dest.parent
-    out_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".edgeq-", dir=out_dir))
-    try:
-        work = staging / "work"
-        work.mkdir()
-        folder = staging / inputs.dest.name
+    with staged(inputs.dest, req.force, space_needed(inputs.source, inputs.profile)) as stage:
+        folder, work = stage.folder, stage.work
         if inputs.source.kind == "causal-lm":
             manifest = _build_llm(inputs, req, folder, work, progress)
         elif inputs.profile.execution_provider == "QNNExecutionProvider":
@@ -105,18 +98,16 @@ def export_package(req: ExportRequest, progress: Progress = QUIET) -> Package:
         else:
             manifest = build_encoder_package(inputs, req, folder, work, progress)
         progress.stage("verify", str(folder))
+        if inputs.profile.package.zip:
+            write_zip(folder)
         report = verify(folder, profile=inputs.profile)  # the bars it was built with, --set included
         if not report.ok:
             bad = "; ".join(f"{n}: {d}" for n, ok, d in report.checks if not ok)
             raise VerificationError(f"fresh package failed verification: {bad}", "this is an edgeq bug; please report it")
-        if inputs.profile.package.zip:
-            shutil.make_archive(str(folder), "zip", root_dir=staging, base_dir=folder.name)
-        _move_into_place(staging, inputs.dest, inputs.profile.package.zip)
-        size = sum(e["size"] for n, e in manifest["files"].items() if n.startswith("model."))
-        progress.stage("done", f"{inputs.dest} ({size / 1e6:.1f} MB model)")
-        return Package(inputs.dest, manifest)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        stage.place()
+    size = sum(e["size"] for n, e in manifest["files"].items() if n.startswith("model."))
+    progress.stage("done", f"{inputs.dest} ({size / 1e6:.1f} MB model)")
+    return Package(inputs.dest, manifest)
 
 
 def _build_llm(inputs: Inputs, req: ExportRequest, folder: Path, work: Path, progress: Progress) -> dict:
@@ -203,23 +194,6 @@ def check_size(size: dict, quantized: QuantizedModel) -> None:
             f"({quantized.promoted} layers were promoted to the sensitive precision)",
             "raise package.max_size_ratio in the profile, or lower quantization.sensitivity_target_mean_cosine",
         )
-
-
-def zip_path(dest: Path) -> Path:
-    """OUT/<name>.zip (not with_suffix: 'bge-small-en-v1.5-android-arm64' has a dot that is not a suffix)."""
-    return dest.parent / f"{dest.name}.zip"
-
-
-def _move_into_place(staging: Path, dest: Path, with_zip: bool) -> None:
-    built = staging / dest.name
-    for old in (dest, zip_path(dest)):
-        if old.is_dir():
-            shutil.rmtree(old)
-        elif old.exists():
-            old.unlink()
-    os.replace(built, dest)
-    if with_zip:
-        os.replace(staging / f"{dest.name}.zip", zip_path(dest))
 
 
 def _provenance(inputs: Inputs, req: ExportRequest) -> dict:

@@ -89,7 +89,7 @@ class PackageSpec:
     target_platform: str = _f(
         "Platform the ORT-format conversion optimizes for; 'arm' keeps x86-only fusions out.", "arm", ("arm", "amd64")
     )
-    zip: bool = _f("Also write <package>.zip next to the package folder.", True)
+    zip: bool = _f("Also write <package>/<package>.zip inside the package folder (verify checks it).", True)
     max_size_ratio: float = _f(
         "Largest model file allowed, as a fraction of the FP32 ONNX export (0.40: a 90.4 MB MiniLM must fit in "
         "36.2 MB). Over it, the export fails and writes no package.", 0.40, minimum=0.0,

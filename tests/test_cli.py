@@ -86,7 +86,7 @@ def manifest(package) -> dict:
 def test_export_writes_the_package_and_reports_accuracy(cli_export, package, manifest):
     result, out = cli_export
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in out.iterdir()) == [PACKAGE_NAME, f"{PACKAGE_NAME}.zip"]
+    assert sorted(p.name for p in out.iterdir()) == [PACKAGE_NAME]  # the zip is inside it
     # stdout carries the result only; progress goes to stderr
     lines = result.stdout.splitlines()
     assert lines[0] == f"wrote {package}"
@@ -269,11 +269,9 @@ def test_unsupported_pooling_is_not_silently_replaced_by_mean(tiny_bert_dir, tmp
         assert "pooling" in msg
 
 
-def test_output_exists_without_force(tiny_bert_dir, package, cli_export, tmp_path):
-    _, src_out = cli_export
+def test_output_exists_without_force(tiny_bert_dir, package, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(package, out / PACKAGE_NAME)
-    shutil.copy(src_out / f"{PACKAGE_NAME}.zip", out)
     before = snapshot(out)
     msg, hint = assert_user_error(edgeq("export", tiny_bert_dir, "--profile", "android-arm64", "-o", out))
     assert str(out / PACKAGE_NAME) in msg and "already exists" in msg

@@ -133,20 +133,18 @@ def test_package_folder_holds_model_ops_config_tokenizer_and_manifest(exported, 
     assert json.loads(json.dumps(pkg.manifest)) == json.loads((package / "manifest.json").read_text())
 
 
-def test_zip_beside_the_folder_holds_the_same_files(exported, package):
-    _, out = exported
-    archive = out / f"{PACKAGE_NAME}.zip"
+def test_zip_inside_the_folder_holds_the_same_files(package):
+    archive = package / f"{PACKAGE_NAME}.zip"
     assert archive.is_file()
     with zipfile.ZipFile(archive) as z:
-        members = {n: z.read(n) for n in z.namelist() if not n.endswith("/")}
-    assert members == {f"{PACKAGE_NAME}/{p.name}": p.read_bytes() for p in package.iterdir()}
+        members = {n: z.read(n) for n in z.namelist()}
+    assert members == {f"{PACKAGE_NAME}/{p.name}": p.read_bytes() for p in package.iterdir() if p != archive}
 
 
-def test_out_holds_only_the_package_and_its_zip(exported):
+def test_out_holds_only_the_package(exported):
     _, out = exported
     entries = sorted(p.name for p in out.iterdir())
-    assert not [e for e in entries if e.startswith(".edgeq-")], entries
-    assert entries == [PACKAGE_NAME, f"{PACKAGE_NAME}.zip"]
+    assert entries == [PACKAGE_NAME], entries  # no staging folder, no lock file, the zip inside the package
 
 
 # ---------------------------------------------------------------------------------------------------- manifest
@@ -177,7 +175,7 @@ def test_manifest_tool_versions_are_the_installed_ones(manifest):
 
 
 def test_manifest_files_have_the_real_sha256_and_size(manifest, package):
-    on_disk = {p.name for p in package.iterdir()} - {"manifest.json"}
+    on_disk = {p.name for p in package.iterdir()} - {"manifest.json", f"{PACKAGE_NAME}.zip"}  # zip: see check_zip
     assert set(manifest["files"]) == on_disk
     for name, entry in manifest["files"].items():
         assert entry == {"sha256": sha256(package / name), "size": (package / name).stat().st_size}, name
@@ -381,7 +379,8 @@ def test_verify_fails_when_a_reference_output_changes(package_copy):
     path.write_text(json.dumps(m, indent=1))
     report = verify(package_copy)
     bad = failed(report)
-    assert list(bad) == ["outputs match reference"], bad
+    assert list(bad) == [f"zip {PACKAGE_NAME}.zip", "outputs match reference"], bad  # the zip holds the old manifest
+    assert bad[f"zip {PACKAGE_NAME}.zip"] == "differs from the folder's manifest.json"
     assert "min cosine" in bad["outputs match reference"]
     # the files themselves are intact: only the output check caught it
     assert all(ok for name, ok, _ in report.checks if name.startswith("file "))
@@ -400,11 +399,11 @@ def test_export_again_without_force_refuses_and_changes_nothing(exported, tiny_b
 
 
 def test_export_with_force_replaces_the_package(exported, tiny_bert_dir, tmp_path):
-    pkg, src_out = exported
+    pkg, _ = exported
     out = tmp_path / "out"
     shutil.copytree(pkg.path, out / PACKAGE_NAME)
     (out / PACKAGE_NAME / "stale.txt").write_text("left by an older export\n")
-    (out / f"{PACKAGE_NAME}.zip").write_bytes(b"not a zip")
+    (out / f"{PACKAGE_NAME}.zip").write_bytes(b"not a zip")  # where edgeq wrote the zip before issue 13
 
     new = export_package(ExportRequest(tiny_bert_dir, "android-arm64", out_dir=out, samples=16, force=True))
 
@@ -412,10 +411,12 @@ def test_export_with_force_replaces_the_package(exported, tiny_bert_dir, tmp_pat
     assert not (new.path / "stale.txt").exists()
     assert new.manifest["profile"]["values"]["quantization"]["calibration_samples"] == 16
     assert json.loads((new.path / "manifest.json").read_text()) == json.loads(json.dumps(new.manifest))
-    with zipfile.ZipFile(out / f"{PACKAGE_NAME}.zip") as z:
-        assert sorted(n for n in z.namelist() if not n.endswith("/")) == sorted(f"{PACKAGE_NAME}/{p.name}" for p in new.path.iterdir())
+    archive = new.path / f"{PACKAGE_NAME}.zip"
+    with zipfile.ZipFile(archive) as z:  # the zip is the new one: it holds the new manifest
+        assert z.namelist() == sorted(f"{PACKAGE_NAME}/{p.name}" for p in new.path.iterdir() if p != archive)
+        assert z.read(f"{PACKAGE_NAME}/manifest.json") == (new.path / "manifest.json").read_bytes()
     assert verify(new.path).ok
-    assert sorted(p.name for p in out.iterdir()) == [PACKAGE_NAME, f"{PACKAGE_NAME}.zip"]
+    assert sorted(p.name for p in out.iterdir()) == [PACKAGE_NAME]
 
 
 def test_model_name_with_a_dot_keeps_its_zip_name(tiny_bert_dir, tmp_path):
@@ -423,7 +424,8 @@ def test_model_name_with_a_dot_keeps_its_zip_name(tiny_bert_dir, tmp_path):
     out = tmp_path / "out"
     pkg = export_package(ExportRequest(model, "android-arm64", out_dir=out, samples=16))
     assert pkg.path == out / "tiny-bert-v1.5-android-arm64"
-    assert sorted(p.name for p in out.iterdir()) == ["tiny-bert-v1.5-android-arm64", "tiny-bert-v1.5-android-arm64.zip"]
+    assert sorted(p.name for p in out.iterdir()) == ["tiny-bert-v1.5-android-arm64"]
+    assert (pkg.path / "tiny-bert-v1.5-android-arm64.zip").is_file()
 
 
 # ---------------------------------------------------------------------------------------------------- accuracy gate
@@ -445,10 +447,9 @@ def test_accuracy_budget_failure_names_numbers_and_layers_and_leaves_nothing(tin
 
 
 def test_accuracy_budget_failure_with_force_keeps_the_existing_package(exported, tiny_bert_dir, tmp_path):
-    pkg, src_out = exported
+    pkg, _ = exported
     out = tmp_path / "out"
     shutil.copytree(pkg.path, out / PACKAGE_NAME)
-    shutil.copy(src_out / f"{PACKAGE_NAME}.zip", out / f"{PACKAGE_NAME}.zip")
     before = snapshot(out)
     with pytest.raises(AccuracyBudgetError):
         export_package(ExportRequest(tiny_bert_dir, str(budget_profile(tmp_path)), out_dir=out, samples=16, force=True))

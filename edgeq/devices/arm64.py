@@ -49,6 +49,7 @@ import numpy as np
 
 from edgeq.errors import DeviceError, DeviceRunError, DeviceUnavailableError
 from edgeq.errors import UserInputError
+from edgeq.staging import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -469,7 +470,7 @@ def run_on_arm64(runtime: Arm64Runtime, model_path: Path, inputs: dict[str, np.n
         t0 = time.monotonic()
         try:
             r = subprocess.run(runtime.command(*args, trace_log=trace_log), env=runtime.env(), capture_output=True,
-                               text=True, timeout=timeout, cwd=tmp)
+                               text=True, timeout=timeout, cwd=tmp, preexec_fn=die_with_parent)
         except subprocess.TimeoutExpired as exc:
             raise DeviceRunError(f"{model_path.name} did not finish on arm64 within {timeout:.0f}s",
                                  "emulation runs about 100 times slower than native: raise the timeout") from exc

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from edgeq.devices.arm64 import PYTHON_VERSION, Arm64Runtime, _locked, _run, _tail, pip_platforms
 from edgeq.errors import DeviceError, DeviceRunError
+from edgeq.staging import die_with_parent
 
 GENAI_WORKER = Path(__file__).resolve().with_name("arm64_genai_worker.py")
 
@@ -60,7 +61,8 @@ def greedy_tokens_on_arm64(runtime: Arm64Runtime, package_dir: Path, prompt_ids:
         cmd = runtime.command(str(GENAI_WORKER), "--package", str(Path(package_dir).resolve()), "--prompt-ids",
                               json.dumps([int(t) for t in prompt_ids]), "--tokens", str(n), "--out", str(out))
         try:
-            r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=tmp)
+            r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=tmp,
+                               preexec_fn=die_with_parent)
         except subprocess.TimeoutExpired as exc:
             raise DeviceRunError(f"greedy decoding did not finish on arm64 within {timeout:.0f}s",
                                  "emulation runs about 100 times slower than native: raise the timeout") from exc

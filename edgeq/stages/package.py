@@ -18,6 +18,7 @@ from pathlib import Path
 
 from edgeq.errors import EdgeqError
 from edgeq.manifest import file_entries, write_manifest
+from edgeq.staging import die_with_parent
 
 MODEL_FILE = "model.ort"
 OPS_CONFIG = "required_operators_and_types.config"
@@ -66,7 +67,7 @@ def convert_to_ort(onnx_path: Path, dest: Path, target_platform: str, matmulnbit
 def _convert(onnx_path: Path, stage: Path, dest: Path, target_platform: str, accuracy_level: int) -> Path:
     shutil.copy(onnx_path, stage / "model.onnx")
     cmd = [sys.executable, "-c", _CONVERT, str(stage), target_platform, str(accuracy_level)]
-    run = subprocess.run(cmd, capture_output=True, text=True)
+    run = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=die_with_parent)  # dies with edgeq
     if run.returncode != 0 or not (stage / "model.ort").is_file():
         raise EdgeqError(f"ORT-format conversion failed:\n{run.stdout[-2000:]}\n{run.stderr[-2000:]}",
                          "this is an edgeq bug; please report it with the command line")

@@ -17,13 +17,15 @@ profile's bar is used. ``edgeq export`` verifies its fresh package against the p
 
 from __future__ import annotations
 
+import hashlib
+import zipfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from edgeq.errors import DeviceUnavailableError, PackageError, UserInputError
-from edgeq.manifest import file_entries, package_path, read_manifest
+from edgeq.manifest import MANIFEST, file_entries, package_path, read_manifest
 from edgeq.metrics import per_sample_cosine
 from edgeq.profiles import AccuracyBudget, LLMSpec, PackageSpec, Profile, known_profiles, load_profile
 from edgeq.runtime import pool, session
@@ -136,8 +138,34 @@ def check_files(folder: Path, manifest: dict, report: VerifyReport) -> None:
                                               f"file {got['sha256'][:12]}/{got['size']}")
         else:
             report.add(f"file {name}", True, f"sha256 {entry['sha256'][:12]}, {entry['size']} bytes")
-    for name in sorted(set(actual) - set(listed)):
+    for name in sorted(set(actual) - set(listed) - {p.name for p in folder.glob("*.zip")}):  # zips: check_zip
         report.add(f"file {name}", False, "not listed in the manifest")
+
+
+def check_zip(folder: Path, manifest: dict, report: VerifyReport) -> None:
+    """A zip at the top of the package (edgeq writes <name>/<name>.zip; the manifest cannot list it, as it holds
+    the manifest) holds the manifest's files and manifest.json under one folder, each byte for byte the folder's."""
+    listed = manifest.get("files", {})
+    want = sorted([*listed, MANIFEST])
+    for path in sorted(p for p in folder.glob("*.zip") if p.name not in listed):
+        try:
+            with zipfile.ZipFile(path) as z:
+                infos = sorted(z.infolist(), key=lambda i: i.filename.partition("/")[2])
+                names = [i.filename.partition("/")[2] for i in infos]
+                if len({i.filename.partition("/")[0] for i in infos}) != 1 or names != want:
+                    odd = sorted(set(names) ^ set(want)) or ["members outside one top folder"]
+                    report.add(f"zip {path.name}", False, f"members differ from the package: {', '.join(odd)[:300]}")
+                    continue
+                differ = []
+                for info, name in zip(infos, names):
+                    with z.open(info) as a, open(folder / name, "rb") as b:
+                        if hashlib.file_digest(a, "sha256").digest() != hashlib.file_digest(b, "sha256").digest():
+                            differ.append(name)
+        except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError) as exc:
+            report.add(f"zip {path.name}", False, f"not a readable zip: {exc}")
+            continue
+        report.add(f"zip {path.name}", not differ, f"differs from the folder's {', '.join(differ)}" if differ else
+                   f"{len(names)} files, each byte for byte the folder's")
 
 
 def run_samples(folder: Path, manifest: dict, arm64=None, on: str = "host") -> tuple[np.ndarray, str]:
@@ -223,6 +251,7 @@ def verify(folder: Path, on: str = "host", profile: Profile | None = None) -> Ve
     check_files(folder, manifest, report)
     if not report.ok:
         return report
+    check_zip(folder, manifest, report)
     if manifest["source"]["kind"] == "causal-lm":
         return _verify_llm(folder, manifest, report, bars)
     applied = check_thresholds(manifest, bars, report)

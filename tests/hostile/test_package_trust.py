@@ -64,6 +64,10 @@ def copy(package, tmp_path) -> Path:
 
 
 def edit(folder: Path, change) -> dict:
+    """Tamper the manifest, as an attacker would, and drop the package's zip (which holds the original manifest and
+    would fail check_zip on its own: tests/hostile/test_staging.py covers that check)."""
+    for z in folder.glob("*.zip"):
+        z.unlink()
     manifest = json.loads((folder / "manifest.json").read_text())
     change(manifest)
     (folder / "manifest.json").write_text(json.dumps(manifest))
