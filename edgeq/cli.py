@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import signal
 import sys
 from pathlib import Path
@@ -30,6 +31,18 @@ def handle_errors(fn):
     return wrapper
 
 
+class FiniteFloatRange(click.FloatRange):
+    """A FloatRange that also refuses nan and inf: FloatRange's own bound checks use ``<``, which NaN passes."""
+
+    name = "finite float range"
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
+
+
 @click.group()
 @click.version_option(package_name="edgeq")
 def main() -> None:
@@ -51,7 +64,7 @@ def main() -> None:
               "where there are no safetensors, loaded with torch.load(weights_only=True); recorded in the manifest.")
 @click.option("--int4-method", type=click.Choice(["gptq", "rtn"]),
               help="Causal LMs: how INT4 weights are chosen (default: the profile's llm.int4_method).")
-@click.option("--max-size-mb", type=click.FloatRange(min=0), help="Causal LMs: largest model in MB; 8-bit promotions "
+@click.option("--max-size-mb", type=FiniteFloatRange(min=0), help="Causal LMs: largest model in MB; 8-bit promotions "
               "are taken only while they fit (default: the profile's llm.max_size_mb).")
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
               help="Override a profile field, e.g. --set llm.symmetric=true (keys: edgeq profiles --fields).")

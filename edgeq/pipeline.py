@@ -10,7 +10,7 @@ from pathlib import Path
 import onnxruntime as ort
 
 from edgeq.errors import (AccuracyBudgetError, ModelFolderError, OutputExistsError, SizeBudgetError,
-                          UnsupportedModelError, VerificationError)
+                          UnsupportedModelError, UserInputError, VerificationError)
 from edgeq.manifest import SCHEMA_VERSION, stored_rows, tool_versions
 from edgeq.metrics import EncoderAccuracy, compare
 from edgeq.modelsource import ModelSource, inspect_model_dir
@@ -26,7 +26,8 @@ from edgeq.stages.optimize import optimize
 from edgeq.stages.package import MODEL_FILE, OPS_CONFIG, Package, convert_to_ort, copy_tokenizer, finish
 from edgeq.stages.quantize import QuantizedModel, quantize
 from edgeq.stages.verify import verify
-from edgeq.textdata import CALIBRATION_FILE, EVALUATION_FILE, TextSet, check_disjoint, load_texts
+from edgeq.textdata import (CALIBRATION_FILE, EVALUATION_FILE, TextSet, check_disjoint, fit_calibration_samples,
+                            load_texts)
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,16 @@ def check_inputs(req: ExportRequest) -> Inputs:
     calibration = load_texts(req.calibration or CALIBRATION_FILE)
     evaluation = load_texts(EVALUATION_FILE)
     check_disjoint(calibration, evaluation)
+    if source.kind == "causal-lm":  # numbers the model cannot take fail here, not minutes into the run
+        from edgeq.llm.limits import check_llm_lengths
+
+        if req.samples is not None:
+            raise UserInputError("--samples counts calibration texts for encoders; a causal LM calibrates on "
+                                 "llm.calibration_windows windows of llm.window_tokens tokens",
+                                 "drop --samples; use --set llm.calibration_windows=N")
+        check_llm_lengths(source, profile.llm)
+    else:
+        profile = fit_calibration_samples(profile, calibration, req.samples, dict(req.settings))
     if Path(req.out_dir).exists() and not Path(req.out_dir).is_dir():
         raise OutputExistsError(f"output path {req.out_dir} is a file, not a folder", "pass -o a folder (it is created if missing)")
     dest = Path(req.out_dir) / f"{source.name}-{profile.name}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
+import math
 import re
 import tomllib
 import typing
@@ -400,8 +401,13 @@ def _coerce(tp, value, f, path: Path, loc: str):
     if choices and value not in choices:
         raise ProfileError(f"profile {path}: '{loc}' = {value!r} is not one of {', '.join(map(str, choices))}", f.metadata["doc"])
     lo, hi = f.metadata.get("minimum"), f.metadata.get("maximum")
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        bounds = f"between {lo} and {hi}" if lo is not None and hi is not None else f">= {lo}" if lo is not None else f"<= {hi}"
+    bounds = f"between {lo} and {hi}" if lo is not None and hi is not None else f">= {lo}" if lo is not None else \
+        f"<= {hi}" if hi is not None else "finite"
+    if tp is float and not math.isfinite(value):  # TOML's nan/inf (and 1e400) are floats; no field means them
+        raise ProfileError(f"profile {path}: '{loc}' = {value!r} is not a finite number",
+                           f"set a number {bounds}: {f.metadata['doc']}")
+    # written so that a value no comparison holds for (NaN) fails too
+    if not ((lo is None or lo <= value) and (hi is None or value <= hi)):
         raise ProfileError(f"profile {path}: '{loc}' = {value!r} is out of range (must be {bounds})", f.metadata["doc"])
     return float(value) if tp is float else value
 

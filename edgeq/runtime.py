@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import onnx
 import onnxruntime as ort
+
+from edgeq.textdata import token_prefix
 
 BATCH = 16
 
@@ -34,8 +36,12 @@ def session(model: onnx.ModelProto | Path | str, providers: tuple[str, ...] = ("
 
 def encode(tokenizer, texts: tuple[str, ...] | list[str], seq_len: int, input_names: list[str],
            padding: bool | str = True) -> dict[str, np.ndarray]:
-    """Token feeds; ``padding="max_length"`` pads every text to exactly ``seq_len`` (static-shape models)."""
-    enc = tokenizer(list(texts), padding=padding, truncation=True, max_length=seq_len, return_tensors="np")
+    """Token feeds; ``padding="max_length"`` pads every text to exactly ``seq_len`` (static-shape models).
+
+    Each text is cut to a prefix that keeps its first ``seq_len`` tokens before the batch is tokenized: the
+    tokenizer would otherwise tokenize all of a long text and only then truncate it."""
+    texts = [token_prefix(tokenizer, t, seq_len) for t in texts]
+    enc = tokenizer(texts, padding=padding, truncation=True, max_length=seq_len, return_tensors="np")
     feeds = {}
     for name in input_names:
         if name in enc:
@@ -61,9 +67,13 @@ def pool(hidden: np.ndarray, mask: np.ndarray, pooling: str = "mean") -> np.ndar
 
 
 def embed(sess: ort.InferenceSession, tokenizer, texts, seq_len: int, pooling: str = "mean") -> np.ndarray:
-    names = [i.name for i in sess.get_inputs()]
+    return embed_feeds(sess, batches(tokenizer, texts, seq_len, [i.name for i in sess.get_inputs()]), pooling)
+
+
+def embed_feeds(sess: ort.InferenceSession, feeds: Iterable[dict[str, np.ndarray]], pooling: str = "mean") -> np.ndarray:
+    """Pooled embeddings from token feeds already made (by ``batches``): texts scored many times are encoded once."""
     out = []
-    for feeds in batches(tokenizer, texts, seq_len, names):
-        hidden = sess.run(None, feeds)[0]
-        out.append(pool(hidden, feeds["attention_mask"], pooling))
+    for batch in feeds:
+        hidden = sess.run(None, batch)[0]
+        out.append(pool(hidden, batch["attention_mask"], pooling))
     return np.concatenate(out)

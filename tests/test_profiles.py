@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import re
 import tomllib
 import typing
@@ -354,6 +355,51 @@ def test_overrides_are_validated_like_the_file():
         load_profile("android-arm64", overrides={"llm.promote": -1})
     with pytest.raises(ProfileError, match=r"'llm' is not a section|no such profile key"):
         load_profile("android-arm64", overrides={"llm.symmetric.x": 1})
+
+
+def _float_keys(cls=Profile, prefix: str = "") -> list[str]:
+    types = typing.get_type_hints(cls)
+    keys = []
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(types[f.name]):
+            keys += _float_keys(types[f.name], f"{prefix}{f.name}.")
+        elif types[f.name] is float:
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+@pytest.mark.parametrize("key", _float_keys())
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_every_float_field_refuses_non_finite_values(key, value):
+    with pytest.raises(ProfileError, match=re.escape(f"'{key}' = {value!r} is not a finite number")) as err:
+        load_profile("android-arm64", overrides={key: value})
+    assert err.value.hint
+
+
+@pytest.mark.parametrize("line, value", [("nan", "nan"), ("+inf", "inf"), ("-nan", "nan"), ("1e400", "inf")])
+def test_non_finite_toml_value_is_refused_with_key_and_value(tmp_path, line, value):
+    path = write(tmp_path, bundled_with("max_size_ratio = 0.40", f"max_size_ratio = {line}"))
+    with pytest.raises(ProfileError, match=rf"'package.max_size_ratio' = {value} is not a finite number"):
+        load_profile(str(path))
+
+
+@pytest.mark.parametrize("text, key", [("llm.promote=nan", "llm.promote"), ("llm.max_size_mb=inf", "llm.max_size_mb"),
+                                       ("llm.max_ppl_increase=1e999", "llm.max_ppl_increase")])
+def test_non_finite_set_value_parses_and_is_refused(text, key):
+    parsed = parse_setting(text)
+    assert parsed[0] == key and not math.isfinite(parsed[1])
+    with pytest.raises(ProfileError, match=rf"--set {re.escape(key)}: '{re.escape(key)}' = \S+ is not a finite"):
+        load_profile("android-arm64", overrides=dict([parsed]))
+
+
+def test_range_bounds_hold_at_both_ends():
+    assert load_profile("android-arm64", overrides={"quantization.calibration_percentile": 90}).quantization \
+        .calibration_percentile == 90.0
+    assert load_profile("android-arm64", overrides={"quantization.calibration_percentile": 100}).quantization \
+        .calibration_percentile == 100.0
+    for bad in (89.999, 100.001):
+        with pytest.raises(ProfileError, match="out of range"):
+            load_profile("android-arm64", overrides={"quantization.calibration_percentile": bad})
 
 
 @pytest.mark.parametrize("name", sorted(known_profiles()))

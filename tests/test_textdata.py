@@ -9,7 +9,9 @@ import re
 import pytest
 
 from edgeq.errors import CalibrationDataError, UserInputError
-from edgeq.textdata import CALIBRATION_FILE, EVALUATION_FILE, TextSet, check_disjoint, load_texts
+from edgeq.profiles import load_profile
+from edgeq.textdata import (CALIBRATION_FILE, CHARS_PER_TOKEN, EVALUATION_FILE, TextSet, check_disjoint,
+                            fit_calibration_samples, load_texts, token_prefix)
 
 
 def jsonl(*records) -> str:
@@ -59,7 +61,8 @@ def test_missing_file(tmp_path):
 
 
 def test_folder_is_not_a_text_file(tmp_path):
-    refused(tmp_path, r"does not exist")
+    err = refused(tmp_path, rf"^{re.escape(str(tmp_path))} is a folder, not a file$")
+    assert "not the folder" in err.hint
 
 
 @pytest.mark.parametrize("name", ["empty.jsonl", "empty.txt"])
@@ -207,3 +210,121 @@ def test_bundled_eval_split_is_large_enough_for_the_default_profile(bundled):
     cal, ev = bundled
     assert len(ev.texts) >= p.accuracy.eval_samples
     assert len(cal.texts) >= p.quantization.calibration_samples
+
+
+# --- token_prefix: long texts cut before tokenization ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tokenizers(tmp_path_factory):
+    """The tiny BERT's WordPiece and the tiny Llama's byte-level BPE (both trained on the bundled text)."""
+    from transformers import AutoTokenizer
+
+    from llm.tiny_llama import write_tokenizer as write_bpe
+    from tiny_models import write_tokenizer as write_wordpiece
+
+    out = {}
+    for name, write in (("wordpiece", write_wordpiece), ("byte-level-bpe", write_bpe)):
+        folder = tmp_path_factory.mktemp(name)
+        write(folder)
+        out[name] = AutoTokenizer.from_pretrained(str(folder))
+    return out
+
+
+def hostile_text(seed: int, pieces: int) -> str:
+    """Bundled text broken up with what makes characters per token unpredictable: whitespace runs, combining
+    accents a normalizer drops, 150-character words, CJK, emoji, control and zero-width characters."""
+    import random
+
+    rng = random.Random(seed)
+    words = " ".join(load_texts(CALIBRATION_FILE).texts[:50]).split(" ")
+    odd = ["\u0301" * 40, "e\u0301", "x" * 150, "\t", "\n\n\n", "\u3000", "日本語のテキスト", "🙂🙂", "\x00", "\u200b",
+           "don't", "'s", " " * 500]
+    seps = [" ", " ", " ", "  ", "\n", " \t ", "", "      "]
+    return "".join(rng.choice(words + odd) + rng.choice(seps) for _ in range(pieces))
+
+
+@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("seq_len", [8, 128])
+def test_token_prefix_keeps_the_first_tokens_exactly(tokenizers, seed, seq_len):
+    text = hostile_text(seed, 3000)
+    for name, tok in tokenizers.items():
+        cut = token_prefix(tok, text, seq_len)
+        assert len(cut) < len(text), name
+        whole = tok(text, add_special_tokens=False, verbose=False)["input_ids"][:seq_len]
+        assert tok(cut, add_special_tokens=False, verbose=False)["input_ids"][:seq_len] == whole, name
+        # and what encoders feed the model: truncated with special tokens
+        assert tok([cut], truncation=True, max_length=seq_len)["input_ids"] == \
+            tok([text], truncation=True, max_length=seq_len)["input_ids"], name
+
+
+def test_token_prefix_leaves_short_text_alone_without_tokenizing():
+    class Refuses:
+        def __call__(self, *args, **kwargs):
+            raise AssertionError("a text shorter than the first prefix needs no tokenization")
+
+    text = "word " * (128 * CHARS_PER_TOKEN // 5)
+    assert token_prefix(Refuses(), text, 128) is text
+
+
+def test_token_prefix_grows_past_characters_that_make_no_tokens(tokenizers):
+    """A megabyte of whitespace before the words: no prefix of the first tries holds a token, so the cut grows
+    until it holds the words (the whole text here) instead of cutting them off."""
+    tok = tokenizers["wordpiece"]
+    text = " " * 1_000_000 + "the model reads this text"
+    assert token_prefix(tok, text, 4) == text
+
+
+def test_token_prefix_cost_follows_the_tokens_kept_not_the_text(tokenizers):
+    lengths = []
+
+    class Recording:
+        def __init__(self, tok):
+            self.tok = tok
+
+        def __call__(self, text, **kwargs):
+            lengths.append(len(text))
+            return self.tok(text, **kwargs)
+
+    text = " ".join(load_texts(CALIBRATION_FILE).texts) * 100  # ~4 MB on one line
+    cut = token_prefix(Recording(tokenizers["byte-level-bpe"]), text, 512)
+    assert lengths == [len(cut)] and len(cut) <= 512 * CHARS_PER_TOKEN
+
+
+# --- calibration sample counts against the file ---------------------------------------------------------------------
+
+
+def test_profile_default_above_the_file_is_cut_with_a_note(tmp_path, capsys):
+    cal = text_set(tmp_path, "three.txt", "one text", "another text", "a third")
+    profile = fit_calibration_samples(load_profile("android-arm64"), cal, None, {})
+    assert profile.quantization.calibration_samples == 3
+    assert capsys.readouterr().err == (f"note: {cal.path} holds 3 calibration texts, fewer than the profile's "
+                                       "quantization.calibration_samples = 128; calibrating on 3\n")
+
+
+def test_count_the_file_meets_is_kept_silently(tmp_path, capsys):
+    cal = text_set(tmp_path, "three.txt", "one text", "another text", "a third")
+    profile = load_profile("android-arm64")
+    assert fit_calibration_samples(profile, cal, 3, {}) is profile
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("samples, settings, given, fix", [
+    (4, {}, "--samples 4", "--samples 3"),
+    (None, {"quantization.calibration_samples": 64}, "--set quantization.calibration_samples=64",
+     "--set quantization.calibration_samples=3"),
+])
+def test_count_asked_for_that_the_file_cannot_meet_is_an_error(tmp_path, samples, settings, given, fix):
+    cal = text_set(tmp_path, "three.txt", "one text", "another text", "a third")
+    profile = load_profile("android-arm64", overrides=settings)
+    with pytest.raises(CalibrationDataError, match=re.escape(f"{given} asks for more calibration texts than "
+                                                             f"{cal.path} holds (3)")) as err:
+        fit_calibration_samples(profile, cal, samples, settings)
+    assert err.value.hint.startswith(f"pass {fix}, or ")
+
+
+def test_qnn_profile_cuts_its_own_calibration_count(tmp_path, capsys):
+    cal = text_set(tmp_path, "three.txt", "one text", "another text", "a third")
+    profile = fit_calibration_samples(load_profile("android-qnn-htp"), cal, None, {})
+    assert profile.qnn.calibration_samples == 3
+    assert "qnn.calibration_samples = 64" in capsys.readouterr().err

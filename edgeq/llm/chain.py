@@ -10,10 +10,11 @@ import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from edgeq.categories import embedding_tables
-from edgeq.errors import AccuracyBudgetError, ModelFolderError, SizeBudgetError
+from edgeq.errors import AccuracyBudgetError, CalibrationDataError, ModelFolderError, SizeBudgetError
 from edgeq.llm.activations import collect_activation_stats
 from edgeq.llm.evaluate import LMAccuracy, ReferenceLogits, evaluate_lm, token_windows
 from edgeq.llm.genai import GENAI_CONFIG, greedy_tokens, write_genai_config
@@ -27,7 +28,7 @@ from edgeq.passes.base import run_passes
 from edgeq.passes.fuse_llm import FuseLLM
 from edgeq.passes.keep_fp16 import KeepFp16
 from edgeq.policy import decide_llm_precision
-from edgeq.profiles import Profile
+from edgeq.profiles import LLMSpec, Profile
 from edgeq.progress import Progress
 from edgeq.safe_load import load_tokenizer
 from edgeq.stages.export import export
@@ -57,15 +58,15 @@ def build_llm_package(inp: LLMInputs, folder: Path, work: Path, progress: Progre
     if src.gguf_file:
         progress.stage("dequantize", f"{src.gguf_file} through transformers' GGUF loader")
         src = replace(src, path=materialize_gguf(src.path, src.gguf_file, work / "source"))
-    progress.stage("export", f"{src.path} ({src.architecture}, task {src.task})")
-    exported = export(src, work)
-    src = exported.source  # pickle weights were staged as safetensors beside links to the other files
     tokenizer = load_tokenizer(src.path)
     hf_config = json.loads((src.path / "config.json").read_text())
     gen_path = src.path / "generation_config.json"
     gen_config = json.loads(gen_path.read_text()) if gen_path.is_file() else None
-    cal = token_windows(tokenizer, inp.calibration_texts, spec.window_tokens, spec.calibration_windows)
+    cal = calibration_windows(tokenizer, inp.calibration_texts, spec)  # before the export: a short text fails fast
     ev = token_windows(tokenizer, inp.evaluation_texts, spec.window_tokens, spec.eval_windows)
+    progress.stage("export", f"{src.path} ({src.architecture}, task {src.task})")
+    exported = export(src, work)
+    src = exported.source  # pickle weights were staged as safetensors beside links to the other files
 
     progress.stage("optimize", "fuse attention (GroupQueryAttention), RMSNorm, rotary into ONNX Runtime kernels")
     fuse = FuseLLM(max_positions=int(hf_config.get("max_position_embeddings", spec.context_length)),
@@ -141,6 +142,18 @@ def build_llm_package(inp: LLMInputs, folder: Path, work: Path, progress: Progre
     finish(folder, manifest)
     check_llm_budget(accuracy, size, profile)
     return manifest
+
+
+def calibration_windows(tokenizer, texts: tuple[str, ...], spec: LLMSpec) -> np.ndarray:
+    """``spec.calibration_windows`` windows of the calibration text; fewer than that is an error (GPTQ's statistics
+    are sized for them), not a silent cut."""
+    windows = token_windows(tokenizer, texts, spec.window_tokens, spec.calibration_windows)
+    if len(windows) < spec.calibration_windows:
+        raise CalibrationDataError(
+            f"the calibration text fills {len(windows)} windows of {spec.window_tokens} tokens; the profile asks for "
+            f"llm.calibration_windows = {spec.calibration_windows}",
+            f"pass a longer --calibration file, or --set llm.calibration_windows={len(windows)}")
+    return windows
 
 
 def check_llm_budget(acc: LMAccuracy, size: int, profile: Profile) -> None:

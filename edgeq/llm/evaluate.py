@@ -23,6 +23,7 @@ import onnxruntime as ort
 from edgeq.errors import CalibrationDataError
 from edgeq.progress import QUIET, Progress
 from edgeq.runtime import session
+from edgeq.textdata import token_prefix
 
 WINDOW = 512  # tokens per window: long enough that most predictions see real context
 CALIBRATION_WINDOWS = 8  # 4096 tokens: H = X^T X of a 1536-wide layer is then well determined (4096 > 1536 rows)
@@ -54,9 +55,14 @@ class LMAccuracy:
 def token_windows(tokenizer, texts: Sequence[str], seq_len: int = WINDOW, max_windows: int | None = None) -> np.ndarray:
     """Texts joined with blank lines, tokenized once, cut into whole windows -> int64 [n, seq_len].
 
-    No BOS: a window cut from the middle of a stream has none either, and every window is treated alike.
+    No BOS: a window cut from the middle of a stream has none either, and every window is treated alike. With
+    ``max_windows`` only the prefix of the text those windows need is tokenized (``token_prefix``), however long
+    the text is.
     """
-    ids = tokenizer("\n\n".join(texts), add_special_tokens=False, verbose=False)["input_ids"]
+    text = "\n\n".join(texts)
+    if max_windows is not None:
+        text = token_prefix(tokenizer, text, max_windows * seq_len)
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     n = len(ids) // seq_len
     if max_windows is not None:
         n = min(n, max_windows)

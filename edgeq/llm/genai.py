@@ -24,6 +24,7 @@ from pathlib import Path
 import onnx
 
 from edgeq.errors import EdgeqError, PackageError, UnsupportedModelError, UserInputError
+from edgeq.llm.limits import check_length, position_caps
 from edgeq.manifest import REEXPORT, package_path
 
 GENAI_CONFIG = "genai_config.json"
@@ -122,25 +123,9 @@ def genai_config(model_file: str, io: DecoderIO, hf_config: dict, generation_con
     if graph != (layers, kv_heads, head_size):
         raise EdgeqError(f"the ONNX decoder (layers, kv heads, head size) = {graph} disagrees with config.json's "
                          f"{(layers, kv_heads, head_size)}", "this is an edgeq bug; please report it with config.json")
-    max_positions = hf_config.get("max_position_embeddings")
-    if context_length < 1 or (max_positions and context_length > max_positions):
-        raise UserInputError(f"context length {context_length} is outside 1..{max_positions} (the model's "
-                             "max_position_embeddings)", f"pass a context length of at most {max_positions}")
-    # Sliding-window attention (Mistral v0.1, Qwen2 with use_sliding_window) equals full causal attention up to the
-    # window; FuseLLM's GroupQueryAttention attends to the whole context, so a longer context would differ.
-    window = hf_config.get("sliding_window") if hf_config.get("use_sliding_window", True) else None
-    if window and context_length > window:
-        raise UserInputError(f"context length {context_length} exceeds the model's sliding_window {window}; edgeq's "
-                             "attention has no sliding window, so tokens past it would attend too far back",
-                             f"pass a context length of at most {window} (llm.context_length)")
-    # LongRoPE (Phi-3 128k / Phi-3.5) picks its short or long factors by sequence length in Python; the traced
-    # export keeps the short ones, which transformers uses only up to original_max_position_embeddings.
-    rope = hf_config.get("rope_scaling") or {}
-    original = hf_config.get("original_max_position_embeddings")
-    if rope.get("rope_type", rope.get("type")) == "longrope" and original and context_length > original:
-        raise UserInputError(f"context length {context_length} exceeds the LongRoPE model's "
-                             f"original_max_position_embeddings {original}; the export keeps only the short factors",
-                             f"pass a context length of at most {original} (llm.context_length)")
+    if context_length < 1:
+        raise UserInputError(f"context length {context_length} is not positive", "pass a context length of at least 1")
+    check_length(position_caps(hf_config), "llm.context_length", context_length)  # export checks it up front too
     bos, eos, pad = special_token_ids(hf_config, generation_config)
     gen = generation_config or {}
     inputs = {"input_ids": "input_ids", "attention_mask": "attention_mask"}

@@ -32,6 +32,7 @@ class GgufInfo:
     file_type: int
     add_bos_token: bool | None = None  # tokenizer.ggml.add_bos_token; transformers 4.57 ignores it
     eos_token_id: int | None = None
+    context_length: int | None = None  # <arch>.context_length: what transformers makes max_position_embeddings
 
 
 def read_gguf_info(path: Path) -> GgufInfo:
@@ -52,8 +53,11 @@ def read_gguf_info(path: Path) -> GgufInfo:
         return bytes(value).decode() if f.types and f.types[0] == gguf.GGUFValueType.STRING else value.tolist()[0]
 
     bos, eos = field("tokenizer.ggml.add_bos_token", None), field("tokenizer.ggml.eos_token_id", None)
-    return GgufInfo(path, field("general.architecture"), field("general.name"), int(field("general.file_type", -1)),
-                    None if bos is None else bool(bos), None if eos is None else int(eos))
+    arch = field("general.architecture")
+    context = field(f"{arch}.context_length", None)
+    return GgufInfo(path, arch, field("general.name"), int(field("general.file_type", -1)),
+                    None if bos is None else bool(bos), None if eos is None else int(eos),
+                    None if context is None else int(context))
 
 
 def check_gguf_loading(path: Path, loading: dict) -> None:

@@ -22,7 +22,7 @@ from edgeq.passes.quantize_linear import QuantizeLinearLayers
 from edgeq.policy import PrecisionPlan, Sensitivity, decide_precision
 from edgeq.profiles import Profile
 from edgeq.progress import QUIET, Progress
-from edgeq.runtime import embed, session
+from edgeq.runtime import batches, embed_feeds, session
 from edgeq.stages.calibrate import CalibrationStats
 from edgeq.stages.optimize import OptimizedModel
 
@@ -46,20 +46,29 @@ def apply_plan(model: onnx.ModelProto, plan: PrecisionPlan, stats: CalibrationSt
     return out
 
 
-def _score(model: onnx.ModelProto, tokenizer, texts, reference: np.ndarray, profile: Profile, pooling: str) -> EncoderAccuracy:
-    out = embed(session(model), tokenizer, texts, profile.quantization.calibration_seq_len, pooling)
-    return compare(reference[: len(texts)], out)
+def encode_texts(model: onnx.ModelProto, tokenizer, texts: tuple[str, ...], profile: Profile) -> list[dict[str, np.ndarray]]:
+    """The token feeds of ``texts``, made once: every candidate model below is scored on the same feeds."""
+    initializers = {i.name for i in model.graph.initializer}
+    names = [i.name for i in model.graph.input if i.name not in initializers]
+    return list(batches(tokenizer, texts, profile.quantization.calibration_seq_len, names))
+
+
+def _score(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], reference: np.ndarray,
+           pooling: str) -> EncoderAccuracy:
+    out = embed_feeds(session(model), feeds, pooling)
+    return compare(reference[: len(out)], out)
 
 
 def measure_sensitivity(optimized: OptimizedModel, model: onnx.ModelProto, stats: CalibrationStats, tokenizer,
                         texts: tuple[str, ...], profile: Profile, pooling: str, progress: Progress = QUIET) -> Sensitivity:
     texts = texts[: profile.quantization.sensitivity_samples]
+    feeds = encode_texts(model, tokenizer, texts, profile)
     base = decide_precision(optimized.nodes, profile)
     linear = [d.name for d in base.of("int8")]
     drops = {}
     for i, name in enumerate(linear, 1):
         alone = PrecisionPlan(tuple(d if d.name == name else replace(d, precision="fp32") for d in base.decisions))
-        acc = _score(apply_plan(model, alone, stats, profile), tokenizer, texts, stats.reference, profile, pooling)
+        acc = _score(apply_plan(model, alone, stats, profile), feeds, stats.reference, pooling)
         drops[name] = max(0.0, 1.0 - acc.mean_cosine)
         progress.step("sensitivity of linear layer", i, len(linear))
     return Sensitivity(drops, len(texts))
@@ -80,10 +89,11 @@ def quantize(optimized: OptimizedModel, stats: CalibrationStats, tokenizer, text
     n = len(sens.drops)
     # Promote in growing steps; each step costs one full evaluation on calibration text.
     steps = sorted(k for k in {0, 1, 2, 3, 4, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64, n} if k <= n)
+    feeds = encode_texts(model, tokenizer, texts, profile)
     for k in steps:
         plan = decide_precision(optimized.nodes, profile, sens, promote=k)
         qmodel = apply_plan(model, plan, stats, profile)
-        acc = _score(qmodel, tokenizer, texts, stats.reference, profile, pooling)
+        acc = _score(qmodel, feeds, stats.reference, pooling)
         progress.stage("select", f"{k} of {n} linear layers at {profile.quantization.sensitive_precision}: "
                                  f"mean cosine {acc.mean_cosine:.5f}, min {acc.min_cosine:.5f}, "
                                  f"retrieval top-1 {acc.retrieval_top1:.3f} on calibration text")

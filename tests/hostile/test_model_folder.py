@@ -39,8 +39,14 @@ def edgeq(*args, stdin: str | None = None):
     return CliRunner().invoke(main, [str(a) for a in args], input=stdin)
 
 
-def export(folder: Path, out: Path, *extra, stdin: str | None = None):
-    return edgeq("export", folder, "--profile", "android-arm64", "-o", out, "-q", "--samples", 8, *extra, stdin=stdin)
+# the tiny Llama's GGUF says context_length 256: windows and context within it, or check_inputs refuses first
+FITS_TINY_LLAMA = ("--set", "llm.window_tokens=128", "--set", "llm.context_length=256")
+
+
+def export(folder: Path, out: Path, *extra, stdin: str | None = None, samples: int | None = 8):
+    """``samples``: calibration texts for an encoder; None for a causal LM, which calibrates on windows instead."""
+    count = ("--samples", samples) if samples else ()
+    return edgeq("export", folder, "--profile", "android-arm64", "-o", out, "-q", *count, *extra, stdin=stdin)
 
 
 def user_error(result, out: Path | None = None) -> tuple[str, str]:
@@ -308,14 +314,14 @@ def test_gguf_with_a_nan_weight_is_refused_by_name(tiny_llama_dir, tmp_path):
         return array
 
     write_llama_gguf(tiny_llama_dir, tmp_path / "m.gguf", poison)
-    error, _ = user_error(export(tmp_path, tmp_path / "out", "--gguf-file", "m.gguf"), tmp_path / "out")
+    error, _ = user_error(export(tmp_path, tmp_path / "out", "--gguf-file", "m.gguf", *FITS_TINY_LLAMA, samples=None), tmp_path / "out")
     assert error == ("the weights in the GGUF m.gguf (dequantized) hold NaN or Inf values in 1 tensor: "
                      "model.layers.1.mlp.up_proj.weight")
 
 
 def test_gguf_missing_a_tensor_is_refused_by_name(tiny_llama_dir, tmp_path):
     write_llama_gguf(tiny_llama_dir, tmp_path / "m.gguf", lambda n, a: None if n == "blk.0.attn_q.weight" else a)
-    error, _ = user_error(export(tmp_path, tmp_path / "out", "--gguf-file", "m.gguf"), tmp_path / "out")
+    error, _ = user_error(export(tmp_path, tmp_path / "out", "--gguf-file", "m.gguf", *FITS_TINY_LLAMA, samples=None), tmp_path / "out")
     assert "does not hold every tensor of its architecture: 1 missing: model.layers.0.self_attn.q_proj.weight" in error
 
 
@@ -328,5 +334,5 @@ def test_gguf_is_read_alone_not_with_its_neighbours(tiny_llama_dir, tmp_path):
     plant_code(tmp_path, marker)
     write_llama_gguf(tiny_llama_dir, tmp_path / "m.gguf", lambda n, a: a * float("inf") if n == "output_norm.weight"
                      else a)
-    error, _ = user_error(export(tmp_path, tmp_path / "out", "--gguf-file", "m.gguf", stdin="y\n"), tmp_path / "out")
+    error, _ = user_error(export(tmp_path, tmp_path / "out", "--gguf-file", "m.gguf", *FITS_TINY_LLAMA, stdin="y\n", samples=None), tmp_path / "out")
     assert "model.norm.weight" in error and not marker.exists()
