@@ -38,6 +38,9 @@ def _fp32_reference(manifest: dict, work: Path) -> Path:
     from edgeq.stages.export import export
 
     src_info = manifest["source"]
+    if "path" not in src_info:  # manifests record the source by name and file hashes, not where it was
+        raise UserInputError(f"the manifest names its source ({src_info.get('name')}) by file hashes, not by path",
+                             "pass --reference with the FP32 ONNX model to compare with")
     src = inspect_model_dir(Path(src_info["path"]), src_info.get("gguf_file") or None)
     if src.file_hashes != src_info["files"]:
         raise UserInputError(f"the source model in {src.path} changed since the package was made",
