@@ -52,18 +52,18 @@ def rebuild_request(package: Path, manifest: dict, model_dir: Path | None, calib
     from edgeq.pipeline import ExportRequest
 
     _check_tools(manifest)
-    src = manifest["source"]
+    src, recorded_profile = manifest.get("source") or {}, manifest.get("profile") or {}
     if model_dir is None:
         if "path" not in src:
             raise ModelFolderError(f"{package}'s manifest names its source ({src.get('name')}) by file hashes only",
                                    "pass the source model folder with --model DIR")
         model_dir = Path(src["path"])  # a package written before manifests dropped local paths
     _check_source(Path(model_dir), src)
-    overrides = dict(manifest["profile"].get("overrides") or {})
+    overrides = dict(recorded_profile.get("overrides") or {})
     settings = tuple((k, v) for k, v in overrides.items() if k not in _REQUEST_OVERRIDES)
     _check_evaluation(manifest)
-    return ExportRequest(Path(model_dir), _profile_arg(manifest["profile"], profile), out_dir,
-                         calibration=_calibration_file(manifest["calibration"], calibration),
+    return ExportRequest(Path(model_dir), _profile_arg(recorded_profile, profile), out_dir,
+                         calibration=_calibration_file(manifest.get("calibration") or {}, calibration),
                          samples=overrides.get("calibration_samples"), seq_len=overrides.get("calibration_seq_len"),
                          gguf_file=src.get("gguf_file") or None, settings=settings)
 
@@ -161,6 +161,9 @@ def _profile_arg(recorded: dict, profile: Path | None) -> str:
 
 def _calibration_file(recorded: dict, passed: Path | None) -> Path:
     name, digest = recorded.get("file"), recorded.get("sha256")
+    if not name or not digest:
+        raise CalibrationDataError("the manifest records no calibration file and sha256 to rebuild from",
+                                   "only packages written by an edgeq that records them can be rebuilt")
     if passed is not None:
         if not Path(passed).is_file():
             raise CalibrationDataError(f"calibration file {passed} does not exist",
