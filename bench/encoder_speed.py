@@ -50,7 +50,9 @@ def export_at_level(build: Path, level: int, work: Path) -> Path:
         raise SystemExit(f"{build / 'bench-profile.toml'} has no single 'matmulnbits_accuracy_level = ' line")
     profile = work / f"level{level}.toml"
     profile.write_text(text)
-    model = json.loads(next((build / "edgeq").glob("*/manifest.json")).read_text())["source"]["path"]
+    source = json.loads(next((build / "edgeq").glob("*/manifest.json")).read_text())["source"]
+    # manifests name the source by file hashes, not by path (older ones had it); the bench's bench.json has the path
+    model = source.get("path") or json.loads((build.parent / "bench.json").read_text())["model"]
     pkg = export_package(ExportRequest(Path(model), str(profile), out_dir=work / f"level{level}", force=True),
                          Progress())
     return pkg.path

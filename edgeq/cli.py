@@ -199,7 +199,9 @@ def _package_lines(package: Path, m: dict, nodes: bool) -> list[str]:
     """inspect's lines, built before any is printed: a malformed detail then prints nothing but the error."""
     lines: list[str] = []
     echo = lines.append
-    echo(f"package  {package}\nprofile  {m['profile']['name']}\nsource   {m['source']['path']} ({m['source']['architecture']})")
+    src = m["source"]  # older manifests name the source by its path, newer ones by its folder name
+    echo(f"package  {package}\nprofile  {m['profile']['name']}\nsource   {src.get('name', src.get('path'))} "
+         f"({src['architecture']})")
     echo("files:")
     for name, e in m["files"].items():
         echo(f"  {e['size'] / 1e6:10.2f} MB  {name}")
@@ -233,8 +235,16 @@ def _package_lines(package: Path, m: dict, nodes: bool) -> list[str]:
               "(android-qnn-htp packages: the EPContext model on the QNN HTP simulator, CPU fallback disabled; needs "
               "edgeq[qnn]).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--rebuild", is_flag=True, help="Then export again from the manifest's recorded inputs into a temporary "
+              "folder and compare every file's bytes (exit 1 if one differs, 2 if an input is missing or differs).")
+@click.option("--model", "model_dir", type=click.Path(path_type=Path), help="With --rebuild: the source model folder "
+              "(manifests record it by name and file hashes, not by path).")
+@click.option("--calibration", type=click.Path(path_type=Path), help="With --rebuild: the calibration file, when the "
+              "package was not calibrated on the bundled text (its sha256 must match the manifest's).")
+@click.option("--profile", "profile_file", type=click.Path(path_type=Path), help="With --rebuild: the profile .toml, "
+              "when it is not a bundled one (its sha256 must match the manifest's).")
 @handle_errors
-def verify_cmd(package, on, as_json) -> None:
+def verify_cmd(package, on, as_json, rebuild, model_dir, calibration, profile_file) -> None:
     """Rehash every file, load the model, and reproduce the stored reference outputs."""
     from edgeq.errors import VerificationError
     from edgeq.stages.verify import verify
@@ -248,6 +258,11 @@ def verify_cmd(package, on, as_json) -> None:
     if not report.ok:
         raise VerificationError(f"{package} failed verification", "re-export the package; do not ship it")
     click.echo(f"verified {package} on {on}")
+    if rebuild:
+        from edgeq.progress import Progress
+        from edgeq.rebuild import check_rebuild
+
+        check_rebuild(package, model_dir, calibration, profile_file, click.echo, Progress())
 
 
 @main.command("run")

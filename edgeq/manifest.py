@@ -127,14 +127,14 @@ OPTIONAL_FIELDS: tuple[Field, ...] = (  # checked when present
     ("model.context_file", str), ("model.ops_config", str), ("model.batch_size", COUNT),
     ("verification.device_min_cosine", NUMBER), ("verification.device_max_rel_diff", NUMBER),
     ("verification.logit_margins", list), ("profile.file", str), ("profile.values.package", dict),
-    ("profile.values.llm", dict))
+    ("profile.values.llm", dict), ("source.name", str), ("source.path", str))  # name: newer manifests; path: older
 # inspect and report: what they show beside the files
 DISPLAY_FIELDS: dict[str, tuple[Field, ...]] = {
-    "encoder": (("source.path", str), ("source.architecture", str), ("precision", dict), ("precision.summary", dict),
+    "encoder": (("source.architecture", str), ("precision", dict), ("precision.summary", dict),
                 ("precision.nodes", list), ("size", dict), ("size.model_bytes", NUMBER), ("accuracy", dict),
                 ("accuracy.samples", COUNT), ("accuracy.mean_cosine", NUMBER), ("accuracy.min_cosine", NUMBER),
                 ("accuracy.retrieval_top1", NUMBER), ("profile.values.accuracy.eval_seq_len", COUNT)),
-    "causal-lm": (("source.path", str), ("source.architecture", str), ("precision", dict),
+    "causal-lm": (("source.architecture", str), ("precision", dict),
                   ("precision.summary", dict), ("precision.nodes", list), ("size", dict),
                   ("size.model_bytes", NUMBER), ("accuracy", dict), ("accuracy.tokens", COUNT),
                   ("accuracy.perplexity", NUMBER), ("accuracy.ref_perplexity", NUMBER),

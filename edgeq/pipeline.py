@@ -3,7 +3,6 @@ into place only after the accuracy gate and verification passed. Nothing half-wr
 
 from __future__ import annotations
 
-import datetime as dt
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -125,7 +124,8 @@ def _build_llm(inputs: Inputs, req: ExportRequest, folder: Path, work: Path, pro
     from edgeq.llm.chain import LLMInputs, build_llm_package  # torch/transformers-heavy: only for causal LMs
 
     provenance = _provenance(inputs, req)
-    provenance["calibration"] = {"file": str(inputs.calibration.path), "sha256": inputs.calibration.sha256}
+    provenance["calibration"] = text_file_record(inputs.calibration)
+    provenance["evaluation"] = text_file_record(inputs.evaluation)
     return build_llm_package(LLMInputs(inputs.source, inputs.profile, inputs.calibration.texts,
                                        inputs.evaluation.texts), folder, work, progress, provenance)
 
@@ -208,19 +208,29 @@ def check_size(size: dict, quantized: QuantizedModel) -> None:
 
 
 def _provenance(inputs: Inputs, req: ExportRequest) -> dict:
-    """What the package was made from: source files' hashes and the profile as applied."""
+    """What the package was made from: source files' hashes and the profile as applied.
+
+    Only what identical runs share: no creation time and no local paths (the source by its name and file hashes,
+    the profile and text files by name and sha256), so the same inputs give a byte-identical manifest and
+    ``edgeq verify --rebuild`` can compare one."""
     src, profile = inputs.source, inputs.profile
+    profile_file = Path(profile.source).name
     return {
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "source": {"path": str(src.path), "model_type": src.model_type, "architecture": src.architecture,
+        "source": {"name": src.name, "model_type": src.model_type, "architecture": src.architecture,
                    "task": src.task, "kind": src.kind, "pooling": src.pooling, "gguf_file": src.gguf_file,
                    "allow_pickle": req.allow_pickle, "weight_format": src.weight_format,
                    "weight_files": list(src.weight_files), "files": src.file_hashes},
-        "profile": {"name": profile.name, "file": profile.source, "sha256": profile.sha256,
+        "profile": {"name": profile.name, "file": profile_file, "sha256": profile.sha256,
                     "overrides": {"calibration_samples": req.samples, "calibration_seq_len": req.seq_len,
                                   **dict(req.settings)},
-                    "values": profile.to_dict()},  # values after the command line's overrides
+                    # values after the command line's overrides
+                    "values": {**profile.to_dict(), "source": profile_file}},
     }
+
+
+def text_file_record(texts: TextSet) -> dict:
+    """A calibration or evaluation file as the manifest names it: file name and sha256, not where it was."""
+    return {"file": texts.path.name, "sha256": texts.sha256}
 
 
 def precision_section(plan, promoted: int, selection: EncoderAccuracy, measure: str = "sensitivity",
@@ -266,7 +276,7 @@ def build_manifest(inputs: Inputs, req: ExportRequest, quantized: QuantizedModel
             "ort_version": ort.__version__,
         },
         "size": size_report(folder / MODEL_FILE, quantized.optimized.exported.onnx_path, profile),
-        "calibration": {"file": str(inputs.calibration.path), "sha256": inputs.calibration.sha256,
+        "calibration": {**text_file_record(inputs.calibration),
                         "samples": len(inputs.calibration.head(profile.quantization.calibration_samples)),
                         "seq_len": profile.quantization.calibration_seq_len,
                         "method": profile.quantization.calibration_method,
@@ -274,7 +284,7 @@ def build_manifest(inputs: Inputs, req: ExportRequest, quantized: QuantizedModel
         "precision": precision_section(plan, quantized.promoted, quantized.calibration_accuracy),
         "accuracy": {
             "reference": "FP32 ONNX export of the source, same tokenizer and pooling",
-            "evaluation_file": str(inputs.evaluation.path), "evaluation_sha256": inputs.evaluation.sha256,
+            "evaluation_file": inputs.evaluation.path.name, "evaluation_sha256": inputs.evaluation.sha256,
             **accuracy.to_dict(),
             "budget": budget_section(profile),
         },

@@ -111,6 +111,8 @@ def build_llm_package(inp: LLMInputs, folder: Path, work: Path, progress: Progre
     tokens = greedy_tokens(folder, prompt_ids, spec.verify_tokens)
     margins = greedy_margins(folder / MODEL_FILE, prompt_ids, tokens)
     size = sum(p.stat().st_size for p in folder.glob("model.onnx*"))
+    provenance = dict(provenance)
+    evaluation_file = provenance.pop("evaluation", {})
     manifest = {
         "schema_version": SCHEMA_VERSION,
         **provenance,
@@ -123,15 +125,16 @@ def build_llm_package(inp: LLMInputs, folder: Path, work: Path, progress: Progre
                      "symmetric": spec.symmetric, "accuracy_level": spec.accuracy_level,
                      "layers_int4": sum(d.bits == 4 for d in results[0].decisions),
                      "layers_int8": sum(d.bits == 8 for d in results[0].decisions),
-                     "layers_kept": sum(d.bits == 0 for d in results[0].decisions),
-                     "seconds": round(results[0].seconds, 1)},
+                     "layers_kept": sum(d.bits == 0 for d in results[0].decisions)},
             "nodes": [{"name": d.name, "op": d.op_type, "category": d.category, "precision": d.precision,
                        "reason": d.reason} for d in plan.decisions],
         },
         "tokenizer": {"rewritten": tok_report.rewritten, "changes": list(tok_report.changes),
                       "add_bos_token": tok_report.add_bos_token, "add_eos_token": tok_report.add_eos_token},
-        "calibration": {"windows": int(len(cal)), "window_tokens": spec.window_tokens},
-        "accuracy": {"reference": "FP32 ONNX export of the source, same windows", **asdict(accuracy),
+        "calibration": {**provenance.get("calibration", {}), "windows": int(len(cal)),
+                        "window_tokens": spec.window_tokens},
+        "accuracy": {"reference": "FP32 ONNX export of the source, same windows",
+                     **{f"evaluation_{k}": v for k, v in evaluation_file.items()}, **asdict(accuracy),
                      "windows": int(len(ev)),
                      "budget": {"max_ppl_increase": spec.max_ppl_increase, "min_top1_agreement": spec.min_top1_agreement}},
         "size": {"model_bytes": size, "max_mb": spec.max_size_mb},

@@ -15,7 +15,7 @@ from edgeq.textdata import load_texts
 
 # what eval reads beyond read_manifest's fields: the windows and the source to export the FP32 reference from
 EVAL_FIELDS = (("profile.values.llm", dict), ("profile.values.llm.window_tokens", COUNT),
-               ("profile.values.llm.eval_windows", COUNT), ("source.path", str), ("source.files", dict))
+               ("profile.values.llm.eval_windows", COUNT), ("source.files", dict))
 
 
 def evaluate_package(package: Path, text_file: Path, reference: Path | None = None) -> dict:
@@ -43,6 +43,9 @@ def _fp32_reference(manifest: dict, work: Path) -> Path:
     from edgeq.stages.export import export
 
     src_info = manifest["source"]
+    if "path" not in src_info:  # manifests record the source by name and file hashes, not where it was
+        raise UserInputError(f"the manifest names its source ({src_info.get('name')}) by file hashes, not by path",
+                             "pass --reference with the FP32 ONNX model to compare with")
     gguf = src_info.get("gguf_file") or None
     if gguf is not None and len(plain_relative_path(gguf, "the manifest's source.gguf_file").parts) != 1:
         raise PackageError(f"the manifest's source.gguf_file {gguf!r} is not a file name", REEXPORT)

@@ -10,7 +10,6 @@ profile's SoC -> accuracy on held-back text (CPU EP, all of ``accuracy.eval_samp
 from __future__ import annotations
 
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
@@ -61,9 +60,7 @@ def build_qnn_package(inputs, req, folder: Path, work: Path, progress: Progress 
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copy(quantized.onnx_path, folder / MODEL_FILE)
     progress.stage("context", f"QNN context binary for soc_model {spec.soc_model} (Hexagon v{spec.htp_arch})")
-    t = time.perf_counter()
     compile_placement = compile_context(folder / MODEL_FILE, folder / CONTEXT_FILE, spec.soc_model, spec.htp_arch)
-    compile_s = time.perf_counter() - t
     copy_tokenizer(exported.tokenizer_dir, folder, tuple(dict.fromkeys(
         src.tokenizer_files + ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"))))
     eval_texts = inputs.evaluation.head(profile.accuracy.eval_samples)
@@ -78,11 +75,10 @@ def build_qnn_package(inputs, req, folder: Path, work: Path, progress: Progress 
     for name in (MODEL_FILE, CONTEXT_FILE):
         run = run_htp(folder / name, feeds, spec.soc_model, spec.htp_arch)
         acc = compare(ref[: len(htp_texts)], pooled(run.outputs, feeds, len(htp_texts), src.pooling))
-        htp[name] = {"placement": run.placement.to_dict(), "accuracy_vs_fp32": acc.to_dict(),
-                     "load_seconds": round(run.load_seconds, 3),
-                     "run_seconds_mean": round(float(np.mean(run.run_seconds)), 3)}
+        # no load or run seconds: they differ between identical runs, and the manifest must not
+        htp[name] = {"placement": run.placement.to_dict(), "accuracy_vs_fp32": acc.to_dict()}
     manifest = _manifest(inputs, req, folder, tokenizer, quantized, accuracy, htp, compile_placement.to_dict(),
-                         compile_s, static, _provenance(inputs, req),
+                         static, _provenance(inputs, req),
                          {"calibration_samples": len(cal_texts), "htp_texts": len(htp_texts)}, fp32)
     manifest["size"] = size_report(folder / MODEL_FILE, exported.onnx_path, profile)
     finish(folder, manifest)
@@ -111,8 +107,8 @@ def check_qnn_budget(profile, acc: EncoderAccuracy, htp: dict, quantized: QnnQua
 
 
 def _manifest(inputs, req, folder: Path, tokenizer, quantized: QnnQuantized, accuracy: EncoderAccuracy, htp: dict,
-              compile_placement: dict, compile_s: float, static, provenance: dict, counts: dict, fp32) -> dict:
-    from edgeq.pipeline import budget_section, precision_section
+              compile_placement: dict, static, provenance: dict, counts: dict, fp32) -> dict:
+    from edgeq.pipeline import budget_section, precision_section, text_file_record
 
     src, profile = inputs.source, inputs.profile
     spec = profile.qnn
@@ -141,19 +137,17 @@ def _manifest(inputs, req, folder: Path, tokenizer, quantized: QnnQuantized, acc
             "graph_passes": [{"pass": name, "modified": r.modified, "summary": r.summary}
                              for name, r in static.passes.items()],
             "qnn_preprocess_fused": static.preprocessed,
-            "context": {"file": CONTEXT_FILE, "embed_mode": 1, "compile_seconds": round(compile_s, 3),
-                        "placement_when_compiled": compile_placement},
+            "context": {"file": CONTEXT_FILE, "embed_mode": 1, "placement_when_compiled": compile_placement},
             "simulator": {"cpu_ep_fallback": "disabled", "texts": counts["htp_texts"], "runs": htp},
         },
-        "calibration": {"file": str(inputs.calibration.path), "sha256": inputs.calibration.sha256,
-                        "samples": counts["calibration_samples"], "seq_len": spec.seq_len,
+        "calibration": {**text_file_record(inputs.calibration), "samples": counts["calibration_samples"], "seq_len": spec.seq_len,
                         "method": "minmax (onnxruntime.quantization, get_qnn_qdq_config)"},
         "precision": precision_section(quantized.plan, quantized.promoted, quantized.calibration_accuracy,
                                        measure="weight_sqnr_db", digits=2),
         "accuracy": {
             "reference": "FP32 ONNX export of the source, same tokenizer, truncation and pooling",
             "runtime": "CPU EP on model.onnx (QDQ emulated in float); HTP simulator numbers are under qnn.simulator",
-            "evaluation_file": str(inputs.evaluation.path), "evaluation_sha256": inputs.evaluation.sha256,
+            "evaluation_file": inputs.evaluation.path.name, "evaluation_sha256": inputs.evaluation.sha256,
             **accuracy.to_dict(),
             "budget": budget_section(profile),
         },

@@ -5,6 +5,7 @@ profile's target platform, with type reduction so ``required_operators_and_types
 minimal build. Its optimizations are those the CPU EP applies at load (QDQ -> integer kernels), baked in -- including
 the fusion of int8 weight-only layers (DQ -> MatMul) into 8-bit MatMulNBits, whose ``accuracy_level`` is a session
 option the command-line converter does not expose; the converter's ``_convert`` is called with it instead.
+ONNX Runtime lays the file out differently from run to run; ``ort_format.canonical_ort`` rewrites it byte-stable.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 from edgeq.errors import EdgeqError
 from edgeq.manifest import file_entries, write_manifest
 from edgeq.staging import die_with_parent
+from edgeq.stages.ort_format import OrtFormatError, canonical_ort
 
 MODEL_FILE = "model.ort"
 OPS_CONFIG = "required_operators_and_types.config"
@@ -40,16 +42,19 @@ class Package:
 
 
 # Runs in a child Python: convert_onnx_models_to_ort's main() with one more session option. Its _convert is the
-# private function main() calls (ONNX Runtime 1.20-1.32); the child fails loudly if that ever changes.
+# private function main() calls (ONNX Runtime 1.20-1.32); the child fails loudly if that ever changes. The ops config
+# is made from the relative name: its header lists the models it was made from, and a staging path there would make
+# every package's config differ.
 _CONVERT = """
-import pathlib, sys
+import os, pathlib, sys
 from onnxruntime.tools import convert_onnx_models_to_ort as c
 from onnxruntime.tools.ort_format_model import create_config_from_models
 stage, platform, level = pathlib.Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 entries = {"session.qdqisint8allowed": "1" if platform == "arm" else "0",
            "session.qdq_matmulnbits_accuracy_level": level}
-models = c._convert(stage, stage, "all", c.OptimizationStyle.Fixed, None, False, False, platform, entries)
-create_config_from_models(models, stage / "required_operators_and_types.config", True)
+c._convert(stage, stage, "all", c.OptimizationStyle.Fixed, None, False, False, platform, entries)
+os.chdir(stage)
+create_config_from_models([pathlib.Path("model.ort")], pathlib.Path("required_operators_and_types.config"), True)
 """
 
 
@@ -78,10 +83,21 @@ def _convert(onnx_path: Path, stage: Path, dest: Path, target_platform: str, acc
             "a shared or tied weight was stored twice",
             "this is an edgeq bug; please report it with the model's config.json",
         )
+    _make_canonical(stage / "model.ort")
     dest.mkdir(parents=True, exist_ok=True)
     shutil.move(stage / "model.ort", dest / MODEL_FILE)
     shutil.move(stage / OPS_CONFIG, dest / OPS_CONFIG)
     return dest / MODEL_FILE
+
+
+def _make_canonical(path: Path) -> None:
+    try:
+        data = canonical_ort(path.read_bytes())
+    except OrtFormatError as exc:
+        raise EdgeqError(f"ORT-format conversion wrote a file edgeq cannot make byte-stable: {exc}",
+                         "this is an edgeq bug (a new ONNX Runtime file layout?); please report it with the "
+                         "onnxruntime version") from exc
+    path.write_bytes(data)
 
 
 def copy_tokenizer(src: Path, dest: Path, names: tuple[str, ...]) -> list[str]:

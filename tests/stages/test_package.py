@@ -1,5 +1,5 @@
-"""edgeq.stages.package: ORT-format conversion of a small hand-made ONNX model, its growth guard, tokenizer copy and
-the manifest's file table."""
+"""edgeq.stages.package: ORT-format conversion of a small hand-made ONNX model, its growth guard, its byte-stable
+layout (edgeq.stages.ort_format), tokenizer copy and the manifest's file table."""
 
 from __future__ import annotations
 
@@ -12,9 +12,11 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+import edgeq.stages.ort_format as ort_format
 import edgeq.stages.package as package_mod
 from edgeq.errors import EdgeqError
 from edgeq.manifest import MANIFEST
+from edgeq.stages.ort_format import OrtFormatError, canonical_ort
 from edgeq.stages.package import MODEL_FILE, OPS_CONFIG, Package, convert_to_ort, copy_tokenizer, finish
 from tiny_models import tiny_onnx_encoder
 
@@ -133,3 +135,47 @@ def test_finish_writes_a_manifest_whose_files_match_sha256_and_size(converted, t
         assert entry == {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}, rel
     assert sorted(p.name for p in folder.iterdir()) == sorted(["extra", MANIFEST, MODEL_FILE, OPS_CONFIG, "vocab.txt"])
 
+
+
+# ---------------------------------------------------------------------------------------------------- byte-stable
+
+def test_two_conversions_give_the_same_bytes(converted, onnx_model, tmp_path):
+    """ONNX Runtime lays the resolver out in a per-process hash order; package.py rewrites it (ort_format.py)."""
+    again = tmp_path / "pkg"
+    convert_to_ort(onnx_model, again, "arm")
+    for name in (MODEL_FILE, OPS_CONFIG):
+        assert (again / name).read_bytes() == (converted / name).read_bytes(), name
+
+
+def test_ops_config_names_the_model_without_a_path(converted):
+    assert (converted / OPS_CONFIG).read_text().splitlines()[:2] == ["# Generated from model/s:", "# - model.ort"]
+
+
+def test_canonical_ort_is_a_fixed_point(converted):
+    data = (converted / MODEL_FILE).read_bytes()
+    assert bytes(canonical_ort(data)) == data
+
+
+def test_canonical_ort_depends_on_content_not_layout(converted, monkeypatch):
+    """A file with the same content laid out differently (dead bytes before the resolver) is rewritten to the same
+    bytes, and ONNX Runtime reads the same model from both."""
+    data = (converted / MODEL_FILE).read_bytes()
+    write = ort_format._write_resolver
+
+    def with_dead_bytes(builder, resolver):
+        builder.CreateString("x" * 37)  # nothing refers to it
+        return write(builder, resolver)
+
+    monkeypatch.setattr(ort_format, "_write_resolver", with_dead_bytes)
+    other = bytes(canonical_ort(data))
+    monkeypatch.undo()
+    assert other != data and len(other) > len(data)
+    assert bytes(canonical_ort(other)) == data
+    f = feeds()
+    runs = [ort.InferenceSession(d, providers=["CPUExecutionProvider"]).run(None, f)[0] for d in (data, other)]
+    np.testing.assert_array_equal(runs[0], runs[1])
+
+
+def test_canonical_ort_refuses_a_file_that_is_not_ort_format(onnx_model):
+    with pytest.raises(OrtFormatError, match="not an ORT-format file"):
+        canonical_ort(onnx_model.read_bytes())
