@@ -15,36 +15,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from edgeq.cli import main
+from cli_results import assert_user_error, edgeq
 from profile_edits import edited_profile
 
 ROOT = Path(__file__).resolve().parent.parent
 PROFILE_FILE = ROOT / "export_profiles" / "android-arm64.toml"
 EDGEQ = Path(sys.executable).parent / "edgeq"
 PACKAGE_NAME = "tiny-bert-android-arm64"
-
-
-def edgeq(*args) -> "click.testing.Result":  # noqa: F821
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def assert_user_error(result, out: Path | None = None) -> tuple[str, str]:
-    """Exit 2, exactly one ``error:`` and one ``hint:`` line on stderr, nothing on stdout, no traceback.
-    Returns (error message, hint)."""
-    assert result.exit_code == 2, result.output
-    assert isinstance(result.exception, SystemExit), result.exception  # not an escaped Python exception
-    assert "Traceback" not in result.output
-    assert result.stdout == ""
-    lines = result.stderr.splitlines()
-    errors = [line[len("error: "):] for line in lines if line.startswith("error: ")]
-    hints = [line[len("hint: "):] for line in lines if line.startswith("hint: ")]
-    assert len(errors) == 1 and len(hints) == 1, result.stderr
-    assert errors[0].strip() and hints[0].strip()
-    if out is not None:
-        assert not out.exists(), sorted(p.name for p in out.rglob("*"))
-    return errors[0], hints[0]
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

@@ -7,33 +7,14 @@ import json
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 from transformers import PreTrainedTokenizerBase
 
-from edgeq.cli import main
+from cli_results import assert_user_error, edgeq
 from edgeq.textdata import CALIBRATION_FILE, CHARS_PER_TOKEN
 from llm.tiny_llama import tiny_llama
 from profile_edits import edited_profile
 
 LONG_LINE_CHARS = 2_000_000  # on main each tokenizer call took the whole line: ~30 calls of 2 MB each
-
-
-def edgeq(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def assert_user_error(result, out: Path, created: bool = False) -> tuple[str, str]:
-    """Exit 2, one ``error:`` and one ``hint:`` line, no traceback, nothing at OUT (not even a staging folder; with
-    ``created`` the empty folder OUT itself may be there)."""
-    assert result.exit_code == 2, result.output
-    assert isinstance(result.exception, SystemExit), result.exception
-    assert "Traceback" not in result.output
-    lines = result.stderr.splitlines()
-    errors = [line[len("error: "):] for line in lines if line.startswith("error: ")]
-    hints = [line[len("hint: "):] for line in lines if line.startswith("hint: ")]
-    assert len(errors) == 1 and len(hints) == 1, result.stderr
-    assert not (out.exists() and (not created or any(out.iterdir()))), sorted(p.name for p in out.rglob("*"))
-    return errors[0], hints[0]
 
 
 def calibration_texts(n: int) -> list[str]:
@@ -146,7 +127,7 @@ def test_llm_calibration_text_too_short_for_its_windows_fails_before_the_export(
     cal = write_jsonl(tmp_path / "short.jsonl", calibration_texts(8))  # about 400 tokens
     msg, hint = assert_user_error(edgeq("export", tiny_llama_dir, "--profile", "android-arm64", "-o", tmp_path / "out",
                                         "--calibration", cal, "--set", "llm.window_tokens=128",
-                                        "--set", "llm.context_length=128"), tmp_path / "out", created=True)
+                                        "--set", "llm.context_length=128"), tmp_path / "out", empty_out=True)
     filled = int(msg.split("fills ")[1].split(" ")[0])
     assert 0 < filled < 8
     assert msg == (f"the calibration text fills {filled} windows of 128 tokens; the profile asks for "

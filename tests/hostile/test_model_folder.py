@@ -6,6 +6,7 @@ Each hostile folder is a copy of a real tiny model (tiny_bert, tests/llm/tiny_ll
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import shutil
@@ -13,10 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from edgeq.cli import main
+from cli_results import assert_user_error, edgeq
 from edgeq.errors import ModelFolderError
 from edgeq.safe_load import load_tokenizer
 from llm.tiny_llama import tiny_llama
@@ -35,9 +35,8 @@ def bert_copy(tiny_bert_dir, tmp_path) -> Path:
     return Path(shutil.copytree(tiny_bert_dir, tmp_path / "tiny-bert"))
 
 
-def edgeq(*args, stdin: str | None = None):
-    return CliRunner().invoke(main, [str(a) for a in args], input=stdin)
-
+# the completeness and NaN checks run in the export stage, after OUT was made: it may be there, empty
+user_error = functools.partial(assert_user_error, empty_out=True)
 
 # the tiny Llama's GGUF says context_length 256: windows and context within it, or check_inputs refuses first
 FITS_TINY_LLAMA = ("--set", "llm.window_tokens=128", "--set", "llm.context_length=256")
@@ -47,20 +46,6 @@ def export(folder: Path, out: Path, *extra, stdin: str | None = None, samples: i
     """``samples``: calibration texts for an encoder; None for a causal LM, which calibrates on windows instead."""
     count = ("--samples", samples) if samples else ()
     return edgeq("export", folder, "--profile", "android-arm64", "-o", out, "-q", *count, *extra, stdin=stdin)
-
-
-def user_error(result, out: Path | None = None) -> tuple[str, str]:
-    """Exit 2 with one error: and one hint: line, no traceback, no package (or staging folder) left in OUT."""
-    assert result.exit_code == 2, result.output
-    assert isinstance(result.exception, SystemExit), result.exception
-    assert "Traceback" not in result.output
-    lines = result.stderr.splitlines()
-    errors = [ln[len("error: "):] for ln in lines if ln.startswith("error: ")]
-    hints = [ln[len("hint: "):] for ln in lines if ln.startswith("hint: ")]
-    assert len(errors) == 1 and len(hints) == 1, result.stderr
-    if out is not None:
-        assert not out.exists() or not any(out.iterdir()), sorted(p.name for p in out.rglob("*"))
-    return errors[0], hints[0]
 
 
 def plant_code(folder: Path, marker: Path) -> None:

@@ -210,7 +210,7 @@ def test_a_path_that_is_not_a_package_exits_2(tmp_path, where):
     if where == "file":
         path.write_text("not a folder")
     for command in ("verify", "inspect"):
-        refused(edgeq(command, path), rf"package folder .*nothing (does not exist|is not a folder)")
+        refused(edgeq(command, path), r"package folder .*nothing (does not exist|is not a folder)")
     refused(edgeq("inspect", tmp_path), r"has no manifest\.json$")
 
 
