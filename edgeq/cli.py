@@ -249,6 +249,10 @@ def verify_cmd(package, on, as_json, rebuild, model_dir, calibration, profile_fi
     from edgeq.errors import VerificationError
     from edgeq.stages.verify import verify
 
+    given = [flag for flag, value in (("--model", model_dir), ("--calibration", calibration),
+                                      ("--profile", profile_file)) if value is not None]
+    if given and not rebuild:
+        raise click.UsageError(f"{', '.join(given)} only go with --rebuild")
     report = verify(package, on)
     if as_json:
         click.echo(json.dumps({"ok": report.ok, "checks": report.checks}, indent=1))

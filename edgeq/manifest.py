@@ -127,7 +127,8 @@ OPTIONAL_FIELDS: tuple[Field, ...] = (  # checked when present
     ("model.context_file", str), ("model.ops_config", str), ("model.batch_size", COUNT),
     ("verification.device_min_cosine", NUMBER), ("verification.device_max_rel_diff", NUMBER),
     ("verification.logit_margins", list), ("profile.file", str), ("profile.values.package", dict),
-    ("profile.values.llm", dict), ("source.name", str), ("source.path", str))  # name: newer manifests; path: older
+    ("profile.values.llm", dict), ("profile.values.accuracy", dict), ("source.gguf_file", str),
+    ("source.name", str), ("source.path", str))  # name: newer manifests; path: older
 # inspect and report: what they show beside the files
 DISPLAY_FIELDS: dict[str, tuple[Field, ...]] = {
     "encoder": (("source.architecture", str), ("precision", dict), ("precision.summary", dict),
@@ -194,6 +195,9 @@ def _check_structure(manifest: dict, where: Path) -> None:
         raise PackageError(f"{where} is malformed: source.kind {kind!r} is not one of {', '.join(KINDS)}", REEXPORT)
     check_fields(manifest, KIND_FIELDS[kind], where)
     check_fields(manifest, OPTIONAL_FIELDS, where, optional=True)
+    gguf = manifest["source"].get("gguf_file")
+    if gguf and len(plain_relative_path(gguf, "the manifest's source.gguf_file").parts) != 1:
+        raise PackageError(f"{where} is malformed: source.gguf_file {gguf!r} is not a file name", REEXPORT)
     for name, entry in manifest["files"].items():
         plain_relative_path(name, "the manifest's file")
         if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str) and _is(entry.get("size"), int)):
@@ -212,12 +216,12 @@ def read_manifest(folder: Path) -> dict:
     if not folder.is_dir():
         raise PackageError(f"package folder {folder} {'is not a folder' if folder.exists() else 'does not exist'}",
                            "pass a package folder written by 'edgeq export' (OUT/<model>-<profile>)")
-    refuse_code(folder, "package")  # first: nothing (a tokenizer load) may ever import a package's Python
-    path = folder / MANIFEST
-    if not path.is_file() and not path.is_symlink():
-        raise PackageError(f"{folder} has no {MANIFEST}", "pass a package folder written by 'edgeq export'")
-    for _ in _walk(folder):  # symlinks and special files, the manifest's own included
+    for _ in _walk(folder):  # symlinks and special files first: refuse_code reads every JSON file (a FIFO hangs)
         pass
+    refuse_code(folder, "package")  # before anything (a tokenizer load) could import a package's Python
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise PackageError(f"{folder} has no {MANIFEST}", "pass a package folder written by 'edgeq export'")
     try:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:

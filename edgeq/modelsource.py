@@ -277,3 +277,21 @@ def inspect_model_dir(path: Path, gguf_file: str | None = None, allow_pickle: bo
         pooling=pooling,
         weight_format=weight_format,
     )
+
+
+def check_recorded_source(model_dir: Path, recorded: dict) -> ModelSource:
+    """``model_dir`` checked as any model folder is, and required to be the source a package's manifest recorded
+    (``recorded``: its source section): the same folder name where recorded, the same files with the same hashes."""
+    src = inspect_model_dir(model_dir, recorded.get("gguf_file") or None,
+                            allow_pickle=recorded.get("allow_pickle") is True)
+    name = recorded.get("name")
+    if name is not None and src.name != name:
+        raise ModelFolderError(f"{model_dir} is the source '{src.name}', the package was made from '{name}'",
+                               f"pass the folder the package was made from (named {name})")
+    want, got = recorded.get("files") or {}, src.file_hashes
+    changed = [f"{n} ({'missing' if n not in got else 'not in the manifest' if n not in want else 'sha256 differs'})"
+               for n in sorted(set(want) | set(got)) if want.get(n) != got.get(n)]
+    if changed:
+        raise ModelFolderError(f"{model_dir} is not the package's source: {name_list(changed)}",
+                               "pass the exact folder the package was made from")
+    return src

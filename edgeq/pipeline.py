@@ -18,7 +18,7 @@ from edgeq.profiles import Profile, load_profile
 from edgeq.progress import QUIET, Progress
 from edgeq.runtime import embed, encode, pool, session
 from edgeq.safe_load import load_tokenizer
-from edgeq.staging import space_needed, staged, write_zip, zip_path
+from edgeq.staging import space_needed, staged, write_zip
 from edgeq.stages.calibrate import calibrate
 from edgeq.stages.export import export
 from edgeq.stages.optimize import optimize
@@ -90,7 +90,7 @@ def check_inputs(req: ExportRequest) -> Inputs:
     if dest.resolve().parent != Path(req.out_dir).resolve():
         raise OutputExistsError(f"{dest} does not resolve to a folder directly inside {req.out_dir} (a symlink?)",
                                 "remove it, or pass -o to write elsewhere")
-    if (dest.exists() or zip_path(dest).exists()) and not req.force:
+    if dest.exists() and not req.force:
         raise OutputExistsError(f"{dest} already exists", "pass --force to replace it, or -o to write elsewhere")
     return Inputs(source, profile, calibration, evaluation, dest)
 

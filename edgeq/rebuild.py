@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgeq.errors import CalibrationDataError, ModelFolderError, ProfileError, UserInputError, VerificationError
-from edgeq.manifest import read_manifest, tool_versions
-from edgeq.modelsource import inspect_model_dir, sha256_file
+from edgeq.manifest import MANIFEST, check_fields, read_manifest, tool_versions
+from edgeq.modelsource import check_recorded_source, sha256_file
 from edgeq.progress import QUIET, Progress
 from edgeq.textdata import CALIBRATION_FILE, EVALUATION_FILE
 
@@ -45,27 +45,34 @@ class FileComparison:
         return f"DIFF {self.name}: package sha256 {self.packaged[:12]}, rebuild {self.rebuilt[:12]}"
 
 
+# what a rebuild reads beyond read_manifest's fields, each checked where present (older manifests lack some)
+REBUILD_FIELDS = (("tools", dict), ("profile.overrides", dict), ("calibration", dict), ("calibration.file", str),
+                  ("calibration.sha256", str), ("accuracy", dict), ("accuracy.evaluation_sha256", str))
+
+
 def rebuild_request(package: Path, manifest: dict, model_dir: Path | None, calibration: Path | None,
                     profile: Path | None, out_dir: Path):
     """The ExportRequest that made the package, from its manifest; raises UserInputError naming the first recorded
     input that cannot be found or whose hash differs."""
     from edgeq.pipeline import ExportRequest
 
+    check_fields(manifest, REBUILD_FIELDS, package / MANIFEST, optional=True)
     _check_tools(manifest)
-    src, recorded_profile = manifest.get("source") or {}, manifest.get("profile") or {}
+    src, recorded_profile = manifest["source"], manifest["profile"]
     if model_dir is None:
         if "path" not in src:
             raise ModelFolderError(f"{package}'s manifest names its source ({src.get('name')}) by file hashes only",
                                    "pass the source model folder with --model DIR")
         model_dir = Path(src["path"])  # a package written before manifests dropped local paths
-    _check_source(Path(model_dir), src)
+    check_recorded_source(Path(model_dir), src)
     overrides = dict(recorded_profile.get("overrides") or {})
     settings = tuple((k, v) for k, v in overrides.items() if k not in _REQUEST_OVERRIDES)
     _check_evaluation(manifest)
     return ExportRequest(Path(model_dir), _profile_arg(recorded_profile, profile), out_dir,
                          calibration=_calibration_file(manifest.get("calibration") or {}, calibration),
                          samples=overrides.get("calibration_samples"), seq_len=overrides.get("calibration_seq_len"),
-                         gguf_file=src.get("gguf_file") or None, settings=settings)
+                         gguf_file=src.get("gguf_file") or None, settings=settings,
+                         allow_pickle=src.get("allow_pickle") is True)
 
 
 def rebuild(package: Path, model_dir: Path | None = None, calibration: Path | None = None,
@@ -120,21 +127,6 @@ def _check_tools(manifest: dict) -> None:
     if differ:
         raise UserInputError(f"the package was made with other tool versions: {'; '.join(differ)}",
                              "rebuild with the recorded versions installed (pip install NAME==VERSION)")
-
-
-def _check_source(model_dir: Path, recorded: dict) -> None:
-    src = inspect_model_dir(model_dir, recorded.get("gguf_file") or None)
-    name = recorded.get("name")
-    if name is not None and src.name != name:
-        raise ModelFolderError(f"{model_dir} is the source '{src.name}', the package was made from '{name}'",
-                               f"pass the folder the package was made from (named {name})")
-    want, got = recorded.get("files") or {}, src.file_hashes
-    changed = [n for n in sorted(set(want) | set(got)) if want.get(n) != got.get(n)]
-    if changed:
-        shown = ", ".join(f"{n} ({'missing' if n not in got else 'not in the manifest' if n not in want else 'sha256 differs'})"
-                          for n in changed[:5])
-        raise ModelFolderError(f"{model_dir} is not the package's source: {shown}",
-                               "pass the exact folder the package was made from (--model DIR)")
 
 
 def _profile_arg(recorded: dict, profile: Path | None) -> str:

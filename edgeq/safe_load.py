@@ -66,7 +66,8 @@ def refuse_code(folder: Path, what: str = "model folder") -> None:
                 raise UnsupportedModelError(
                     f"{folder} needs custom code ({rel} has '{CODE_KEY}'); edgeq never runs trust_remote_code",
                     f"use a model whose architecture ships with transformers (remove '{CODE_KEY}' from {rel} only "
-                    "if the model does not need its code)")
+                    "if the model does not need its code)" if what == "model folder" else
+                    "edgeq writes no code into packages: re-export it from its model")
 
 
 def load_tokenizer(folder: Path):

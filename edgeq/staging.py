@@ -16,7 +16,6 @@ import contextlib
 import ctypes
 import errno
 import fcntl
-import json
 import math
 import os
 import shutil
@@ -30,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgeq.errors import DestinationBusyError, DiskFullError, Interrupted, OutputExistsError
+from edgeq.modelsource import check_safetensors
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
@@ -116,17 +116,19 @@ def _lock(path: Path, dest: Path) -> int:
 def claim(dest: Path, guard: SignalGuard) -> Iterator[None]:
     """OUT/<name> is this process's until the block ends; the lock file records its pid for the message others get."""
     path = lock_path(dest)
-    with guard.hold():
-        fd = _lock(path, dest)
-    try:
+    fd = None
+    try:  # entered before the hold ends: a signal held while locking is raised where the finally removes the lock
+        with guard.hold():
+            fd = _lock(path, dest)
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         yield
     finally:
-        with guard.hold():
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)  # while still locked: a waiter that opened it sees it gone and starts over
-            os.close(fd)
+        if fd is not None:
+            with guard.hold():
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)  # while still locked: a waiter that opened it sees it gone and starts over
+                os.close(fd)
 
 
 # ------------------------------------------------------------------------------------------------------ the disk
@@ -148,10 +150,11 @@ DISK_TEXTS = ("no space left on device", "disk quota exceeded")
 
 
 def _safetensors_parameters(path: Path) -> tuple[int, int]:
-    """(parameters, vocabulary rows of the largest 2-D table) from the header; inspect_model_dir checked it parses."""
-    with open(path, "rb") as f:
-        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-    shapes = [t["shape"] for k, t in header.items() if k != "__metadata__"]
+    """(parameters, vocabulary rows of the largest 2-D table) from the header; a shard index counts nothing (its
+    shards are weight files too)."""
+    if not path.name.endswith(".safetensors"):
+        return 0, 0
+    shapes = [t["shape"] for t in check_safetensors(path).values()]
     return sum(math.prod(s) for s in shapes), max((max(s) for s in shapes if len(s) == 2), default=0)
 
 
@@ -321,9 +324,10 @@ def staged(dest: Path, force: bool, needed: int) -> Iterator[Staging]:
                     raise OutputExistsError(f"{dest} already exists",
                                             "pass --force to replace it, or -o to write elsewhere")
                 check_space(out, needed)
-                with guard.hold():
-                    stage = Staging(Path(tempfile.mkdtemp(prefix=".edgeq-", dir=out)), dest, force, guard)
-                try:
+                stage = None
+                try:  # entered before the hold ends, as in claim: a held signal still gets the folder removed
+                    with guard.hold():
+                        stage = Staging(Path(tempfile.mkdtemp(prefix=".edgeq-", dir=out)), dest, force, guard)
                     stage.work.mkdir()
                     yield stage
                 except Exception as exc:
@@ -332,8 +336,9 @@ def staged(dest: Path, force: bool, needed: int) -> Iterator[Staging]:
                         raise
                     raise full from exc
                 finally:
-                    with guard.hold():
-                        shutil.rmtree(stage.root, ignore_errors=True)
+                    if stage is not None:
+                        with guard.hold():
+                            shutil.rmtree(stage.root, ignore_errors=True)
         except KeyboardInterrupt as exc:
             raise Interrupted(getattr(exc, "signum", signal.SIGINT), interrupted_message(exc, out)) from None
         except OSError as exc:  # making OUT, the lock, the staging folder

@@ -6,10 +6,10 @@ import tempfile
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from edgeq.errors import PackageError, UserInputError
+from edgeq.errors import UserInputError
 from edgeq.llm.evaluate import ReferenceLogits, evaluate_lm, token_windows
-from edgeq.manifest import COUNT, MANIFEST, REEXPORT, check_fields, package_path, plain_relative_path, read_manifest
-from edgeq.modelsource import inspect_model_dir
+from edgeq.manifest import COUNT, MANIFEST, check_fields, package_path, read_manifest
+from edgeq.modelsource import check_recorded_source
 from edgeq.safe_load import load_tokenizer
 from edgeq.textdata import load_texts
 
@@ -46,15 +46,8 @@ def _fp32_reference(manifest: dict, work: Path) -> Path:
     if "path" not in src_info:  # manifests record the source by name and file hashes, not where it was
         raise UserInputError(f"the manifest names its source ({src_info.get('name')}) by file hashes, not by path",
                              "pass --reference with the FP32 ONNX model to compare with")
-    gguf = src_info.get("gguf_file") or None
-    if gguf is not None and len(plain_relative_path(gguf, "the manifest's source.gguf_file").parts) != 1:
-        raise PackageError(f"the manifest's source.gguf_file {gguf!r} is not a file name", REEXPORT)
-    # the source folder is outside the package by design; it is checked as any model folder is, and must still
-    # hold the files the manifest hashed
-    src = inspect_model_dir(Path(src_info["path"]), gguf, allow_pickle=src_info.get("allow_pickle") is True)
-    if src.file_hashes != src_info["files"]:
-        raise UserInputError(f"the source model in {src.path} changed since the package was made",
-                             "pass --reference with the FP32 ONNX model to compare with")
+    # the source folder is outside the package by design: checked as any model folder is, and still the one hashed
+    src = check_recorded_source(Path(src_info["path"]), src_info)
     if src.gguf_file:
         src = replace(src, path=materialize_gguf(src.path, src.gguf_file, work / "source"))
     return export(src, work).onnx_path

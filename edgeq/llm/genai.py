@@ -233,9 +233,9 @@ def check_genai_config(package_dir: Path) -> dict:
         config = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise PackageError(f"{path} is not valid JSON: {exc}", REEXPORT) from exc
-    context = config.get("model", {}).get("context_length") if isinstance(config, dict) else None
-    if not isinstance(config.get("model"), dict) or not isinstance(context, int) or isinstance(context, bool) \
-            or context < 1:
+    model = config.get("model") if isinstance(config, dict) else None
+    context = model.get("context_length") if isinstance(model, dict) else None
+    if not isinstance(context, int) or isinstance(context, bool) or context < 1:
         raise PackageError(f"{path} has no positive integer model.context_length", REEXPORT)
     for key, value in _walk_config(config):
         if key == "filename":

@@ -34,7 +34,8 @@ def position_caps(hf_config: dict) -> list[PositionCap]:
                                                           "it would attend too far back"))
     # LongRoPE (Phi-3 128k / Phi-3.5) picks its short or long factors by sequence length in Python; the traced
     # export keeps the short ones, which transformers uses only up to original_max_position_embeddings.
-    rope = hf_config.get("rope_scaling") or {}
+    rope = hf_config.get("rope_scaling")
+    rope = rope if isinstance(rope, dict) else {}  # a stranger's config may hold anything here
     original = hf_config.get("original_max_position_embeddings")
     if rope.get("rope_type", rope.get("type")) == "longrope" and isinstance(original, int) and original > 0:
         caps.append(PositionCap(original, "original_max_position_embeddings",
