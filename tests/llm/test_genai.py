@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -40,8 +41,14 @@ def optimum_export(src: Path, out: Path) -> Path:
 
 
 def make_package(src: Path, onnx_path: Path, out: Path, context_length: int, *, link: bool = False) -> Path:
+    """``link``: a hard link to the model where the file system allows (a package may hold no symlink), else a copy."""
     out.mkdir(parents=True)
-    (out / "model.onnx").symlink_to(onnx_path.resolve()) if link else shutil.copy(onnx_path, out / "model.onnx")
+    try:
+        if not link:
+            raise OSError("copy asked for")
+        os.link(onnx_path.resolve(), out / "model.onnx")
+    except OSError:
+        shutil.copy(onnx_path, out / "model.onnx")
     gen = src / "generation_config.json"
     write_genai_config(out, "model.onnx", onnx_path, json.loads((src / "config.json").read_text()),
                        json.loads(gen.read_text()) if gen.is_file() else None, context_length=context_length)
