@@ -43,7 +43,29 @@ class FiniteFloatRange(click.FloatRange):
         return number
 
 
-@click.group()
+class EdgeqGroup(click.Group):
+    """click's own usage errors (a bad flag value, an unknown option, a missing argument) in edgeq's form too:
+    ``error:`` and a ``hint:`` naming the command's --help, exit 2."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)  # --help and --version return their code
+        except click.UsageError as exc:
+            click.echo(f"error: {exc.format_message()}", err=True)
+            click.echo(f"hint: see '{exc.ctx.command_path if exc.ctx else 'edgeq'} --help'", err=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+@click.group(cls=EdgeqGroup)
 @click.version_option(package_name="edgeq")
 def main() -> None:
     """Turn a Hugging Face model folder into a quantized, verified ONNX Runtime package."""

@@ -10,7 +10,7 @@ from edgeq.cli import main
 
 
 def edgeq(*args, stdin: str | None = None) -> Result:
-    return CliRunner().invoke(main, [str(a) for a in args], input=stdin)
+    return CliRunner().invoke(main, [str(a) for a in args], input=stdin, prog_name="edgeq")
 
 
 def assert_user_error(result: Result, out: Path | None = None, empty_out: bool = False) -> tuple[str, str]:

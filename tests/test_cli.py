@@ -397,3 +397,19 @@ def test_export_with_a_deprecated_profile_says_so_first(tmp_path):
     lines = result.stderr.splitlines()
     assert lines[0].startswith("note: profile 'android-nnapi' is deprecated: NNAPI is deprecated since Android 15")
     assert lines[1].startswith("error: model folder")
+
+
+@pytest.mark.parametrize("args, says", [
+    (("export",), "Missing argument 'MODEL_DIR'."),
+    (("verify", ".", "--nope"), "No such option '--nope'. (Did you mean one of: '--model', '--on'?)"),
+    (("verify", ".", "--model", "."), "--model only go with --rebuild"),
+])
+def test_click_usage_errors_are_error_and_hint_too(args, says):
+    msg, hint = assert_user_error(edgeq(*args))
+    assert msg == says and hint == f"see 'edgeq {args[0]} --help'"
+
+
+def test_help_and_version_still_exit_0():
+    for args in (("--help",), ("--version",), ("export", "--help")):
+        result = edgeq(*args)
+        assert result.exit_code == 0 and result.stdout and not result.stderr, args
