@@ -176,6 +176,8 @@ def test_verify_on_arm64_holds_the_samples_to_fp32_within_the_accuracy_budget(ar
     # the same package with a bar no device can meet fails on that check alone
     copy = tmp_path / "pkg"
     shutil.copytree(tiny_package.path, copy)
+    for z in copy.glob("*.zip"):  # it holds the unedited manifest, and would fail check_zip besides
+        z.unlink()
     m = json.loads((copy / "manifest.json").read_text())
     m["profile"]["values"]["accuracy"]["min_min_cosine"] = 1.5  # recorded profile values can only tighten
     (copy / "manifest.json").write_text(json.dumps(m))
