@@ -208,6 +208,14 @@ def _check_structure(manifest: dict, where: Path) -> None:
             plain_relative_path(manifest["model"][key], f"the manifest's model.{key}")
 
 
+def read_package_json(path: Path) -> object:
+    """A JSON file of a package (a stranger's): PackageError if it does not parse, however deeply nested."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise PackageError(f"{path} is not valid JSON: {exc}", REEXPORT) from exc
+
+
 def read_manifest(folder: Path) -> dict:
     """The manifest of the package ``folder``, checked: the folder holds no symlink or special file, the JSON has
     the fields every command reads (CORE_FIELDS, KIND_FIELDS) with their types, and every path it names is plain.
@@ -222,10 +230,7 @@ def read_manifest(folder: Path) -> dict:
     path = folder / MANIFEST
     if not path.is_file():
         raise PackageError(f"{folder} has no {MANIFEST}", "pass a package folder written by 'edgeq export'")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise PackageError(f"{path} is not valid JSON: {exc}", REEXPORT) from exc
+    manifest = read_package_json(path)
     if not isinstance(manifest, dict):
         raise PackageError(f"{path} does not hold a JSON object", REEXPORT)
     if manifest.get("schema_version") != SCHEMA_VERSION:

@@ -25,7 +25,7 @@ import onnx
 
 from edgeq.errors import EdgeqError, PackageError, UnsupportedModelError, UserInputError
 from edgeq.llm.limits import check_length, position_caps
-from edgeq.manifest import REEXPORT, package_path
+from edgeq.manifest import REEXPORT, package_path, read_package_json
 
 GENAI_CONFIG = "genai_config.json"
 # The session options edgeq writes. onnxruntime-genai reads more (custom_ops_library: a shared library it loads;
@@ -229,10 +229,7 @@ def check_genai_config(package_dir: Path) -> dict:
     path = package_path(package_dir, GENAI_CONFIG, GENAI_CONFIG)
     if not path.is_file():
         raise UserInputError(f"{package_dir} has no {GENAI_CONFIG}", "pass an onnxruntime-genai package folder")
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise PackageError(f"{path} is not valid JSON: {exc}", REEXPORT) from exc
+    config = read_package_json(path)
     model = config.get("model") if isinstance(config, dict) else None
     context = model.get("context_length") if isinstance(model, dict) else None
     if not isinstance(context, int) or isinstance(context, bool) or context < 1:
