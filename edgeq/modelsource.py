@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgeq.errors import ModelFolderError, UnsupportedModelError
+from edgeq.errors import ModelFolderError, UnsupportedModelError, name_list
 from edgeq.safe_load import refuse_code
 
 # model_type -> kind. Encoders export as optimum's "feature-extraction" task (last_hidden_state output); causal LMs
@@ -122,11 +122,6 @@ def _index_shards(path: Path, index_name: str) -> list[str]:
 def _pickle_files(path: Path) -> list[str]:
     return sorted(p.relative_to(path).as_posix() for p in path.rglob("*")
                   if p.suffix.lower() in PICKLE_SUFFIXES and p.is_file())
-
-
-def name_list(names: list[str], shown: int = 5) -> str:
-    """The first ``shown`` names and how many more: errors name a few, with the count."""
-    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def _convert_hint(path: Path, kind: str, pickles: list[str]) -> str:

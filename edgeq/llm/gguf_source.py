@@ -15,8 +15,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgeq.errors import ModelFolderError, UnsupportedModelError
-from edgeq.modelsource import name_list
+from edgeq.errors import ModelFolderError, UnsupportedModelError, name_list
 from edgeq.safe_load import no_stdin
 
 # GGUF general.architecture values that are decoder-only causal LMs transformers loads from GGUF (4.57).
