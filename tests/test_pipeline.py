@@ -459,7 +459,7 @@ def test_accuracy_budget_failure_with_force_keeps_the_existing_package(exported,
 def test_size_budget_failure_names_sizes_and_leaves_nothing(tiny_bert_dir, tmp_path, monkeypatch):
     """A tiny BERT's model.ort is ~0.3 MB of a ~0.6 MB FP32 export: a 1% allowance cannot be met (the check is
     switched on for this small model, which it skips by default)."""
-    monkeypatch.setattr("edgeq.pipeline.SIZE_CHECK_MIN_BYTES", 0)
+    monkeypatch.setattr("edgeq.stages.record.SIZE_CHECK_MIN_BYTES", 0)
     profile = edited_profile(tmp_path, r"^max_size_ratio = [0-9.]+", "max_size_ratio = 0.01", "small.toml")
     out = tmp_path / "out"
     with pytest.raises(SizeBudgetError) as err:

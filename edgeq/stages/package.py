@@ -109,6 +109,12 @@ def copy_tokenizer(src: Path, dest: Path, names: tuple[str, ...]) -> list[str]:
     return copied
 
 
+def copy_encoder_tokenizer(src: Path, dest: Path, source_files: tuple[str, ...]) -> list[str]:
+    """The source's tokenizer files, plus the fast-tokenizer files optimum writes even for a vocab.txt-only source."""
+    return copy_tokenizer(src, dest, tuple(dict.fromkeys(
+        source_files + ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"))))
+
+
 def finish(folder: Path, manifest: dict) -> Package:
     """Record every file's hash and size in the manifest and write it."""
     manifest["files"] = file_entries(folder)

@@ -199,7 +199,7 @@ def _verify_llm(folder: Path, manifest: dict, report: VerifyReport, bars: Bars) 
     on the host, or on arm64 (PyPI's aarch64 onnxruntime-genai under qemu; see edgeq/devices/arm64_genai.py).
     Decoding runs for the profile's llm.verify_tokens at least, so a manifest that stores fewer tokens than the
     model generates (a shortened reference) fails unless the model really stops there (EOS)."""
-    from edgeq.llm.chain import match_tokens
+    from edgeq.llm.greedy import match_tokens
     from edgeq.llm.genai import check_genai_config, greedy_tokens
 
     v = manifest["verification"]

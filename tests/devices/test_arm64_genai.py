@@ -11,7 +11,7 @@ import pytest
 from edgeq.devices.arm64_genai import ensure_genai, greedy_tokens_on_arm64
 from edgeq.pipeline import export_package
 from edgeq.stages.verify import verify
-from llm.test_chain import llm_request
+from recipes.test_causal_lm import llm_request
 from llm.tiny_llama import tiny_llama
 
 device = pytest.mark.device

@@ -23,7 +23,7 @@ gemma2   refused (modelsource.REFUSED_CAUSAL_LM): the export has no attention so
          1.7e-6 and equal greedy, but only because a random model's scores never near the cap of 50
 
 rel = max |INT4 - torch| / max |torch|. A 64-wide random model with std 0.2 weights is 4-bit's worst case
-(test_chain.py: up to 0.70 across INT4 settings); the bounds below catch a broken graph (a wrong KV layout or
+(tests/recipes/test_causal_lm.py: up to 0.70 across INT4 settings); the bounds below catch a broken graph (a wrong KV layout or
 packing gives > 1), SmolLM2's slow test carries the real accuracy bar.
 """
 

@@ -12,7 +12,7 @@ from edgeq.cli import main
 from edgeq.pipeline import export_package
 from edgeq.speed import onnx_decode_bytes
 
-from .test_chain import llm_request
+from recipes.test_causal_lm import llm_request
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""The android-qnn-htp chain end to end on a tiny random BERT, on the real HTP simulator (about 10 s).
+"""The encoder-on-QNN recipe (edgeq/recipes/encoder_qnn.py, profile android-qnn-htp) end to end on a tiny random
+BERT, on the real HTP simulator (about 10 s).
 
 The accuracy check here is independent of edgeq: the reference is transformers' FP32 BertModel in torch with mean
 pooling, the candidate the package's EPContext model on the HTP simulator, both fed the same static-shape token

@@ -1,4 +1,5 @@
-"""The causal-LM chain end to end on a tiny random Llama: export, fuse, GPTQ INT4, GenAI package, evaluate, verify."""
+"""The causal-LM recipe (edgeq/recipes/causal_lm.py) end to end on a tiny random Llama: export, fuse, GPTQ INT4,
+GenAI package, evaluate, verify."""
 
 import json
 import shutil
@@ -133,17 +134,6 @@ def test_cli_overrides_reach_the_int4_pass_and_the_manifest(tiny_dir, tmp_path):
                                          "llm.context_length": 128, "llm.max_ppl_increase": 1.0,
                                          "llm.min_top1_agreement": 0.0, "llm.int4_method": "rtn",
                                          "llm.max_size_mb": 50.0}
-
-
-def test_match_tokens_says_where_tokens_first_differ():
-    from edgeq.llm.chain import match_tokens
-
-    assert match_tokens([1, 2, 3], [1, 2, 3]) == (True, "3 greedy tokens equal the reference")
-    same, detail = match_tokens([1, 5, 3], [1, 2, 3])
-    assert not same and detail.startswith("greedy tokens differ from position 1:")
-    assert match_tokens([1, 2], [1, 2, 3])[1].startswith("greedy tokens differ from position 2:")  # EOS came early
-    same, detail = match_tokens([1, 5, 3], [1, 2, 3], [2.5, 0.061, 1.0])
-    assert detail.startswith("greedy tokens differ from position 1 (the reference's top-2 logit gap there: 0.061):")
 
 
 def test_a_shortened_reference_fails_verification(package, tmp_path):

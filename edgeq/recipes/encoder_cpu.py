@@ -1,0 +1,97 @@
+"""Encoder on the CPU EP: export -> optimize -> calibrate -> quantize (per-layer sensitivity) -> ORT format ->
+evaluate against FP32 -> manifest with a stored verification run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from edgeq.manifest import SCHEMA_VERSION, stored_rows, tool_versions
+from edgeq.metrics import EncoderAccuracy
+from edgeq.partitions import partition_report
+from edgeq.progress import Progress
+from edgeq.recipes.base import Built, failed
+from edgeq.request import ExportRequest, Inputs
+from edgeq.runtime import encode, pool, session
+from edgeq.safe_load import load_tokenizer
+from edgeq.stages.budget import encoder_accuracy_error, encoder_size_error
+from edgeq.stages.calibrate import calibrate
+from edgeq.stages.evaluate import evaluate
+from edgeq.stages.export import export
+from edgeq.stages.optimize import optimize
+from edgeq.stages.package import MODEL_FILE, OPS_CONFIG, convert_to_ort, copy_encoder_tokenizer
+from edgeq.stages.quantize import QuantizedModel, quantize
+from edgeq.stages.record import (budget_section, model_io, precision_section, provenance, size_report,
+                                 text_file_record)
+
+
+class EncoderCpu:
+    name = "encoder-cpu"
+
+    def build(self, inputs: Inputs, req: ExportRequest, folder: Path, work: Path, progress: Progress) -> Built:
+        src, profile = inputs.source, inputs.profile
+        q = profile.quantization
+        progress.stage("export", f"{src.path} ({src.architecture}, task {src.task})")
+        exported = export(src, work)
+        tokenizer = load_tokenizer(exported.tokenizer_dir)
+        progress.stage("optimize", "ONNX Runtime basic level (provider-independent)")
+        optimized = optimize(exported, work)
+        cal_texts = inputs.calibration.head(q.calibration_samples)
+        progress.stage("calibrate", f"{len(cal_texts)} texts from {inputs.calibration.path.name}, {q.calibration_method}")
+        stats = calibrate(optimized, tokenizer, cal_texts, q, src.pooling, progress)
+        progress.stage("quantize", f"per-layer sensitivity on {min(q.sensitivity_samples, len(cal_texts))} texts")
+        quantized = quantize(optimized, stats, tokenizer, cal_texts, profile, src.pooling, work, progress)
+        progress.stage("package", f"ORT format for {profile.package.target_platform}")
+        convert_to_ort(quantized.onnx_path, folder, profile.package.target_platform,
+                       profile.package.matmulnbits_accuracy_level)
+        copy_encoder_tokenizer(exported.tokenizer_dir, folder, src.tokenizer_files)
+        progress.stage("evaluate", f"{min(profile.accuracy.eval_samples, len(inputs.evaluation.texts))} held-back texts vs FP32")
+        accuracy = evaluate(folder / MODEL_FILE, exported.onnx_path, tokenizer, inputs.evaluation, profile, src.pooling)
+        manifest = _manifest(inputs, req, quantized, accuracy, folder, tokenizer)
+        return Built(manifest, failed(encoder_accuracy_error(profile, accuracy, quantized),
+                                      encoder_size_error(manifest["size"], quantized)))
+
+
+def _manifest(inputs: Inputs, req: ExportRequest, quantized: QuantizedModel, accuracy: EncoderAccuracy,
+              folder: Path, tokenizer) -> dict:
+    src, profile = inputs.source, inputs.profile
+    sess = session(folder / MODEL_FILE)
+    samples = inputs.evaluation.head(profile.package.verify_samples)
+    feeds = encode(tokenizer, samples, profile.accuracy.eval_seq_len, [i.name for i in sess.get_inputs()])
+    reference = pool(sess.run(None, feeds)[0], feeds["attention_mask"], src.pooling)
+    fp32 = session(quantized.optimized.exported.onnx_path)
+    fp32_ref = pool(fp32.run(None, {i.name: feeds[i.name] for i in fp32.get_inputs()})[0], feeds["attention_mask"],
+                    src.pooling)
+    plan = quantized.plan
+    return {
+        "schema_version": SCHEMA_VERSION,
+        **provenance(inputs, req),
+        "tools": tool_versions(),
+        "model": {
+            "file": MODEL_FILE, "format": "ort", "ops_config": OPS_CONFIG,
+            "execution_provider": profile.execution_provider, "target_platform": profile.package.target_platform,
+            **model_io(sess),
+        },
+        "size": size_report(folder / MODEL_FILE, quantized.optimized.exported.onnx_path, profile),
+        "calibration": {**text_file_record(inputs.calibration),
+                        "samples": len(inputs.calibration.head(profile.quantization.calibration_samples)),
+                        "seq_len": profile.quantization.calibration_seq_len,
+                        "method": profile.quantization.calibration_method,
+                        "sensitivity_samples": quantized.sensitivity.samples},
+        "precision": precision_section(plan, quantized.promoted, quantized.calibration_accuracy),
+        "accuracy": {
+            "reference": "FP32 ONNX export of the source, same tokenizer and pooling",
+            "evaluation_file": inputs.evaluation.path.name, "evaluation_sha256": inputs.evaluation.sha256,
+            **accuracy.to_dict(),
+            "budget": budget_section(profile),
+        },
+        "partitions": partition_report(quantized.onnx_path, profile.package.partition_check_eps),
+        "verification": {
+            "texts": list(samples), "pooling": src.pooling, "min_cosine": profile.package.verify_min_cosine,
+            "max_rel_diff": profile.package.verify_max_rel_diff,
+            "device_min_cosine": profile.package.device_min_cosine,
+            "device_max_rel_diff": profile.package.device_max_rel_diff,
+            "inputs": {k: v.tolist() for k, v in feeds.items()},
+            "reference_pooled": stored_rows(reference),
+            "fp32_pooled": stored_rows(fp32_ref),  # what a device check holds the target's outputs to
+        },
+    }
