@@ -137,7 +137,7 @@ def test_verify_rebuild_with_another_calibration_file(two_encoder_packages, tiny
     assert "hint: pass that file with --calibration" in result.stderr
 
 
-# A tiny random model's perplexity moves freely; the budgets are checked by the chain's own tests.
+# A tiny random model's perplexity moves freely; the budgets are checked by tests/recipes/test_causal_lm.py.
 LLM_SETTINGS = {"llm.window_tokens": 128, "llm.context_length": 128, "llm.max_ppl_increase": 1.0,
                 "llm.min_top1_agreement": 0.0}
 
