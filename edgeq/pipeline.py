@@ -71,8 +71,8 @@ def export_package(req: ExportRequest, progress: Progress = QUIET) -> Package:
     with staged(inputs.dest, req.force, space_needed(inputs.source, inputs.profile)) as stage:
         built = recipe.build(inputs, req, stage.folder, stage.work, progress)
         manifest = built.manifest
-        finish(stage.folder, manifest)
-        if built.over_budget:
+        finish(stage.folder, manifest)  # file hashes, then manifest.json
+        if built.over_budget:  # the staging folder goes with the exception: nothing over budget is placed
             raise built.over_budget[0]
         progress.stage("verify", str(stage.folder))
         if inputs.profile.package.zip:
