@@ -197,6 +197,16 @@ def profiles_cmd(fields, names, model_dir) -> None:
             click.echo(f"  {notes[r[0]]}")
 
 
+@main.command("families")
+@click.option("--json", "as_json", is_flag=True, help="The registry as JSON (every field of every family).")
+@handle_errors
+def families_cmd(as_json) -> None:
+    """List the model families (kind, model types, GGUF architecture, exporter, runtime type, status, tests)."""
+    from edgeq.families import FAMILIES, describe, table_lines
+
+    click.echo(json.dumps([describe(f) for f in FAMILIES], indent=2) if as_json else "\n".join(table_lines()))
+
+
 @main.command("inspect")
 @click.argument("package", type=click.Path(path_type=Path))
 @click.option("--nodes", is_flag=True, help="Also list every node's precision decision and reason.")
