@@ -3,8 +3,12 @@
 Input checks (``modelsource``: kind, refusals, GGUF architectures), the GGUF loader (``llm/gguf_source.py``),
 onnxruntime-genai packaging (``llm/genai.py``: the runtime model type), node roles (``categories.linear_role``) and
 the family tests (``tests/llm/test_families.py``: what FuseLLM fuses) all read this table; ``edgeq families``
-prints it. Adding a family is one entry here plus a tiny-model test (``tests/llm/tiny_families.py``); ``verified``
-says only what a test really covers.
+prints it. ``verified`` says only what a test really covers (tests/test_families.py checks the files it names).
+
+Adding a causal-LM family: an entry here (its model types, Hugging Face class, GGUF architecture if transformers
+loads one, onnxruntime-genai type, role patterns, what FuseLLM fuses), and a tiny random model of it in
+``tests/llm/tiny_families.py``: ``tests/llm/test_families.py`` then runs it through export, fusion, packaging and
+greedy generation, and fails while a supported family has no tiny model.
 """
 
 from __future__ import annotations

@@ -253,7 +253,7 @@ def config_family(path: Path, model_type: str, arch: str) -> Family:
     one edgeq exports (in that kind: a *ForCausalLM of an encoder family, a task head of an encoder)."""
     family = by_model_type(model_type)
     if family is not None:
-        refuse_family(family, f"{path} ({model_type})")
+        refuse_family(family, f"{path} (model_type {model_type})")
     causal_arch = arch.endswith("ForCausalLM")
     if causal_arch and (family is None or family.kind != CAUSAL_LM):
         raise UnsupportedModelError(f"{path} is a causal LM ({arch}) of a family edgeq does not export yet",

@@ -219,7 +219,7 @@ def test_refused_family_is_refused_with_its_reason_before_the_weights_are_read(t
     any later check would refuse, so the family check came first."""
     folder = make_folder(tmp_path, config={"model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"]},
                          weights=("pytorch_model.bin",))
-    err = refused(folder, UnsupportedModelError, r"\(gemma3_text\) is a gemma3 causal LM, which edgeq refuses: .*"
+    err = refused(folder, UnsupportedModelError, r"\(model_type gemma3_text\) is a gemma3 causal LM, which edgeq refuses: .*"
                                                  r"no onnxruntime-genai packaging for Gemma-3")
     assert "tests/llm/test_families.py" in err.hint
 

@@ -144,7 +144,7 @@ def test_fusion_is_exact_or_reported(family):
 
 def test_genai_greedy_equals_torch(family):
     config = json.loads((family.fp32_package / GENAI_CONFIG).read_text())
-    assert config["model"]["type"] == family.name  # each is a type onnxruntime-genai 0.18 runs as a decoder LLM
+    assert config["model"]["type"] == by_model_type(family.name).runtime_type == family.name
     gqa, _ = expected_fusion(family.name)
     # a shared past/present buffer only when every layer's cache is written by GroupQueryAttention
     assert config["search"]["past_present_share_buffer"] is (gqa == family.config["num_hidden_layers"])
