@@ -104,3 +104,20 @@ def test_gguf_of_an_unknown_architecture_names_the_ones_edgeq_takes(tmp_path):
     error, hint = assert_user_error(export_gguf(tmp_path, "s.gguf", tmp_path / "out"), tmp_path / "out")
     assert "holds a 'stablelm' model, which is not a causal LM family edgeq exports from GGUF" in error
     assert hint == "--gguf-file takes the GGUF architectures llama, mistral, phi3, qwen2"
+
+
+def edgeq_imports(module: str) -> set[str]:
+    """The edgeq modules a source file imports, lazy imports inside functions included."""
+    import ast
+
+    tree = ast.parse((ROOT / module).read_text())
+    names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    return {n for n in names if n == "edgeq" or n.startswith("edgeq.")}
+
+
+def test_the_registry_is_bottom_layer_and_modelsource_reads_no_llm_module():
+    assert edgeq_imports("edgeq/families.py") <= {"edgeq.errors"}
+    # modelsource once imported llm/gguf_source, which imports modelsource: the GGUF header reader lives here now
+    assert not any(m.startswith("edgeq.llm") for m in edgeq_imports("edgeq/modelsource.py"))
+    assert "edgeq.modelsource" in edgeq_imports("edgeq/llm/gguf_source.py")
