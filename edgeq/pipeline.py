@@ -10,7 +10,7 @@ import onnxruntime as ort
 
 from edgeq.errors import (AccuracyBudgetError, ModelFolderError, OutputExistsError, SizeBudgetError,
                           UnsupportedModelError, UserInputError, VerificationError)
-from edgeq.manifest import SCHEMA_VERSION, stored_rows, tool_versions
+from edgeq.manifest import ENCODER_CPU, SCHEMA_VERSION, stored_rows, tool_versions
 from edgeq.metrics import EncoderAccuracy, compare
 from edgeq.modelsource import ModelSource, inspect_model_dir
 from edgeq.partitions import partition_report
@@ -265,7 +265,7 @@ def build_manifest(inputs: Inputs, req: ExportRequest, quantized: QuantizedModel
                     src.pooling)
     plan = quantized.plan
     return {
-        "schema_version": SCHEMA_VERSION,
+        "schema_version": SCHEMA_VERSION, "recipe": ENCODER_CPU,
         **_provenance(inputs, req),
         "tools": tool_versions(),
         "model": {

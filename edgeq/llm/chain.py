@@ -21,7 +21,7 @@ from edgeq.llm.genai import GENAI_CONFIG, greedy_tokens, write_genai_config
 from edgeq.llm.gguf_source import materialize_gguf
 from edgeq.llm.int4 import QuantizeInt4
 from edgeq.llm.tokenizer import check_tokenizer, write_package_tokenizer
-from edgeq.manifest import SCHEMA_VERSION, tool_versions
+from edgeq.manifest import CAUSAL_LM, SCHEMA_VERSION, tool_versions
 from edgeq.modelsource import ModelSource
 from edgeq.partitions import partition_report
 from edgeq.passes.base import run_passes
@@ -114,7 +114,7 @@ def build_llm_package(inp: LLMInputs, folder: Path, work: Path, progress: Progre
     provenance = dict(provenance)
     evaluation_file = provenance.pop("evaluation", {})
     manifest = {
-        "schema_version": SCHEMA_VERSION,
+        "schema_version": SCHEMA_VERSION, "recipe": CAUSAL_LM,
         **provenance,
         "tools": tool_versions(),
         "model": {"file": MODEL_FILE, "format": "onnx", "runtime": "onnxruntime-genai", "genai_config": GENAI_CONFIG,

@@ -18,7 +18,7 @@ import onnxruntime as ort
 
 from edgeq.devices.qnn_htp import compile_context, qnn_module, run_htp
 from edgeq.errors import AccuracyBudgetError, SizeBudgetError
-from edgeq.manifest import SCHEMA_VERSION, stored_rows, tool_versions
+from edgeq.manifest import ENCODER_QNN, SCHEMA_VERSION, stored_rows, tool_versions
 from edgeq.metrics import EncoderAccuracy, compare
 from edgeq.progress import QUIET, Progress
 from edgeq.qnn.inputs import embed_static, pooled, static_feeds
@@ -122,7 +122,7 @@ def _manifest(inputs, req, folder: Path, tokenizer, quantized: QnnQuantized, acc
                       src.pooling)
     stored = {k: np.concatenate([f[k] for f in feeds]) for k in names}
     return {
-        "schema_version": SCHEMA_VERSION,
+        "schema_version": SCHEMA_VERSION, "recipe": ENCODER_QNN,
         **provenance,
         "tools": {**tool_versions(), "onnxruntime-qnn": qnn_module().__version__},
         "model": {
