@@ -31,11 +31,11 @@ def agreement(package: Path, n: int, reference: Path | None = None) -> dict:
     from edgeq.textdata import EVALUATION_FILE, load_texts
 
     m = read_manifest(package)
-    model = package / m["model"]["file"]
+    model = package / m.model.file
     sess = session(model)
     feeds = encode(AutoTokenizer.from_pretrained(str(package)), load_texts(EVALUATION_FILE).head(n),
-                   m["profile"]["values"]["accuracy"]["eval_seq_len"], [i.name for i in sess.get_inputs()])
-    pooling = m["verification"]["pooling"]
+                   m.profile.values.accuracy.eval_seq_len, [i.name for i in sess.get_inputs()])
+    pooling = m.verification.pooling
     host = pool(sess.run(None, feeds)[0], feeds["attention_mask"], pooling)
     arm = pool(run_on_arm64(ensure_runtime(), model, feeds).outputs[0], feeds["attention_mask"], pooling)
     cos = per_sample_cosine(host, arm)

@@ -2,7 +2,7 @@
 
 A node's category decides its hard precision rule in ``edgeq/policy.py`` and groups the ``inspect`` report. Linear
 layers are recognised by structure (a MatMul/Gemm whose second input is a constant 2-D weight); their role (q/k/v,
-attention output, FFN up/down) comes from node-name patterns tagged with the exporters that emit them.
+attention output, FFN up/down) comes from the node-name patterns each family's entry in ``edgeq.families`` lists.
 """
 
 from __future__ import annotations
@@ -14,20 +14,11 @@ from dataclasses import dataclass
 import onnx
 from onnx import TensorProto
 
-# (role, name regex, who emits it). Checked in order; the first match wins.
-LINEAR_ROLES: tuple[tuple[str, str, str], ...] = (
-    ("attn_qkv", r"/attention/self/(query|key|value)/", "optimum bert/roberta/xlm-roberta/electra"),
-    ("attn_qkv", r"/attention/(q_lin|k_lin|v_lin)/", "optimum distilbert"),
-    ("attn_qkv", r"/(q_proj|k_proj|v_proj|q|k|v)/", "optimum llama/qwen2/mpnet"),
-    ("attn_out", r"/attention/output/dense/", "optimum bert family"),
-    ("attn_out", r"/(out_lin|o_proj|o)/", "optimum distilbert/llama/mpnet"),
-    ("ffn_up", r"/intermediate/dense/", "optimum bert family"),
-    ("ffn_up", r"/(lin1|up_proj|gate_proj)/", "optimum distilbert/llama"),
-    ("ffn_down", r"/output/dense/", "optimum bert family (after attn_out, which also ends in output/dense)"),
-    ("ffn_down", r"/(lin2|down_proj)/", "optimum distilbert/llama"),
-    ("pooler", r"/pooler/", "optimum bert pooler head"),
-    ("lm_head", r"/lm_head/", "optimum causal LMs (a tied head reads Transpose(embedding table))"),
-)
+from edgeq.families import linear_roles
+
+# (role, compiled name regex) over every family's linear-layer patterns (edgeq.families), in role order; the first
+# match wins. Node names carry no family, so one table serves every model.
+_ROLE_PATTERNS = tuple((role, re.compile(pattern)) for role, pattern, _families in linear_roles())
 
 NORM_OPS = frozenset({"LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization", "SkipLayerNormalization",
                       "SkipSimplifiedLayerNormalization"})
@@ -48,8 +39,8 @@ class NodeInfo:
 
 
 def linear_role(name: str) -> str:
-    for role, pattern, _who in LINEAR_ROLES:
-        if re.search(pattern, name):
+    for role, pattern in _ROLE_PATTERNS:
+        if pattern.search(name):
             return role
     return "linear"
 

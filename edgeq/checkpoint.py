@@ -13,8 +13,9 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
-from edgeq.errors import ModelFolderError, name_list
-from edgeq.modelsource import PICKLE_SUFFIXES, SAFE_WEIGHTS, ModelSource, check_safetensors, select_weights
+from edgeq.errors import ModelFolderError
+from edgeq.modelsource import (PICKLE_SUFFIXES, SAFE_WEIGHTS, ModelSource, check_safetensors, name_list,
+                               select_weights)
 from edgeq.safe_load import no_stdin
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from edgeq.errors import EdgeqError, UserInputError
+from edgeq.manifest_schema import EncoderAccuracyRecord, LMAccuracyRecord, Manifest, QnnRecord
 
 
 def handle_errors(fn):
@@ -95,6 +96,7 @@ def main() -> None:
 def export_cmd(model_dir, profile, out_dir, calibration, samples, seq_len, force, gguf_file, allow_pickle, int4_method,
                max_size_mb, settings, quiet) -> None:
     """Export MODEL_DIR to a quantized package for a device profile."""
+    from edgeq.manifest import read_manifest
     from edgeq.pipeline import ExportRequest, export_package
     from edgeq.profiles import parse_setting
     from edgeq.progress import Progress
@@ -113,34 +115,34 @@ def export_cmd(model_dir, profile, out_dir, calibration, samples, seq_len, force
         click.echo(f"note: profile '{p.name}' is deprecated: {p.note}", err=True)
     pkg = export_package(req, Progress(not quiet))
     click.echo(f"wrote {pkg.path}")
-    click.echo(accuracy_line(pkg.manifest["accuracy"]))
+    click.echo(accuracy_line(read_manifest(pkg.path).accuracy))
 
 
-def _interval_text(acc: dict) -> str:
-    bounds = acc.get("ppl_increase_interval")
+def _interval_text(acc: LMAccuracyRecord) -> str:
+    bounds = acc.ppl_increase_interval
     return f"; 95% over windows {bounds[0]:+.1%} to {bounds[1]:+.1%}" if bounds else ""
 
 
-def accuracy_line(acc: dict) -> str:
-    if "perplexity" in acc:
-        return (f"accuracy vs FP32 on {acc['tokens']} held-back tokens: perplexity {acc['perplexity']:.3f} vs "
-                f"{acc['ref_perplexity']:.3f} ({acc['ppl_increase']:+.2%}{_interval_text(acc)}), "
-                f"mean KL {acc['mean_kl']:.4f}, "
-                f"top-1 agreement {acc['top1_agreement']:.3f}")
-    return (f"accuracy vs FP32 on {acc['samples']} held-back texts: mean cosine {acc['mean_cosine']:.5f}, "
-            f"min cosine {acc['min_cosine']:.5f}, retrieval top-1 agreement {acc['retrieval_top1']:.3f}")
+def accuracy_line(acc: EncoderAccuracyRecord | LMAccuracyRecord) -> str:
+    if isinstance(acc, LMAccuracyRecord):
+        return (f"accuracy vs FP32 on {acc.tokens} held-back tokens: perplexity {acc.perplexity:.3f} vs "
+                f"{acc.ref_perplexity:.3f} ({acc.ppl_increase:+.2%}{_interval_text(acc)}), "
+                f"mean KL {acc.mean_kl:.4f}, "
+                f"top-1 agreement {acc.top1_agreement:.3f}")
+    return (f"accuracy vs FP32 on {acc.samples} held-back texts: mean cosine {acc.mean_cosine:.5f}, "
+            f"min cosine {acc.min_cosine:.5f}, retrieval top-1 agreement {acc.retrieval_top1:.3f}")
 
 
-def qnn_line(q: dict) -> str:
-    runs, ctx = q["simulator"]["runs"], q["context"]["file"]
+def qnn_line(q: QnnRecord) -> str:
+    runs, ctx = q.simulator.runs, q.context.file
     # node counts from the QDQ model's run: the context model is one EPContext node
-    where = next((r["placement"] for name, r in runs.items() if name != ctx), runs[ctx]["placement"])
-    acc = runs[ctx]["accuracy_vs_fp32"]
-    return (f"qnn      soc_model {q['soc_model']} (Hexagon v{q['htp_arch']}), {ctx}: "
-            f"{where['nodes'].get('QNNExecutionProvider', 0)} of {sum(where['nodes'].values())} nodes on HTP in "
-            f"{sum(where['partitions'].values())} partition(s), CPU fallback {q['simulator']['cpu_ep_fallback']}; "
-            f"on the HTP simulator vs FP32: mean cosine {acc['mean_cosine']:.5f}, min {acc['min_cosine']:.5f} on "
-            f"{acc['samples']} texts")
+    where = next((r.placement for name, r in runs.items() if name != ctx), runs[ctx].placement)
+    acc = runs[ctx].accuracy_vs_fp32
+    return (f"qnn      soc_model {q.soc_model} (Hexagon v{q.htp_arch}), {ctx}: "
+            f"{where.nodes.get('QNNExecutionProvider', 0)} of {sum(where.nodes.values())} nodes on HTP in "
+            f"{sum(where.partitions.values())} partition(s), CPU fallback {q.simulator.cpu_ep_fallback}; "
+            f"on the HTP simulator vs FP32: mean cosine {acc.mean_cosine:.5f}, min {acc.min_cosine:.5f} on "
+            f"{acc.samples} texts")
 
 
 @main.command("profiles")
@@ -197,56 +199,54 @@ def profiles_cmd(fields, names, model_dir) -> None:
             click.echo(f"  {notes[r[0]]}")
 
 
+@main.command("families")
+@click.option("--json", "as_json", is_flag=True, help="The registry as JSON (every field of every family).")
+@handle_errors
+def families_cmd(as_json) -> None:
+    """List the model families (kind, model types, GGUF architecture, exporter, runtime type, status, tests)."""
+    from edgeq.families import FAMILIES, describe, table_lines
+
+    click.echo(json.dumps([describe(f) for f in FAMILIES], indent=2) if as_json else "\n".join(table_lines()))
+
+
 @main.command("inspect")
 @click.argument("package", type=click.Path(path_type=Path))
 @click.option("--nodes", is_flag=True, help="Also list every node's precision decision and reason.")
 @handle_errors
 def inspect_cmd(package, nodes) -> None:
     """Show a package's files, precision per op category, and measured accuracy."""
-    from edgeq.errors import PackageError
-    from edgeq.manifest import DISPLAY_FIELDS, MANIFEST, REEXPORT, check_fields, read_manifest
+    from edgeq.manifest import read_manifest
 
-    m = read_manifest(package)
-    check_fields(m, DISPLAY_FIELDS[m["source"]["kind"]], package / MANIFEST)
-    try:
-        lines = _package_lines(package, m, nodes)
-    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
-        # a nested detail the field tables do not cover (a qnn or partitions section, a node record)
-        raise PackageError(f"{package / MANIFEST} is malformed: {type(exc).__name__} {exc} while showing it",
-                           REEXPORT) from exc
-    click.echo("\n".join(lines))
+    click.echo("\n".join(package_lines(package, read_manifest(package), nodes)))
 
 
-def _package_lines(package: Path, m: dict, nodes: bool) -> list[str]:
-    """inspect's lines, built before any is printed: a malformed detail then prints nothing but the error."""
+def package_lines(package: Path, m: Manifest, nodes: bool) -> list[str]:
+    """inspect's lines: every field they show was typed and checked when the manifest was read."""
     lines: list[str] = []
     echo = lines.append
-    src = m["source"]  # older manifests name the source by its path, newer ones by its folder name
-    echo(f"package  {package}\nprofile  {m['profile']['name']}\nsource   {src.get('name', src.get('path'))} "
-         f"({src['architecture']})")
+    echo(f"package  {package}\nprofile  {m.profile.name}\nsource   {m.source_name} ({m.source.architecture})")
     echo("files:")
-    for name, e in m["files"].items():
-        echo(f"  {e['size'] / 1e6:10.2f} MB  {name}")
+    for name, e in m.files.items():
+        echo(f"  {e.size / 1e6:10.2f} MB  {name}")
     echo("precision by op category (nodes):")
-    for cat, counts in m["precision"]["summary"].items():
+    for cat, counts in m.precision.summary.items():
         echo(f"  {cat:18s} " + ", ".join(f"{p}: {n}" for p, n in sorted(counts.items())))
-    z = m["size"]
-    if "ratio" in z:
-        echo(f"size     {z['model_bytes'] / 1e6:.2f} MB model, {z['ratio']:.1%} of the FP32 ONNX export "
-             f"({z['fp32_onnx_bytes'] / 1e6:.1f} MB; profile allows {z['max_ratio']:.0%})")
+    z = m.size
+    if z.ratio is not None:
+        echo(f"size     {z.model_bytes / 1e6:.2f} MB model, {z.ratio:.1%} of the FP32 ONNX export "
+             f"({z.fp32_onnx_bytes / 1e6:.1f} MB; profile allows {z.max_ratio:.0%})")
     else:
-        echo(f"size     {z['model_bytes'] / 1e6:.2f} MB model (profile allows {z['max_mb']:.0f} MB)")
-    echo(accuracy_line(m["accuracy"]))
-    if "qnn" in m:
-        echo(qnn_line(m["qnn"]))
-    for ep, r in m.get("partitions", {}).items():
-        if ep != "tool":
-            a, f = r["as_is"], r["fixed_shapes"]
-            echo(f"{ep} {r['verdict']}: takes {a['supported_nodes']}/{a['nodes']} nodes in {a['partitions']} "
-                 f"partitions ({f['supported_nodes']} in {f['partitions']} with fixed input shapes)")
+        echo(f"size     {z.model_bytes / 1e6:.2f} MB model (profile allows {z.max_mb:.0f} MB)")
+    echo(accuracy_line(m.accuracy))
+    if m.qnn is not None:
+        echo(qnn_line(m.qnn))
+    for ep, r in (m.partitions.checks if m.partitions else {}).items():
+        a, f = r.as_is, r.fixed_shapes
+        echo(f"{ep} {r.verdict}: takes {a.supported_nodes}/{a.nodes} nodes in {a.partitions} "
+             f"partitions ({f.supported_nodes} in {f.partitions} with fixed input shapes)")
     if nodes:
-        for d in m["precision"]["nodes"]:
-            echo(f"  {d['precision']:16s} {d['name']}: {d['reason']}")
+        for d in m.precision.nodes:
+            echo(f"  {d.precision:16s} {d.name}: {d.reason}")
     return lines
 
 
@@ -302,7 +302,7 @@ def run_cmd(package, prompt, max_new_tokens, raw) -> None:
     from edgeq.llm.genai import chat_prompt, generate
     from edgeq.manifest import read_manifest
 
-    if read_manifest(package)["source"]["kind"] != "causal-lm":  # a package from anyone: read it checked first
+    if not read_manifest(package).is_llm:  # a package from anyone: read it checked first
         raise UserInputError(f"{package} is not an LLM package", "edgeq run generates with causal-LM packages")
     text = prompt if raw else chat_prompt(package, prompt)
     for piece in generate(package, text, max_new_tokens):

@@ -8,11 +8,6 @@ tool ran and the result did not meet its bar (accuracy budget, verification).
 from __future__ import annotations
 
 
-def name_list(names: list[str], shown: int = 5) -> str:
-    """The first ``shown`` names and how many more: errors name a few, with the count."""
-    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
-
-
 class EdgeqError(Exception):
     """Base class. ``hint`` tells the user what to do about it."""
 

@@ -1,28 +1,32 @@
 """manifest.json: what a package holds and exactly how it was made. ``SCHEMA_VERSION`` bumps on breaking change.
 
 A package comes from anyone (a hub, a colleague, an app bundle), and its manifest is not hashed: reading one trusts
-nothing in it. :func:`read_manifest` refuses a folder holding a symlink or a special file, and a manifest that lacks
-the fields the commands read; :func:`package_path` is the one way a path the manifest names becomes a file, and it
-stays inside the folder.
+nothing in it. :func:`read_manifest` is the one reader every command uses: it refuses a folder holding a symlink or
+a special file, migrates an older manifest (edgeq/manifest_migrate.py) and returns the typed record
+(edgeq/manifest_schema.py), refusing a manifest that lacks a field or holds one of the wrong type;
+:func:`package_path` is the one way a path the manifest names becomes a file, and it stays inside the folder.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import stat
 from collections.abc import Iterator
 from importlib import metadata
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
-from edgeq.errors import PackageError
+from edgeq.errors import EdgeqError, PackageError
+from edgeq.manifest_migrate import migrate
+from edgeq.manifest_schema import (CAUSAL_LM, ENCODER_CPU, ENCODER_QNN, REEXPORT, SCHEMA_VERSION, Manifest,
+                                   plain_relative_path)
 from edgeq.modelsource import sha256_file
 from edgeq.safe_load import refuse_code
 
-SCHEMA_VERSION = 1
+__all__ = ["CAUSAL_LM", "ENCODER_CPU", "ENCODER_QNN", "MANIFEST", "REEXPORT", "SCHEMA_VERSION", "Manifest",
+           "checked_manifest", "file_entries", "package_path", "plain_relative_path", "read_manifest",
+           "read_manifest_dict", "read_package_json", "stored_rows", "tool_versions", "write_manifest"]
 MANIFEST = "manifest.json"
-REEXPORT = "re-export the package with 'edgeq export' (or get it again from whoever made it)"
 TOOLS = ("edgeq", "onnx", "onnxruntime", "optimum-onnx", "optimum", "transformers", "torch", "numpy")
 
 
@@ -72,19 +76,6 @@ def file_entries(folder: Path) -> dict[str, dict]:
     return out
 
 
-def plain_relative_path(name: object, what: str) -> PurePosixPath:
-    """``name`` as a relative POSIX path in canonical form, nothing else: no absolute path, no '.' or '..' part,
-    no backslash, no empty part."""
-    ok = isinstance(name, str) and name and "\\" not in name and "\x00" not in name
-    if ok:
-        rel = PurePosixPath(name)
-        ok = not rel.is_absolute() and rel.as_posix() == name and not {".", ".."} & set(name.split("/"))
-    if not ok:
-        raise PackageError(f"{what} {name!r} is not a plain path inside the package "
-                           "(absolute, '..' or '.' parts and backslashes are refused)", REEXPORT)
-    return rel
-
-
 def package_path(folder: Path, relative: object, what: str = "the manifest's file") -> Path:
     """The file ``relative`` (as the manifest names it) in the package ``folder``. Every path a command opens in a
     package goes through here: a plain relative path with no symlink on the way (``what`` names it in errors)."""
@@ -107,107 +98,6 @@ def write_manifest(folder: Path, manifest: dict) -> Path:
     return path
 
 
-# ---------------------------------------------------------------------------------------------------- the schema
-# The fields the commands read, as (dotted key, type), checked when a package is read so that no command meets a
-# KeyError or TypeError in a stranger's manifest. Issue 12 turns the manifest into typed dataclasses; until then
-# these tables are its schema. Types: JSON ones, or NUMBER (finite, not bool), COUNT (int >= 1), IDS (list of ints).
-NUMBER, COUNT, IDS = "a finite number", "a positive integer", "a list of integers"
-Field = tuple[str, object]
-CORE_FIELDS: tuple[Field, ...] = (
-    ("files", dict), ("model", dict), ("model.file", str), ("profile", dict), ("profile.name", str),
-    ("profile.values", dict), ("source", dict), ("source.kind", str), ("verification", dict))
-KIND_FIELDS: dict[str, tuple[Field, ...]] = {  # what verify reads, by source.kind
-    "encoder": (("verification.inputs", dict), ("verification.inputs.attention_mask", list),
-                ("verification.pooling", str), ("verification.reference_pooled", list),
-                ("verification.min_cosine", NUMBER), ("verification.max_rel_diff", NUMBER)),
-    "causal-lm": (("model.genai_config", str), ("verification.prompt_ids", IDS),
-                  ("verification.greedy_tokens", IDS)),
-}
-OPTIONAL_FIELDS: tuple[Field, ...] = (  # checked when present
-    ("model.context_file", str), ("model.ops_config", str), ("model.batch_size", COUNT),
-    ("verification.device_min_cosine", NUMBER), ("verification.device_max_rel_diff", NUMBER),
-    ("verification.logit_margins", list), ("profile.file", str), ("profile.values.package", dict),
-    ("profile.values.llm", dict), ("profile.values.accuracy", dict), ("source.gguf_file", str),
-    ("source.name", str), ("source.path", str))  # name: newer manifests; path: older
-# inspect and report: what they show beside the files
-DISPLAY_FIELDS: dict[str, tuple[Field, ...]] = {
-    "encoder": (("source.architecture", str), ("precision", dict), ("precision.summary", dict),
-                ("precision.nodes", list), ("size", dict), ("size.model_bytes", NUMBER), ("accuracy", dict),
-                ("accuracy.samples", COUNT), ("accuracy.mean_cosine", NUMBER), ("accuracy.min_cosine", NUMBER),
-                ("accuracy.retrieval_top1", NUMBER), ("profile.values.accuracy.eval_seq_len", COUNT)),
-    "causal-lm": (("source.architecture", str), ("precision", dict),
-                  ("precision.summary", dict), ("precision.nodes", list), ("size", dict),
-                  ("size.model_bytes", NUMBER), ("accuracy", dict), ("accuracy.tokens", COUNT),
-                  ("accuracy.perplexity", NUMBER), ("accuracy.ref_perplexity", NUMBER),
-                  ("accuracy.ppl_increase", NUMBER), ("accuracy.mean_kl", NUMBER),
-                  ("accuracy.top1_agreement", NUMBER), ("profile.values.llm.window_tokens", COUNT),
-                  ("profile.values.llm.eval_windows", COUNT)),
-}
-KINDS = tuple(KIND_FIELDS)
-
-
-def _is(value: object, kind: object) -> bool:
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if kind == NUMBER:
-        return number and math.isfinite(value)
-    if kind == COUNT:
-        return number and isinstance(value, int) and value >= 1
-    if kind == IDS:
-        return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-    if kind is int:
-        return number and isinstance(value, int)
-    return isinstance(value, kind)
-
-
-_MISSING = object()
-
-
-def _lookup(manifest: dict, key: str) -> object:
-    value: object = manifest
-    for part in key.split("."):
-        if not isinstance(value, dict) or part not in value:
-            return _MISSING
-        value = value[part]
-    return value
-
-
-def check_fields(manifest: dict, fields: tuple[Field, ...], where: Path, optional: bool = False) -> None:
-    """PackageError naming the first of ``fields`` that is missing (unless ``optional``) or of the wrong type."""
-    for key, kind in fields:
-        value = _lookup(manifest, key)
-        if value is _MISSING and optional:
-            continue
-        if value is _MISSING or not _is(value, kind):
-            name = kind if isinstance(kind, str) else {dict: "an object", list: "a list", str: "a string"}.get(kind, kind.__name__)
-            got = "missing" if value is _MISSING else f"{type(value).__name__} {_short(value)}"
-            raise PackageError(f"{where} is malformed: '{key}' must be {name}, got {got}", REEXPORT)
-
-
-def _short(value: object) -> str:
-    text = json.dumps(value) if not isinstance(value, float) else repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _check_structure(manifest: dict, where: Path) -> None:
-    check_fields(manifest, CORE_FIELDS, where)
-    kind = manifest["source"]["kind"]
-    if kind not in KINDS:
-        raise PackageError(f"{where} is malformed: source.kind {kind!r} is not one of {', '.join(KINDS)}", REEXPORT)
-    check_fields(manifest, KIND_FIELDS[kind], where)
-    check_fields(manifest, OPTIONAL_FIELDS, where, optional=True)
-    gguf = manifest["source"].get("gguf_file")
-    if gguf and len(plain_relative_path(gguf, "the manifest's source.gguf_file").parts) != 1:
-        raise PackageError(f"{where} is malformed: source.gguf_file {gguf!r} is not a file name", REEXPORT)
-    for name, entry in manifest["files"].items():
-        plain_relative_path(name, "the manifest's file")
-        if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str) and _is(entry.get("size"), int)):
-            raise PackageError(f"{where} is malformed: files[{name!r}] must hold a sha256 string and an integer size",
-                               REEXPORT)
-    for key in ("file", "context_file", "ops_config", "genai_config"):
-        if key in manifest["model"]:
-            plain_relative_path(manifest["model"][key], f"the manifest's model.{key}")
-
-
 def read_package_json(path: Path) -> object:
     """A JSON file of a package (a stranger's): PackageError if it does not parse, however deeply nested."""
     try:
@@ -216,10 +106,10 @@ def read_package_json(path: Path) -> object:
         raise PackageError(f"{path} is not valid JSON: {exc}", REEXPORT) from exc
 
 
-def read_manifest(folder: Path) -> dict:
-    """The manifest of the package ``folder``, checked: the folder holds no symlink or special file, the JSON has
-    the fields every command reads (CORE_FIELDS, KIND_FIELDS) with their types, and every path it names is plain.
-    PackageError (exit 2) otherwise. Whether the files and outputs match is verify's business, not this."""
+def read_manifest(folder: Path) -> Manifest:
+    """The typed manifest of the package ``folder`` (an older one migrated), checked: the folder holds no symlink or
+    special file, the JSON has every field the schema types (edgeq/manifest_schema.py) with its type, and every path
+    it names is plain. PackageError (exit 2) otherwise. Whether the files and outputs match is verify's business."""
     folder = Path(folder)
     if not folder.is_dir():
         raise PackageError(f"package folder {folder} {'is not a folder' if folder.exists() else 'does not exist'}",
@@ -230,11 +120,24 @@ def read_manifest(folder: Path) -> dict:
     path = folder / MANIFEST
     if not path.is_file():
         raise PackageError(f"{folder} has no {MANIFEST}", "pass a package folder written by 'edgeq export'")
-    manifest = read_package_json(path)
-    if not isinstance(manifest, dict):
+    data = read_package_json(path)
+    if not isinstance(data, dict):
         raise PackageError(f"{path} does not hold a JSON object", REEXPORT)
-    if manifest.get("schema_version") != SCHEMA_VERSION:
-        raise PackageError(f"{path}: schema_version {manifest.get('schema_version')!r}, this edgeq reads {SCHEMA_VERSION}",
-                           "use the edgeq version that wrote the package, or re-export it")
-    _check_structure(manifest, path)
-    return manifest
+    return Manifest.from_dict(migrate(data, path), path)
+
+
+def read_manifest_dict(folder: Path) -> dict:
+    """read_manifest's JSON (current schema): for code not yet reading the typed record (stages/verify.py,
+    devices/); new code reads the typed one."""
+    return read_manifest(folder).to_dict()
+
+
+def checked_manifest(manifest: dict, folder: Path) -> dict:
+    """``manifest`` as the schema writes it, or EdgeqError: the writers' check that what they record is what every
+    reader takes (an export that breaks the schema is an edgeq bug, not the user's)."""
+    try:
+        # checked as JSON, as a reader meets it (a writer's tuple is a JSON list)
+        return Manifest.from_dict(json.loads(json.dumps(manifest)), folder / MANIFEST).to_dict()
+    except PackageError as exc:
+        raise EdgeqError(f"edgeq wrote a manifest its own schema refuses: {exc.message}",
+                         "this is an edgeq bug; please report it with the command line") from exc

@@ -2,7 +2,8 @@
 
 Only local folders, only safetensors weights (a pickle ``.bin`` can execute code when loaded) unless pickles are
 explicitly allowed, never ``trust_remote_code``: a folder holding Python or a config naming custom code is refused.
-The weight files recorded and hashed are exactly the ones transformers' loader reads.
+The weight files recorded and hashed are exactly the ones transformers' loader reads. Which families are exported,
+and which are refused with what reason, is ``edgeq.families``' table; a GGUF is checked from its header alone.
 """
 
 from __future__ import annotations
@@ -12,23 +13,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgeq.errors import ModelFolderError, UnsupportedModelError, name_list
+from edgeq.errors import ModelFolderError, UnsupportedModelError
+from edgeq.families import CAUSAL_LM, ENCODER, Family, by_gguf_arch, by_model_type, supported_gguf_archs, \
+    supported_model_types
 from edgeq.safe_load import refuse_code
-
-# model_type -> kind. Encoders export as optimum's "feature-extraction" task (last_hidden_state output); causal LMs
-# as "text-generation-with-past" (one decoder whose past_key_values inputs also serve prefill with an empty past).
-ENCODER_TYPES = frozenset(
-    {"bert", "roberta", "xlm-roberta", "distilbert", "mpnet", "electra", "albert", "camembert", "deberta-v2", "nomic_bert"}
-)
-CAUSAL_LM_TYPES = frozenset({"llama", "qwen2", "phi3", "gemma", "mistral", "smollm3"})
-# Causal LM families refused with the reason (tests/llm/test_families.py measured each one).
-REFUSED_CAUSAL_LM = {
-    "gemma2": ("optimum's Gemma-2 export drops the attention logit soft-capping (config attn_logit_softcapping; "
-               "measured: no Tanh before the attention softmax of the exported graph, as transformers' SDPA attention "
-               "ignores it), so the package would differ from the model wherever a score nears the cap",
-               "Gemma-2 needs an export with eager attention and soft-capping in GroupQueryAttention (softcap, "
-               "local_window_size), which edgeq does not do yet; use a Gemma, Llama, Qwen2, Phi-3 or Mistral model"),
-}
 
 # What transformers loads, in its order of preference (modeling_utils: SAFE_WEIGHTS_NAME and its index first).
 SAFE_WEIGHTS, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
@@ -124,6 +112,11 @@ def _pickle_files(path: Path) -> list[str]:
                   if p.suffix.lower() in PICKLE_SUFFIXES and p.is_file())
 
 
+def name_list(names: list[str], shown: int = 5) -> str:
+    """The first ``shown`` names and how many more: errors name a few, with the count."""
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
 def _convert_hint(path: Path, kind: str, pickles: list[str]) -> str:
     auto = "AutoModelForCausalLM" if kind == "causal-lm" else "AutoModel"
     return (f"convert them once to {SAFE_WEIGHTS} (transformers loads them with torch.load(weights_only=True)): python -c "
@@ -186,20 +179,100 @@ def _folder_name(path: Path) -> str:
     return resolved.name if resolved.name != "model" else resolved.parent.name
 
 
-def inspect_gguf(path: Path, gguf_file: str) -> ModelSource:
-    """A GGUF causal LM: checked from its own metadata; export dequantizes it through transformers, from a folder
-    that holds only this file (materialize_gguf), so nothing else beside it is read: it is the one file hashed."""
-    from edgeq.llm.gguf_source import CAUSAL_LM_GGUF_ARCHS, read_gguf_info
+@dataclass(frozen=True)
+class GgufInfo:
+    path: Path
+    architecture: str
+    name: str
+    file_type: int
+    add_bos_token: bool | None = None  # tokenizer.ggml.add_bos_token; transformers 4.57 ignores it
+    eos_token_id: int | None = None
+    context_length: int | None = None  # <arch>.context_length: what transformers makes max_position_embeddings
 
+
+def read_gguf_info(path: Path) -> GgufInfo:
+    """The GGUF's header and metadata (the ``gguf`` reader maps the file; no tensor is read or dequantized)."""
+    import gguf
+
+    if not path.is_file():
+        raise ModelFolderError(f"GGUF file {path} does not exist", f"pass --gguf-file the name of a .gguf file in {path.parent}")
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as exc:  # the gguf package raises ValueError/struct errors on a non-GGUF file
+        raise ModelFolderError(f"{path} is not a readable GGUF file ({exc})", "pass a .gguf file written by llama.cpp") from exc
+
+    def field(key: str, default=""):
+        f = reader.fields.get(key)
+        if f is None:
+            return default
+        value = f.parts[f.data[0]]
+        return bytes(value).decode() if f.types and f.types[0] == gguf.GGUFValueType.STRING else value.tolist()[0]
+
+    bos, eos = field("tokenizer.ggml.add_bos_token", None), field("tokenizer.ggml.eos_token_id", None)
+    arch = field("general.architecture")
+    context = field(f"{arch}.context_length", None)
+    return GgufInfo(path, arch, field("general.name"), int(field("general.file_type", -1)),
+                    None if bos is None else bool(bos), None if eos is None else int(eos),
+                    None if context is None else int(context))
+
+
+def refuse_family(family: Family, what: str) -> None:
+    """A family the registry refuses stops here, with its reason, before any work."""
+    if family.refusal is not None:
+        kind = "causal LM" if family.kind == CAUSAL_LM else family.kind
+        raise UnsupportedModelError(f"{what} is a {family.name} {kind}, which edgeq refuses: "
+                                    f"{family.refusal.reason}", family.refusal.hint)
+
+
+def gguf_family(info: GgufInfo) -> Family:
+    """The family of a GGUF's ``general.architecture``: one edgeq exports from GGUF, else refused."""
+    family = by_gguf_arch(info.architecture)
+    if family is None:
+        raise UnsupportedModelError(f"{info.path} holds a '{info.architecture}' model, which is not a causal LM "
+                                    "family edgeq exports from GGUF",
+                                    f"--gguf-file takes the GGUF architectures {', '.join(supported_gguf_archs())}")
+    refuse_family(family, f"{info.path} (GGUF architecture '{info.architecture}')")
+    return family
+
+
+def inspect_gguf(path: Path, gguf_file: str) -> ModelSource:
+    """A GGUF causal LM: checked from its own metadata, the family first (before hashing the file); export
+    dequantizes it through transformers, from a folder that holds only this file (materialize_gguf), so nothing
+    else beside it is read: it is the one file hashed."""
     info = read_gguf_info(path / gguf_file)
-    if info.architecture not in CAUSAL_LM_GGUF_ARCHS:
-        raise UnsupportedModelError(f"{info.path} holds a '{info.architecture}' model, not a decoder-only causal LM",
-                                    f"--gguf-file takes causal LMs: {', '.join(sorted(CAUSAL_LM_GGUF_ARCHS))}")
+    family = gguf_family(info)
     return ModelSource(
         path=path.resolve(), name=Path(gguf_file).stem, model_type=info.architecture, architecture=info.architecture,
-        kind="causal-lm", task="text-generation-with-past", weight_files=(gguf_file,), tokenizer_files=(),
+        kind=family.kind, task=family.task, weight_files=(gguf_file,), tokenizer_files=(),
         file_hashes={gguf_file: sha256_file(path / gguf_file)}, pooling="", gguf_file=gguf_file, weight_format="gguf",
     )
+
+
+def config_family(path: Path, model_type: str, arch: str) -> Family:
+    """The family of a config.json's model_type and architectures[0], refused with the reason where it is not
+    one edgeq exports (in that kind: a *ForCausalLM of an encoder family, a task head of an encoder)."""
+    family = by_model_type(model_type)
+    if family is not None:
+        refuse_family(family, f"{path} (model_type {model_type})")
+    causal_arch = arch.endswith("ForCausalLM")
+    if causal_arch and (family is None or family.kind != CAUSAL_LM):
+        raise UnsupportedModelError(f"{path} is a causal LM ({arch}) of a family edgeq does not export yet",
+                                    f"causal LM model types supported: {', '.join(supported_model_types(CAUSAL_LM))}")
+    if family is None:
+        raise UnsupportedModelError(
+            f"architecture '{model_type or '(no model_type)'}' ({arch or 'no architectures'}) is not supported",
+            f"supported encoder model types: {', '.join(supported_model_types(ENCODER))}; causal LM model types: "
+            f"{', '.join(supported_model_types(CAUSAL_LM))}",
+        )
+    if family.kind == CAUSAL_LM and arch and not causal_arch:
+        raise UnsupportedModelError(f"{path} is a {arch}; edgeq exports {family.name} models with their language "
+                                    "model head", f"export the {' or '.join(family.architectures)} of the model")
+    if family.kind == ENCODER and arch and not arch.endswith("Model"):
+        raise UnsupportedModelError(
+            f"{path} is a {arch} (a task head); edgeq exports sentence encoders (the base *Model) for embeddings",
+            "export the base encoder (architectures: ['BertModel'] or similar) whose last_hidden_state is pooled",
+        )
+    return family
 
 
 def inspect_model_dir(path: Path, gguf_file: str | None = None, allow_pickle: bool = False) -> ModelSource:
@@ -226,27 +299,11 @@ def inspect_model_dir(path: Path, gguf_file: str | None = None, allow_pickle: bo
     if not isinstance(config, dict):
         raise ModelFolderError(f"{config_path} does not hold a JSON object", "restore the config.json the model came with")
     model_type = config.get("model_type", "")
+    model_type = model_type if isinstance(model_type, str) else ""  # a stranger's config may hold anything
     archs = config.get("architectures") or []
-    arch = archs[0] if archs else ""
-    if model_type in REFUSED_CAUSAL_LM:
-        reason, hint = REFUSED_CAUSAL_LM[model_type]
-        raise UnsupportedModelError(f"{path} is a {model_type} causal LM, which edgeq refuses: {reason}", hint)
-    kind = "causal-lm" if model_type in CAUSAL_LM_TYPES and (not arch or arch.endswith("ForCausalLM")) else "encoder"
-    if kind == "encoder" and (model_type in CAUSAL_LM_TYPES or arch.endswith("ForCausalLM")):
-        raise UnsupportedModelError(
-            f"{path} is a causal LM ({arch or model_type}) of a family edgeq does not export yet",
-            f"causal LM model types supported: {', '.join(sorted(CAUSAL_LM_TYPES))}",
-        )
-    if kind == "encoder" and model_type not in ENCODER_TYPES:
-        raise UnsupportedModelError(
-            f"architecture '{model_type or '(no model_type)'}' ({arch or 'no architectures'}) is not supported",
-            f"supported encoder model types: {', '.join(sorted(ENCODER_TYPES))}",
-        )
-    if kind == "encoder" and arch and not arch.endswith("Model"):
-        raise UnsupportedModelError(
-            f"{path} is a {arch} (a task head); edgeq exports sentence encoders (the base *Model) for embeddings",
-            "export the base encoder (architectures: ['BertModel'] or similar) whose last_hidden_state is pooled",
-        )
+    arch = archs[0] if isinstance(archs, list) and archs and isinstance(archs[0], str) else ""
+    family = config_family(path, model_type, arch)
+    kind = family.kind
     # after the architecture checks: a wrong model type is the more useful error
     weights, weight_format = select_weights(path, kind, allow_pickle)
     tokenizer_files = tuple(n for n in TOKENIZER_FILES if (path / n).is_file())
@@ -265,7 +322,7 @@ def inspect_model_dir(path: Path, gguf_file: str | None = None, allow_pickle: bo
         model_type=model_type,
         architecture=arch,
         kind=kind,
-        task="feature-extraction" if kind == "encoder" else "text-generation-with-past",
+        task=family.task,
         weight_files=weights,
         tokenizer_files=tokenizer_files,
         file_hashes={n: sha256_file(path / n) for n in hashed},

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgeq.errors import CalibrationDataError, ModelFolderError, ProfileError, UserInputError, VerificationError
-from edgeq.manifest import MANIFEST, check_fields, read_manifest, tool_versions
+from edgeq.manifest import Manifest, read_manifest, tool_versions
+from edgeq.manifest_schema import CalibrationRecord, ProfileRecord
 from edgeq.modelsource import check_recorded_source, sha256_file
 from edgeq.progress import QUIET, Progress
 from edgeq.textdata import CALIBRATION_FILE, EVALUATION_FILE
@@ -45,34 +46,27 @@ class FileComparison:
         return f"DIFF {self.name}: package sha256 {self.packaged[:12]}, rebuild {self.rebuilt[:12]}"
 
 
-# what a rebuild reads beyond read_manifest's fields, each checked where present (older manifests lack some)
-REBUILD_FIELDS = (("tools", dict), ("profile.overrides", dict), ("calibration", dict), ("calibration.file", str),
-                  ("calibration.sha256", str), ("accuracy", dict), ("accuracy.evaluation_sha256", str))
-
-
-def rebuild_request(package: Path, manifest: dict, model_dir: Path | None, calibration: Path | None,
+def rebuild_request(package: Path, manifest: Manifest, model_dir: Path | None, calibration: Path | None,
                     profile: Path | None, out_dir: Path):
     """The ExportRequest that made the package, from its manifest; raises UserInputError naming the first recorded
     input that cannot be found or whose hash differs."""
     from edgeq.pipeline import ExportRequest
 
-    check_fields(manifest, REBUILD_FIELDS, package / MANIFEST, optional=True)
     _check_tools(manifest)
-    src, recorded_profile = manifest["source"], manifest["profile"]
+    src, recorded_profile = manifest.source, manifest.profile
     if model_dir is None:
-        if "path" not in src:
-            raise ModelFolderError(f"{package}'s manifest names its source ({src.get('name')}) by file hashes only",
+        if src.path is None:
+            raise ModelFolderError(f"{package}'s manifest names its source ({src.name}) by file hashes only",
                                    "pass the source model folder with --model DIR")
-        model_dir = Path(src["path"])  # a package written before manifests dropped local paths
-    check_recorded_source(Path(model_dir), src)
-    overrides = dict(recorded_profile.get("overrides") or {})
+        model_dir = Path(src.path)  # a package written before manifests dropped local paths
+    check_recorded_source(Path(model_dir), src.to_dict())
+    overrides = dict(recorded_profile.overrides or {})
     settings = tuple((k, v) for k, v in overrides.items() if k not in _REQUEST_OVERRIDES)
     _check_evaluation(manifest)
     return ExportRequest(Path(model_dir), _profile_arg(recorded_profile, profile), out_dir,
-                         calibration=_calibration_file(manifest.get("calibration") or {}, calibration),
+                         calibration=_calibration_file(manifest.calibration, calibration),
                          samples=overrides.get("calibration_samples"), seq_len=overrides.get("calibration_seq_len"),
-                         gguf_file=src.get("gguf_file") or None, settings=settings,
-                         allow_pickle=src.get("allow_pickle") is True)
+                         gguf_file=src.gguf_file or None, settings=settings, allow_pickle=src.allow_pickle is True)
 
 
 def rebuild(package: Path, model_dir: Path | None = None, calibration: Path | None = None,
@@ -119,8 +113,8 @@ def check_rebuild(package: Path, model_dir: Path | None, calibration: Path | Non
     echo(f"rebuilt {package}: all {len(results)} files byte-identical")
 
 
-def _check_tools(manifest: dict) -> None:
-    recorded = manifest.get("tools") or {}
+def _check_tools(manifest: Manifest) -> None:
+    recorded = manifest.tools or {}
     installed = tool_versions()
     differ = [f"{t} {recorded[t]} (installed: {installed[t]})" for t in installed
               if t in recorded and recorded[t] != installed[t]]
@@ -129,30 +123,30 @@ def _check_tools(manifest: dict) -> None:
                              "rebuild with the recorded versions installed (pip install NAME==VERSION)")
 
 
-def _profile_arg(recorded: dict, profile: Path | None) -> str:
+def _profile_arg(recorded: ProfileRecord, profile: Path | None) -> str:
     """What ExportRequest.profile takes: the passed file, or the bundled profile of the recorded name and hash."""
     from edgeq.profiles import known_profiles
 
     if profile is not None:
         if not Path(profile).is_file():
             raise ProfileError(f"profile file {profile} does not exist", "pass the profile file the package was made with")
-        if sha256_file(Path(profile)) != recorded.get("sha256"):
+        if sha256_file(Path(profile)) != recorded.sha256:
             raise ProfileError(f"profile file {profile} differs from the one the package was made with "
-                               f"({recorded.get('file')}, sha256 {str(recorded.get('sha256'))[:12]})",
+                               f"({recorded.file}, sha256 {str(recorded.sha256)[:12]})",
                                "pass the profile file the package was made with")
         return str(profile)
-    bundled = known_profiles().get(Path(str(recorded.get("file"))).stem)
-    if bundled is None or bundled.name != recorded.get("file"):
-        raise ProfileError(f"the package's profile file {recorded.get('file')} is not one edgeq bundles",
+    bundled = known_profiles().get(Path(str(recorded.file)).stem)
+    if bundled is None or bundled.name != recorded.file:
+        raise ProfileError(f"the package's profile file {recorded.file} is not one edgeq bundles",
                            "pass it with --profile FILE")
-    if sha256_file(bundled) != recorded.get("sha256"):
+    if sha256_file(bundled) != recorded.sha256:
         raise ProfileError(f"the bundled profile {bundled.name} changed since the package was made",
                            "pass the profile file the package was made with (--profile FILE)")
     return str(bundled)
 
 
-def _calibration_file(recorded: dict, passed: Path | None) -> Path:
-    name, digest = recorded.get("file"), recorded.get("sha256")
+def _calibration_file(recorded: CalibrationRecord | None, passed: Path | None) -> Path:
+    name, digest = (recorded.file, recorded.sha256) if recorded else (None, None)
     if not name or not digest:
         raise CalibrationDataError("the manifest records no calibration file and sha256 to rebuild from",
                                    "only packages written by an edgeq that records them can be rebuilt")
@@ -170,9 +164,8 @@ def _calibration_file(recorded: dict, passed: Path | None) -> Path:
                                "calibration text", "pass that file with --calibration FILE")
 
 
-def _check_evaluation(manifest: dict) -> None:
-    acc = manifest.get("accuracy") or {}
-    digest = acc.get("evaluation_sha256")
+def _check_evaluation(manifest: Manifest) -> None:
+    digest = manifest.accuracy.evaluation_sha256
     if digest is not None and sha256_file(EVALUATION_FILE) != digest:
         raise CalibrationDataError(f"the bundled evaluation split {EVALUATION_FILE.name} changed since the package "
                                    f"was made (sha256 {digest[:12]} recorded)",

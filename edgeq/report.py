@@ -254,22 +254,19 @@ def _model_file(package: Path, manifest: dict) -> Path:
 
 def package_row(package: Path, speed: bool = True) -> Row:
     """A row for an edgeq package: size and accuracy from its manifest, speed measured now on this machine."""
-    from edgeq.manifest import DISPLAY_FIELDS, MANIFEST, check_fields, read_manifest
+    from edgeq.manifest import package_path, read_manifest
 
     package = Path(package)
     m = read_manifest(package)
-    kind = m["source"]["kind"]
-    check_fields(m, DISPLAY_FIELDS[kind], package / MANIFEST)
-    acc = {k: v for k, v in m["accuracy"].items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    size = sum(e["size"] for n, e in m["files"].items() if n.startswith("model."))
-    row = Row(name=package.name, kind=kind, size_bytes=size, accuracy=acc, path=str(package),
-              note=f"profile {m['profile']['name']}, accuracy from the manifest")
-    if kind == LLM:
+    row = Row(name=package.name, kind=m.source.kind, size_bytes=m.model_bytes(), accuracy=m.accuracy.numbers(),
+              path=str(package), note=f"profile {m.profile.name}, accuracy from the manifest")
+    if m.is_llm:
         from edgeq.speed import decode_bytes_per_token
 
-        row.decode_bytes_per_token = decode_bytes_per_token(_model_file(package, m))
+        row.decode_bytes_per_token = decode_bytes_per_token(package_path(package, m.model.file,
+                                                                         "the manifest's model.file"))
     if speed:
-        measure_speed(row, package, m)
+        measure_speed(row, package, m.to_dict())  # the speed path (the targets' area) still reads the JSON
     return row
 
 

@@ -9,7 +9,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from edgeq.categories import CATEGORIES, LINEAR_ROLES, classify, linear_role
+from edgeq.categories import CATEGORIES, classify, linear_role
+from edgeq.families import ROLES, linear_roles
 from edgeq.modelsource import inspect_model_dir
 from edgeq.stages.export import export
 from edgeq.stages.optimize import optimize
@@ -171,9 +172,11 @@ def test_linear_role(name, role):
     assert linear_role(name) == role
 
 
-def test_linear_roles_table_names_only_known_roles():
-    assert {r for r, _, _ in LINEAR_ROLES} == {"attn_qkv", "attn_out", "ffn_up", "ffn_down", "pooler", "lm_head"}
-    assert all(who for _, _, who in LINEAR_ROLES)
+def test_linear_roles_come_from_the_families_in_role_order():
+    table = linear_roles()
+    assert [r for r, _, _ in table] == sorted((r for r, _, _ in table), key=ROLES.index)  # attn_out before ffn_down
+    assert {r for r, _, _ in table} == set(ROLES)
+    assert all(families for _, _, families in table)
 
 
 # --- classify on hand-built graphs ---------------------------------------------------------------------------------

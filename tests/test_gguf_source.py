@@ -1,30 +1,15 @@
 """GGUF sources are checked from their own metadata before anything is dequantized."""
 
-import numpy as np
 import pytest
+from tiny_gguf import tiny_gguf as write_gguf
 
 from edgeq.errors import ModelFolderError, UnsupportedModelError
-from edgeq.llm.gguf_source import read_gguf_info
-from edgeq.modelsource import inspect_model_dir
-
-
-def write_gguf(path, arch: str):
-    import gguf
-
-    w = gguf.GGUFWriter(str(path), arch)
-    w.add_name(f"tiny {arch}")
-    w.add_file_type(0)
-    w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+from edgeq.modelsource import inspect_model_dir, read_gguf_info
 
 
 def test_reads_architecture_and_name(tmp_path):
-    info = read_gguf_info(write_gguf(tmp_path / "m.gguf", "llama"))
-    assert (info.architecture, info.name, info.file_type) == ("llama", "tiny llama", 0)
+    info = read_gguf_info(write_gguf(tmp_path / "m.gguf", "llama", context_length=256))
+    assert (info.architecture, info.name, info.file_type, info.context_length) == ("llama", "tiny llama", 0, 256)
 
 
 def test_llama_gguf_is_a_causal_lm_source(tmp_path):
@@ -37,7 +22,7 @@ def test_llama_gguf_is_a_causal_lm_source(tmp_path):
 
 def test_gguf_that_is_not_a_causal_lm_is_refused(tmp_path):
     write_gguf(tmp_path / "enc.gguf", "bert")
-    with pytest.raises(UnsupportedModelError, match="'bert' model, not a decoder-only causal LM") as err:
+    with pytest.raises(UnsupportedModelError, match="'bert' model, which is not a causal LM family edgeq exports") as err:
         inspect_model_dir(tmp_path, gguf_file="enc.gguf")
     assert "llama" in err.value.hint
 

@@ -23,8 +23,8 @@ LAYERS: dict[str, tuple[int, tuple[str, ...]]] = {
     # reading inputs and writing packages: model folders and GGUF files, text sets, runtime sessions, the manifest,
     # the staging folder, what an export was asked for
     "inputs-and-records": (1, ("edgeq.modelsource", "edgeq.llm.gguf_source", "edgeq.checkpoint", "edgeq.textdata",
-                               "edgeq.runtime", "edgeq.manifest", "edgeq.staging", "edgeq.partitions", "edgeq.speed",
-                               "edgeq.request")),
+                               "edgeq.runtime", "edgeq.manifest", "edgeq.manifest_schema", "edgeq.manifest_migrate",
+                               "edgeq.staging", "edgeq.partitions", "edgeq.speed", "edgeq.request")),
     # the building blocks recipes and targets are made of
     "stages": (2, ("edgeq.stages", "edgeq.passes", "edgeq.llm", "edgeq.qnn", "edgeq.devices")),
     # where a package runs (Target implementations)

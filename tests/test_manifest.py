@@ -1,5 +1,6 @@
 """edgeq.manifest: tool versions, the per-file hash table, manifest.json write/read with its errors, the structure
-check, and package_path (every path a manifest names stays inside its package)."""
+check (the typed schema, edgeq/manifest_schema.py, as read_manifest applies it), and package_path (every path a
+manifest names stays inside its package)."""
 
 from __future__ import annotations
 
@@ -14,18 +15,14 @@ import pytest
 import edgeq
 import edgeq.manifest as manifest_mod
 from edgeq.errors import PackageError
-from edgeq.manifest import (MANIFEST, SCHEMA_VERSION, TOOLS, file_entries, package_path, read_manifest,
-                            tool_versions, write_manifest)
+from edgeq.manifest import (MANIFEST, SCHEMA_VERSION, TOOLS, Manifest, file_entries, package_path, read_manifest,
+                            read_manifest_dict, tool_versions, write_manifest)
+from manifest_samples import encoder_manifest, llm_manifest
 
 VERSION = re.compile(r"^\d+\.\d+(\.\d+)?([.+-]?\w+)*$")
 
 
-def minimal(**extra) -> dict:
-    """The smallest manifest read_manifest takes: the fields every command reads, for an encoder package."""
-    return {"schema_version": SCHEMA_VERSION, "files": {}, "model": {"file": "model.ort"},
-            "profile": {"name": "android-arm64", "values": {}}, "source": {"kind": "encoder"},
-            "verification": {"inputs": {"attention_mask": [[1]]}, "pooling": "mean", "reference_pooled": [[1.0]],
-                             "min_cosine": 0.9999, "max_rel_diff": 0.01}, **extra}
+minimal = encoder_manifest  # the smallest manifest read_manifest takes, for an encoder package
 
 
 def test_tool_versions_are_the_installed_ones():
@@ -82,14 +79,16 @@ def test_write_then_read_round_trips(tmp_path):
     assert path == tmp_path / MANIFEST
     assert sorted(p.name for p in tmp_path.iterdir()) == [MANIFEST]  # no temporary file left
     assert json.loads(path.read_text()) == manifest
-    assert read_manifest(tmp_path) == manifest
-    assert read_manifest(str(tmp_path)) == manifest  # a str folder works too
+    assert isinstance(read_manifest(tmp_path), Manifest)
+    assert read_manifest(tmp_path).to_dict() == manifest  # unknown keys are kept, nothing is lost
+    assert read_manifest(tmp_path).extra["nested"] == {"list": [1, 2.5, None, True], "empty": {}}
+    assert read_manifest_dict(str(tmp_path)) == manifest  # a str folder works too
 
 
 def test_write_replaces_an_existing_manifest(tmp_path):
     write_manifest(tmp_path, minimal(n=1))
     write_manifest(tmp_path, minimal(n=2))
-    assert read_manifest(tmp_path)["n"] == 2
+    assert read_manifest(tmp_path).extra["n"] == 2
 
 
 def test_read_missing_manifest(tmp_path):
@@ -150,10 +149,14 @@ def _drop(m: dict, key: str) -> dict:
     del m[leaf]
 
 
-@pytest.mark.parametrize("key", ["files", "model", "model.file", "profile", "profile.name", "profile.values",
-                                 "source", "source.kind", "verification", "verification.inputs",
+@pytest.mark.parametrize("key", ["recipe", "files", "model", "model.file", "profile", "profile.name", "profile.values",
+                                 "profile.values.accuracy", "profile.values.accuracy.eval_seq_len",
+                                 "source", "source.kind", "source.architecture", "verification",
+                                 "verification.inputs", "verification.inputs.attention_mask",
                                  "verification.reference_pooled", "verification.min_cosine",
-                                 "verification.max_rel_diff", "verification.pooling"])
+                                 "verification.max_rel_diff", "verification.pooling", "size", "size.model_bytes",
+                                 "size.max_ratio", "precision", "precision.summary", "precision.nodes", "accuracy",
+                                 "accuracy.samples", "accuracy.mean_cosine", "accuracy.retrieval_top1"])
 def test_a_missing_field_is_named(tmp_path, key):
     manifest = minimal()
     _drop(manifest, key)
@@ -184,24 +187,44 @@ def test_a_bar_that_is_not_a_finite_number_is_refused(tmp_path, value):
         read_manifest(tmp_path)
 
 
-def test_an_unknown_source_kind_is_refused(tmp_path):
-    write_manifest(tmp_path, minimal(source={"kind": "diffusion"}))
+@pytest.mark.parametrize("version", [1, 2])
+def test_an_unknown_source_kind_is_refused(tmp_path, version):
+    write_manifest(tmp_path, minimal(schema_version=version, source={"kind": "diffusion", "architecture": "X"}))
     with pytest.raises(PackageError, match=r"source.kind 'diffusion' is not one of encoder, causal-lm"):
         read_manifest(tmp_path)
 
 
-def test_an_llm_manifest_needs_its_prompt_and_tokens(tmp_path):
-    manifest = minimal(source={"kind": "causal-lm"}, verification={"prompt_ids": [1, 2], "greedy_tokens": [3, "x"]})
-    manifest["model"]["genai_config"] = "genai_config.json"
-    write_manifest(tmp_path, manifest)
-    with pytest.raises(PackageError, match=r"'verification.greedy_tokens' must be a list of integers"):
+@pytest.mark.parametrize("tokens, says", [
+    ([3, "x"], r"'verification.greedy_tokens\[1\]' must be an integer, got str \"x\""),
+    ([3, True], r"'verification.greedy_tokens\[1\]' must be an integer, got bool true"),
+    ("34", r"'verification.greedy_tokens' must be a list, got str"),
+])
+def test_an_llm_manifest_needs_its_prompt_and_tokens(tmp_path, tokens, says):
+    write_manifest(tmp_path, llm_manifest(verification={"prompt_ids": [1, 2], "greedy_tokens": tokens}))
+    with pytest.raises(PackageError, match=says):
         read_manifest(tmp_path)
 
 
-@pytest.mark.parametrize("entry", [{"sha256": "ab"}, {"sha256": 1, "size": 2}, [1, 2]])
-def test_a_file_entry_without_hash_and_size_is_refused(tmp_path, entry):
+@pytest.mark.parametrize("key", ["model.genai_config", "profile.values.llm", "profile.values.llm.window_tokens",
+                                 "verification.prompt_ids", "accuracy.perplexity", "accuracy.tokens",
+                                 "size.max_mb"])
+def test_an_llm_manifest_names_its_missing_field(tmp_path, key):
+    manifest = llm_manifest()
+    _drop(manifest, key)
+    write_manifest(tmp_path, manifest)
+    with pytest.raises(PackageError, match=rf"is malformed: '{re.escape(key)}' must be .*, got missing"):
+        read_manifest(tmp_path)
+
+
+@pytest.mark.parametrize("entry, says", [
+    ({"sha256": "ab"}, r"'files\['model.ort'\].size' must be an integer, got missing"),
+    ({"sha256": 1, "size": 2}, r"'files\['model.ort'\].sha256' must be a string, got int 1"),
+    ({"sha256": "ab", "size": 2.5}, r"'files\['model.ort'\].size' must be an integer, got float 2.5"),
+    ([1, 2], r"'files\['model.ort'\]' must be an object, got list \[1, 2\]"),
+])
+def test_a_file_entry_without_hash_and_size_is_refused(tmp_path, entry, says):
     write_manifest(tmp_path, minimal(files={"model.ort": entry}))
-    with pytest.raises(PackageError, match=r"files\['model.ort'\] must hold a sha256 string and an integer size"):
+    with pytest.raises(PackageError, match=says):
         read_manifest(tmp_path)
 
 

@@ -9,7 +9,8 @@ import re
 import pytest
 
 from edgeq.errors import ModelFolderError, UnsupportedModelError, UserInputError
-from edgeq.modelsource import ENCODER_TYPES, TOKENIZER_FILES, inspect_model_dir, sha256_file
+from edgeq.families import ENCODER, supported_model_types
+from edgeq.modelsource import TOKENIZER_FILES, inspect_model_dir, sha256_file
 
 BERT_CONFIG = {"model_type": "bert", "architectures": ["BertModel"], "hidden_size": 64}
 
@@ -190,7 +191,7 @@ def test_causal_lm_is_inspected_as_one(causal_lm):
 
 
 def test_causal_lm_family_not_exported_yet(tmp_path):
-    """A *ForCausalLM of a family outside CAUSAL_LM_TYPES is named as a causal LM, with the supported families."""
+    """A *ForCausalLM of a family edgeq.families does not export is named as a causal LM, with the supported families."""
     folder = make_folder(tmp_path, config={"model_type": "gpt_neox", "architectures": ["GPTNeoXForCausalLM"]})
     err = refused(folder, UnsupportedModelError, r"is a causal LM \(GPTNeoXForCausalLM\) of a family")
     assert "llama" in err.hint
@@ -207,6 +208,22 @@ def test_causal_lm_recognised_by_type_or_architecture(tmp_path, config):
     assert inspect_model_dir(make_folder(tmp_path, config=config)).kind == "causal-lm"
 
 
+def test_base_model_of_a_causal_lm_family_is_refused(tmp_path):
+    folder = make_folder(tmp_path, config={"model_type": "llama", "architectures": ["LlamaModel"]})
+    err = refused(folder, UnsupportedModelError, r"is a LlamaModel; edgeq exports llama models with their language")
+    assert "LlamaForCausalLM" in err.hint
+
+
+def test_refused_family_is_refused_with_its_reason_before_the_weights_are_read(tmp_path):
+    """gemma3_text (a Gemma-3 checkpoint) is refused by its registry entry; the folder's weights are a decoy that
+    any later check would refuse, so the family check came first."""
+    folder = make_folder(tmp_path, config={"model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"]},
+                         weights=("pytorch_model.bin",))
+    err = refused(folder, UnsupportedModelError, r"\(model_type gemma3_text\) is a gemma3 causal LM, which edgeq refuses: .*"
+                                                 r"no onnxruntime-genai packaging for Gemma-3")
+    assert "tests/llm/test_families.py" in err.hint
+
+
 def test_encoder_family_as_causal_lm_is_refused(tmp_path):
     folder = make_folder(tmp_path, config={"model_type": "roberta", "architectures": ["RobertaForCausalLM"]})
     refused(folder, UnsupportedModelError, r"is a causal LM \(RobertaForCausalLM\)")
@@ -214,7 +231,7 @@ def test_encoder_family_as_causal_lm_is_refused(tmp_path):
 
 def test_unknown_model_type(unknown_type):
     err = refused(unknown_type, UnsupportedModelError, r"architecture 'wav2vec2' \(Wav2Vec2Model\) is not supported")
-    for t in ENCODER_TYPES:
+    for t in supported_model_types(ENCODER):
         assert t in err.hint
 
 

@@ -150,7 +150,7 @@ def test_out_holds_only_the_package(exported):
 # ---------------------------------------------------------------------------------------------------- manifest
 
 def test_manifest_schema_and_source_hashes(manifest, tiny_bert_dir):
-    assert manifest["schema_version"] == 1
+    assert manifest["schema_version"] == 2 and manifest["recipe"] == "encoder-cpu"
     src = manifest["source"]
     assert src["name"] == tiny_bert_dir.name and "path" not in src  # no local path: see tests/test_reproducible.py
     assert (src["model_type"], src["architecture"], src["kind"], src["pooling"]) == ("bert", "BertModel", "encoder", "mean")

@@ -8,46 +8,44 @@ from pathlib import Path
 
 from edgeq.errors import UserInputError
 from edgeq.llm.evaluate import ReferenceLogits, evaluate_lm, token_windows
-from edgeq.manifest import COUNT, MANIFEST, check_fields, package_path, read_manifest
+from edgeq.manifest import MANIFEST, Manifest, package_path, read_manifest
+from edgeq.manifest_schema import LMAccuracyRecord, malformed
 from edgeq.modelsource import check_recorded_source
 from edgeq.safe_load import load_tokenizer
 from edgeq.textdata import load_texts
 
-# what eval reads beyond read_manifest's fields: the windows and the source to export the FP32 reference from
-EVAL_FIELDS = (("profile.values.llm", dict), ("profile.values.llm.window_tokens", COUNT),
-               ("profile.values.llm.eval_windows", COUNT), ("source.files", dict))
 
-
-def evaluate_package(package: Path, text_file: Path, reference: Path | None = None) -> dict:
+def evaluate_package(package: Path, text_file: Path, reference: Path | None = None) -> LMAccuracyRecord:
     """Perplexity, KL and top-1 agreement of the package vs FP32 on ``text_file``. Without ``reference`` the FP32
     model is exported again from the source the manifest names (its hashes must still match)."""
     package = Path(package)
     manifest = read_manifest(package)
-    if manifest["source"]["kind"] != "causal-lm":
+    if not manifest.is_llm:
         raise UserInputError(f"{package} is not an LLM package", "edgeq eval measures causal LMs; encoders are "
                              "measured at export (see edgeq inspect)")
-    check_fields(manifest, EVAL_FIELDS, package / MANIFEST)
-    spec = manifest["profile"]["values"]["llm"]
-    model = package_path(package, manifest["model"]["file"], "the manifest's model.file")
+    if manifest.source.files is None:  # the FP32 reference is exported again from the source these hashes name
+        raise malformed(package / MANIFEST, "source.files", "an object")
+    spec = manifest.profile.values.llm
+    model = package_path(package, manifest.model.file, "the manifest's model.file")
     tokenizer = load_tokenizer(package)
-    windows = token_windows(tokenizer, load_texts(text_file).texts, spec["window_tokens"], spec["eval_windows"])
+    windows = token_windows(tokenizer, load_texts(text_file).texts, spec.window_tokens, spec.eval_windows)
     with tempfile.TemporaryDirectory(prefix="edgeq-eval-") as tmp:
         ref_path = Path(reference) if reference else _fp32_reference(manifest, Path(tmp))
         with ReferenceLogits(ref_path, windows, directory=Path(tmp) / "ref") as ref:
             acc = evaluate_lm(model, ref, windows)
-    return asdict(acc)
+    return LMAccuracyRecord(**asdict(acc))
 
 
-def _fp32_reference(manifest: dict, work: Path) -> Path:
+def _fp32_reference(manifest: Manifest, work: Path) -> Path:
     from edgeq.llm.gguf_source import materialize_gguf
     from edgeq.stages.export import export
 
-    src_info = manifest["source"]
-    if "path" not in src_info:  # manifests record the source by name and file hashes, not where it was
-        raise UserInputError(f"the manifest names its source ({src_info.get('name')}) by file hashes, not by path",
+    src_info = manifest.source
+    if src_info.path is None:  # manifests record the source by name and file hashes, not where it was
+        raise UserInputError(f"the manifest names its source ({src_info.name}) by file hashes, not by path",
                              "pass --reference with the FP32 ONNX model to compare with")
     # the source folder is outside the package by design: checked as any model folder is, and still the one hashed
-    src = check_recorded_source(Path(src_info["path"]), src_info)
+    src = check_recorded_source(Path(src_info.path), src_info.to_dict())
     if src.gguf_file:
         src = replace(src, path=materialize_gguf(src.path, src.gguf_file, work / "source"))
     return export(src, work).onnx_path

@@ -24,6 +24,7 @@ from pathlib import Path
 import onnx
 
 from edgeq.errors import EdgeqError, PackageError, UnsupportedModelError, UserInputError
+from edgeq.families import CAUSAL_LM, by_model_type, supported_model_types
 from edgeq.llm.limits import check_length, position_caps
 from edgeq.manifest import REEXPORT, package_path, read_package_json
 
@@ -34,11 +35,6 @@ GENAI_CONFIG = "genai_config.json"
 SESSION_OPTION_KEYS = frozenset({"log_id", "provider_options"})
 PAST_KEY, PAST_VALUE = "past_key_values.%d.key", "past_key_values.%d.value"
 PRESENT_KEY, PRESENT_VALUE = "present.%d.key", "present.%d.value"
-# model.type values onnxruntime-genai 0.18 runs as a plain decoder-only LLM (src/models/model_type.h: IsLLM), keyed
-# by Hugging Face model_type. Only types whose optimum export has the standard KV-cache I/O are listed; gpt2 and
-# chatglm are LLM types there too but take a different cache layout.
-GENAI_MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3",
-                     "gemma": "gemma", "gemma2": "gemma2", "smollm3": "smollm3", "granite": "granite", "olmo": "olmo"}
 _PAST_RE = re.compile(r"past_key_values\.(\d+)\.(key|value)")
 
 
@@ -109,12 +105,19 @@ def special_token_ids(hf_config: dict, generation_config: dict | None) -> tuple[
     return int(_first(bos, eos_list[0])), eos_out, int(pad)
 
 
+def genai_model_type(model_type: str) -> str:
+    """onnxruntime-genai's model.type for a Hugging Face model_type: the family's runtime type (edgeq.families).
+    Input checks refuse other families before any work; this is the packaging's own guard."""
+    family = by_model_type(model_type)
+    if family is None or not family.supported or not family.runtime_type:
+        raise UnsupportedModelError(f"onnxruntime-genai packaging does not support model_type '{model_type}'",
+                                    f"supported: {', '.join(supported_model_types(CAUSAL_LM))}")
+    return family.runtime_type
+
+
 def genai_config(model_file: str, io: DecoderIO, hf_config: dict, generation_config: dict | None, *,
                  context_length: int, provider_options: Sequence[dict] = ()) -> dict:
-    model_type = hf_config.get("model_type", "")
-    if model_type not in GENAI_MODEL_TYPES:
-        raise UnsupportedModelError(f"onnxruntime-genai packaging does not support model_type '{model_type}'",
-                                    f"supported: {', '.join(sorted(GENAI_MODEL_TYPES))}")
+    runtime_type = genai_model_type(hf_config.get("model_type", ""))
     heads = int(hf_config["num_attention_heads"])
     kv_heads = int(_first(hf_config.get("num_key_value_heads"), heads))
     head_size = int(_first(hf_config.get("head_dim"), hf_config["hidden_size"] // heads))
@@ -150,7 +153,7 @@ def genai_config(model_file: str, io: DecoderIO, hf_config: dict, generation_con
             },
             "eos_token_id": eos,
             "pad_token_id": pad,
-            "type": GENAI_MODEL_TYPES[model_type],
+            "type": runtime_type,
             "vocab_size": int(hf_config["vocab_size"]),
         },
         "search": {

@@ -2,9 +2,10 @@
 
 transformers reads the GGUF (``from_pretrained(dir, gguf_file=NAME)``, needs the ``gguf`` package) and dequantizes
 every tensor to float, so the export that follows is the same as for a safetensors folder. The GGUF's own metadata
-is checked first: only decoder-only causal LMs that transformers can load from GGUF are accepted. transformers
-reads the GGUF from a folder holding nothing else (a symlink to it): a tokenizer_config.json or code beside the GGUF
-is never read, so the GGUF is the whole source, as its hash in the manifest says.
+is checked first (``modelsource.inspect_gguf``, from the header alone): only the families ``edgeq.families`` exports
+from GGUF are accepted, before anything is dequantized. transformers reads the GGUF from a folder holding nothing
+else (a symlink to it): a tokenizer_config.json or code beside the GGUF is never read, so the GGUF is the whole
+source, as its hash in the manifest says.
 """
 
 from __future__ import annotations
@@ -12,51 +13,11 @@ from __future__ import annotations
 import contextlib
 import io
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
-from edgeq.errors import ModelFolderError, UnsupportedModelError, name_list
+from edgeq.errors import ModelFolderError
+from edgeq.modelsource import gguf_family, name_list, read_gguf_info
 from edgeq.safe_load import no_stdin
-
-# GGUF general.architecture values that are decoder-only causal LMs transformers loads from GGUF (4.57).
-CAUSAL_LM_GGUF_ARCHS = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "stablelm",
-                                  "starcoder2", "falcon", "bloom", "gpt2", "nemotron"})
-
-
-@dataclass(frozen=True)
-class GgufInfo:
-    path: Path
-    architecture: str
-    name: str
-    file_type: int
-    add_bos_token: bool | None = None  # tokenizer.ggml.add_bos_token; transformers 4.57 ignores it
-    eos_token_id: int | None = None
-    context_length: int | None = None  # <arch>.context_length: what transformers makes max_position_embeddings
-
-
-def read_gguf_info(path: Path) -> GgufInfo:
-    import gguf
-
-    if not path.is_file():
-        raise ModelFolderError(f"GGUF file {path} does not exist", f"pass --gguf-file the name of a .gguf file in {path.parent}")
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as exc:  # the gguf package raises ValueError/struct errors on a non-GGUF file
-        raise ModelFolderError(f"{path} is not a readable GGUF file ({exc})", "pass a .gguf file written by llama.cpp") from exc
-
-    def field(key: str, default=""):
-        f = reader.fields.get(key)
-        if f is None:
-            return default
-        value = f.parts[f.data[0]]
-        return bytes(value).decode() if f.types and f.types[0] == gguf.GGUFValueType.STRING else value.tolist()[0]
-
-    bos, eos = field("tokenizer.ggml.add_bos_token", None), field("tokenizer.ggml.eos_token_id", None)
-    arch = field("general.architecture")
-    context = field(f"{arch}.context_length", None)
-    return GgufInfo(path, arch, field("general.name"), int(field("general.file_type", -1)),
-                    None if bos is None else bool(bos), None if eos is None else int(eos),
-                    None if context is None else int(context))
 
 
 def check_gguf_loading(path: Path, loading: dict) -> None:
@@ -75,11 +36,7 @@ def check_gguf_loading(path: Path, loading: dict) -> None:
 def materialize_gguf(folder: Path, gguf_name: str, out: Path) -> Path:
     """Dequantize ``folder/gguf_name`` into an FP32 safetensors folder at ``out`` (config, weights, tokenizer)."""
     info = read_gguf_info(Path(folder) / gguf_name)
-    if info.architecture not in CAUSAL_LM_GGUF_ARCHS:
-        raise UnsupportedModelError(
-            f"{info.path} holds a '{info.architecture}' model, not a decoder-only causal LM",
-            f"--gguf-file takes causal LMs: {', '.join(sorted(CAUSAL_LM_GGUF_ARCHS))}",
-        )
+    gguf_family(info)  # inspect_model_dir checked it already; never dequantize a family edgeq refuses
     import torch
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -9,7 +9,7 @@ import json
 from dataclasses import dataclass
 
 from edgeq.errors import ModelFolderError, UserInputError
-from edgeq.modelsource import ModelSource
+from edgeq.modelsource import ModelSource, read_gguf_info
 from edgeq.profiles import LLMSpec
 
 
@@ -54,8 +54,6 @@ def check_length(caps: list[PositionCap], key: str, value: int) -> None:
 def source_caps(source: ModelSource) -> list[PositionCap]:
     """The caps of a source folder: from config.json, or from a GGUF's metadata."""
     if source.gguf_file:
-        from edgeq.llm.gguf_source import read_gguf_info
-
         info = read_gguf_info(source.path / source.gguf_file)
         if info.context_length is None or info.context_length <= 0:
             return []

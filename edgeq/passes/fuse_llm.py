@@ -31,12 +31,8 @@ Equivalence (FP32): over a prefill and 8 decode steps the fused model's logits a
 relative; greedy tokens through onnxruntime-genai identical for 128 steps), and the fused FP32 graph gives the same
 logits on the ARM64 CPU EP as on x86-64 (7e-5 absolute). ``tests/llm/test_fuse_llm.py`` checks the tolerance.
 
-Families (tests/llm/test_families.py): Llama, Mistral, Qwen2, Gemma, SmolLM3 fuse completely (SmolLM3's NoPE
-layers, whose q and k come straight from their projections, as GroupQueryAttention with ``do_rotary=0``). Qwen2's
-q/k/v biases become one Add of the packed bias after the packed MatMul (GroupQueryAttention takes none). Gemma's export derives positions
-from the cache length instead of ``position_ids``; its cos/sin are evaluated for an empty past, allowed because the
-past and ``input_ids`` reach them through Shape only. Phi-3's packed ``qkv_proj`` split by Slice, with a partial-rotary
-Concat, is left unfused and reported, exact by construction.
+What it fuses on each family is that family's ``fusion`` entry in ``edgeq/families.py`` (checked per family by
+tests/llm/test_families.py); every match here is structural, so the pass itself names no family.
 
 Assumptions: decoder-only, causal, no sliding window within the context (genai_config refuses a longer context),
 non-interleaved (rotate_half) rotary over the whole head, no bias on the output projection. The fused model runs through GroupQueryAttention's semantics: right- or no padding per row

@@ -19,7 +19,7 @@ from edgeq.llm.gguf_source import materialize_gguf
 from edgeq.llm.greedy import VERIFY_PROMPT, greedy_margins
 from edgeq.llm.int4 import QuantizeInt4
 from edgeq.llm.tokenizer import check_tokenizer, write_package_tokenizer
-from edgeq.manifest import SCHEMA_VERSION, tool_versions
+from edgeq.manifest import CAUSAL_LM, SCHEMA_VERSION, tool_versions
 from edgeq.partitions import partition_report
 from edgeq.passes.base import run_passes
 from edgeq.passes.fuse_llm import FuseLLM
@@ -38,7 +38,7 @@ MODEL_FILE = "model.onnx"
 
 
 class CausalLM:
-    name = "causal-lm"
+    name = CAUSAL_LM
 
     def build(self, inputs: Inputs, req: ExportRequest, folder: Path, work: Path, progress: Progress) -> Built:
         src, profile, spec = inputs.source, inputs.profile, inputs.profile.llm
@@ -103,7 +103,7 @@ class CausalLM:
         recorded = {**provenance(inputs, req), "calibration": text_file_record(inputs.calibration)}
         evaluation_file = text_file_record(inputs.evaluation)
         manifest = {
-            "schema_version": SCHEMA_VERSION,
+            "schema_version": SCHEMA_VERSION, "recipe": CAUSAL_LM,
             **recorded,
             "tools": tool_versions(),
             "model": {"file": MODEL_FILE, "format": "onnx", "runtime": "onnxruntime-genai", "genai_config": GENAI_CONFIG,

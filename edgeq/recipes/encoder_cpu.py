@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edgeq.manifest import SCHEMA_VERSION, stored_rows, tool_versions
+from edgeq.manifest import ENCODER_CPU, SCHEMA_VERSION, stored_rows, tool_versions
 from edgeq.metrics import EncoderAccuracy
 from edgeq.partitions import partition_report
 from edgeq.progress import Progress
@@ -25,7 +25,7 @@ from edgeq.stages.record import (budget_section, model_io, precision_section, pr
 
 
 class EncoderCpu:
-    name = "encoder-cpu"
+    name = ENCODER_CPU
 
     def build(self, inputs: Inputs, req: ExportRequest, folder: Path, work: Path, progress: Progress) -> Built:
         src, profile = inputs.source, inputs.profile
@@ -63,7 +63,7 @@ def _manifest(inputs: Inputs, req: ExportRequest, quantized: QuantizedModel, acc
                     src.pooling)
     plan = quantized.plan
     return {
-        "schema_version": SCHEMA_VERSION,
+        "schema_version": SCHEMA_VERSION, "recipe": ENCODER_CPU,
         **provenance(inputs, req),
         "tools": tool_versions(),
         "model": {

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 
 from edgeq.devices.qnn_htp import compile_context, qnn_module, run_htp
-from edgeq.manifest import SCHEMA_VERSION, stored_rows, tool_versions
+from edgeq.manifest import ENCODER_QNN, SCHEMA_VERSION, stored_rows, tool_versions
 from edgeq.metrics import EncoderAccuracy, compare
 from edgeq.progress import Progress
 from edgeq.qnn.inputs import embed_static, pooled, static_feeds
@@ -38,7 +38,7 @@ CONTEXT_FILE = "model_ctx.onnx"
 
 
 class EncoderQnn:
-    name = "encoder-qnn"
+    name = ENCODER_QNN
 
     def build(self, inputs: Inputs, req: ExportRequest, folder: Path, work: Path, progress: Progress) -> Built:
         qnn_module()  # fail before minutes of work when the QNN EP is missing
@@ -99,7 +99,7 @@ def _manifest(inputs: Inputs, req: ExportRequest, folder: Path, tokenizer, quant
                       src.pooling)
     stored = {k: np.concatenate([f[k] for f in feeds]) for k in names}
     return {
-        "schema_version": SCHEMA_VERSION,
+        "schema_version": SCHEMA_VERSION, "recipe": ENCODER_QNN,
         **provenance(inputs, req),
         "tools": {**tool_versions(), "onnxruntime-qnn": qnn_module().__version__},
         "model": {

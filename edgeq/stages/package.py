@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgeq.errors import EdgeqError
-from edgeq.manifest import file_entries, write_manifest
+from edgeq.manifest import checked_manifest, file_entries, write_manifest
 from edgeq.staging import die_with_parent
 from edgeq.stages.ort_format import OrtFormatError, canonical_ort
 
@@ -116,7 +116,8 @@ def copy_encoder_tokenizer(src: Path, dest: Path, source_files: tuple[str, ...])
 
 
 def finish(folder: Path, manifest: dict) -> Package:
-    """Record every file's hash and size in the manifest and write it."""
+    """Record every file's hash and size in the manifest and write it, as the schema has it (checked: a writer
+    cannot record what a reader would refuse)."""
     manifest["files"] = file_entries(folder)
-    write_manifest(folder, manifest)
+    write_manifest(folder, checked_manifest(manifest, folder))
     return Package(folder, manifest)

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeq.errors import DeviceUnavailableError, PackageError, UserInputError
-from edgeq.manifest import MANIFEST, file_entries, package_path, read_manifest
+from edgeq.manifest import MANIFEST, file_entries, package_path, read_manifest_dict as read_manifest
 from edgeq.metrics import per_sample_cosine
 from edgeq.profiles import AccuracyBudget, LLMSpec, PackageSpec, Profile, known_profiles, load_profile
 from edgeq.runtime import pool, session

@@ -197,11 +197,13 @@ def test_a_malformed_manifest_is_a_clear_error(copy, tmp_path, case, command):
     assert re.search(r"^hint: re-export the package", result.stderr, re.M)
 
 
-def test_a_malformed_detail_inspect_shows_is_a_clear_error(copy):
+@pytest.mark.parametrize("command", ["inspect", "verify"])
+def test_a_malformed_detail_inspect_shows_is_a_clear_error(copy, command):
+    """Typed when read (not when shown): every command refuses it by name, and nothing is half printed."""
     edit(copy, lambda m: m.update(partitions={"NNAPI": {"verdict": "ok"}}))
-    result = edgeq("inspect", copy)
-    refused(result, r"manifest\.json is malformed: KeyError 'as_is' while showing it")
-    assert result.stdout == ""  # nothing half printed
+    result = edgeq(command, copy)
+    refused(result, r"manifest\.json is malformed: 'partitions\.NNAPI\.as_is' must be an object, got missing$")
+    assert result.stdout == ""
 
 
 @pytest.mark.parametrize("where", ["missing", "file"])

@@ -1,4 +1,4 @@
-"""Every causal-LM family in CAUSAL_LM_TYPES through the android-arm64 chain, on tiny random models
+"""Every supported causal-LM family of edgeq.families through the android-arm64 chain, on tiny random models
 (tests/llm/tiny_families.py: 2 layers, hidden 64, 4 query / 2 KV heads, vocabulary 600).
 
 Per family: FuseLLM fuses what it recognises and leaves (and reports) the rest, with the fused FP32 logits equal to
@@ -19,7 +19,7 @@ phi3     norms only: packed qkv_proj split by    4.8e-6         equal (0.05)    
          Slice, partial-rotary Concat
 gemma    GQA 2/2 (packed QKV), norms 5/5         1.8e-6         equal (0.004)        0.27 / 0.974 / 0.66
          ((1 + w) folded by the export; rotary positions counted from the cache, see FuseLLM)
-gemma2   refused (modelsource.REFUSED_CAUSAL_LM): the export has no attention soft-capping Tanh; fused it measured
+gemma2   refused (its edgeq.families entry): the export has no attention soft-capping Tanh; fused it measured
          1.7e-6 and equal greedy, but only because a random model's scores never near the cap of 50
 
 rel = max |INT4 - torch| / max |torch|. A 64-wide random model with std 0.2 weights is 4-bit's worst case
@@ -39,20 +39,27 @@ import pytest
 from edgeq.errors import UnsupportedModelError, UserInputError
 from edgeq.llm.genai import GENAI_CONFIG, DecoderIO, genai_config, greedy_tokens
 from edgeq.llm.int4 import kv_projections
-from edgeq.modelsource import CAUSAL_LM_TYPES, REFUSED_CAUSAL_LM
+from edgeq.families import CAUSAL_LM, FAMILIES, by_model_type
 from edgeq.passes.fuse_llm import FuseLLM
 from edgeq.pipeline import ExportRequest, export_package
 from edgeq.runtime import session
 
 from .test_genai import chat_ids, make_package, optimum_export, torch_greedy
-from .tiny_families import FAMILIES, tiny_family
+from .tiny_families import FAMILIES as TINY
+from .tiny_families import tiny_family
 
-# family -> (GroupQueryAttention nodes FuseLLM emits, K/V projection MatMuls in the fused graph)
-EXPECTED = {"llama": (2, 2), "mistral": (2, 2), "smollm3": (2, 2), "qwen2": (2, 2), "phi3": (0, 2), "gemma": (2, 2)}
+SUPPORTED = sorted(f.name for f in FAMILIES if f.kind == CAUSAL_LM and f.supported)
+TINY_REFUSED = sorted(f.name for f in FAMILIES if f.kind == CAUSAL_LM and not f.supported and f.name in TINY)
 
 
 def test_every_claimed_family_is_tested():
-    assert set(FAMILIES) == set(EXPECTED) | set(REFUSED_CAUSAL_LM) and set(EXPECTED) == set(CAUSAL_LM_TYPES)
+    assert set(TINY) == set(SUPPORTED) | set(TINY_REFUSED) and TINY_REFUSED == ["gemma2"]
+    assert all(by_model_type(name).name == name for name in TINY)
+
+
+def expected_fusion(name: str) -> tuple[int, int]:
+    """(GroupQueryAttention nodes FuseLLM emits, K/V projection MatMuls in the fused graph) on a 2-layer model."""
+    return (2 if by_model_type(name).fuses_attention else 0), 2
 
 
 def test_gemma2_is_refused_up_front(tmp_path):
@@ -97,7 +104,7 @@ class Family:
                                                     settings=settings))
 
 
-@pytest.fixture(scope="module", params=sorted(EXPECTED))
+@pytest.fixture(scope="module", params=SUPPORTED)
 def family(request, tmp_path_factory) -> Family:
     return Family(request.param, tmp_path_factory.mktemp(request.param))
 
@@ -124,7 +131,7 @@ def run_with_cache(path: Path, ids: np.ndarray, steps: int) -> np.ndarray:
 
 
 def test_fusion_is_exact_or_reported(family):
-    gqa, _ = EXPECTED[family.name]
+    gqa, _ = expected_fusion(family.name)
     ops = [n.op_type for n in family.fused_model.graph.node]
     assert ops.count("GroupQueryAttention") == gqa, family.summary
     assert ops.count("SimplifiedLayerNormalization") + ops.count("SkipSimplifiedLayerNormalization") >= 5
@@ -137,8 +144,8 @@ def test_fusion_is_exact_or_reported(family):
 
 def test_genai_greedy_equals_torch(family):
     config = json.loads((family.fp32_package / GENAI_CONFIG).read_text())
-    assert config["model"]["type"] == family.name  # each is a type onnxruntime-genai 0.18 runs as a decoder LLM
-    gqa, _ = EXPECTED[family.name]
+    assert config["model"]["type"] == by_model_type(family.name).runtime_type == family.name
+    gqa, _ = expected_fusion(family.name)
     # a shared past/present buffer only when every layer's cache is written by GroupQueryAttention
     assert config["search"]["past_present_share_buffer"] is (gqa == family.config["num_hidden_layers"])
     prompt = chat_ids(family.src)
@@ -153,7 +160,7 @@ def test_int4_package_near_fp32_with_kv_at_8_bits(family):
 
     from edgeq.llm.evaluate import window_feeds
 
-    _, n_kv = EXPECTED[family.name]
+    _, n_kv = expected_fusion(family.name)
     assert len(kv_projections(family.fused_model)) == n_kv
     kv_nodes = [d for d in family.package.manifest["precision"]["nodes"] if "K/V projection" in d["reason"]]
     assert len(kv_nodes) == n_kv and {d["precision"] for d in kv_nodes} == {"int8"}

@@ -49,6 +49,7 @@ def test_package_holds_the_portable_qdq_model_and_the_context_model(package):
 
 def test_manifest_records_every_node_on_htp_with_fallback_disabled(package):
     q = package.manifest["qnn"]
+    assert (package.manifest["schema_version"], package.manifest["recipe"]) == (2, "encoder-qnn")
     nodes = len(onnx.load(str(package.path / "model.onnx")).graph.node)
     sim = q["simulator"]
     assert sim["cpu_ep_fallback"] == "disabled"

@@ -18,6 +18,7 @@ from edgeq.errors import EdgeqError
 from edgeq.manifest import MANIFEST
 from edgeq.stages.ort_format import OrtFormatError, canonical_ort
 from edgeq.stages.package import MODEL_FILE, OPS_CONFIG, Package, convert_to_ort, copy_tokenizer, finish
+from manifest_samples import encoder_manifest
 from tiny_models import tiny_onnx_encoder
 
 VOCAB, HIDDEN = 50, 16
@@ -122,12 +123,13 @@ def test_finish_writes_a_manifest_whose_files_match_sha256_and_size(converted, t
     (folder / "extra").mkdir()
     (folder / "extra" / "notes.txt").write_text("nested")
     (folder / MANIFEST).write_text('{"stale": true}')  # an old manifest is replaced, never listed
-    manifest = {"schema_version": 1, "model": {"file": MODEL_FILE}}
+    manifest = encoder_manifest(extra_key={"kept": True})
     pkg = finish(folder, manifest)
     assert isinstance(pkg, Package) and pkg.path == folder and pkg.model_path == folder / MODEL_FILE
     on_disk = json.loads((folder / MANIFEST).read_text())
     assert on_disk == pkg.manifest
     assert on_disk["model"] == {"file": MODEL_FILE} and "stale" not in on_disk
+    assert on_disk["extra_key"] == {"kept": True}  # a key the schema does not name is written as given
     files = on_disk["files"]
     assert sorted(files) == sorted(["extra/notes.txt", MODEL_FILE, OPS_CONFIG, "vocab.txt"])
     for rel, entry in files.items():
@@ -179,3 +181,21 @@ def test_canonical_ort_depends_on_content_not_layout(converted, monkeypatch):
 def test_canonical_ort_refuses_a_file_that_is_not_ort_format(onnx_model):
     with pytest.raises(OrtFormatError, match="not an ORT-format file"):
         canonical_ort(onnx_model.read_bytes())
+
+
+@pytest.mark.parametrize("change, says", [
+    (lambda m: m["accuracy"].update(mean_cosine=float("nan")), r"'accuracy.mean_cosine' must be a finite number, got "
+                                                               r"float nan"),
+    (lambda m: m.pop("recipe"), r"'recipe' must be one of encoder-cpu, encoder-qnn, causal-lm, got missing"),
+    (lambda m: m["source"].update(kind="causal-lm"), r"recipe 'encoder-cpu' is for source.kind 'encoder'"),
+])
+def test_finish_refuses_a_manifest_the_schema_refuses(tmp_path, change, says):
+    """What a writer records is what every reader takes: a writer's slip is an edgeq bug at export, not a package
+    that no command can read."""
+    (tmp_path / "vocab.txt").write_text("a\n")
+    manifest = encoder_manifest()
+    change(manifest)
+    with pytest.raises(EdgeqError, match=r"edgeq wrote a manifest its own schema refuses: .*" + says) as err:
+        finish(tmp_path, manifest)
+    assert "edgeq bug" in err.value.hint and err.value.exit_code == 1
+    assert not (tmp_path / MANIFEST).exists()
