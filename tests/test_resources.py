@@ -15,15 +15,17 @@ import sys
 import zipfile
 from importlib.resources import files
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
+from edgeq.errors import EdgeqError
 from edgeq.profiles import PROFILES_DIR, known_profiles, load_profile
 from edgeq.resources import CALIBRATION_DATA_DIR, bundled_dir
 from edgeq.textdata import CALIBRATION_FILE, EVALUATION_FILE, load_texts
 
 ROOT = Path(__file__).resolve().parent.parent
-# What a source distribution of edgeq holds (everything setup.py and pyproject.toml read).
+# What the wheel is built from (everything setup.py and pyproject.toml read).
 PROJECT_FILES = ("pyproject.toml", "setup.py", "README.md")
 PROJECT_DIRS = ("edgeq", "export_profiles", "calibration_data")
 
@@ -43,14 +45,26 @@ def test_text_splits_resolve_through_the_package():
     assert (len(load_texts(CALIBRATION_FILE).texts), len(load_texts(EVALUATION_FILE).texts)) == (400, 320)
 
 
-def test_bundled_dir_of_a_package_that_is_not_there_names_it():
-    with pytest.raises(ModuleNotFoundError, match="edgeq.no_such_data"):
-        bundled_dir("edgeq.no_such_data")
+def test_bundled_dir_inside_a_zip_is_refused_with_the_fix(tmp_path, monkeypatch):
+    archive = tmp_path / "zipped.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("zipped_profiles/__init__.py", "")
+        z.writestr("zipped_profiles/android-arm64.toml", "")
+    monkeypatch.syspath_prepend(str(archive))
+    with pytest.raises(EdgeqError, match=r"\(zipped_profiles\) are not in a folder on disk") as err:
+        bundled_dir("zipped_profiles")
+    assert "install edgeq with pip" in err.value.hint
+    sys.modules.pop("zipped_profiles", None)
+
+
+class Built(NamedTuple):
+    wheel: zipfile.ZipFile
+    log: str  # pip's and setuptools' output, warnings included
 
 
 @pytest.fixture(scope="module")
-def wheel(tmp_path_factory) -> tuple[zipfile.ZipFile, str]:
-    """The wheel built from a copy of the project, and the build's output (its warnings)."""
+def built(tmp_path_factory) -> Built:
+    """The wheel built from a copy of the project."""
     tmp = tmp_path_factory.mktemp("wheel")
     src = tmp / "src"
     src.mkdir()
@@ -61,33 +75,34 @@ def wheel(tmp_path_factory) -> tuple[zipfile.ZipFile, str]:
     run = subprocess.run([sys.executable, "-m", "pip", "wheel", "-v", "--no-deps", "--no-build-isolation",
                           "--wheel-dir", str(tmp / "dist"), str(src)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    (built,) = (tmp / "dist").glob("edgeq-*.whl")
-    return zipfile.ZipFile(built), run.stdout + run.stderr
+    (wheel,) = (tmp / "dist").glob("edgeq-*.whl")
+    return Built(zipfile.ZipFile(wheel), run.stdout + run.stderr)
 
 
-def test_wheel_holds_every_profile_and_text_split_as_package_data(wheel):
-    names = set(wheel[0].namelist())
+def test_wheel_holds_every_profile_and_text_split_as_package_data(built):
+    names = set(built.wheel.namelist())
     bundled = ([f"edgeq/export_profiles/{p.name}" for p in ROOT.joinpath("export_profiles").glob("*.toml")]
                + [f"edgeq/calibration_data/{p.name}" for p in ROOT.joinpath("calibration_data").glob("*.jsonl")])
-    assert len(bundled) >= 7 and not set(bundled) - names
+    assert len(bundled) >= 7 and not set(bundled) - names  # 5 profiles and 2 text splits today
     modules = {p.relative_to(ROOT).as_posix() for p in ROOT.joinpath("edgeq").rglob("*.py") if "__pycache__" not in p.parts}
     assert not modules - names, "setup.py's find_packages missed these modules (a folder without __init__.py?)"
-    top = {n.split("/")[0] for n in names}
-    assert top == {"edgeq", "edgeq-0.1.0.dist-info"}, f"the wheel installs more than edgeq: {sorted(top)}"
+    top = {n.split("/")[0] for n in names} - {"edgeq"}
+    assert len(top) == 1 and top.pop().endswith(".dist-info"), f"the wheel installs more than edgeq: {sorted(top)}"
 
 
-def test_wheel_metadata_asks_for_ranges_and_names_its_license(wheel):
-    meta = email.parser.Parser().parsestr(wheel[0].read("edgeq-0.1.0.dist-info/METADATA").decode())
+def test_wheel_metadata_asks_for_ranges_and_names_its_license(built):
+    (metadata,) = [n for n in built.wheel.namelist() if n.endswith(".dist-info/METADATA")]
+    meta = email.parser.Parser().parsestr(built.wheel.read(metadata).decode())
     torch = [r for r in meta.get_all("Requires-Dist") if r.startswith("torch")]
     assert torch == ["torch<3,>=2.6"]  # this machine's CPU build is pinned by constraints.txt, not the package
     assert meta["Requires-Python"] == "<3.15,>=3.11"
     assert meta["License-Expression"] == "Apache-2.0"
-    assert "SetuptoolsDeprecationWarning" not in wheel[1]
+    assert "SetuptoolsDeprecationWarning" not in built.log
 
 
-def test_unpacked_wheel_lists_and_loads_its_own_profiles_outside_the_checkout(wheel, tmp_path):
+def test_unpacked_wheel_lists_and_loads_its_own_profiles_outside_the_checkout(built, tmp_path):
     site = tmp_path / "site"  # a pure-Python wheel installs by unpacking it
-    wheel[0].extractall(site)
+    built.wheel.extractall(site)
     code = ("import edgeq, edgeq.textdata as t; from edgeq.profiles import PROFILES_DIR, load_profile; "
             "print(edgeq.__file__, PROFILES_DIR, t.CALIBRATION_FILE, load_profile('android-qnn-htp').source)")
     env = {**os.environ, "PYTHONPATH": str(site)}
