@@ -83,7 +83,8 @@ bench: setup $(VENV)/.llamacpp
 	$(BIN)/python bench/bench.py --windows $(WINDOWS) $(if $(MODEL),--model "$(MODEL)" $(if $(GGUF),--gguf "$(GGUF)"),--demo)
 
 # Build the wheel, install it into a fresh venv outside the checkout, and list profiles, export and verify the
-# demo from there (about N min; pip's cache serves the dependencies).
+# demo from there. 11.8 and 21.5 min on this 2-core host while other jobs loaded it (load 8-14): the install
+# (4-8 min; pip downloads every dependency but torch each time) and the export (as make demo) are most of it.
 wheel-check:
 	PYTHON=$(PYTHON) .ci/wheel-check
 
