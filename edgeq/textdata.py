@@ -17,10 +17,10 @@ from pathlib import Path
 
 from edgeq.errors import CalibrationDataError
 from edgeq.profiles import Profile
+from edgeq.resources import CALIBRATION_DATA_DIR
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "calibration_data"
-CALIBRATION_FILE = DATA_DIR / "calibration.jsonl"
-EVALUATION_FILE = DATA_DIR / "evaluation.jsonl"
+CALIBRATION_FILE = CALIBRATION_DATA_DIR / "calibration.jsonl"
+EVALUATION_FILE = CALIBRATION_DATA_DIR / "evaluation.jsonl"
 
 
 @dataclass(frozen=True)

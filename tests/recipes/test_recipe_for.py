@@ -1,13 +1,12 @@
 """The one fork of the export path: model kind x the profile's target -> recipe (edgeq/recipes/__init__.py)."""
 
-from pathlib import Path
-
 import pytest
 
 from edgeq.profiles import load_profile
 from edgeq.recipes import recipe_for
+from edgeq.resources import PROFILES_DIR
 
-PROFILES = sorted(p.stem for p in (Path(__file__).resolve().parents[2] / "export_profiles").glob("*.toml"))
+PROFILES = sorted(p.stem for p in PROFILES_DIR.glob("*.toml"))
 
 
 @pytest.mark.parametrize(("kind", "profile", "recipe"), [
