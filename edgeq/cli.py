@@ -13,6 +13,7 @@ import click
 
 from edgeq.errors import EdgeqError, UserInputError
 from edgeq.manifest_schema import EncoderAccuracyRecord, LMAccuracyRecord, Manifest, QnnRecord
+from edgeq.targets import TARGETS
 
 
 def handle_errors(fn):
@@ -252,10 +253,8 @@ def package_lines(package: Path, m: Manifest, nodes: bool) -> list[str]:
 
 @main.command("verify")
 @click.argument("package", type=click.Path(path_type=Path))
-@click.option("--on", "on", default="host", show_default=True, help="Where to run the model: host (x86 ONNX Runtime CPU EP), arm64 (PyPI's "
-              "aarch64 ONNX Runtime under qemu-user-static; builds a 225 MB runtime in .cache/ on first use), or qnn-htp "
-              "(android-qnn-htp packages: the EPContext model on the QNN HTP simulator, CPU fallback disabled; needs "
-              "edgeq[qnn]).")
+@click.option("--on", "on", default="host", show_default=True, type=click.Choice(list(TARGETS)),
+              help="Where to run the model: " + "; ".join(f"{t.name}: {t.runs_on}" for t in TARGETS.values()) + ".")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--rebuild", is_flag=True, help="Then export again from the manifest's recorded inputs into a temporary "
               "folder and compare every file's bytes (exit 1 if one differs, 2 if an input is missing or differs).")

@@ -290,9 +290,11 @@ def measure_speed(row: Row, package: Path, manifest: dict, prompt_tokens: int = 
         row.prefill_tok_s, row.decode_tok_s = s.prefill_tok_s, s.decode_tok_s
     else:
         from edgeq.speed import encoder_ms_per_sentence
+        from edgeq.targets import input_shape
 
-        seq = manifest["profile"]["values"]["accuracy"]["eval_seq_len"]
-        row.ms_per_sentence = encoder_ms_per_sentence(_model_file(package, manifest), tokenizer, texts[:sentences], seq)
+        shape = input_shape(manifest)  # a static-shape (QNN) model takes exactly its batch x seq_len tokens
+        row.ms_per_sentence = encoder_ms_per_sentence(_model_file(package, manifest), tokenizer, texts[:sentences],
+                                                      shape.seq_len, batch=shape.batch)
 
 
 def report_packages(packages: Sequence[Path], out_dir: Path, *, speed: bool = True, as_html: bool = False,

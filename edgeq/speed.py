@@ -121,13 +121,19 @@ def decode_bytes_per_token(model_path: Path) -> int:
 
 # ---------------------------------------------------------------------------------------------------- encoders
 def encoder_ms_per_sentence(model_path: Path, tokenizer, texts: Sequence[str], seq_len: int,
-                            warmup: int = 8) -> float:
-    """Median ms of one ``session.run`` per sentence at batch 1 (tokenization excluded), after ``warmup`` runs."""
+                            warmup: int = 8, batch: int | None = None) -> float:
+    """Median ms of one ``session.run`` per sentence (tokenization excluded), after ``warmup`` runs, in a session
+    with ONNX Runtime's default options (as an app loads the model). ``batch``: a static-shape model's batch size;
+    each sentence then fills one batch (the other rows empty text) of exactly ``seq_len`` tokens, as the model
+    takes it. Otherwise batch 1, padded to the sentence's own length."""
     from edgeq.runtime import encode, session
 
     sess = session(model_path, fuse_qdq=True)
     names = [i.name for i in sess.get_inputs()]
-    feeds = [encode(tokenizer, [t], seq_len, names) for t in texts]
+    if batch:
+        feeds = [encode(tokenizer, [t] + [""] * (batch - 1), seq_len, names, "max_length") for t in texts]
+    else:
+        feeds = [encode(tokenizer, [t], seq_len, names) for t in texts]
     for f in feeds[:warmup]:
         sess.run(None, f)
     times = []

@@ -27,8 +27,8 @@ LAYERS: dict[str, tuple[int, tuple[str, ...]]] = {
                                "edgeq.staging", "edgeq.partitions", "edgeq.speed", "edgeq.request")),
     # the building blocks recipes and targets are made of
     "stages": (2, ("edgeq.stages", "edgeq.passes", "edgeq.llm", "edgeq.qnn", "edgeq.devices")),
-    # where a package runs (Target implementations)
-    "targets": (3, ("edgeq.targets",)),
+    # where a package runs (Target implementations), and verify, which runs a package on one of them
+    "targets": (3, ("edgeq.targets", "edgeq.stages.verify")),
     # one per (model kind, target kind)
     "recipes": (4, ("edgeq.recipes",)),
     # the commands
@@ -198,7 +198,7 @@ def test_checker_finds_a_cycle_through_a_lazy_import(tmp_path):
 
 def test_checker_finds_upward_imports_and_recipes_importing_each_other():
     graph = {
-        "edgeq.stages.verify": {"edgeq.recipes.causal_lm", "edgeq.errors"},
+        "edgeq.stages.quantize": {"edgeq.recipes.causal_lm", "edgeq.errors"},
         "edgeq.policy": {"edgeq.cli"},
         "edgeq.targets.host": {"edgeq.recipes"},
         "edgeq.recipes.encoder_qnn": {"edgeq.recipes.encoder_cpu", "edgeq.recipes.base", "edgeq.pipeline"},
@@ -210,7 +210,7 @@ def test_checker_finds_upward_imports_and_recipes_importing_each_other():
         "edgeq.policy (foundation) imports edgeq.cli (top)",
         "edgeq.recipes.encoder_qnn (recipes) imports edgeq.pipeline (top)",
         "recipe edgeq.recipes.encoder_qnn imports edgeq.recipes.encoder_cpu: recipes share stages, not each other",
-        "edgeq.stages.verify (stages) imports edgeq.recipes.causal_lm (recipes)",
+        "edgeq.stages.quantize (stages) imports edgeq.recipes.causal_lm (recipes)",
         "edgeq.targets.host (targets) imports edgeq.recipes (recipes)",
     ]
     assert cycles(graph) == []
@@ -219,4 +219,5 @@ def test_checker_finds_upward_imports_and_recipes_importing_each_other():
 def test_the_longest_prefix_places_a_module():
     assert layer_of("edgeq.llm.gguf_source") == ("inputs-and-records", 1)
     assert layer_of("edgeq.llm.int4") == ("stages", 2)
+    assert layer_of("edgeq.stages.verify") == ("targets", 3)
     assert layer_of("edgeq.stagesx") is None

@@ -58,6 +58,28 @@ def test_report_html_is_one_file(package, tmp_path):
     assert "<td>tiny-bert-android-arm64</td>" in page
 
 
+def test_report_on_an_android_qnn_htp_package_measures_it_at_its_static_shape(tiny_bert_dir, package, tmp_path):
+    """The QNN package's model.onnx takes exactly 1 x 64 tokens; report used to feed it unpadded sentences and crash.
+    Its row is beside the CPU package's (first, the reference) with the QNN manifest's numbers."""
+    pytest.importorskip("onnxruntime_qnn", reason="edgeq[qnn] is not installed (make setup installs it)")
+    out = tmp_path / "pkgs"
+    result = edgeq("export", tiny_bert_dir, "--profile", "android-qnn-htp", "-o", out, "--samples", 16, "-q")
+    assert result.exit_code == 0, result.output
+    qnn = out / "tiny-bert-android-qnn-htp"
+    manifest = json.loads((qnn / "manifest.json").read_text())
+    result = edgeq("report", package, qnn, "-o", tmp_path / "report", "--no-plots")
+    assert result.exit_code == 0, result.output
+    assert "Traceback" not in result.output
+    data = json.loads((tmp_path / "report" / "report.json").read_text())
+    row = next(r for r in data["rows"] if r["name"] == qnn.name)
+    assert row["ms_per_sentence"] > 0
+    assert row["size_bytes"] == manifest["files"]["model.onnx"]["size"]  # report counts model.* files
+    assert row["accuracy"]["mean_cosine"] == manifest["accuracy"]["mean_cosine"]
+    line = next(ln for ln in (tmp_path / "report" / "REPORT.md").read_text().splitlines()
+                if ln.startswith(f"| {qnn.name} |"))
+    assert f"{manifest['accuracy']['mean_cosine']:.5f}" in line and f"{row['ms_per_sentence']:.2f}" in line
+
+
 def test_report_on_a_folder_that_is_not_a_package(tmp_path):
     result = edgeq("report", tmp_path, "-o", tmp_path / "out")
     assert result.exit_code == 2  # a user mistake

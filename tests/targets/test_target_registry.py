@@ -1,0 +1,73 @@
+"""edgeq.targets: the registry verify, --on, make device-test and report read, and the shapes packages take."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from edgeq.errors import PackageError, UserInputError
+from edgeq.targets import TARGETS, device_for, get_target, input_shape, static_batches
+
+
+def test_every_registered_target_names_itself_and_what_it_runs_on():
+    assert list(TARGETS) == ["host", "arm64", "qnn-htp"]
+    for name, target in TARGETS.items():
+        assert target.name == name and target.runs_on and target.model_kinds
+        assert get_target(name) is target
+
+
+def test_an_unknown_target_is_refused_with_the_known_names():
+    with pytest.raises(UserInputError, match="unknown verification target 'pixel-8'") as exc:
+        get_target("pixel-8")
+    assert exc.value.hint == "targets available: host, arm64, qnn-htp"
+
+
+@pytest.mark.parametrize("provider, device", [("QNNExecutionProvider", "qnn-htp"), ("CPUExecutionProvider", "arm64"),
+                                              (None, "arm64")])
+def test_a_package_goes_to_the_device_its_profile_targets(provider, device):
+    assert device_for({"model": {"execution_provider": provider}}).name == device
+
+
+def test_static_shape_packages_take_their_rows_batch_by_batch():
+    cpu = {"model": {}, "profile": {"values": {"accuracy": {"eval_seq_len": 128}}}}
+    qnn = {"model": {"batch_size": 2, "seq_len": 64}}
+    assert (input_shape(cpu).seq_len, input_shape(cpu).batch, input_shape(cpu).padding) == (128, None, True)
+    assert (input_shape(qnn).seq_len, input_shape(qnn).batch, input_shape(qnn).padding) == (64, 2, "max_length")
+    feeds = {"input_ids": np.arange(12).reshape(4, 3), "attention_mask": np.ones((4, 3))}
+    assert [b["input_ids"].tolist() for b in static_batches(feeds, 2)] == [[[0, 1, 2], [3, 4, 5]], [[6, 7, 8], [9, 10, 11]]]
+    assert len(static_batches(feeds, None)) == 1
+
+
+def test_qnn_htp_takes_the_soc_from_the_manifest_and_the_profile_as_the_default():
+    from edgeq.profiles import load_profile
+
+    target = get_target("qnn-htp")
+    spec = load_profile("android-qnn-htp").qnn
+    assert target.soc({"qnn": {"soc_model": 43, "htp_arch": 73}}) == (43, 73)
+    assert target.soc({}) == (spec.soc_model, spec.htp_arch)
+    with pytest.raises(PackageError, match="must be integers"):
+        target.soc({"qnn": {"soc_model": "57; rm -rf", "htp_arch": 75}})
+
+
+def test_qnn_htp_refuses_a_package_without_a_context_model_and_causal_lms(tmp_path):
+    target = get_target("qnn-htp")
+    with pytest.raises(UserInputError, match="has no EPContext model"):
+        target.check_package(tmp_path, {"model": {"file": "model.ort"}})
+    with pytest.raises(UserInputError, match="runs encoder packages only"):
+        target.greedy_tokens(tmp_path, [1, 2], 4)
+
+
+def test_module_prints_the_names_or_a_package_s_device(tmp_path):
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "edgeq.targets", *map(str, args)], capture_output=True, text=True)
+
+    assert run().stdout.split() == list(TARGETS)
+    missing = run(tmp_path / "nope")
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert missing.stderr.startswith("error: package folder") and "\nhint: " in missing.stderr
+    (tmp_path / "manifest.json").write_text(json.dumps({"not": "a manifest"}))
+    assert run(tmp_path).returncode == 2
