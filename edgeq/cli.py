@@ -210,6 +210,23 @@ def families_cmd(as_json) -> None:
     click.echo(json.dumps([describe(f) for f in FAMILIES], indent=2) if as_json else "\n".join(table_lines()))
 
 
+@main.command("targets")
+@click.argument("package", type=click.Path(path_type=Path), required=False)
+@handle_errors
+def targets_cmd(package) -> None:
+    """List the device targets 'verify --on' takes; with PACKAGE, print only the one its profile targets."""
+    from edgeq.targets import TARGETS, device_for
+
+    if package is not None:
+        from edgeq.manifest import read_manifest
+
+        click.echo(device_for(read_manifest(package).model.execution_provider).name)
+        return
+    width = max(map(len, TARGETS))
+    for name, target in TARGETS.items():
+        click.echo(f"{name:<{width}}  {target.runs_on}")
+
+
 @main.command("inspect")
 @click.argument("package", type=click.Path(path_type=Path))
 @click.option("--nodes", is_flag=True, help="Also list every node's precision decision and reason.")

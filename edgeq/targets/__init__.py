@@ -1,6 +1,6 @@
 """Device targets a package runs on, one registered ``Target`` each (protocol in edgeq.targets.base).
 
-``edgeq verify --on``, ``edgeq targets``, ``make device-test`` and ``edgeq report`` read this registry; adding a
+``edgeq verify --on``, ``edgeq targets [PACKAGE]``, ``make device-test`` and ``edgeq report`` read this registry; adding a
 target is a module here with a class that implements the protocol, and one entry in ``TARGETS``.
 """
 
@@ -26,9 +26,9 @@ def get_target(name: str) -> Target:
                              f"targets available: {', '.join(TARGETS)}") from None
 
 
-def device_for(manifest: dict) -> Target:
-    """The device target for a package: the one its execution provider runs on (arm64 for a CPU package)."""
-    return TARGETS[DEVICE_BY_EP.get(str(manifest.get("model", {}).get("execution_provider")), "arm64")]
+def device_for(execution_provider: str | None) -> Target:
+    """The device target for a package whose manifest records ``execution_provider`` (arm64 for a CPU package)."""
+    return TARGETS[DEVICE_BY_EP.get(str(execution_provider), "arm64")]
 
 
 __all__ = ["TARGETS", "InputShape", "SampleRun", "Target", "device_for", "get_target", "input_shape", "static_batches"]

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -29,7 +27,7 @@ def test_an_unknown_target_is_refused_with_the_known_names():
 @pytest.mark.parametrize("provider, device", [("QNNExecutionProvider", "qnn-htp"), ("CPUExecutionProvider", "arm64"),
                                               (None, "arm64")])
 def test_a_package_goes_to_the_device_its_profile_targets(provider, device):
-    assert device_for({"model": {"execution_provider": provider}}).name == device
+    assert device_for(provider).name == device
 
 
 def test_static_shape_packages_take_their_rows_batch_by_batch():
@@ -61,13 +59,19 @@ def test_qnn_htp_refuses_a_package_without_a_context_model_and_causal_lms(tmp_pa
         target.greedy_tokens(tmp_path, [1, 2], 4)
 
 
-def test_module_prints_the_names_or_a_package_s_device(tmp_path):
-    def run(*args):
-        return subprocess.run([sys.executable, "-m", "edgeq.targets", *map(str, args)], capture_output=True, text=True)
+def test_targets_command_lists_the_registry_or_a_package_s_device(tmp_path):
+    from cli_results import edgeq
+    from manifest_samples import encoder_manifest
 
-    assert run().stdout.split() == list(TARGETS)
-    missing = run(tmp_path / "nope")
-    assert missing.returncode == 2 and "Traceback" not in missing.stderr
-    assert missing.stderr.startswith("error: package folder") and "\nhint: " in missing.stderr
+    listed = edgeq("targets")
+    assert listed.exit_code == 0 and [line.split()[0] for line in listed.output.splitlines()] == list(TARGETS)
+    missing = edgeq("targets", str(tmp_path / "nope"))
+    assert missing.exit_code == 2 and "Traceback" not in missing.output
+    assert "error: package folder" in missing.output and "hint: " in missing.output
+    for provider, device in (("QNNExecutionProvider", "qnn-htp"), ("CPUExecutionProvider", "arm64")):
+        manifest = encoder_manifest()
+        manifest["model"]["execution_provider"] = provider
+        (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+        assert edgeq("targets", str(tmp_path)).output.strip() == device
     (tmp_path / "manifest.json").write_text(json.dumps({"not": "a manifest"}))
-    assert run(tmp_path).returncode == 2
+    assert edgeq("targets", str(tmp_path)).exit_code == 2
