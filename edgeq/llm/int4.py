@@ -27,7 +27,8 @@ error 4-9% but not the model's (KL 0.170 vs 0.168 all INT4; +6.4% vs +5.9% at th
 SmolLM2-135M, KL to FP32 at symmetric block 32, every layer INT4: RTN 0.32, RTN+clip 0.20, GPTQ 0.26, GPTQ+clip
 0.17 (bench/int4_methods.py).
 
-8 bits for the layers INT4 hurts most (MatMulNBits bits=8, same block size):
+8 bits for the layers INT4 hurts most (MatMulNBits bits=8, same block size; edgeq/policy/causal_lm.py decides
+from ``measure_int4``'s numbers, this pass writes what it planned):
   * K/V projections (``int8_kv``), found from the graph: the MatMuls whose output reaches a ``present.*`` output.
     On SmolLM2 keeping v_proj alone in FP32 halves the model's KL (0.15 -> 0.075); k_proj is the next most
     effective per byte. With grouped-query attention they are small (2 x 576 x 192 of 3.5M weights per layer).
@@ -43,7 +44,8 @@ increase / KL: ORT's RTN symmetric block 32 +20.6% / 0.318; this pass's default 
 8-bit K/V and sensitive layers) +5.9% / 0.068; the same at symmetric block 32 +7.1% / 0.078.
 
 A MatMul reading the embedding table (tied lm_head: through a Transpose of the Gather's initializer, or an equal
-copy) is kept unless ``quantize_tied``: quantizing a shared table stores a second copy of it beside the Gather's.
+copy) is kept unless the rules say ``quantize_tied``: quantizing a shared table stores a second copy of it beside
+the Gather's.
 """
 
 from __future__ import annotations
