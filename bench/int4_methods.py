@@ -12,7 +12,7 @@ accuracy_level 4 (A quantized to int8 per block inside the kernel, as phones run
   rtn+clip+refit+int8  ... then block scales refit by least squares under H, and 8 bits for the K/V projections
                    and the layers whose INT4 relative output error is above 2x the median
   gptq+clip        GPTQ with the calibration Hessian and the clip search, all layers INT4
-  gptq+clip+int8   ... and the 8-bit layers as above (QuantizeInt4's defaults)
+  gptq+clip+int8   ... and the 8-bit layers as above (int4_pass's defaults)
   gptq+clip+int8 (1.25x)  promotion threshold 1.25x the median instead of 2x (more layers at 8 bits)
 
 Calibration: 8 x 512 tokens of calibration_data/calibration.jsonl; evaluation: up to 16 x 512 tokens of
@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 from edgeq.llm.activations import collect_activation_stats  # noqa: E402
 from edgeq.llm.evaluate import (CALIBRATION_WINDOWS, EVALUATION_WINDOWS, WINDOW, ReferenceLogits,  # noqa: E402
                                 evaluate_lm, token_windows)
-from edgeq.llm.int4 import QuantizeInt4  # noqa: E402
+from edgeq.llm.int4 import int4_pass  # noqa: E402
 from edgeq.progress import Progress  # noqa: E402
 from edgeq.textdata import CALIBRATION_FILE, EVALUATION_FILE, load_texts  # noqa: E402
 
@@ -122,9 +122,8 @@ def main() -> None:
             label = f"edgeq {name} {setting}"
             if not wanted(label):
                 continue
-            p = QuantizeInt4(stats=stats, block_size=block, symmetric=symmetric, accuracy_level=4, **kw)
-            t = time.monotonic()
-            result = p(model)
+            t = time.monotonic()  # measuring and deciding (sensitivities) counted with quantizing, as before
+            result = int4_pass(model, stats, block_size=block, symmetric=symmetric, accuracy_level=4, **kw)(model)
             int8 = sum(d.bits == 8 for d in result.decisions)
             record(label, result.model, time.monotonic() - t, ref, f"{int8} layers INT8" if int8 else "")
             del result

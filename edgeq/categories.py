@@ -1,6 +1,6 @@
 """Op categories from one data table, so name matching lives here and nowhere else.
 
-A node's category decides its hard precision rule in ``edgeq/policy.py`` and groups the ``inspect`` report. Linear
+A node's category decides its hard precision rule in ``edgeq/policy/`` and groups the ``inspect`` report. Linear
 layers are recognised by structure (a MatMul/Gemm whose second input is a constant 2-D weight); their role (q/k/v,
 attention output, FFN up/down) comes from the node-name patterns each family's entry in ``edgeq.families`` lists.
 """

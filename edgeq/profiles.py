@@ -18,14 +18,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgeq.errors import ProfileError
+from edgeq.precision import CAUSAL_LM, ENCODER_CPU, LM_HEAD, allowed
 from edgeq.resources import PROFILES_DIR
 
-PRECISIONS = ("int8", "int8-weight-only", "w8a16", "w16a16", "fp16", "fp32")
 
-
-def _f(doc: str, default=dataclasses.MISSING, choices: tuple = (), minimum=None, maximum=None, **kw):
-    """A dataclass field with its documentation and, optionally, its allowed values or range (inclusive)."""
-    meta = {"doc": doc, "choices": choices, "minimum": minimum, "maximum": maximum}
+def _f(doc: str, default=dataclasses.MISSING, choices: tuple = (), minimum=None, maximum=None,
+       precision_of: tuple[str, str] | None = None, **kw):
+    """A dataclass field with its documentation and, optionally, its allowed values or range (inclusive).
+    ``precision_of`` = (kind, category): a precision field; its choices (all that a pass implements there, unless
+    narrowed) are checked against edgeq.precision's table."""
+    if precision_of:
+        implemented = tuple(str(p) for p in allowed(*precision_of))
+        assert set(choices) <= set(implemented), (choices, precision_of)
+        choices = choices or implemented
+    meta = {"doc": doc, "choices": choices, "minimum": minimum, "maximum": maximum, "precision_of": precision_of}
     if default is dataclasses.MISSING:
         return field(metadata=meta, **kw)
     return field(default=default, metadata=meta, **kw)
@@ -57,9 +63,10 @@ class QuantizationSpec:
     calibration_seq_len: int = _f("Maximum tokens per calibration text (longer ones are truncated).", 128, minimum=8)
     sensitive_precision: str = _f(
         "Precision given to the linear layers that the sensitivity measurement marks as too sensitive for "
-        "the default int8: 'int8-weight-only' keeps int8 weights with float activations.",
+        "the default int8: 'int8-weight-only' keeps int8 weights with float activations, 'w8a16' quantizes "
+        "activations to 16 bits, 'fp32' leaves the layer as exported.",
         "int8-weight-only",
-        PRECISIONS,
+        precision_of=(ENCODER_CPU, "linear"),
     )
     sensitivity_target_mean_cosine: float = _f(
         "Layers are promoted to sensitive_precision, most sensitive first, until the mean cosine against "
@@ -162,11 +169,11 @@ class LLMSpec:
         "MatMulNBits accuracy_level: 4 computes with int8-quantized activations (fast int8 dot products on ARM), "
         "0 keeps float activations.", 4, (0, 1, 2, 3, 4),
     )
-    embedding_precision: str = _f("Token-embedding table precision.", "fp16", ("fp16", "fp32"))
+    embedding_precision: str = _f("Token-embedding table precision.", "fp16", precision_of=(CAUSAL_LM, "embedding"))
     lm_head_precision: str = _f(
         "Output projection precision. With tied weights 'fp16' shares the embedding table (smallest file); "
         "'int4'/'int8' store a separate low-bit head that reads far fewer bytes per token.", "fp16",
-        ("fp16", "int8", "int4"),
+        ("fp16", "int8", "int4"), precision_of=(CAUSAL_LM, LM_HEAD),
     )
     int8_kv: bool = _f(
         "Give the K/V projections (the MatMuls that write the KV cache) 8-bit MatMulNBits weights: INT4 error there "
@@ -398,7 +405,11 @@ def _coerce(tp, value, f, path: Path, loc: str):
         )
     choices = f.metadata.get("choices") or ()
     if choices and value not in choices:
-        raise ProfileError(f"profile {path}: '{loc}' = {value!r} is not one of {', '.join(map(str, choices))}", f.metadata["doc"])
+        kind_category = f.metadata.get("precision_of")
+        implemented = (f" (the precisions a pass implements for '{kind_category[1]}' nodes in the {kind_category[0]} "
+                       "recipe)") if kind_category else ""
+        raise ProfileError(f"profile {path}: '{loc}' = {value!r} is not one of {', '.join(map(str, choices))}"
+                           f"{implemented}", f.metadata["doc"])
     lo, hi = f.metadata.get("minimum"), f.metadata.get("maximum")
     bounds = f"between {lo} and {hi}" if lo is not None and hi is not None else f">= {lo}" if lo is not None else \
         f"<= {hi}" if hi is not None else "finite"

@@ -417,3 +417,12 @@ def test_help_and_version_still_exit_0():
     for args in (("--help",), ("--version",), ("export", "--help")):
         result = edgeq(*args)
         assert result.exit_code == 0 and result.stdout and not result.stderr, args
+
+
+def test_set_a_precision_no_pass_implements(tiny_bert_dir, tmp_path):
+    """--set quantization.sensitive_precision=fp16 used to export with the 'fp16' layers left FP32 (issue 12)."""
+    out = tmp_path / "out"
+    msg, hint = assert_user_error(edgeq("export", tiny_bert_dir, "--profile", "android-arm64", "-o", out,
+                                        "--set", "quantization.sensitive_precision=fp16"), out)
+    assert "'quantization.sensitive_precision' = 'fp16' is not one of int8, int8-weight-only, w8a16, fp32" in msg
+    assert "sensitive_precision" not in hint and "int8-weight-only" in hint

@@ -15,6 +15,7 @@ from edgeq.errors import ProfileError, UserInputError
 from edgeq.profiles import (
     PROFILES_DIR,
     AccuracyBudget,
+    LLMSpec,
     PackageSpec,
     Profile,
     QuantizationSpec,
@@ -409,3 +410,43 @@ def test_every_bundled_profile_loads(name):
     p = load_profile(name)
     assert p.name == name
     assert p.note or p.status == "supported"  # a deprecated profile says why
+
+
+# A precision no pass implements used to load, reach the manifest and leave the layer FP32 (issue 12): refused now.
+@pytest.mark.parametrize("value", ["fp16", "w16a16", "int4"])
+def test_sensitive_precision_no_pass_implements_is_refused_from_set(value):
+    with pytest.raises(ProfileError) as exc:
+        load_profile("android-arm64", overrides={"quantization.sensitive_precision": value})
+    assert (f"'quantization.sensitive_precision' = '{value}' is not one of int8, int8-weight-only, w8a16, fp32 "
+            "(the precisions a pass implements for 'linear' nodes in the encoder-cpu recipe)") in exc.value.message
+    assert exc.value.exit_code == 2
+
+
+def test_sensitive_precision_no_pass_implements_is_refused_from_a_file(tmp_path):
+    path = write(tmp_path, bundled_with('sensitive_precision = "int8-weight-only"', 'sensitive_precision = "w16a16"'))
+    with pytest.raises(ProfileError, match=r"'quantization.sensitive_precision' = 'w16a16' is not one of int8, "
+                                           r"int8-weight-only, w8a16, fp32 \(the precisions a pass implements"):
+        load_profile(str(path))
+
+
+@pytest.mark.parametrize("key, value, allowed", [
+    ("llm.embedding_precision", "int8", "fp16, fp32"),
+    ("llm.lm_head_precision", "fp32", "fp16, int8, int4"),
+])
+def test_llm_precision_fields_take_what_a_pass_implements(key, value, allowed):
+    with pytest.raises(ProfileError, match=f"'{key}' = '{value}' is not one of {allowed} "):
+        load_profile("android-arm64", overrides={key: value})
+
+
+def test_every_precision_choice_names_an_implementing_pass():
+    from edgeq.precision import implemented_by
+
+    for key, _, _ in describe_fields():
+        section, _, leaf = key.rpartition(".")
+        cls = {"quantization": QuantizationSpec, "llm": LLMSpec}.get(section)
+        f = next((f for f in dataclasses.fields(cls) if f.name == leaf), None) if cls else None
+        if f is None or not f.metadata.get("precision_of"):
+            continue
+        assert f.metadata["choices"], key
+        for choice in f.metadata["choices"]:
+            assert implemented_by(choice, *f.metadata["precision_of"]), (key, choice)

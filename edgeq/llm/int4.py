@@ -27,7 +27,8 @@ error 4-9% but not the model's (KL 0.170 vs 0.168 all INT4; +6.4% vs +5.9% at th
 SmolLM2-135M, KL to FP32 at symmetric block 32, every layer INT4: RTN 0.32, RTN+clip 0.20, GPTQ 0.26, GPTQ+clip
 0.17 (bench/int4_methods.py).
 
-8 bits for the layers INT4 hurts most (MatMulNBits bits=8, same block size):
+8 bits for the layers INT4 hurts most (MatMulNBits bits=8, same block size; edgeq/policy/causal_lm.py decides
+from ``measure_int4``'s numbers, this pass writes what it planned):
   * K/V projections (``int8_kv``), found from the graph: the MatMuls whose output reaches a ``present.*`` output.
     On SmolLM2 keeping v_proj alone in FP32 halves the model's KL (0.15 -> 0.075); k_proj is the next most
     effective per byte. With grouped-query attention they are small (2 x 576 x 192 of 3.5M weights per layer).
@@ -43,7 +44,8 @@ increase / KL: ORT's RTN symmetric block 32 +20.6% / 0.318; this pass's default 
 8-bit K/V and sensitive layers) +5.9% / 0.068; the same at symmetric block 32 +7.1% / 0.078.
 
 A MatMul reading the embedding table (tied lm_head: through a Transpose of the Gather's initializer, or an equal
-copy) is kept unless ``quantize_tied``: quantizing a shared table stores a second copy of it beside the Gather's.
+copy) is kept unless the rules say ``quantize_tied``: quantizing a shared table stores a second copy of it beside
+the Gather's.
 """
 
 from __future__ import annotations
@@ -60,11 +62,12 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgeq.llm.activations import ActivationStats, LinearLayer, linear_layers
 from edgeq.passes.base import PassBase, PassResult
+from edgeq.policy.causal_lm import (BITS, PROMOTE, PROMOTED_BITS, Int4Decision, Int4Facts, Int4Rules, LinearFacts,
+                                    decide_int4, int4_setting, matmulnbits_bytes)
 from edgeq.progress import QUIET, Progress
 
-BITS = 4
-PROMOTED_BITS = 8  # MatMulNBits' other CPU width, for the layers INT4 hurts most
-PROMOTE = 2.0  # promote a layer whose INT4 relative output error is above 2x the median (see the module docstring)
+__all__ = ["BITS", "PROMOTE", "PROMOTED_BITS", "Int4Decision", "QuantizeInt4", "int4_pass", "matmulnbits_bytes",
+           "measure_int4"]
 METHODS = ("rtn", "gptq")
 CLIP_RATIOS = tuple(1.0 - 0.025 * i for i in range(16))  # 1.0 .. 0.625
 LAZY_COLUMNS = 128  # GPTQ's lazy batch: error pushed to later columns once per 128 (a multiple of the block)
@@ -98,22 +101,6 @@ class BlockQuant:
         zp = _mid(self.bits) if self.zero_points is None else self.zero_points[:, :, None].astype(np.float32)
         blocks = (self.q.reshape(n, -1, self.block_size).astype(np.float32) - zp) * self.scales[:, :, None]
         return blocks.reshape(n, kp)[:, : self.k].T.copy()
-
-
-@dataclass(frozen=True)
-class Int4Decision:
-    """``bits`` 4 or 8 for a quantized layer, 0 for one kept in its float type."""
-
-    node: str
-    bits: int
-    reason: str
-    k: int
-    n: int
-    sensitivity: float | None = None  # INT4 RTN relative output error, when statistics were given
-
-    @property
-    def quantize(self) -> bool:
-        return self.bits > 0
 
 
 @dataclass(frozen=True)
@@ -363,19 +350,6 @@ def dequantize_matmulnbits(b: np.ndarray, scales: np.ndarray, zero_points: np.nd
     return w.reshape(n, -1)[:, :k].T.copy()
 
 
-def matmulnbits_bytes(k: int, n: int, bits: int, block_size: int, symmetric: bool, scale_bytes: int = 4) -> int:
-    """Bytes MatMulNBits stores for a [K, N] weight: codes, one scale per block, packed zero points if asymmetric."""
-    blocks = math.ceil(k / block_size)
-    codes = n * blocks * block_size * bits // 8
-    zps = 0 if symmetric else n * (math.ceil(blocks / 2) if bits == 4 else blocks)
-    return codes + n * blocks * scale_bytes + zps
-
-
-def _stored_bytes(init: onnx.TensorProto, as_fp16: bool) -> int:
-    count = math.prod(init.dims)
-    return count * 2 if as_fp16 else count * np.dtype(helper.tensor_dtype_to_np_dtype(init.data_type)).itemsize
-
-
 # ---------------------------------------------------------------------------------------------------- the pass
 
 
@@ -426,28 +400,50 @@ def kv_projections(model: onnx.ModelProto) -> dict[str, str]:
     return out
 
 
-class QuantizeInt4(PassBase):
-    """INT4 MatMulNBits for the chosen linear layers (``nodes``; None: every one), INT8 for the sensitive ones.
+def measure_int4(model: onnx.ModelProto, stats: ActivationStats | None = None, block_size: int = 32,
+                 symmetric: bool = False, sensitivities: bool = True) -> Int4Facts:
+    """What the INT4 policy decides from, measured before any decision: every linear layer (shape, weight type, tie
+    to the embedding table, the KV cache it writes) with, given statistics and ``sensitivities``, its plain-RTN INT4
+    relative output error; and every initializer's stored size."""
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    kv = kv_projections(model)
+    facts = []
+    for layer in linear_layers(model):
+        dtype = inits[layer.weight].data_type
+        s = None
+        if sensitivities and stats is not None and dtype in FLOAT_TYPES and layer.node in stats.layer_input:
+            s = sensitivity(_weight(inits[layer.weight], layer), stats.for_node(layer.node).hessian, block_size,
+                            symmetric)
+        facts.append(LinearFacts(layer.node, layer.weight, layer.transpose, layer.k, layer.n, layer.tied_to,
+                                 TensorProto.DataType.Name(dtype), kv.get(layer.node), s))
+    sizes = {i.name: (math.prod(i.dims), np.dtype(helper.tensor_dtype_to_np_dtype(i.data_type)).itemsize)
+             for i in g.initializer}
+    return Int4Facts(tuple(facts), sizes)
 
-    ``int8_nodes`` names the 8-bit layers outright; otherwise the K/V projections (``int8_kv``) and, with ``stats``,
-    the layers whose INT4 sensitivity is above ``promote`` x the median (``promote=None``: none) get 8 bits.
+
+class QuantizeInt4(PassBase):
+    """INT4 (or INT8) MatMulNBits for the linear layers as ``plan`` says (edgeq.policy.decide_int4): the pass
+    chooses nothing, it writes each planned layer at its planned bits.
+
     ``stats`` is required by ``gptq`` and by ``refit``/data-aware clipping to have an effect.
     """
 
-    def __init__(self, nodes: Collection[str] | None = None, stats: ActivationStats | None = None, *,
+    def __init__(self, plan: Collection[Int4Decision], stats: ActivationStats | None = None, *,
                  block_size: int = 32, symmetric: bool = False, accuracy_level: int = 4, method: str = "gptq",
-                 clip: bool = True, act_order: bool = False, damp: float = DAMP, quantize_tied: bool = False,
-                 tied_bits: int = BITS,
-                 int8_nodes: Collection[str] | None = None, int8_kv: bool = True, promote: float | None = PROMOTE,
-                 refit: bool | None = None, max_model_bytes: int | None = None,
-                 fp16_initializers: Collection[str] = (), progress: Progress = QUIET) -> None:
+                 clip: bool = True, act_order: bool = False, damp: float = DAMP, refit: bool | None = None,
+                 progress: Progress = QUIET) -> None:
         if method not in METHODS:
             raise ValueError(f"unknown INT4 method '{method}' (known: {', '.join(METHODS)})")
         if block_size < 16 or block_size & (block_size - 1):
             raise ValueError(f"block_size {block_size}: MatMulNBits needs a power of two >= 16")
         if method == "gptq" and stats is None:
             raise ValueError("method 'gptq' needs activation statistics (collect_activation_stats)")
-        self.nodes = None if nodes is None else set(nodes)
+        bad = [d for d in plan if d.bits not in (0, BITS, PROMOTED_BITS)]
+        if bad:
+            raise ValueError(f"'{bad[0].node}' is planned at {bad[0].bits} bits; MatMulNBits here writes "
+                             f"{BITS} or {PROMOTED_BITS}")
+        self.plan = tuple(plan)
         self.stats = stats
         self.block_size = block_size
         self.symmetric = symmetric
@@ -456,111 +452,27 @@ class QuantizeInt4(PassBase):
         self.clip = clip
         self.act_order = act_order
         self.damp = damp
-        self.quantize_tied = quantize_tied
-        if tied_bits not in (BITS, PROMOTED_BITS):
-            raise ValueError(f"tied_bits must be {BITS} or {PROMOTED_BITS}, not {tied_bits}")
-        self.tied_bits = tied_bits
-        self.int8_nodes = None if int8_nodes is None else set(int8_nodes)
-        self.int8_kv = int8_kv
-        self.promote = promote
         self.refit = (method == "rtn") if refit is None else refit  # see the module docstring
-        self.max_model_bytes = max_model_bytes
-        self.fp16_initializers = frozenset(fp16_initializers)
         self.progress = progress
 
     @property
     def setting(self) -> str:
-        refit = "+refit" if self.refit and self.stats is not None else ""
-        return (f"{self.method}{'+clip' if self.clip else ''}{refit}, block {self.block_size}, "
-                f"{'symmetric' if self.symmetric else 'asymmetric'}, accuracy_level {self.accuracy_level}")
-
-    def plan(self, model: onnx.ModelProto) -> list[tuple[LinearLayer, Int4Decision]]:
-        g = model.graph
-        inits = {i.name: i for i in g.initializer}
-        keep: dict[str, str] = {}
-        layers = linear_layers(model)
-        for layer in layers:
-            dtype = inits[layer.weight].data_type
-            if self.nodes is not None and layer.node not in self.nodes:
-                keep[layer.node] = "not selected for INT4"
-            elif dtype not in FLOAT_TYPES:
-                keep[layer.node] = f"weight type {TensorProto.DataType.Name(dtype)} is not float32/float16"
-            elif layer.tied_to and not self.quantize_tied:
-                keep[layer.node] = (
-                    f"tied to the embedding table of '{layer.tied_to}' (read through '{layer.transpose}'): "
-                    f"INT4 would store a second copy of its {layer.k * layer.n / 1e6:.1f}M weights beside it; "
-                    "quantize_tied=True to do it anyway" if layer.transpose else
-                    f"a copy of the embedding table of '{layer.tied_to}' (tied lm_head), kept like the table; "
-                    "quantize_tied=True to quantize it")
-            elif self.stats is not None and layer.node not in self.stats.layer_input:
-                raise ValueError(f"no activation statistics for '{layer.node}'")
-        todo = [layer for layer in layers if layer.node not in keep]
-        sens = self._sensitivities(inits, todo)
-        median = float(np.median(list(sens.values()))) if sens else 0.0
-        kv = kv_projections(model) if self.int8_kv and self.int8_nodes is None else {}
-        # node -> why it should get 8 bits, in order of priority
-        if self.int8_nodes is not None:
-            wanted = {layer.node: "INT8: named in int8_nodes" for layer in todo if layer.node in self.int8_nodes}
-        else:
-            wanted = {layer.node: f"INT8: a K/V projection (writes the KV cache '{kv[layer.node]}')"
-                      for layer in todo if layer.node in kv}
-            if self.promote is not None:
-                for node, s in sorted(sens.items(), key=lambda kv_: -kv_[1]):
-                    if node not in wanted and s > self.promote * median:
-                        wanted[node] = (f"INT8: INT4 relative output error {s:.4f} is {s / median:.1f}x the median "
-                                        f"{median:.4f} (promoted above {self.promote:g}x)")
-        tied = {layer.node for layer in todo if layer.tied_to}
-        if self.tied_bits == PROMOTED_BITS:  # a separate INT8 head: the profile's choice, ahead of any promotion
-            wanted = {**{n: "INT8: the lm_head (profile: lm_head_precision = 'int8')" for n in tied}, **wanted}
-        promoted, refused = self._within_budget(g, todo, wanted)
-        out = []
-        for layer in layers:
-            if layer.node in keep:
-                out.append((layer, Int4Decision(layer.node, 0, keep[layer.node], layer.k, layer.n)))
-                continue
-            default = f"INT4 ({self.setting}){'; the lm_head, untied from the embedding table' if layer.node in tied else ''}"
-            bits, reason = BITS, refused.get(layer.node, default)
-            if layer.node in promoted:
-                bits, reason = PROMOTED_BITS, wanted[layer.node]
-            out.append((layer, Int4Decision(layer.node, bits, reason, layer.k, layer.n, sens.get(layer.node))))
-        return out
-
-    def _within_budget(self, g: onnx.GraphProto, todo: list[LinearLayer], wanted: dict[str, str]) -> tuple[set[str], dict[str, str]]:
-        """Take the wanted 8-bit layers in priority order while the whole model stays within ``max_model_bytes``:
-        everything not quantized counted as stored (``fp16_initializers`` at 2 bytes per value), every quantized
-        layer at 4 bits, plus 8-bit's extra bytes per promoted layer. -> (promoted, refused node -> reason)."""
-        if self.max_model_bytes is None:
-            return set(wanted), {}
-        layers = {layer.node: layer for layer in todo}
-        quantized = {layer.weight for layer in todo}
-        base = sum(_stored_bytes(i, i.name in self.fp16_initializers) for i in g.initializer if i.name not in quantized)
-        base += sum(matmulnbits_bytes(layer.k, layer.n, BITS, self.block_size, self.symmetric) for layer in todo)
-        promoted, refused, total = set(), {}, base
-        for node, why in wanted.items():
-            layer = layers[node]
-            extra = (matmulnbits_bytes(layer.k, layer.n, PROMOTED_BITS, self.block_size, self.symmetric)
-                     - matmulnbits_bytes(layer.k, layer.n, BITS, self.block_size, self.symmetric))
-            if total + extra <= self.max_model_bytes:
-                promoted.add(node)
-                total += extra
-            else:
-                refused[node] = (f"INT4 ({self.setting}); {why[len('INT8: '):]}, but 8 bits (+{extra / 1e6:.2f} MB) "
-                                 f"would take the model over the size budget of {self.max_model_bytes / 1e6:.1f} MB "
-                                 f"(at {total / 1e6:.1f} MB)")
-        return promoted, refused
-
-    def _sensitivities(self, inits: dict[str, onnx.TensorProto], todo: list[LinearLayer]) -> dict[str, float]:
-        if self.stats is None or self.promote is None or self.int8_nodes is not None:
-            return {}
-        return {layer.node: sensitivity(_weight(inits[layer.weight], layer), self.stats.for_node(layer.node).hessian,
-                                        self.block_size, self.symmetric) for layer in todo}
+        return int4_setting(self.method, self.clip, self.refit, self.stats is not None, self.block_size,
+                            self.symmetric, self.accuracy_level)
 
     def call(self, model: onnx.ModelProto) -> Int4Result:
         t0 = time.monotonic()
         g = model.graph
-        planned = self.plan(model)
-        todo = [(layer, d) for layer, d in planned if d.quantize]
-        decisions = tuple(d for _, d in planned)
+        layers = {layer.node: layer for layer in linear_layers(model)}
+        missing = [d.node for d in self.plan if d.quantize and d.node not in layers]
+        if missing:
+            raise ValueError(f"'{missing[0]}' is planned for MatMulNBits but is no linear layer of this graph")
+        todo = [(layers[d.node], d) for d in self.plan if d.quantize]
+        if self.stats is not None:
+            for layer, _ in todo:
+                if layer.node not in self.stats.layer_input:
+                    raise ValueError(f"no activation statistics for '{layer.node}'")
+        decisions = self.plan
         if not todo:
             return Int4Result(model, False, "no linear layer planned for INT4", decisions)
         inits = {i.name: i for i in g.initializer}
@@ -612,6 +524,23 @@ class QuantizeInt4(PassBase):
         if zp is not None:
             g.initializer.append(numpy_helper.from_array(zp, base + "_zp"))
         return base
+
+
+def int4_pass(model: onnx.ModelProto, stats: ActivationStats | None = None, *, block_size: int = 32,
+              symmetric: bool = False, accuracy_level: int = 4, method: str = "gptq", clip: bool = True,
+              act_order: bool = False, damp: float = DAMP, refit: bool | None = None, progress: Progress = QUIET,
+              **rules) -> QuantizeInt4:
+    """Measure ``model``, decide with ``Int4Rules(**rules)`` (edgeq.policy) and return the pass that carries the plan
+    out: the three steps in one call, for tests and bench scripts that set the rules by hand."""
+    rules = {k: frozenset(v) if k in ("nodes", "int8_nodes", "fp16_initializers") and v is not None else v
+             for k, v in rules.items()}
+    refit = (method == "rtn") if refit is None else refit
+    setting = int4_setting(method, clip, refit, stats is not None, block_size, symmetric, accuracy_level)
+    sensitivities = rules.get("promote", PROMOTE) is not None and rules.get("int8_nodes") is None
+    facts = measure_int4(model, stats, block_size, symmetric, sensitivities)
+    plan = decide_int4(facts, Int4Rules(setting=setting, block_size=block_size, symmetric=symmetric, **rules))
+    return QuantizeInt4(plan, stats, block_size=block_size, symmetric=symmetric, accuracy_level=accuracy_level,
+                        method=method, clip=clip, act_order=act_order, damp=damp, refit=refit, progress=progress)
 
 
 def _weight(init: onnx.TensorProto, layer: LinearLayer) -> np.ndarray:

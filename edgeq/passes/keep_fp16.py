@@ -18,6 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgeq.passes.base import PassBase, PassResult
 from edgeq.policy import PrecisionPlan
+from edgeq.precision import Precision
 
 FP16_NORM_OPS = ("LayerNormalization",)
 
@@ -28,7 +29,7 @@ class KeepFp16(PassBase):
 
     def call(self, model: onnx.ModelProto) -> PassResult:
         g = model.graph
-        fp16_nodes = {d.name for d in self.plan.of("fp16")}
+        fp16_nodes = {d.name for d in self.plan.of(Precision.FP16)}
         inits = {i.name: i for i in g.initializer}
         readers: dict[str, int] = {}
         for n in g.node:

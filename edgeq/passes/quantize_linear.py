@@ -19,6 +19,7 @@ from onnx import helper, numpy_helper
 
 from edgeq.passes.base import PassBase, PassResult
 from edgeq.policy import PrecisionPlan
+from edgeq.precision import Precision
 
 # activation type -> (numpy dtype, qmin, qmax, needs com.microsoft Q/DQ before opset 21)
 ACTIVATION_TYPES = {
@@ -27,7 +28,7 @@ ACTIVATION_TYPES = {
     "uint16": (np.uint16, 0, 65535, True),
     "int16": (np.int16, -32768, 32767, True),
 }
-WEIGHT_PRECISIONS = {"int8", "int8-weight-only", "w8a16"}
+WEIGHT_PRECISIONS = {Precision.INT8, Precision.INT8_WEIGHT_ONLY, Precision.W8A16}
 
 
 @dataclass(frozen=True)
@@ -95,8 +96,8 @@ class QuantizeLinearLayers(PassBase):
             before.append(helper.make_node("DequantizeLinear", [base, base + "_scale", base + "_zp"], [dq_out],
                                            name=f"{node.name}_W_DequantizeLinear", **dq_kw))
             node.input[1] = dq_out
-            if d.precision in ("int8", "w8a16"):
-                act_type = self.activation_type if d.precision == "int8" else _wide(self.activation_type)
+            if d.precision in (Precision.INT8, Precision.W8A16):
+                act_type = self.activation_type if d.precision == Precision.INT8 else _wide(self.activation_type)
                 x = node.input[0]
                 qkey = (x, act_type)
                 if qkey not in act_cache:

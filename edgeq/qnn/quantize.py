@@ -1,11 +1,10 @@
 """QDQ for the QNN HTP backend: ONNX Runtime's ``get_qnn_qdq_config`` with 16-bit activations and 8-bit weights,
-and 16-bit weights for the linear layers where 8 bits cost accuracy.
+and 16-bit weights for the linear layers the plan promotes (edgeq/policy/qnn.py decides which).
 
-QNN has no per-channel MatMul, so weights are per tensor, and a weight with outliers loses most of its resolution
-at 8 bits. The layers are ranked by the SQNR of their 8-bit per-tensor weights (a property of the weights alone: no
-model runs), lowest first; on MiniLM the six FFN-down projections are 8-26 dB while most others are above 33 dB.
-The fewest promoted layers that bring the calibration-text mean cosine to ``sensitivity_target_mean_cosine`` are
-chosen (MiniLM, 32 held-back texts: 0 promoted 0.9873, 4 0.9970, 8 0.9989, 12 0.9993).
+Measured here: the SQNR of each linear layer's 8-bit per-tensor weight (a property of the weights alone: no model
+runs), and each candidate plan's mean cosine on calibration text. The fewest promoted layers that bring it to
+``sensitivity_target_mean_cosine`` are kept (MiniLM, 32 held-back texts: 0 promoted 0.9873, 4 0.9970, 8 0.9989,
+12 0.9993).
 """
 
 from __future__ import annotations
@@ -20,14 +19,12 @@ from onnx import numpy_helper
 
 from edgeq.categories import classify
 from edgeq.metrics import EncoderAccuracy, compare
-from edgeq.policy import NodeDecision, PrecisionPlan
+from edgeq.policy import PrecisionPlan
+from edgeq.policy.qnn import decide_qnn_precision, promoted_weights, promotion_steps
 from edgeq.profiles import QNNSpec
 from edgeq.progress import QUIET, Progress
 from edgeq.qnn.inputs import embed_static
 from edgeq.runtime import session
-
-STEPS = (0, 2, 4, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64)
-
 
 @dataclass(frozen=True)
 class QnnQuantized:
@@ -92,60 +89,20 @@ def write_qdq(static_path: Path, out: Path, cal_feeds, spec: QNNSpec, promoted_w
     return out
 
 
-def decide_qnn_precision(model: onnx.ModelProto, sqnr: dict[str, tuple[str, float]], promoted: set[str],
-                         spec: QNNSpec, mask_bias_changed: bool) -> PrecisionPlan:
-    """Every node's precision and why, in one order: the mask path, linear layers (promoted, then default), the rest."""
-    ranking = sorted(sqnr, key=lambda n: (sqnr[n][1], n))
-    a = f"a{spec.activation_bits}"
-    decisions = []
-    for info in classify(model).values():
-        if info.category == "attention_mask":
-            precision = a
-            reason = (f"attention-mask path: {'float32-minimum bias replaced by ' + str(spec.mask_bias) + ', then ' if mask_bias_changed else ''}"
-                      f"{spec.activation_bits}-bit QDQ like every activation (HTP runs no float ops)")
-        elif info.category == "norm":
-            precision = a
-            reason = (f"normalization: {spec.activation_bits}-bit activations, {spec.weight_bits}-bit per-tensor scale; "
-                      f"HTP computes LayerNorm in fixed point")
-        elif info.category == "linear":
-            db, rank = sqnr[info.name][1], ranking.index(info.name) + 1
-            if info.name in promoted:
-                precision = f"w{spec.sensitive_weight_bits}{a}"
-                reason = (f"sensitive: {spec.weight_bits}-bit per-tensor weight SQNR {db:.1f} dB, rank {rank} of "
-                          f"{len(ranking)} lowest; {spec.sensitive_weight_bits}-bit symmetric weights")
-            else:
-                precision = f"w{spec.weight_bits}{a}"
-                reason = (f"linear layer: {spec.weight_bits}-bit per-tensor weights (SQNR {db:.1f} dB, rank {rank} of "
-                          f"{len(ranking)}), {spec.activation_bits}-bit activations")
-        elif info.category == "embedding":
-            precision = f"w{spec.activation_bits}"
-            reason = (f"embedding table: {spec.activation_bits}-bit per tensor (ONNX Runtime's QNN config quantizes a "
-                      f"Gather table at the activation width); HTP's Gather reads it quantized")
-        else:
-            precision = a
-            reason = f"{info.category} op: {spec.activation_bits}-bit QDQ activations, fixed point on HTP"
-        decisions.append(NodeDecision(info.name, info.op_type, info.category, info.role, precision, reason,
-                                      sqnr[info.name][1] if info.name in sqnr else None))
-    return PrecisionPlan(tuple(decisions))
-
-
 def quantize_for_htp(static_path: Path, tokenizer, cal_feeds, selection_texts, reference: np.ndarray, spec: QNNSpec,
                      pooling: str, mask_bias_changed: bool, workdir: Path, target: float,
                      progress: Progress = QUIET) -> QnnQuantized:
     model = onnx.load(str(static_path))
     sqnr = weight_sqnr(model, spec.weight_bits)
-    ranking = sorted(sqnr, key=lambda n: (sqnr[n][1], n))
-    n = len(ranking)
+    n = len(sqnr)
     out = workdir / "qdq.onnx"
-    steps = sorted({s for s in STEPS if s <= n} | {n}) if spec.sensitive_weight_bits > spec.weight_bits else [0]
-    for k in steps:
-        chosen = ranking[:k]
-        write_qdq(static_path, out, cal_feeds, spec, [sqnr[x][0] for x in chosen])
+    for k in promotion_steps(n, spec):
+        plan = decide_qnn_precision(model, sqnr, k, spec, mask_bias_changed)
+        write_qdq(static_path, out, cal_feeds, spec, promoted_weights(plan, sqnr, spec))
         got = embed_static(session(out), tokenizer, selection_texts, spec.seq_len, spec.batch_size, pooling)
         acc = compare(reference, got)
-        progress.stage("select", f"{len(chosen)} of {n} linear layers with {spec.sensitive_weight_bits}-bit weights: "
+        progress.stage("select", f"{k} of {n} linear layers with {spec.sensitive_weight_bits}-bit weights: "
                                  f"mean cosine {acc.mean_cosine:.5f}, min {acc.min_cosine:.5f} on calibration text")
         if acc.mean_cosine >= target:
             break
-    plan = decide_qnn_precision(model, sqnr, set(chosen), spec, mask_bias_changed)
-    return QnnQuantized(out, plan, len(chosen), acc)
+    return QnnQuantized(out, plan, k, acc)

@@ -10,21 +10,20 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from edgeq.categories import embedding_tables
 from edgeq.errors import CalibrationDataError, ModelFolderError
 from edgeq.llm.activations import collect_activation_stats
 from edgeq.llm.evaluate import ReferenceLogits, evaluate_lm, token_windows
 from edgeq.llm.genai import GENAI_CONFIG, greedy_tokens, write_genai_config
 from edgeq.llm.gguf_source import materialize_gguf
 from edgeq.llm.greedy import VERIFY_PROMPT, greedy_margins
-from edgeq.llm.int4 import QuantizeInt4
+from edgeq.llm.int4 import QuantizeInt4, measure_int4
 from edgeq.llm.tokenizer import check_tokenizer, write_package_tokenizer
 from edgeq.manifest import CAUSAL_LM, SCHEMA_VERSION, tool_versions
 from edgeq.partitions import partition_report
 from edgeq.passes.base import run_passes
 from edgeq.passes.fuse_llm import FuseLLM
 from edgeq.passes.keep_fp16 import KeepFp16
-from edgeq.policy import decide_llm_precision
+from edgeq.policy import decide_causal_lm
 from edgeq.profiles import LLMSpec
 from edgeq.progress import Progress
 from edgeq.recipes.base import Built, failed
@@ -67,18 +66,14 @@ class CausalLM:
         stats = collect_activation_stats(model, cal, progress=progress)
         progress.stage("quantize", f"INT4 {spec.int4_method}, block {spec.block_size}, "
                                    f"{'symmetric' if spec.symmetric else 'asymmetric'}")
-        tables = embedding_tables(model) if spec.embedding_precision == "fp16" else set()
-        int4 = QuantizeInt4(stats=stats, block_size=spec.block_size, symmetric=spec.symmetric,
-                            accuracy_level=spec.accuracy_level, method=spec.int4_method,
-                            quantize_tied=spec.lm_head_precision != "fp16",
-                            tied_bits=8 if spec.lm_head_precision == "int8" else 4, int8_kv=spec.int8_kv,
-                            promote=spec.promote or None, max_model_bytes=int(spec.max_size_mb * 1e6),
-                            fp16_initializers=tables, progress=progress)
+        # measure, then decide (edgeq.policy), then the passes carry the plan out
+        decided = decide_causal_lm(model, measure_int4(model, stats, spec.block_size, spec.symmetric,
+                                                       sensitivities=spec.promote > 0), profile)
+        int4 = QuantizeInt4(decided.int4, stats, block_size=spec.block_size, symmetric=spec.symmetric,
+                            accuracy_level=spec.accuracy_level, method=spec.int4_method, progress=progress)
         del stats
-        before = model
-        model, results = run_passes(model, [int4])
-        plan = decide_llm_precision(before, model, results[0].decisions, profile)
-        model, _ = run_passes(model, [KeepFp16(plan)])
+        plan = decided.nodes
+        model, results = run_passes(model, [int4, KeepFp16(plan)])
 
         progress.stage("package", "ONNX Runtime GenAI folder")
         folder.mkdir(parents=True)

@@ -1,10 +1,10 @@
 """quantize: measure per-layer sensitivity, let the policy decide, and write the QDQ model.
 
 Sensitivity of a linear layer = mean-cosine drop of the pooled embeddings against FP32 when that layer alone is
-static INT8 (measured on calibration text). The policy then promotes the most sensitive layers to the profile's
-``sensitive_precision``; how many is chosen here, the fewest that bring the whole model on calibration text to
-``sensitivity_target_mean_cosine`` and the budget's min-cosine and retrieval floors (``selection_met``). On MiniLM, all 36 linear layers at int8 gave 0.9935 and
-the 8 most sensitive kept weight-only gave 0.998 (probe in issue 2's first session).
+static INT8 (measured on calibration text). The policy (edgeq/policy/encoder.py) then promotes the most sensitive
+layers to the profile's ``sensitive_precision``: each candidate count from ``promotion_steps`` is planned, carried out
+and measured here, and the first whose measurement ``selection_met`` is kept. On MiniLM, all 36 linear layers at
+int8 gave 0.9935 and the 8 most sensitive kept weight-only gave 0.998 (probe in issue 2's first session).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from edgeq.passes.base import run_passes
 from edgeq.passes.keep_fp16 import KeepFp16
 from edgeq.passes.quantize_linear import QuantizeLinearLayers
 from edgeq.policy import PrecisionPlan, Sensitivity, decide_precision
+from edgeq.policy.encoder import promotion_steps, selection_met
 from edgeq.profiles import Profile
 from edgeq.progress import QUIET, Progress
 from edgeq.runtime import batches, embed_feeds, session
@@ -74,23 +75,13 @@ def measure_sensitivity(optimized: OptimizedModel, model: onnx.ModelProto, stats
     return Sensitivity(drops, len(texts))
 
 
-def selection_met(acc: EncoderAccuracy, profile: Profile) -> bool:
-    """The bar on calibration text: the profile's target mean cosine (above the budget, for a margin on unseen
-    text) and the budget's min-cosine and retrieval floors, which mean cosine alone does not imply."""
-    b = profile.accuracy
-    return (acc.mean_cosine >= profile.quantization.sensitivity_target_mean_cosine
-            and acc.min_cosine >= b.min_min_cosine and acc.retrieval_top1 >= b.min_retrieval_top1)
-
-
 def quantize(optimized: OptimizedModel, stats: CalibrationStats, tokenizer, texts: tuple[str, ...], profile: Profile,
              pooling: str, workdir: Path, progress: Progress = QUIET) -> QuantizedModel:
     model = optimized.load()
     sens = measure_sensitivity(optimized, model, stats, tokenizer, texts, profile, pooling, progress)
     n = len(sens.drops)
-    # Promote in growing steps; each step costs one full evaluation on calibration text.
-    steps = sorted(k for k in {0, 1, 2, 3, 4, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64, n} if k <= n)
     feeds = encode_texts(model, tokenizer, texts, profile)
-    for k in steps:
+    for k in promotion_steps(n):
         plan = decide_precision(optimized.nodes, profile, sens, promote=k)
         qmodel = apply_plan(model, plan, stats, profile)
         acc = _score(qmodel, feeds, stats.reference, pooling)

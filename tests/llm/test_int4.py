@@ -3,10 +3,6 @@ and the activation statistics against numpy."""
 
 from __future__ import annotations
 
-import contextlib
-import io
-import warnings
-
 import numpy as np
 import onnx
 import pytest
@@ -14,7 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgeq.llm.activations import collect_activation_stats, linear_layers
 from edgeq.llm.evaluate import evaluate_lm, window_logits
-from edgeq.llm.int4 import (QuantizeInt4, _unpack_nibbles, dequantize_matmulnbits, hessian_error, kv_projections,
+from edgeq.llm.int4 import (_unpack_nibbles, int4_pass, dequantize_matmulnbits, hessian_error, kv_projections,
                             matmulnbits_bytes, pack_matmulnbits, quantize_gptq, quantize_rtn)
 from edgeq.runtime import session
 
@@ -26,21 +22,9 @@ VOCAB = 256
 def tiny_llama(tmp_path_factory) -> onnx.ModelProto:
     """A 2-layer random LlamaForCausalLM (hidden 64, MLP 128, 4 heads / 2 KV heads, tied embeddings), exported by
     optimum as text-generation-with-past."""
-    import torch
-    from optimum.exporters.onnx import main_export
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from policy.llm_cases import exported_tiny_llama
 
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      tie_word_embeddings=True)
-    LlamaForCausalLM(cfg).eval().save_pretrained(str(folder / "hf"), safe_serialization=True)
-    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        main_export(str(folder / "hf"), str(folder / "onnx"), task="text-generation-with-past",
-                    library_name="transformers", do_validation=False)
-    return onnx.load(str(folder / "onnx" / "model.onnx"))
+    return exported_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
 def random_windows(n: int, seed: int) -> np.ndarray:
@@ -167,11 +151,11 @@ def test_tied_lm_head_is_kept_and_reported(tiny_llama):
     assert len(layers) == 15  # 2 x 7 projections + lm_head
     lm_head = layers[-1]
     assert lm_head.tied_to == "/model/embed_tokens/Gather" and (lm_head.k, lm_head.n) == (64, VOCAB)
-    result = QuantizeInt4(method="rtn", promote=None)(tiny_llama)
+    result = int4_pass(tiny_llama, method="rtn", promote=None)(tiny_llama)
     kept = [d for d in result.decisions if not d.quantize]
     assert [d.node for d in kept] == [lm_head.node] and "embedding" in kept[0].reason
     assert [n.op_type for n in result.model.graph.node].count("MatMulNBits") == 14
-    tied = QuantizeInt4(method="rtn", promote=None, quantize_tied=True)(tiny_llama)
+    tied = int4_pass(tiny_llama, method="rtn", promote=None, quantize_tied=True)(tiny_llama)
     assert [n.op_type for n in tied.model.graph.node].count("MatMulNBits") == 15
     names = {n.name for n in tied.model.graph.node}
     inits = {i.name for i in tied.model.graph.initializer}
@@ -186,7 +170,7 @@ def test_tied_lm_head_is_kept_and_reported(tiny_llama):
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
 def test_quantized_tiny_llama_runs_near_fp32(tiny_llama, method):
     stats = collect_activation_stats(tiny_llama, random_windows(4, seed=2))
-    result = QuantizeInt4(stats=stats, method=method, block_size=32, symmetric=True, accuracy_level=4)(tiny_llama)
+    result = int4_pass(tiny_llama, stats=stats, method=method, block_size=32, symmetric=True, accuracy_level=4)(tiny_llama)
     model = result.model
     assert result.modified and [l.tied_to for l in linear_layers(model)] == ["/model/embed_tokens/Gather"]  # kept
     nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
@@ -209,12 +193,12 @@ def test_int8_kv_explicit_and_sensitivity_promotion(tiny_llama):
     stats = collect_activation_stats(tiny_llama, random_windows(2, seed=5))
     kv = kv_projections(tiny_llama)
     assert {n.split("/")[-2] for n in kv} == {"k_proj", "v_proj"} and len(kv) == 4  # not the rotary MatMul
-    default = QuantizeInt4(stats=stats, method="rtn", promote=None)(tiny_llama)
+    default = int4_pass(tiny_llama, stats=stats, method="rtn", promote=None)(tiny_llama)
     bits = {d.node: d.bits for d in default.decisions}
     assert {n for n, b in bits.items() if b == 8} == {n for n in kv if n in bits}  # the K/V projections
     assert all("KV cache" in d.reason for d in default.decisions if d.bits == 8)
     v = "/model/layers.1/self_attn/v_proj/MatMul"
-    named = QuantizeInt4(stats=stats, method="rtn", int8_nodes=[v])(tiny_llama)
+    named = int4_pass(tiny_llama, stats=stats, method="rtn", int8_nodes=[v])(tiny_llama)
     bits = {d.node: d.bits for d in named.decisions}
     assert bits[v] == 8 and list(bits.values()).count(8) == 1 and sorted(set(bits.values())) == [0, 4, 8]
     node = next(n for n in named.model.graph.node if n.name == v + "_Q8")
@@ -222,7 +206,7 @@ def test_int8_kv_explicit_and_sensitivity_promotion(tiny_llama):
     ref = window_logits(session(tiny_llama), random_windows(1, seed=6)[0])
     out = window_logits(session(named.model), random_windows(1, seed=6)[0])
     assert np.abs(out - ref).max() < 0.1 * np.abs(ref).max()
-    promoted = QuantizeInt4(stats=stats, method="rtn", int8_kv=False, promote=1.0)(tiny_llama)  # above the median
+    promoted = int4_pass(tiny_llama, stats=stats, method="rtn", int8_kv=False, promote=1.0)(tiny_llama)  # above the median
     decided = [d for d in promoted.decisions if d.quantize]
     assert all(d.sensitivity is not None for d in decided)
     median = np.median([d.sensitivity for d in decided])
@@ -235,19 +219,19 @@ def test_size_budget_limits_promotions_in_priority_order(tiny_llama, symmetric):
     """8-bit promotions are taken in order (K/V first) only while the whole model fits max_model_bytes, and the
     byte estimate is what the quantized model really stores."""
     kw = dict(method="rtn", promote=None, symmetric=symmetric)
-    free = QuantizeInt4(**kw)(tiny_llama)
+    free = int4_pass(tiny_llama, **kw)(tiny_llama)
     eight = [d for d in free.decisions if d.bits == 8]
     assert len(eight) >= 4
     stored = sum(len(i.raw_data) for i in free.model.graph.initializer)
     onnx.checker.check_model(free.model)
     # the estimate counts exactly the bytes stored (raw_data of every initializer)
-    assert QuantizeInt4(max_model_bytes=stored, **kw)(tiny_llama).decisions == free.decisions
+    assert int4_pass(tiny_llama, max_model_bytes=stored, **kw)(tiny_llama).decisions == free.decisions
     extra = matmulnbits_bytes(eight[0].k, eight[0].n, 8, 32, symmetric) - matmulnbits_bytes(eight[0].k, eight[0].n, 4, 32, symmetric)
-    tight = QuantizeInt4(max_model_bytes=stored - 1, **kw)(tiny_llama)
+    tight = int4_pass(tiny_llama, max_model_bytes=stored - 1, **kw)(tiny_llama)
     refused = [d for d in tight.decisions if d.bits == 4 and "size budget" in d.reason]
     assert len(refused) == 1 and refused[0].node == eight[-1].node and "KV cache" in refused[0].reason
     assert sum(len(i.raw_data) for i in tight.model.graph.initializer) == stored - extra
-    none = QuantizeInt4(max_model_bytes=0, **kw)(tiny_llama)
+    none = int4_pass(tiny_llama, max_model_bytes=0, **kw)(tiny_llama)
     assert not any(d.bits == 8 for d in none.decisions)
     assert sum("size budget" in d.reason for d in none.decisions) == len(eight)
 
@@ -270,3 +254,19 @@ def test_kv_projections_follow_values_not_shapes():
     g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 8])], outs, [w])
     kv = kv_projections(helper.make_model(g))
     assert kv == {"k": "present.0.key", "v": "present.0.value", "packed": kv["packed"]}
+
+
+def test_the_pass_writes_the_plan_and_refuses_what_it_cannot(tiny_llama):
+    """QuantizeInt4 chooses nothing: the bits come from the plan, and a plan it cannot carry out is refused."""
+    from edgeq.llm.int4 import QuantizeInt4
+    from edgeq.policy import Int4Decision
+
+    layers = linear_layers(tiny_llama)
+    plan = [Int4Decision(l.node, 8 if i == 0 else 0, "test", l.k, l.n) for i, l in enumerate(layers)]
+    result = QuantizeInt4(plan, method="rtn")(tiny_llama)
+    assert [n.name for n in result.model.graph.node if n.op_type == "MatMulNBits"] == [layers[0].node + "_Q8"]
+    assert result.decisions == tuple(plan)
+    with pytest.raises(ValueError, match="planned at 2 bits; MatMulNBits here writes 4 or 8"):
+        QuantizeInt4([Int4Decision(layers[0].node, 2, "test", 1, 1)], method="rtn")
+    with pytest.raises(ValueError, match="'nope' is planned for MatMulNBits but is no linear layer of this graph"):
+        QuantizeInt4([Int4Decision("nope", 4, "test", 1, 1)], method="rtn")(tiny_llama)

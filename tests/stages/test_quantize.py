@@ -21,7 +21,8 @@ from edgeq.runtime import embed, session
 from edgeq.stages.calibrate import calibrate
 from edgeq.stages.export import export
 from edgeq.stages.optimize import optimize
-from edgeq.stages.quantize import apply_plan, measure_sensitivity, quantize, selection_met
+from edgeq.policy import selection_met
+from edgeq.stages.quantize import apply_plan, measure_sensitivity, quantize
 from edgeq.textdata import CALIBRATION_FILE, EVALUATION_FILE, load_texts
 
 N_CAL = 16

@@ -9,7 +9,8 @@ import pytest
 
 from edgeq.categories import NodeInfo
 from edgeq.policy import NodeDecision, PrecisionPlan, Sensitivity, decide_precision
-from edgeq.profiles import PRECISIONS, load_profile
+from edgeq.precision import Precision
+from edgeq.profiles import load_profile
 
 LINEAR = [
     (f"/encoder/layer.{layer}/{path}/MatMul", role)
@@ -77,7 +78,7 @@ def test_every_node_gets_one_decision_with_a_reason(nodes, profile):
     for d in plan.decisions:
         info = nodes[d.name]
         assert (d.op_type, d.category, d.role) == (info.op_type, info.category, info.role)
-        assert d.precision in PRECISIONS
+        assert isinstance(d.precision, Precision)
         assert d.reason.strip()
         assert d.sensitivity is None
 
@@ -173,9 +174,16 @@ def test_promote_k_gives_exactly_the_k_highest_drops(nodes, profile, k):
 
 
 def test_promote_uses_the_profiles_sensitive_precision(nodes, profile):
-    p = with_quant(profile, sensitive_precision="fp16")
+    p = with_quant(profile, sensitive_precision="w8a16")
     plan = decide_precision(nodes, p, Sensitivity(DROPS, 16), promote=2)
-    assert sorted(d.name for d in plan.of("fp16") if d.category == "linear") == sorted(RANKED[:2])
+    assert sorted(d.name for d in plan.of("w8a16") if d.category == "linear") == sorted(RANKED[:2])
+
+
+def test_a_precision_no_pass_implements_is_never_planned(nodes, profile):
+    """Profiles refuse it when they load; a profile built in code that skips that check fails here, not silently."""
+    p = with_quant(profile, sensitive_precision="fp16")
+    with pytest.raises(ValueError, match="no pass implements 'fp16' for 'linear' nodes in the encoder-cpu recipe"):
+        decide_precision(nodes, p, Sensitivity(DROPS, 16), promote=2)
 
 
 def test_result_does_not_depend_on_sensitivity_dict_order(nodes, profile):

@@ -1,0 +1,247 @@
+"""The causal-LM policy: which linear layers get INT4, which 8 bits (K/V projections, the layers INT4 hurts most,
+a separate head) within the size budget, and every node's precision, decided from measurements before any pass.
+
+``edgeq.llm.int4.measure_int4`` measures (graph facts, K/V projections, INT4 relative output error per layer, stored
+bytes); ``decide_int4`` chooses bits from those numbers; ``QuantizeInt4`` and ``KeepFp16`` carry the plan out. Why
+8 bits for K/V and for layers above ``PROMOTE`` x the median error: see docs in edgeq/llm/int4.py.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from edgeq.categories import classify, embedding_tables
+from edgeq.policy.encoder import HARD_RULES
+from edgeq.policy.plan import NodeDecision, PrecisionPlan
+from edgeq.precision import CAUSAL_LM, LM_HEAD, Precision, check_implemented
+from edgeq.profiles import LLMSpec, Profile
+
+BITS = 4
+PROMOTED_BITS = 8  # MatMulNBits' other CPU width, for the layers INT4 hurts most
+PROMOTE = 2.0  # promote a layer whose INT4 relative output error is above 2x the median (SmolLM2: v_proj, layer 0 up)
+FLOAT_WEIGHTS = ("FLOAT", "FLOAT16")  # what MatMulNBits' scales can be
+
+
+def matmulnbits_bytes(k: int, n: int, bits: int, block_size: int, symmetric: bool, scale_bytes: int = 4) -> int:
+    """Bytes MatMulNBits stores for a [K, N] weight: codes, one scale per block, packed zero points if asymmetric."""
+    blocks = math.ceil(k / block_size)
+    codes = n * blocks * block_size * bits // 8
+    zps = 0 if symmetric else n * (math.ceil(blocks / 2) if bits == 4 else blocks)
+    return codes + n * blocks * scale_bytes + zps
+
+
+def int4_setting(method: str, clip: bool, refit: bool, with_stats: bool, block_size: int, symmetric: bool,
+                 accuracy_level: int) -> str:
+    """How the INT4 layers are quantized, as reasons and the manifest name it."""
+    return (f"{method}{'+clip' if clip else ''}{'+refit' if refit and with_stats else ''}, block {block_size}, "
+            f"{'symmetric' if symmetric else 'asymmetric'}, accuracy_level {accuracy_level}")
+
+
+@dataclass(frozen=True)
+class LinearFacts:
+    """What was measured about one linear layer (a MatMul with a constant weight) before any decision."""
+
+    node: str
+    weight: str  # the initializer (the embedding table itself when read through ``transpose``)
+    transpose: str | None
+    k: int
+    n: int
+    tied_to: str | None  # the embedding Gather whose table this weight is (shared, or an equal copy)
+    weight_type: str  # TensorProto type name
+    kv_cache: str | None  # the present.* output this projection writes, if any
+    sensitivity: float | None  # INT4 RTN relative output error tr(E^T H E) / tr(W^T H W); None without statistics
+
+
+@dataclass(frozen=True)
+class Int4Facts:
+    layers: tuple[LinearFacts, ...]  # graph order
+    initializer_bytes: dict[str, tuple[int, int]]  # every initializer -> (values, bytes per value as stored)
+
+
+@dataclass(frozen=True)
+class Int4Decision:
+    """``bits`` 4 or 8 for a quantized layer, 0 for one kept in its float type."""
+
+    node: str
+    bits: int
+    reason: str
+    k: int
+    n: int
+    sensitivity: float | None = None  # INT4 RTN relative output error, when promotion by it was asked for
+
+    @property
+    def quantize(self) -> bool:
+        return self.bits > 0
+
+
+@dataclass(frozen=True)
+class Int4Rules:
+    """The choices ``decide_int4`` applies (``int4_rules`` derives them from a profile)."""
+
+    setting: str  # int4_setting(...), named in the reasons
+    block_size: int = 32
+    symmetric: bool = False
+    nodes: frozenset[str] | None = None  # the layers to quantize; None: every one
+    quantize_tied: bool = False  # quantize a head tied to the embedding table (stores a second copy)
+    tied_bits: int = BITS
+    int8_nodes: frozenset[str] | None = None  # the 8-bit layers outright (no K/V or sensitivity rule then)
+    int8_kv: bool = True
+    promote: float | None = PROMOTE  # None: no promotion by sensitivity
+    max_model_bytes: int | None = None
+    fp16_initializers: frozenset[str] = frozenset()  # stored at 2 bytes per value (the FP16 embedding table)
+
+
+@dataclass(frozen=True)
+class LLMPlan:
+    int4: tuple[Int4Decision, ...]  # per linear layer, what QuantizeInt4 does
+    nodes: PrecisionPlan  # every node of the quantized graph (names as QuantizeInt4 writes them)
+
+
+def int4_rules(spec: LLMSpec, model: onnx.ModelProto, with_stats: bool = True) -> Int4Rules:
+    """The profile's INT4 choices: a separate head unless it shares the FP16 table, K/V at 8 bits, promotion."""
+    refit = spec.int4_method == "rtn"  # refit after RTN only (edgeq/llm/int4.py's docstring has the numbers)
+    return Int4Rules(
+        setting=int4_setting(spec.int4_method, True, refit, with_stats, spec.block_size, spec.symmetric,
+                             spec.accuracy_level),
+        block_size=spec.block_size, symmetric=spec.symmetric, quantize_tied=spec.lm_head_precision != "fp16",
+        tied_bits=PROMOTED_BITS if spec.lm_head_precision == "int8" else BITS, int8_kv=spec.int8_kv,
+        promote=spec.promote or None, max_model_bytes=int(spec.max_size_mb * 1e6),
+        fp16_initializers=frozenset(embedding_tables(model) if spec.embedding_precision == "fp16" else ()))
+
+
+def decide_causal_lm(model: onnx.ModelProto, facts: Int4Facts, profile: Profile) -> LLMPlan:
+    """The whole plan of a fused causal LM, from what ``measure_int4`` measured on it."""
+    int4 = decide_int4(facts, int4_rules(profile.llm, model))
+    return LLMPlan(int4, decide_llm_precision(model, int4, profile))
+
+
+def decide_int4(facts: Int4Facts, rules: Int4Rules) -> tuple[Int4Decision, ...]:
+    """Bits per linear layer, in order: kept (not selected, not float, tied) -> 8 bits wanted (the named layers; or a
+    separate head, K/V projections, then sensitivity above ``promote`` x the median, highest first) -> taken in that
+    order while the model stays within ``max_model_bytes`` -> INT4."""
+    keep = {layer.node: why for layer in facts.layers if (why := _kept(layer, rules))}
+    todo = [layer for layer in facts.layers if layer.node not in keep]
+    sens = {} if rules.promote is None or rules.int8_nodes is not None else \
+        {layer.node: layer.sensitivity for layer in todo if layer.sensitivity is not None}
+    median = float(np.median(list(sens.values()))) if sens else 0.0
+    if rules.int8_nodes is not None:
+        wanted = {layer.node: "INT8: named in int8_nodes" for layer in todo if layer.node in rules.int8_nodes}
+    else:
+        wanted = {layer.node: f"INT8: a K/V projection (writes the KV cache '{layer.kv_cache}')"
+                  for layer in todo if layer.kv_cache and rules.int8_kv}
+        if rules.promote is not None:
+            for node, s in sorted(sens.items(), key=lambda kv_: -kv_[1]):
+                if node not in wanted and s > rules.promote * median:
+                    wanted[node] = (f"INT8: INT4 relative output error {s:.4f} is {s / median:.1f}x the median "
+                                    f"{median:.4f} (promoted above {rules.promote:g}x)")
+    tied = {layer.node for layer in todo if layer.tied_to}
+    if rules.tied_bits == PROMOTED_BITS:  # a separate INT8 head: the profile's choice, ahead of any promotion
+        wanted = {**{n: "INT8: the lm_head (profile: lm_head_precision = 'int8')" for n in tied}, **wanted}
+    promoted, refused = _within_budget(facts, todo, wanted, rules)
+    out = []
+    for layer in facts.layers:
+        if layer.node in keep:
+            out.append(Int4Decision(layer.node, 0, keep[layer.node], layer.k, layer.n))
+            continue
+        head = "; the lm_head, untied from the embedding table" if layer.node in tied else ""
+        bits, reason = BITS, refused.get(layer.node, f"INT4 ({rules.setting}){head}")
+        if layer.node in promoted:
+            bits, reason = PROMOTED_BITS, wanted[layer.node]
+        out.append(Int4Decision(layer.node, bits, reason, layer.k, layer.n, sens.get(layer.node)))
+    return tuple(out)
+
+
+def _kept(layer: LinearFacts, rules: Int4Rules) -> str:
+    if rules.nodes is not None and layer.node not in rules.nodes:
+        return "not selected for INT4"
+    if layer.weight_type not in FLOAT_WEIGHTS:
+        return f"weight type {layer.weight_type} is not float32/float16"
+    if layer.tied_to and not rules.quantize_tied:
+        return (f"tied to the embedding table of '{layer.tied_to}' (read through '{layer.transpose}'): "
+                f"INT4 would store a second copy of its {layer.k * layer.n / 1e6:.1f}M weights beside it; "
+                "quantize_tied=True to do it anyway" if layer.transpose else
+                f"a copy of the embedding table of '{layer.tied_to}' (tied lm_head), kept like the table; "
+                "quantize_tied=True to quantize it")
+    return ""
+
+
+def _within_budget(facts: Int4Facts, todo: list[LinearFacts], wanted: dict[str, str],
+                   rules: Int4Rules) -> tuple[set[str], dict[str, str]]:
+    """Take the wanted 8-bit layers in priority order while the whole model stays within ``max_model_bytes``:
+    everything not quantized counted as stored (``fp16_initializers`` at 2 bytes per value), every quantized
+    layer at 4 bits, plus 8-bit's extra bytes per promoted layer. -> (promoted, refused node -> reason)."""
+    if rules.max_model_bytes is None:
+        return set(wanted), {}
+    layers = {layer.node: layer for layer in todo}
+    quantized = {layer.weight for layer in todo}
+    base = sum(values * (2 if name in rules.fp16_initializers else size)
+               for name, (values, size) in facts.initializer_bytes.items() if name not in quantized)
+    base += sum(matmulnbits_bytes(layer.k, layer.n, BITS, rules.block_size, rules.symmetric) for layer in todo)
+    promoted, refused, total = set(), {}, base
+    for node, why in wanted.items():
+        layer = layers[node]
+        extra = (matmulnbits_bytes(layer.k, layer.n, PROMOTED_BITS, rules.block_size, rules.symmetric)
+                 - matmulnbits_bytes(layer.k, layer.n, BITS, rules.block_size, rules.symmetric))
+        if total + extra <= rules.max_model_bytes:
+            promoted.add(node)
+            total += extra
+        else:
+            refused[node] = (f"INT4 ({rules.setting}); {why[len('INT8: '):]}, but 8 bits (+{extra / 1e6:.2f} MB) "
+                             f"would take the model over the size budget of {rules.max_model_bytes / 1e6:.1f} MB "
+                             f"(at {total / 1e6:.1f} MB)")
+    return promoted, refused
+
+
+def decide_llm_precision(fused: onnx.ModelProto, int4: tuple[Int4Decision, ...], profile: Profile) -> PrecisionPlan:
+    """Every node of a causal LM, in the same order of rules: the tied head, hard rules by category, then the INT4
+    plan's per-layer decisions (which say why a linear layer was kept, e.g. a tied head), then the default.
+
+    Categories come from ``fused`` (the graph before INT4); QuantizeInt4 names a quantized MatMul
+    ``<name>_Q<bits>``, so a quantized layer's decision carries that name, as the package's graph has it.
+    """
+    spec = profile.llm
+    planned = {d.node: d for d in int4}
+    infos = classify(fused)
+    tables = embedding_tables(fused, infos)
+    tied_t = {n.name: n.output[0] for n in fused.graph.node if n.op_type == "Transpose" and n.input[0] in tables}
+    tied_mm = {n.name for n in fused.graph.node if n.op_type == "MatMul" and n.input[1] in tied_t.values()}
+    fp16_head = spec.lm_head_precision == "fp16" and spec.embedding_precision == "fp16"
+    decisions = []
+    for info in infos.values():
+        name, op, category, precision, reason = info.name, info.op_type, info.category, "fp32", ""
+        if info.name in tied_t or info.name in tied_mm:
+            category = LM_HEAD
+            if fp16_head:
+                precision = "fp16"
+                reason = ("tied lm_head: reads the FP16 embedding table through this transpose, so one FP16 copy "
+                          "serves lookup and head (smallest file; profile llm.lm_head_precision = 'fp16')")
+            else:
+                reason = "tied lm_head left on the shared table at FP32"
+        elif info.category == "embedding":
+            if info.shared_weight and not fp16_head:
+                reason = "embedding table also read by the lm_head (tied weights): one FP32 copy"
+            elif spec.embedding_precision == "fp16":
+                precision, reason = "fp16", HARD_RULES["embedding"][1]
+            else:
+                reason = "embedding table: profile sets llm.embedding_precision = 'fp32'"
+        elif info.name in planned:
+            d = planned[info.name]
+            if d.quantize:
+                name, op, precision = f"{name}_Q{d.bits}", "MatMulNBits", f"int{d.bits}"
+                reason = f"linear layer, MatMulNBits: {d.reason}"
+            else:
+                reason = d.reason
+        elif info.category == "norm":
+            reason = ("fused RMSNorm (SimplifiedLayerNormalization): FP32 compute; its scale is 1-D and tiny, and "
+                      "the fused residual output feeds the next layer")
+        else:
+            precision, reason = HARD_RULES.get(info.category, ("fp32", "kept FP32"))
+            if precision == "fp16":
+                precision = "fp32"
+        checked: Precision = check_implemented(precision, CAUSAL_LM, category, name)
+        decisions.append(NodeDecision(name, op, info.category, info.role, checked, reason))
+    return PrecisionPlan(tuple(decisions))
