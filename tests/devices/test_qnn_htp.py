@@ -125,8 +125,7 @@ def minilm_package(tmp_path_factory):
     return export_package(ExportRequest(model, "android-qnn-htp", tmp_path_factory.mktemp("qnn-minilm"))).path
 
 
-@pytest.mark.device
-@pytest.mark.slow
+@pytest.mark.device  # device only (not also slow): make test-slow and make test-device would each build it
 def test_minilm_model_and_context_run_entirely_on_htp_as_an_app_loads_them(minilm_package):
     """The qnn-htp target opens both files with ONNX Runtime's default session options, the QNN EP and CPU fallback
     disabled (a node HTP refuses fails the run); the portable model.onnx also on a Hexagon without 16-bit-weight
