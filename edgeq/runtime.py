@@ -18,13 +18,9 @@ def session(model: onnx.ModelProto | Path | str, providers: tuple[str, ...] = ("
             optimization: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
             fuse_qdq: bool = False) -> ort.InferenceSession:
     """A CPU session. ``fuse_qdq=False`` (measurements) runs a QDQ ONNX model's DequantizeLinear -> MatMul in float:
-    exactly the integer arithmetic an ARM or VNNI CPU does, on any x86 host. ORT's fused U8S8 kernel on x86 CPUs
-    without VNNI (AVX2 only, e.g. AMD EPYC Zen 2/3) sums pairs of u8 x s8 products in saturating int16
-    (vpmaddubsw): measured on such a host, a 2-layer test MatMul was off by up to 17x the quantization error bound
-    and the tiny BERT's sensitivity search promoted 3 layers it does not need. ORT's own remedy,
-    session.x64quantprecision=1, fails to load these models in ORT 1.32 ("Attempt to replace the existing tensor").
-    ORT-format packages are optimized when written, so the option does not touch them. ``fuse_qdq=True`` is for
-    speed, where the fused integer kernels are what an app runs."""
+    exactly the integer arithmetic an ARM or VNNI CPU does, on any x86 host (ORT's fused U8S8 kernel saturates in
+    int16 on x86 without VNNI; docs/decisions/encoder-quantization.md has what that did). ``fuse_qdq=True`` is for
+    speed, where the fused integer kernels are what an app runs; ORT-format packages are fused when written."""
     so = ort.SessionOptions()
     so.log_severity_level = 3  # ORT's unused-initializer warnings are noise for edgeq's users
     so.graph_optimization_level = optimization

@@ -1,30 +1,13 @@
 """Run a model on the real aarch64 build of ONNX Runtime, under Debian's qemu-user-static.
 
-Nothing here is simulated except the CPU itself: the arm64 CPython is Debian bookworm's (python3.11 and the libraries
-it links, from Debian's arm64 .debs), onnxruntime and numpy are PyPI's manylinux aarch64 wheels at the host's
-versions, and qemu-aarch64-static executes their ARM64 machine code, including ONNX Runtime's NEON, dot-product
-(sdot/udot) and i8mm (smmla/ummla/usdot, NEON and SVE) kernels. The emulated CPU is ``QEMU_CPU``: an ARMv9-A phone-class core (128-bit
-SVE2, dotprod, i8mm, bf16; no SME), like a Cortex-A710.
-
-The runtime is assembled once into ``<repo>/.cache/arm64-runtime`` (225 MB, 30-40 s) by :func:`ensure_runtime`:
-
-1. qemu-user-static is installed with apt-get only if ``/usr/bin/qemu-aarch64-static`` is missing (needs root);
-2. Debian's arm64 packages are resolved and downloaded by apt-get with a private state and cache folder
-   (``APT::Architecture=arm64``), so the host's dpkg architectures and package lists are not touched and no root
-   is needed, then unpacked with ``dpkg-deb -x`` into ``sysroot/``;
-3. the host's pip installs the aarch64 wheels into ``sysroot/opt/edgeq-site``;
-4. ``sysroot/proc/cpuinfo`` and ``sysroot/sys/devices/system/cpu/`` describe an ARM CPU: qemu-user passes the host
-   kernel's /proc and /sys through, and ONNX Runtime's cpuinfo library crashes (SIGSEGV at import) on an x86
-   /proc/cpuinfo. qemu's ``-L sysroot`` makes the guest see these files instead. Features come from the auxiliary
-   vector qemu gives the guest, so the description agrees with what the emulated CPU executes;
-5. the Python files are byte-compiled by the emulated Python, and a smoke import checks versions and providers.
-
-``stamp.json`` records the onnxruntime and numpy versions and a hash of the recipe above; a change in either
-rebuilds. :func:`run_on_arm64` writes the inputs to an .npz, runs ``arm64_worker.py`` (numpy + onnxruntime only)
-under qemu, and returns the outputs with what the worker saw (``platform.machine()``, versions, providers, CPU
-features, timings). ``trace_kernels=True`` also logs every guest instruction block qemu translates and reports
-which int8 matrix instructions (smmla, ummla, sdot, udot, ...) ran and in which library. On ONNX Runtime 1.32 the
-QDQ int8 GEMM (MatMulIntegerToFloat) runs SVE ``ummla`` and 8-bit MatMulNBits (accuracy level 4) runs ``usdot``.
+Only the CPU is emulated: Debian's arm64 CPython and PyPI's aarch64 onnxruntime and numpy wheels run their ARM64
+code (NEON, dot-product and i8mm kernels) on ``QEMU_CPU``, an ARMv9-A phone-class core like a Cortex-A710.
+:func:`ensure_runtime` assembles that runtime once into ``<repo>/.cache/arm64-runtime`` without touching the host's
+package state (root only to install a missing qemu; an ARM ``/proc/cpuinfo`` is written, as ONNX Runtime's cpuinfo
+crashes on an x86 one); ``stamp.json`` rebuilds it when the versions or the recipe change. :func:`run_on_arm64` runs
+``arm64_worker.py`` on it and returns the outputs with what the worker saw; ``trace_kernels=True`` reports which
+int8 matrix instructions ran. The build steps, their costs and the kernels measured with it: see
+docs/decisions/arm64-emulation.md.
 """
 
 from __future__ import annotations

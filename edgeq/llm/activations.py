@@ -7,11 +7,8 @@ the same tensor; so do gate/up) we accumulate, one window at a time:
   * ``xtx = sum X^T X`` (float64 [K, K]): GPTQ's Hessian up to a factor 2/rows that its relative dampening ignores;
   * ``abs_sum = sum |x|`` per input channel (float64 [K]): the AWQ-style activation magnitude.
 
-Memory is bounded by the layer widths, not by the amount of text: SmolLM2-135M has 121 distinct inputs, 91 of
-width 576 (2.7 MB each) and 30 of width 1536 (19 MB each), 0.8 GB in all; one window's activations are another
-1.2 MB per 512 x 576 tensor (3.1 MB at 1536), 0.2 GB for all of them. The graph is cut to what the statistics need
-(the lm_head and its 100 MB of logits are not computed). Measured on SmolLM2: 14-17 s for 8 x 512 tokens on 2
-cores, 2.6 GB peak RSS (the weights twice, the session's and ours, plus the statistics).
+Memory is bounded by the layer widths, not by the amount of text, and the graph is cut to what the statistics need
+(no lm_head logits); SmolLM2-135M's sizes, time and peak memory: see docs/decisions/int4.md.
 """
 
 from __future__ import annotations

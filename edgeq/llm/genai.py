@@ -1,16 +1,11 @@
 """ONNX Runtime GenAI packaging: genai_config.json for an optimum-onnx decoder export, and generation through it.
 
 A package folder is what ``onnxruntime_genai.Model(folder)`` loads: ``genai_config.json``, the ONNX decoder it names,
-and the tokenizer files (written by :mod:`edgeq.llm.tokenizer`). The config schema is the one onnxruntime-genai 0.18
-parses (``src/config.cpp``): every object rejects keys it does not know (measured: ``"search": {"foo": 1}`` fails
-``og.Config`` with 'search: Unknown value "foo"'), so only keys from that parser are written, in the layout its
-model builder emits (``models/builders/base.py: make_genai_config``).
-
-The decoder is optimum's ``text-generation-with-past`` export, not the model builder's: its attention concatenates
-the past with the new keys, so ``present.N`` is longer than ``past_key_values.N``. ``past_present_share_buffer``
-(one max_length buffer used as both past and present, which the builder writes for its GroupQueryAttention graphs)
-does not fit that graph: measured on the tiny llama, the Concat producing ``present.0.key`` fails (buffer
-{1,2,33,16}, computed {1,2,58,16}). The config states it false (also 0.18's default when the key is absent).
+and the tokenizer files (written by :mod:`edgeq.llm.tokenizer`). onnxruntime-genai 0.18 rejects any config key its
+parser (``src/config.cpp``) does not know, so only that parser's keys are written, in its model builder's layout.
+``past_present_share_buffer`` is on only when GroupQueryAttention writes every ``present.N``: optimum's unfused graph
+grows the cache by Concat, which a shared buffer breaks. The measured failures behind both: see
+docs/decisions/genai-packaging.md.
 """
 
 from __future__ import annotations
@@ -164,8 +159,8 @@ def genai_config(model_file: str, io: DecoderIO, hf_config: dict, generation_con
             "min_length": 0,
             "num_beams": 1,
             "num_return_sequences": 1,
-            # optimum's graph grows present by concatenation (module doc); GroupQueryAttention writes into a shared
-            # buffer instead (same tokens, ~8% faster decode at 256 tokens of context on SmolLM2).
+            # optimum's graph grows present by Concat; GroupQueryAttention writes into a shared buffer instead (same
+            # tokens, ~8% faster decode at 256 tokens of context on SmolLM2; docs/decisions/genai-packaging.md).
             "past_present_share_buffer": io.group_query_attention,
             "repetition_penalty": float(gen.get("repetition_penalty", 1.0)),
             "temperature": float(gen.get("temperature", 1.0)),

@@ -10,12 +10,9 @@ import numpy as np
 from edgeq.llm.evaluate import window_logits
 from edgeq.runtime import session
 
-# A fixed chat prompt whose greedy continuation is stored for `edgeq verify` and compared across devices. It asks
-# for a continuation with clear margins between the top two next tokens: greedy equality across CPUs then tests the
-# kernels, not a coin toss at a near-tie. Measured on SmolLM2-135M's default package: "What is the capital of France?
-# Answer in one sentence." has a 0.29-logit gap at its first token ("Paris" vs "The") and 0.06 at its 11th, and
-# aarch64 ORT (MatMulNBits accuracy_level 4, int8 activations) took the other branch at position 0; counting has a
-# smallest gap of 0.95 over 16 tokens, and arm64 gave the same 16 tokens as x86.
+# A fixed chat prompt whose greedy continuation is stored for `edgeq verify` and compared across devices. Counting
+# keeps clear margins between the top two next tokens (SmolLM2-135M: smallest gap 0.95 over 16 tokens), so greedy
+# equality tests the kernels, not a near-tie; the prompt it replaced: docs/decisions/llm-verify-prompt.md.
 VERIFY_PROMPT = "Count from 1 to 20, separated by commas."
 
 

@@ -1,51 +1,12 @@
 """QuantizeInt4: a causal LM's linear layers to ONNX Runtime's weight-only ``com.microsoft.MatMulNBits``.
 
-For ``Y = X @ W`` with W constant [K, N], MatMulNBits computes ``X @ dequant(B)`` where, per output column n and
-block b of ``block_size`` consecutive input rows, ``W[k, n] = (q[n, k] - zp[n, b]) * scale[n, b]``, q in
-0..2^bits-1. Layout, checked against ONNX Runtime's own quantizer (``matmul_nbits_quantizer``: its C++
-``quantize_matmul_4bits``/``_8bits`` write the same bytes as ``pack_matmulnbits``; tests/llm/test_int4.py):
-
-  * B: uint8 [N, ceil(K / block), block * bits / 8]; at 4 bits element k of a block sits in byte k // 2, even k in
-    the low nibble; when K is not a multiple of the block, the codes past K are 0, as ORT writes them (the kernels
-    stop at K and never read them);
-  * scales: [N, ceil(K / block)] in the weight's (= A's) float type;
-  * zero_points (asymmetric only): uint8 [N, ceil(blocks * bits / 8)], packed like B. Without them the zero point
-    is 2^(bits-1) (8 at 4 bits), which makes symmetric quantization ``scale = signed_absmax / -8`` (ORT's and
-    llama.cpp Q4_0's convention): the block's largest-magnitude weight lands exactly on level -8, so all 16 levels
-    are used.
-
-Methods: ``rtn`` rounds to nearest (symmetric: signed max|w|; asymmetric: min/max including 0); ``gptq`` is GPTQ
-(Frantar et al. 2022) against the calibration Hessian ``H = X^T X`` + ``damp`` x mean(diag H): columns in order (or by
-decreasing diag H with ``act_order``, scales then fixed per block beforehand, as MatMulNBits has no permutation),
-lazy updates in batches of 128 columns, one scale per ``block_size`` group computed from the error-updated weights
-when the group starts. ``clip`` adds a per-block search of the scale's clip ratio (1.0 down to 0.625) minimizing the
-block's squared error weighted by the input-channel energy diag(H) (plain error without statistics). ``refit``
-then re-solves each output channel's block scales by least squares against the original W under H, codes fixed.
-By default it runs after RTN only: there it is the only use of the correlations in H (SmolLM2, RTN+clip with the
-8-bit layers, symmetric block 32: KL 0.134 -> 0.102, perplexity +12.0% -> +9.0%); after GPTQ it lowers the layer
-error 4-9% but not the model's (KL 0.170 vs 0.168 all INT4; +6.4% vs +5.9% at the default setting).
-SmolLM2-135M, KL to FP32 at symmetric block 32, every layer INT4: RTN 0.32, RTN+clip 0.20, GPTQ 0.26, GPTQ+clip
-0.17 (bench/int4_methods.py).
-
-8 bits for the layers INT4 hurts most (MatMulNBits bits=8, same block size; edgeq/policy/causal_lm.py decides
-from ``measure_int4``'s numbers, this pass writes what it planned):
-  * K/V projections (``int8_kv``), found from the graph: the MatMuls whose output reaches a ``present.*`` output.
-    On SmolLM2 keeping v_proj alone in FP32 halves the model's KL (0.15 -> 0.075); k_proj is the next most
-    effective per byte. With grouped-query attention they are small (2 x 576 x 192 of 3.5M weights per layer).
-  * with statistics, any layer whose plain-RTN relative output error ``tr(E^T H E) / tr(W^T H W)`` is above
-    ``promote`` x the median (on SmolLM2 at 2x: the 30 v_proj and layer 0's up_proj). v_proj's output is a
-    low-energy direction of its input, so the same absolute error is 5x more of its signal.
-On SmolLM2 both rules give 61 layers at 8 bits (30 k_proj, 30 v_proj, layer 0's up_proj), +3.8 MB on 66 MB of
-INT4 linear weights; llama.cpp's Q4_K_M also spends more bits on attn_v. In a graph whose Q, K and V come from one
-packed MatMul (edgeq's FuseLLM), that MatMul writes the cache and is promoted whole.
-
-Measured (bench/int4_methods.py, SmolLM2-135M, 16 x 512 held-back tokens vs FP32, accuracy_level 4), perplexity
-increase / KL: ORT's RTN symmetric block 32 +20.6% / 0.318; this pass's default (gptq+clip, asymmetric block 32,
-8-bit K/V and sensitive layers) +5.9% / 0.068; the same at symmetric block 32 +7.1% / 0.078.
-
-A MatMul reading the embedding table (tied lm_head: through a Transpose of the Gather's initializer, or an equal
-copy) is kept unless the rules say ``quantize_tied``: quantizing a shared table stores a second copy of it beside
-the Gather's.
+Writes B, scales and zero points in the layout ORT's own ``matmul_nbits_quantizer`` writes (tests/llm/test_int4.py
+compares the bytes). Methods: ``rtn``, ``gptq`` (against the calibration Hessian), ``clip`` (a per-block search of
+the scale's clip ratio) and ``refit`` (least-squares block scales, codes fixed). The layers the plan from
+edgeq/policy/causal_lm.py puts at 8 bits (K/V projections, sensitive layers) get MatMulNBits bits=8; a tied
+embedding table is kept unless the rules say ``quantize_tied``, since quantizing it stores a second copy.
+The pass carries out the plan and decides nothing. The layout, each method and the measurements behind the defaults
+(SmolLM2-135M: ORT's RTN +20.6% perplexity, this pass's default +5.9%): see docs/decisions/int4.md.
 """
 
 from __future__ import annotations
@@ -452,7 +413,7 @@ class QuantizeInt4(PassBase):
         self.clip = clip
         self.act_order = act_order
         self.damp = damp
-        self.refit = (method == "rtn") if refit is None else refit  # see the module docstring
+        self.refit = (method == "rtn") if refit is None else refit  # after RTN only: docs/decisions/int4.md
         self.progress = progress
 
     @property

@@ -1,28 +1,14 @@
 """The package tokenizer: files that onnxruntime-genai's tokenizer (onnxruntime-extensions) reads to the same ids.
 
-The reference is the source folder's tokenizer as transformers loads it (``AutoTokenizer.from_pretrained(src)``);
-the package must encode every text to exactly its ids, BOS included, and decode them back to its text. What
-onnxruntime-extensions 0.18 (inside onnxruntime-genai 0.18) does differently, and what is done about it:
-
-- A decoder with a ``Replace "▁" -> " "`` step marks a tokenizer as SentencePiece (``LoadSpmModelParams``), and
-  it then encodes spaces as ``▁``. transformers writes exactly that decoder for a GGUF byte-level BPE (SmolLM2's
-  Q4_1 GGUF: ByteFallback, Fuse, Replace, ByteLevel), whose vocabulary has no ``▁``: every space became id -1.
-  Such tokenizers get a plain ByteLevel decoder. Measured on SmolLM2: the decoder alone decides; merges written
-  as pairs or as "a b" strings and ``byte_fallback`` on or off give the same ids.
-- ``tokenizer_class`` ``LlamaTokenizer`` selects the Llama pre-tokenizer regex instead of GPT-2's, which the
-  ByteLevel pre-tokenizer uses: "a\\tb\\r\\nc" splits differently. A byte-level BPE is written with the class
-  ``PreTrainedTokenizerFast``, which transformers loads from tokenizer.json as it is.
-- BOS/EOS: onnxruntime-extensions adds them iff tokenizer_config.json's ``add_bos_token``/``add_eos_token`` say so;
-  when ``add_bos_token`` is false it instead guesses from whether the post-processor's JSON text contains the BOS
-  or EOS string (``JsonFastTokenizer::UpdateTokenizer``). The package's tokenizer_config.json states both flags as
-  measured on the source tokenizer, so nothing is guessed.
-- onnxruntime-genai 0.18 encodes with ``add_special_tokens`` off unless the app calls
-  ``tokenizer.update_options(add_special_tokens="true")`` (``Tokenizer::Encode``): no file can make it add the BOS
-  by default. :func:`og_tokenizer` and :mod:`edgeq.llm.genai` turn it on; apps must do the same.
-
-Tokenizers that already work are copied unchanged (tokenizer.json byte for byte); tokenizer_config.json always gets
-the explicit BOS/EOS flags, and the chat template (transformers 4.57 writes it to chat_template.jinja) is also put
-into tokenizer_config.json, the only place onnxruntime-genai's ``apply_chat_template`` looks.
+The reference is the source folder's tokenizer as transformers loads it; the package must encode every text to
+exactly its ids, BOS included, and decode them back to its text. onnxruntime-extensions 0.18 reads some files
+differently, so: a byte-level BPE whose decoder has a ``Replace "▁" -> " "`` step (transformers writes one for a GGUF
+BPE) gets a plain ByteLevel decoder and the class ``PreTrainedTokenizerFast``; tokenizer_config.json always states
+``add_bos_token``/``add_eos_token`` as measured on the source, so nothing is guessed, plus the chat template. A
+tokenizer that already works keeps its tokenizer.json byte for byte. onnxruntime-genai encodes without special
+tokens unless the app calls ``update_options(add_special_tokens="true")``: :func:`og_tokenizer` and
+:mod:`edgeq.llm.genai` do; apps must too.
+Each difference and what was measured: see docs/decisions/genai-packaging.md.
 """
 
 from __future__ import annotations

@@ -1,42 +1,16 @@
 """FuseLLM: rewrite an optimum-exported Llama-family decoder into ONNX Runtime's fused contrib ops.
 
-The optimum (TorchScript) export spells every block out in primitive ops: RMSNorm as Pow/ReduceMean/Add/Sqrt/Div/Mul,
-rotary embedding as Slice/Neg/Concat/Mul/Add, grouped-query attention as Unsqueeze/Expand/Reshape of the KV cache
-plus MatMul/Softmax with a causal mask built from ``attention_mask``, and ~100 shape-computation nodes per layer
-around them. Per token ONNX Runtime runs each of those nodes (~245 per layer), and the per-node overhead, not the
-arithmetic, is what a small model's decode time goes to. This pass rewrites, per decoder layer:
-
-- ``RMSNorm(x)`` -> ``SimplifiedLayerNormalization`` (the first norm), and ``RMSNorm(a + b)`` ->
-  ``SkipSimplifiedLayerNormalization(a, b)`` whose fourth output (the sum) replaces the residual ``Add``;
-- the attention block (q/k/v projections, rotary, KV-cache concat, GQA head repeat, scaled scores, causal mask,
-  softmax, weighted sum) -> one MatMul over the packed ``[Wq | Wk | Wv]`` weight and one ``GroupQueryAttention``
-  (com.microsoft) with ``do_rotary=1`` and cos/sin caches evaluated from the model's own rotary subgraph, so any
-  RoPE scaling the export baked in is kept. The KV cache keeps optimum's names and BNSH layout
-  (``past_key_values.N.key`` -> ``present.N.key``, ``[batch, kv_heads, seq, head_dim]``); ``seqlens_k`` and
-  ``total_sequence_length`` are computed once from ``attention_mask`` (ReduceSum - 1, Shape[1]) as
-  onnxruntime-genai's model builder does.
-
-The fused graph no longer reads ``position_ids`` (GroupQueryAttention derives positions from ``seqlens_k``, as in
-the builder's models), so that input is dropped; onnxruntime-genai feeds only the inputs a model declares.
-
-All four ops have kernels in ONNX Runtime's default CPU EP on every architecture (x86-64 and ARM64 alike; no
-x86-only op is emitted). Every match is structural and checked (shapes of weights, rotary halves, scale constants);
-a layer that does not match is left as it was and the summary says so. onnxscript's ``ort_fusions`` fuse nothing on
-this export (they target the dynamo exporter's patterns: ``Reciprocal`` RMSNorm, an ``SDPA``-shaped attention, a
-mask spelled ``Trilu``/``Where``), and ORT's transformers optimizer fuses norms and rotary but not attention, hence
-this pass.
-
-Equivalence (FP32): over a prefill and 8 decode steps the fused model's logits are within 3e-5 of the largest
-|logit| of the unfused model's (measured on SmolLM2-135M: 8.0e-5 absolute with logits up to 32, i.e. 2.5e-6
-relative; greedy tokens through onnxruntime-genai identical for 128 steps), and the fused FP32 graph gives the same
-logits on the ARM64 CPU EP as on x86-64 (7e-5 absolute). ``tests/llm/test_fuse_llm.py`` checks the tolerance.
-
-What it fuses on each family is that family's ``fusion`` entry in ``edgeq/families.py`` (checked per family by
-tests/llm/test_families.py); every match here is structural, so the pass itself names no family.
-
-Assumptions: decoder-only, causal, no sliding window within the context (genai_config refuses a longer context),
-non-interleaved (rotate_half) rotary over the whole head, no bias on the output projection. The fused model runs through GroupQueryAttention's semantics: right- or no padding per row
-(onnxruntime-genai's convention); a left-padded batch fed with optimum's ``position_ids`` would differ.
+The optimum export spells each block out in ~245 primitive nodes per layer, and per-node overhead, not arithmetic,
+is what a small model's decode time goes to. Per decoder layer this pass rewrites RMSNorm into
+``SimplifiedLayerNormalization``/``SkipSimplifiedLayerNormalization`` and the attention block into one MatMul over the
+packed ``[Wq | Wk | Wv]`` weight plus one ``GroupQueryAttention`` (``do_rotary=1``, cos/sin caches from the model's
+own rotary subgraph); the KV cache keeps optimum's names and BNSH layout, and ``position_ids`` is dropped. All ops
+have kernels in the default CPU EP on x86-64 and ARM64. Every match is structural and checked; a layer that does not
+match is left as it was and the summary says so. What it fuses per family is ``edgeq/families.py``'s ``fusion``
+entry; the pass names no family. Assumes decoder-only, causal, no sliding window within the context, rotate_half
+rotary over the whole head, no output-projection bias, right- or no padding.
+Why not onnxscript's or ORT's fusions, and the measured equivalence to the unfused model (logits within 3e-5 of the
+largest |logit|, checked by tests/llm/test_fuse_llm.py): see docs/decisions/llm-fusion.md.
 """
 
 from __future__ import annotations

@@ -1,14 +1,13 @@
 """SplitWideWeights: a linear layer's 16-bit weight as two 8-bit planes, so HTP before v73 takes it.
 
-Hexagon v68/v69 (Snapdragon 888, 8 Gen 1; and the HTP simulator when an app names no SoC) refuse a FullyConnected
-or MatMul whose static weight is 16-bit (QNN validation error 3110); v73 and later take it. A symmetric int16 weight
-``q`` (zero point 0, per tensor) is exactly ``256 * hi + lo`` with ``hi = floor(q / 256)`` in int8 and ``lo`` in
-[0, 255] as uint8, so ``x @ DQ(q, s) = x @ DQ(hi, 256 s) + x @ DQ(lo, s)``: two 8-bit-weight products (which every
-HTP generation runs) and one Add, the weight's 16 bits kept. Each partial product is quantized with parameters
-derived from the layer output's (``_partial_qparams``); their sum is quantized as the original product was.
-Matches ``DQ(W16) -> MatMul|Gemm -> Q`` with a per-tensor, zero-point-0 int16 weight; anything else is left alone.
-On all-MiniLM-L6-v2 (6 such layers) the mean cosine to FP32 moved from 0.998232 to 0.998228 (CPU EP, 320 texts)
-and 0.998061 to 0.998032 on the v75 simulator (8 texts); model.onnx then compiles with every node on HTP for v68 too.
+Hexagon v68/v69 (and the HTP simulator when an app names no SoC) refuse a FullyConnected or MatMul whose static
+weight is 16-bit (QNN validation error 3110); v73 and later take it. A symmetric int16 weight ``q`` (zero point 0,
+per tensor) is exactly ``256 * hi + lo`` with ``hi = floor(q / 256)`` in int8 and ``lo`` in [0, 255] as uint8, so
+``x @ DQ(q, s) = x @ DQ(hi, 256 s) + x @ DQ(lo, s)``: two 8-bit-weight products and one Add, the 16 bits kept.
+Each partial product is quantized with parameters derived from the layer output's (``_partial_qparams``); their sum
+is quantized as the original product was. Matches ``DQ(W16) -> MatMul|Gemm -> Q`` with a per-tensor, zero-point-0
+int16 weight; anything else is left alone. Its effect on MiniLM's accuracy (cosine 0.998232 -> 0.998228 on the CPU
+EP): see docs/decisions/qnn-htp.md.
 """
 
 from __future__ import annotations

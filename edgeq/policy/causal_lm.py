@@ -103,7 +103,7 @@ class LLMPlan:
 
 def int4_rules(spec: LLMSpec, model: onnx.ModelProto, with_stats: bool = True) -> Int4Rules:
     """The profile's INT4 choices: a separate head unless it shares the FP16 table, K/V at 8 bits, promotion."""
-    refit = spec.int4_method == "rtn"  # refit after RTN only (edgeq/llm/int4.py's docstring has the numbers)
+    refit = spec.int4_method == "rtn"  # refit after RTN only (docs/decisions/int4.md has the numbers)
     return Int4Rules(
         setting=int4_setting(spec.int4_method, True, refit, with_stats, spec.block_size, spec.symmetric,
                              spec.accuracy_level),

@@ -1,9 +1,9 @@
 """The encoder-on-QNN-HTP policy: 16-bit activations everywhere, 8-bit per-tensor weights, and 16-bit weights for
 the ``promote`` linear layers with the lowest 8-bit weight SQNR (measured by edgeq.qnn.quantize.weight_sqnr).
 
-QNN has no per-channel MatMul, so a weight with outliers loses most of its resolution at 8 bits; on MiniLM the six
-FFN-down projections are 8-26 dB while most others are above 33 dB. How many to promote is chosen by measuring
-candidate plans on calibration text (MiniLM, 32 texts: 0 promoted 0.9873 mean cosine, 4 0.9970, 8 0.9989).
+QNN has no per-channel MatMul, so a weight with outliers loses most of its resolution at 8 bits (on MiniLM the six
+FFN-down projections are 8-26 dB, most others above 33 dB). How many to promote is chosen by measuring candidate
+plans on calibration text; MiniLM's numbers: see docs/decisions/qnn-htp.md.
 """
 
 from __future__ import annotations

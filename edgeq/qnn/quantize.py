@@ -2,9 +2,8 @@
 and 16-bit weights for the linear layers the plan promotes (edgeq/policy/qnn.py decides which).
 
 Measured here: the SQNR of each linear layer's 8-bit per-tensor weight (a property of the weights alone: no model
-runs), and each candidate plan's mean cosine on calibration text. The fewest promoted layers that bring it to
-``sensitivity_target_mean_cosine`` are kept (MiniLM, 32 held-back texts: 0 promoted 0.9873, 4 0.9970, 8 0.9989,
-12 0.9993).
+runs), and each candidate plan's mean cosine on calibration text; the fewest promoted layers that bring it to
+``sensitivity_target_mean_cosine`` are kept. MiniLM's numbers: see docs/decisions/qnn-htp.md.
 """
 
 from __future__ import annotations

@@ -1,16 +1,10 @@
 """Byte-stable ORT-format files: rewrite the part of ONNX Runtime's output whose layout varies from run to run.
 
-Why: MiniLM's ``quantized.onnx`` converted 10 times (ONNX Runtime 1.32) gave 5 different ``model.ort`` hashes with
-identical content. The cause is the kernel-type-string resolver that ``InferenceSession::SaveToOrtFormat`` writes
-after the model. ``KernelTypeStrResolver::SaveToOrtFormat`` walks its op map, an absl hash map (``InlinedHashMap``)
-whose hash is seeded per process (with an address, so ASLR changes it), and creates one flatbuffer table per op in
-that order; ``CreateVectorOfSortedTables`` then sorts the vector of offsets, so every reader sees the same sorted
-entries but the tables sit at different places in the file. Evidence: decoded, the files are identical field by
-field and every differing byte lies before the model's own bytes; one thread, sequential execution and
-``use_deterministic_compute`` still gave 4 hashes in 8 conversions, while the same conversion with ASLR disabled
-(``setarch -R``) gave 1 in 6. No session option reaches that map, so the fix is here: keep the bytes ONNX Runtime
-wrote for the model (the version string and the model are written first, so they are the file's tail) and write the
-resolver and root table again in front of them, in a fixed order.
+Why: ONNX Runtime writes the kernel-type-string resolver's tables in the order of a hash map seeded per process, so
+the same model converted twice can give different bytes with identical content, and no session option reaches that
+map. This module keeps the bytes ONNX Runtime wrote for the model (the file's tail) and writes the resolver and
+root table again in front of them, in a fixed order. How it was found (MiniLM: 5 hashes in 10 conversions) and the
+evidence for the cause: see docs/decisions/ort-format.md.
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
 Sensitivity of a linear layer = mean-cosine drop of the pooled embeddings against FP32 when that layer alone is
 static INT8 (measured on calibration text). The policy (edgeq/policy/encoder.py) then promotes the most sensitive
 layers to the profile's ``sensitive_precision``: each candidate count from ``promotion_steps`` is planned, carried out
-and measured here, and the first whose measurement ``selection_met`` is kept. On MiniLM, all 36 linear layers at
-int8 gave 0.9935 and the 8 most sensitive kept weight-only gave 0.998 (probe in issue 2's first session).
+and measured here, and the first whose measurement ``selection_met`` is kept. The MiniLM probe behind this: see
+docs/decisions/encoder-quantization.md.
 """
 
 from __future__ import annotations
