@@ -41,6 +41,7 @@ LEVEL4 = "edgeq, weight-only layers at accuracy_level 4"
 
 def export_at_level(build: Path, level: int, work: Path) -> Path:
     """The bench's edgeq package again, with only package.matmulnbits_accuracy_level changed."""
+    from edgeq.manifest import read_manifest
     from edgeq.pipeline import ExportRequest, export_package
     from edgeq.progress import Progress
 
@@ -50,9 +51,9 @@ def export_at_level(build: Path, level: int, work: Path) -> Path:
         raise SystemExit(f"{build / 'bench-profile.toml'} has no single 'matmulnbits_accuracy_level = ' line")
     profile = work / f"level{level}.toml"
     profile.write_text(text)
-    source = json.loads(next((build / "edgeq").glob("*/manifest.json")).read_text())["source"]
+    source = read_manifest(bundled_package(build)).source
     # manifests name the source by file hashes, not by path (older ones had it); the bench's bench.json has the path
-    model = source.get("path") or json.loads((build.parent / "bench.json").read_text())["model"]
+    model = source.path or json.loads((build.parent / "bench.json").read_text())["model"]
     pkg = export_package(ExportRequest(Path(model), str(profile), out_dir=work / f"level{level}", force=True),
                          Progress())
     return pkg.path
@@ -68,8 +69,9 @@ def median_ms(models: dict[str, Path], tokenizer, texts: list[str], seq_len: int
     return {name: statistics.median(v) for name, v in rounds.items()}
 
 
-def _manifest(package: Path) -> dict:
-    return json.loads((package / "manifest.json").read_text())
+def bundled_package(build: Path) -> Path:
+    """The edgeq package of a make bench build folder (bundled profile, level 0)."""
+    return next(p.parent for p in (build / "edgeq").glob("*/manifest.json"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,22 +84,23 @@ def main(argv: list[str] | None = None) -> int:
 
     from transformers import AutoTokenizer
 
+    from edgeq.manifest import read_manifest
     from edgeq.textdata import EVALUATION_FILE, load_texts
 
     build = args.build.resolve()
-    bundled = next(p.parent for p in (build / "edgeq").glob("*/manifest.json"))
+    bundled = bundled_package(build)
     work = Path(tempfile.mkdtemp(prefix="encoder-speed-", dir=build))
     level4 = export_at_level(build, 4, work)
     models = {"FP32": build / "fp32" / "model.onnx",
               LEVEL0: bundled / "model.ort",
               LEVEL4: level4 / "model.ort",
               "ORT dynamic INT8 per-channel": build / "ort-dynamic-int8" / "model_quantized.onnx"}
-    manifest = _manifest(bundled)
-    seq_len = manifest["profile"]["values"]["accuracy"]["eval_seq_len"]
+    manifest = read_manifest(bundled)
+    seq_len = manifest.profile.values.accuracy.eval_seq_len
     tokenizer = AutoTokenizer.from_pretrained(str(build / "fp32"))
     texts = list(load_texts(EVALUATION_FILE).head(args.sentences))
     ms = median_ms(models, tokenizer, texts, seq_len)
-    layers = sum(n["precision"] == "int8-weight-only" for n in manifest["precision"]["nodes"])
+    layers = sum(n.precision == "int8-weight-only" for n in manifest.precision.nodes)
 
     arm = f" --arm64-texts {args.arm64_texts}" if args.arm64_texts else ""
     lines = [f"Batch 1, {len(texts)} texts of {EVALUATION_FILE.name}, median of {ROUNDS} interleaved rounds, "
@@ -111,17 +114,18 @@ def main(argv: list[str] | None = None) -> int:
     lines += ["", f"The {layers} weight-only layers cost {(ms0 - ms4) / layers * 1000:.0f} µs more per call at "
                   f"level 0 than at level 4 ({ms0 - ms4:.2f} ms per sentence). Accuracy against FP32 on "
                   "the held-back texts (the packages' manifests): " + "; ".join(
-                      f"level {lv} mean cosine {a['mean_cosine']:.5f}, min {a['min_cosine']:.5f}, retrieval top-1 "
-                      f"{a['retrieval_top1']:.3f}" for lv, a in ((0, manifest["accuracy"]),
-                                                                 (4, _manifest(level4)["accuracy"]))) + "."]
+                      f"level {lv} mean cosine {a.mean_cosine:.5f}, min {a.min_cosine:.5f}, retrieval top-1 "
+                      f"{a.retrieval_top1:.3f}" for lv, a in ((0, manifest.accuracy),
+                                                              (4, read_manifest(level4).accuracy))) + "."]
     if args.arm64_texts:
         from arm64_agreement import agreement
 
         from edgeq.stages.verify import DEVICE_DEFAULTS
 
+        stated = manifest.verification.device_min_cosine
         lines += ["", f"arm64 (PyPI's aarch64 ONNX Runtime under qemu) vs x86, {args.arm64_texts} texts, per-text "
                       f"cosine of pooled outputs (profile package.device_min_cosine "
-                      f"{manifest['verification'].get('device_min_cosine', DEVICE_DEFAULTS['device_min_cosine'])}):", ""]
+                      f"{DEVICE_DEFAULTS['device_min_cosine'] if stated is None else stated}):", ""]
         for name, pkg in (("level 0 (bundled)", bundled), ("level 4", level4)):
             a = agreement(pkg, args.arm64_texts, models["FP32"])
             h, r = a["host_vs_reference"], a["arm64_vs_reference"]

@@ -25,7 +25,7 @@ from edgeq.safe_load import refuse_code
 
 __all__ = ["CAUSAL_LM", "ENCODER_CPU", "ENCODER_QNN", "MANIFEST", "REEXPORT", "SCHEMA_VERSION", "Manifest",
            "checked_manifest", "file_entries", "package_path", "plain_relative_path", "read_manifest",
-           "read_manifest_dict", "read_package_json", "stored_rows", "tool_versions", "write_manifest"]
+           "read_package_json", "stored_rows", "tool_versions", "write_manifest"]
 MANIFEST = "manifest.json"
 TOOLS = ("edgeq", "onnx", "onnxruntime", "optimum-onnx", "optimum", "transformers", "torch", "numpy")
 
@@ -124,12 +124,6 @@ def read_manifest(folder: Path) -> Manifest:
     if not isinstance(data, dict):
         raise PackageError(f"{path} does not hold a JSON object", REEXPORT)
     return Manifest.from_dict(migrate(data, path), path)
-
-
-def read_manifest_dict(folder: Path) -> dict:
-    """read_manifest's JSON (current schema): for code not yet reading the typed record (stages/verify.py,
-    devices/); new code reads the typed one."""
-    return read_manifest(folder).to_dict()
 
 
 def checked_manifest(manifest: dict, folder: Path) -> dict:

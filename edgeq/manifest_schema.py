@@ -205,6 +205,12 @@ class ProfileValues(Record):
     llm: LLMValues | None = None
     package: dict[str, Any] | None = None
 
+    def recorded(self, section: str, key: str) -> object:
+        """The value ``section.key`` of the profile as applied, None when not recorded. Untyped on purpose: verify
+        lets a recorded bar tighten its profile's only where it is a finite number (any other value, nothing)."""
+        values = self.to_dict().get(section)
+        return values.get(key) if isinstance(values, dict) else None
+
 
 @dataclass(frozen=True, kw_only=True)
 class ProfileRecord(Record):

@@ -12,11 +12,15 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edgeq.errors import ModelFolderError, UnsupportedModelError
 from edgeq.families import CAUSAL_LM, ENCODER, Family, by_gguf_arch, by_model_type, supported_gguf_archs, \
     supported_model_types
 from edgeq.safe_load import refuse_code
+
+if TYPE_CHECKING:
+    from edgeq.manifest_schema import SourceRecord
 
 # What transformers loads, in its order of preference (modeling_utils: SAFE_WEIGHTS_NAME and its index first).
 SAFE_WEIGHTS, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
@@ -331,16 +335,15 @@ def inspect_model_dir(path: Path, gguf_file: str | None = None, allow_pickle: bo
     )
 
 
-def check_recorded_source(model_dir: Path, recorded: dict) -> ModelSource:
+def check_recorded_source(model_dir: Path, recorded: SourceRecord) -> ModelSource:
     """``model_dir`` checked as any model folder is, and required to be the source a package's manifest recorded
     (``recorded``: its source section): the same folder name where recorded, the same files with the same hashes."""
-    src = inspect_model_dir(model_dir, recorded.get("gguf_file") or None,
-                            allow_pickle=recorded.get("allow_pickle") is True)
-    name = recorded.get("name")
+    src = inspect_model_dir(model_dir, recorded.gguf_file or None, allow_pickle=recorded.allow_pickle is True)
+    name = recorded.name
     if name is not None and src.name != name:
         raise ModelFolderError(f"{model_dir} is the source '{src.name}', the package was made from '{name}'",
                                f"pass the folder the package was made from (named {name})")
-    want, got = recorded.get("files") or {}, src.file_hashes
+    want, got = recorded.files or {}, src.file_hashes
     changed = [f"{n} ({'missing' if n not in got else 'not in the manifest' if n not in want else 'sha256 differs'})"
                for n in sorted(set(want) | set(got)) if want.get(n) != got.get(n)]
     if changed:

@@ -59,7 +59,7 @@ def rebuild_request(package: Path, manifest: Manifest, model_dir: Path | None, c
             raise ModelFolderError(f"{package}'s manifest names its source ({src.name}) by file hashes only",
                                    "pass the source model folder with --model DIR")
         model_dir = Path(src.path)  # a package written before manifests dropped local paths
-    check_recorded_source(Path(model_dir), src.to_dict())
+    check_recorded_source(Path(model_dir), src)
     overrides = dict(recorded_profile.overrides or {})
     settings = tuple((k, v) for k, v in overrides.items() if k not in _REQUEST_OVERRIDES)
     _check_evaluation(manifest)

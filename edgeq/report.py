@@ -14,9 +14,12 @@ import json
 import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from edgeq.errors import UserInputError
+
+if TYPE_CHECKING:
+    from edgeq.manifest_schema import Manifest
 
 ENCODER, LLM = "encoder", "causal-lm"
 
@@ -246,15 +249,15 @@ def write_json(path: Path, rows: Sequence[Row], meta: dict, bandwidth_gbs: float
 
 
 # ---------------------------------------------------------------------------------------------------- packages
-def _model_file(package: Path, manifest: dict) -> Path:
+def _model_file(package: Path, manifest: Manifest) -> Path:
     from edgeq.manifest import package_path
 
-    return package_path(package, manifest["model"]["file"], "the manifest's model.file")
+    return package_path(package, manifest.model.file, "the manifest's model.file")
 
 
 def package_row(package: Path, speed: bool = True) -> Row:
     """A row for an edgeq package: size and accuracy from its manifest, speed measured now on this machine."""
-    from edgeq.manifest import package_path, read_manifest
+    from edgeq.manifest import read_manifest
 
     package = Path(package)
     m = read_manifest(package)
@@ -263,21 +266,20 @@ def package_row(package: Path, speed: bool = True) -> Row:
     if m.is_llm:
         from edgeq.speed import decode_bytes_per_token
 
-        row.decode_bytes_per_token = decode_bytes_per_token(package_path(package, m.model.file,
-                                                                         "the manifest's model.file"))
+        row.decode_bytes_per_token = decode_bytes_per_token(_model_file(package, m))
     if speed:
-        measure_speed(row, package, m.to_dict())  # the speed path (the targets' area) still reads the JSON
+        measure_speed(row, package, m)
     return row
 
 
-def measure_speed(row: Row, package: Path, manifest: dict, prompt_tokens: int = 128, new_tokens: int = 64,
+def measure_speed(row: Row, package: Path, manifest: Manifest, prompt_tokens: int = 128, new_tokens: int = 64,
                   sentences: int = 64) -> None:
     from edgeq.safe_load import load_tokenizer
     from edgeq.textdata import EVALUATION_FILE, load_texts
 
     texts = load_texts(EVALUATION_FILE).texts
     tokenizer = load_tokenizer(package)
-    if row.kind == LLM:
+    if manifest.is_llm:
         from edgeq.speed import llm_speed
 
         # prompt + new tokens must fit the package's context (a 128-position test model takes 64 + 64)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import copy
 
-from edgeq.manifest import CAUSAL_LM, ENCODER_CPU, SCHEMA_VERSION
+from edgeq.manifest import CAUSAL_LM, ENCODER_CPU, ENCODER_QNN, SCHEMA_VERSION
 
 _ENCODER = {
     "schema_version": SCHEMA_VERSION, "recipe": ENCODER_CPU,
@@ -40,6 +40,17 @@ _LLM = {
 def encoder_manifest(**overrides) -> dict:
     """An encoder-cpu manifest."""
     return {**copy.deepcopy(_ENCODER), **overrides}
+
+
+def qnn_manifest(**overrides) -> dict:
+    """An encoder-qnn manifest: static shapes (batch 2 x 64 tokens), the context model and its run on HTP."""
+    run = {"placement": {"nodes": {"QNNExecutionProvider": 3}, "partitions": {"QNNExecutionProvider": 1}},
+           "accuracy_vs_fp32": copy.deepcopy(_ENCODER["accuracy"])}
+    qnn = {"soc_model": 57, "htp_arch": 75, "context": {"file": "model_ctx.onnx"},
+           "simulator": {"cpu_ep_fallback": "disabled", "runs": {"model_ctx.onnx": run, "model.onnx": run}}}
+    model = {"file": "model.onnx", "context_file": "model_ctx.onnx", "batch_size": 2, "seq_len": 64,
+             "execution_provider": "QNNExecutionProvider"}
+    return encoder_manifest(**{"recipe": ENCODER_QNN, "qnn": qnn, "model": model, **overrides})
 
 
 def llm_manifest(**overrides) -> dict:

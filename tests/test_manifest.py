@@ -16,7 +16,7 @@ import edgeq
 import edgeq.manifest as manifest_mod
 from edgeq.errors import PackageError
 from edgeq.manifest import (MANIFEST, SCHEMA_VERSION, TOOLS, Manifest, file_entries, package_path, read_manifest,
-                            read_manifest_dict, tool_versions, write_manifest)
+                            tool_versions, write_manifest)
 from manifest_samples import encoder_manifest, llm_manifest
 
 VERSION = re.compile(r"^\d+\.\d+(\.\d+)?([.+-]?\w+)*$")
@@ -82,7 +82,7 @@ def test_write_then_read_round_trips(tmp_path):
     assert isinstance(read_manifest(tmp_path), Manifest)
     assert read_manifest(tmp_path).to_dict() == manifest  # unknown keys are kept, nothing is lost
     assert read_manifest(tmp_path).extra["nested"] == {"list": [1, 2.5, None, True], "empty": {}}
-    assert read_manifest_dict(str(tmp_path)) == manifest  # a str folder works too
+    assert read_manifest(str(tmp_path)).to_dict() == manifest  # a str folder works too
 
 
 def test_write_replaces_an_existing_manifest(tmp_path):

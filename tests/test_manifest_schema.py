@@ -132,3 +132,15 @@ def test_a_gguf_file_must_be_a_file_name():
     d = llm_manifest()
     d["source"]["gguf_file"] = "sub/model.gguf"
     refused(d, r"source\.gguf_file 'sub/model\.gguf' is not a file name")
+
+
+def test_the_profile_as_applied_gives_any_recorded_value_typed_or_not():
+    """verify tightens its bars from these (a non-number tightens nothing, so the schema does not refuse one)."""
+    d = encoder_manifest()
+    d["profile"]["values"].update(package={"verify_max_rel_diff": 0.002}, llm=None)
+    d["profile"]["values"]["accuracy"].update(min_mean_cosine=0.995, min_min_cosine="high")
+    values = read(d).profile.values
+    assert values.recorded("package", "verify_max_rel_diff") == 0.002
+    assert values.recorded("accuracy", "eval_seq_len") == 128 and values.recorded("accuracy", "min_mean_cosine") == 0.995
+    assert values.recorded("accuracy", "min_min_cosine") == "high"
+    assert values.recorded("llm", "verify_tokens") is None and values.recorded("package", "verify_samples") is None

@@ -18,7 +18,7 @@ import pytest
 from click.testing import CliRunner
 
 from edgeq.cli import main
-from edgeq.manifest import file_entries, read_manifest_dict, write_manifest
+from edgeq.manifest import file_entries, read_manifest, write_manifest
 from edgeq.pipeline import ExportRequest, export_package
 from edgeq.stages.ort_format import _session
 
@@ -99,7 +99,7 @@ def test_verify_rebuild_fails_on_a_consistent_but_different_package(two_encoder_
     at = data.find(version) + len(version) - 1
     data[at] = ord("9") if data[at] != ord("9") else ord("8")
     (pkg / "model.ort").write_bytes(bytes(data))
-    manifest = read_manifest_dict(pkg)
+    manifest = read_manifest(pkg).to_dict()
     manifest["files"] = file_entries(pkg)
     write_manifest(pkg, manifest)
     assert edgeq("verify", pkg).exit_code == 0

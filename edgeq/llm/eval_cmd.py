@@ -45,7 +45,7 @@ def _fp32_reference(manifest: Manifest, work: Path) -> Path:
         raise UserInputError(f"the manifest names its source ({src_info.name}) by file hashes, not by path",
                              "pass --reference with the FP32 ONNX model to compare with")
     # the source folder is outside the package by design: checked as any model folder is, and still the one hashed
-    src = check_recorded_source(Path(src_info.path), src_info.to_dict())
+    src = check_recorded_source(Path(src_info.path), src_info)
     if src.gguf_file:
         src = replace(src, path=materialize_gguf(src.path, src.gguf_file, work / "source"))
     return export(src, work).onnx_path

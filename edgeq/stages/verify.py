@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeq.errors import DeviceUnavailableError, PackageError, UserInputError
-from edgeq.manifest import MANIFEST, file_entries, read_manifest_dict as read_manifest
+from edgeq.manifest import MANIFEST, Manifest, file_entries, read_manifest
 from edgeq.metrics import per_sample_cosine
 from edgeq.profiles import AccuracyBudget, LLMSpec, PackageSpec, Profile, known_profiles, load_profile
 from edgeq.runtime import pool
@@ -77,45 +77,45 @@ def _stricter(a: float, b: float, higher: bool) -> float:
     return max(a, b) if higher else min(a, b)
 
 
-def profile_bars(manifest: dict, profile: Profile | None = None) -> Bars:
+def profile_bars(manifest: Manifest, profile: Profile | None = None) -> Bars:
     """The bars of the profile the manifest names (module doc), or of ``profile`` when the caller holds the one the
     package was built with; the manifest's recorded profile values tighten them, never loosen them."""
-    name = manifest["profile"]["name"]
+    name = manifest.profile.name
     if profile is not None:
         package, llm, accuracy = profile.package, profile.llm, profile.accuracy
         source = f"profile '{profile.name}' as exported"
     elif name in known_profiles():
         p = load_profile(name)
         package, llm, accuracy, source = p.package, p.llm, p.accuracy, f"profile '{name}'"
-    elif str(manifest["profile"].get("file", "")).endswith(".toml"):
+    elif (manifest.profile.file or "").endswith(".toml"):
         package, llm, accuracy = PackageSpec(), LLMSpec(), AccuracyBudget()
         source = f"edgeq's defaults (profile '{name}' is not bundled)"
     else:
         raise PackageError(f"the package names an unknown profile {name!r}, so its verification bars are unknown",
                            f"known profiles: {', '.join(known_profiles())}; re-export the package with one of them")
-    values = manifest["profile"]["values"]
+    values = manifest.profile.values
     specs = {"package": package, "llm": llm, "accuracy": accuracy}
     for spec, key, higher in TIGHTENED:
-        v = values.get(spec, {}).get(key)
+        v = values.recorded(spec, key)
         if isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v):  # else it tightens nothing
             current = getattr(specs[spec], key)
             specs[spec] = replace(specs[spec], **{key: type(current)(_stricter(current, v, higher))})
     return Bars(specs["package"], specs["llm"], source, specs["accuracy"])
 
 
-def check_thresholds(manifest: dict, bars: Bars, report: VerifyReport) -> dict[str, float]:
+def check_thresholds(manifest: Manifest, bars: Bars, report: VerifyReport) -> dict[str, float]:
     """Fail the 'thresholds' check for every bar the manifest states looser than the profile's; return the bars
     verify applies (the stricter of the two, each)."""
-    v = manifest["verification"]
+    v = manifest.verification
     applied, looser = {}, []
     for key, (field_name, higher) in BARS.items():
         need = getattr(bars.package, field_name)
-        stated = v.get(key, need)
+        stated = need if getattr(v, key) is None else getattr(v, key)
         if (stated < need) if higher else (stated > need):
             looser.append(f"verification.{key} = {stated} in the manifest is looser than {need} "
                           f"(package.{field_name} of {bars.source})")
         applied[key] = _stricter(stated, need, higher)
-    rows = len(v["reference_pooled"])
+    rows = len(v.reference_pooled)
     if rows < bars.package.verify_samples:
         looser.append(f"verification holds {rows} samples, fewer than {bars.package.verify_samples} "
                       f"(package.verify_samples of {bars.source})")
@@ -126,26 +126,26 @@ def check_thresholds(manifest: dict, bars: Bars, report: VerifyReport) -> dict[s
     return applied
 
 
-def check_files(folder: Path, manifest: dict, report: VerifyReport) -> None:
-    listed = manifest["files"]
+def check_files(folder: Path, manifest: Manifest, report: VerifyReport) -> None:
+    listed = manifest.files
     actual = file_entries(folder)
     for name, entry in listed.items():
         got = actual.get(name)
         if got is None:
             report.add(f"file {name}", False, "missing")
-        elif got != entry:
-            report.add(f"file {name}", False, f"sha256/size differ: manifest {entry['sha256'][:12]}/{entry['size']}, "
+        elif (got["sha256"], got["size"]) != (entry.sha256, entry.size):
+            report.add(f"file {name}", False, f"sha256/size differ: manifest {entry.sha256[:12]}/{entry.size}, "
                                               f"file {got['sha256'][:12]}/{got['size']}")
         else:
-            report.add(f"file {name}", True, f"sha256 {entry['sha256'][:12]}, {entry['size']} bytes")
+            report.add(f"file {name}", True, f"sha256 {entry.sha256[:12]}, {entry.size} bytes")
     for name in sorted(set(actual) - set(listed) - {p.name for p in folder.glob("*.zip")}):  # zips: check_zip
         report.add(f"file {name}", False, "not listed in the manifest")
 
 
-def check_zip(folder: Path, manifest: dict, report: VerifyReport) -> None:
+def check_zip(folder: Path, manifest: Manifest, report: VerifyReport) -> None:
     """A zip at the top of the package (edgeq writes <name>/<name>.zip; the manifest cannot list it, as it holds
     the manifest) holds the manifest's files and manifest.json under one folder, each byte for byte the folder's."""
-    listed = manifest.get("files", {})
+    listed = manifest.files
     want = sorted([*listed, MANIFEST])
     for path in sorted(p for p in folder.glob("*.zip") if p.name not in listed):
         try:
@@ -168,16 +168,16 @@ def check_zip(folder: Path, manifest: dict, report: VerifyReport) -> None:
                    f"{len(names)} files, each byte for byte the folder's")
 
 
-def run_samples(folder: Path, manifest: dict, target: Target) -> list[SampleRun]:
+def run_samples(folder: Path, manifest: Manifest, target: Target) -> list[SampleRun]:
     """The package's model files run on ``target`` over the manifest's stored sample inputs, pooled as the manifest
     says: one run per model file an app of that target may load."""
-    v = manifest["verification"]
-    feeds = {k: np.asarray(a, dtype=np.int64) for k, a in v["inputs"].items()}
-    return [replace(r, hidden=pool(r.hidden, feeds["attention_mask"], v["pooling"]))
+    v = manifest.verification
+    feeds = {k: np.asarray(a, dtype=np.int64) for k, a in v.inputs.items()}
+    return [replace(r, hidden=pool(r.hidden, feeds["attention_mask"], v.pooling))
             for r in target.run_samples(folder, manifest, feeds)]
 
 
-def _verify_llm(folder: Path, manifest: dict, report: VerifyReport, bars: Bars, target: Target) -> VerifyReport:
+def _verify_llm(folder: Path, manifest: Manifest, report: VerifyReport, bars: Bars, target: Target) -> VerifyReport:
     """LLM packages: onnxruntime-genai loads the folder and greedy decoding reproduces the stored tokens exactly on
     ``target`` (the host, or arm64: PyPI's aarch64 onnxruntime-genai under qemu; see edgeq/devices/arm64_genai.py).
     Decoding runs for the profile's llm.verify_tokens at least, so a manifest that stores fewer tokens than the
@@ -185,23 +185,23 @@ def _verify_llm(folder: Path, manifest: dict, report: VerifyReport, bars: Bars, 
     from edgeq.llm.genai import check_genai_config
     from edgeq.llm.greedy import match_tokens
 
-    v = manifest["verification"]
+    v = manifest.verification
+    want = list(v.greedy_tokens)
     check_genai_config(folder)  # before anything loads it, here or under qemu
-    n = max(len(v["greedy_tokens"]), bars.llm.verify_tokens)
+    n = max(len(want), bars.llm.verify_tokens)
     target.check_available("causal-lm")  # a runtime that cannot be built is an error with a hint, not a finding
     try:
-        got, where = target.greedy_tokens(folder, v["prompt_ids"], n)
+        got, where = target.greedy_tokens(folder, list(v.prompt_ids), n)
     except (DeviceUnavailableError, UserInputError):
         raise
     except Exception as exc:  # a load/generation failure is the finding, not a crash
         report.add("load and generate", False, f"{type(exc).__name__}: {exc}")
         return report
-    same, detail = match_tokens(got, v["greedy_tokens"], v.get("logit_margins"))
-    want = len(v["greedy_tokens"])
-    if not same and len(got) > want and got[:want] == v["greedy_tokens"]:
-        detail = (f"the manifest stores {want} greedy tokens but the model goes on past them; {bars.source} asks "
+    same, detail = match_tokens(got, want, v.logit_margins)
+    if not same and len(got) > len(want) and got[:len(want)] == want:
+        detail = (f"the manifest stores {len(want)} greedy tokens but the model goes on past them; {bars.source} asks "
                   f"for {bars.llm.verify_tokens} (llm.verify_tokens)")
-    report.add("load and generate", True, f"{manifest['model']['file']} through {where}")
+    report.add("load and generate", True, f"{manifest.model.file} through {where}")
     report.add("greedy tokens match reference", same, detail)
     return report
 
@@ -221,7 +221,7 @@ def verify(folder: Path, on: str = "host", profile: Profile | None = None) -> Ve
     if not report.ok:
         return report
     check_zip(folder, manifest, report)
-    if manifest["source"]["kind"] == "causal-lm":
+    if manifest.is_llm:
         return _verify_llm(folder, manifest, report, bars, target)
     applied = check_thresholds(manifest, bars, report)
     target.check_available()  # a runtime that cannot be built is an error with a hint, not a finding
@@ -233,7 +233,7 @@ def verify(folder: Path, on: str = "host", profile: Profile | None = None) -> Ve
         report.add("load and run", False, f"{type(exc).__name__}: {exc}")
         return report
     try:
-        ref = np.asarray(manifest["verification"]["reference_pooled"], dtype=np.float32)
+        ref = np.asarray(manifest.verification.reference_pooled, dtype=np.float32)
     except (TypeError, ValueError):  # ragged rows or non-numbers
         ref = np.zeros((0,), np.float32)
     for run in runs:  # several model files (qnn-htp): each check names its file
@@ -241,7 +241,7 @@ def verify(folder: Path, on: str = "host", profile: Profile | None = None) -> Ve
     return report
 
 
-def check_outputs(run: SampleRun, ref: np.ndarray, manifest: dict, bars: Bars, applied: dict[str, float],
+def check_outputs(run: SampleRun, ref: np.ndarray, manifest: Manifest, bars: Bars, applied: dict[str, float],
                   report: VerifyReport, suffix: str = "") -> None:
     """One model file's pooled outputs against the stored reference (the host: the gate) or the stored FP32
     outputs (a device: the accuracy budget gates; agreement with the host's reference is reported)."""
@@ -257,7 +257,7 @@ def check_outputs(run: SampleRun, ref: np.ndarray, manifest: dict, bars: Bars, a
     host = report.on == "host"
     need = applied["min_cosine"] if host else applied["device_min_cosine"]
     max_rel = applied["max_rel_diff"] if host else applied["device_max_rel_diff"]
-    if host or "fp32_pooled" not in manifest["verification"]:
+    if host or manifest.verification.fp32_pooled is None:
         # the host reproduces its own reference; so did device checks before packages stored FP32 outputs
         report.add(f"outputs match reference{suffix}", bool(cos.min() >= need and rel <= max_rel),
                    f"min cosine {cos.min():.6f} (need >= {need} on every sample), max |diff| / max |ref| {rel:.2e} "
@@ -272,13 +272,13 @@ def check_outputs(run: SampleRun, ref: np.ndarray, manifest: dict, bars: Bars, a
                f"device_min_cosine {need} / device_max_rel_diff {max_rel}); per sample {per_sample}")
 
 
-def check_against_fp32(out: np.ndarray, manifest: dict, bars: Bars, report: VerifyReport, suffix: str = "") -> None:
+def check_against_fp32(out: np.ndarray, manifest: Manifest, bars: Bars, report: VerifyReport, suffix: str = "") -> None:
     """A device target's outputs against the FP32 model's, held to the profile's accuracy budget (the bar the
     export's own evaluation met on the host): every stored sample at least min_min_cosine, their mean at least
     min_mean_cosine. The FP32 outputs were computed on the host: FP32 differs between CPUs by ~1e-7 in cosine,
     far below any budget."""
     try:
-        fp32 = np.asarray(manifest["verification"]["fp32_pooled"], dtype=np.float32)
+        fp32 = np.asarray(manifest.verification.fp32_pooled, dtype=np.float32)
     except (TypeError, ValueError):  # ragged rows or non-numbers: the manifest is not hashed
         fp32 = np.zeros((0,), np.float32)
     if fp32.ndim != 2 or not len(fp32) or fp32.shape[1:] != out.shape[1:] or len(fp32) > len(out):

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Sequence
 if TYPE_CHECKING:
     import numpy as np
 
+    from edgeq.manifest_schema import Manifest
+
 from edgeq.targets.base import SampleRun, static_batches
 
 
@@ -28,20 +30,20 @@ class Arm64Target:
 
             ensure_genai(runtime)
 
-    def check_package(self, folder: Path, manifest: dict) -> None:
+    def check_package(self, folder: Path, manifest: Manifest) -> None:
         """model.file is portable ONNX (or ORT format): any package runs on the arm64 CPU EP."""
 
-    def run_samples(self, folder: Path, manifest: dict, feeds: dict[str, np.ndarray]) -> list[SampleRun]:
+    def run_samples(self, folder: Path, manifest: Manifest, feeds: dict[str, np.ndarray]) -> list[SampleRun]:
         import numpy as np
 
         from edgeq.devices.arm64 import ensure_runtime, run_on_arm64
         from edgeq.manifest import package_path
 
         runtime = ensure_runtime()
-        file = manifest["model"]["file"]
+        file = manifest.model.file
         model = package_path(folder, file, "the manifest's model.file")
         results = [run_on_arm64(runtime, model, f)
-                   for f in static_batches(feeds, manifest["model"].get("batch_size"))]
+                   for f in static_batches(feeds, manifest.model.batch_size)]
         info = results[0].info
         where = f"{info['machine']} onnxruntime {info['onnxruntime']} under qemu"
         return [SampleRun(file, np.concatenate([r.outputs[0] for r in results]), where)]

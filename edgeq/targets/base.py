@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Protocol, Sequence
 if TYPE_CHECKING:  # numpy stays out of the CLI's start-up: the registry builds --on's choices
     import numpy as np
 
+    from edgeq.manifest_schema import Manifest
+
 
 @dataclass(frozen=True)
 class SampleRun:
@@ -35,10 +37,10 @@ class Target(Protocol):
         """Raise DeviceUnavailableError (with the fix in its hint) when this machine cannot run the target's
         runtime for packages of ``kind``."""
 
-    def check_package(self, folder: Path, manifest: dict) -> None:
+    def check_package(self, folder: Path, manifest: Manifest) -> None:
         """Raise UserInputError when the package was not built for this target (before any file is checked)."""
 
-    def run_samples(self, folder: Path, manifest: dict, feeds: dict[str, np.ndarray]) -> list[SampleRun]:
+    def run_samples(self, folder: Path, manifest: Manifest, feeds: dict[str, np.ndarray]) -> list[SampleRun]:
         """Run every model file an app of this target may load over ``feeds`` (the stored rows)."""
 
     def greedy_tokens(self, folder: Path, prompt_ids: Sequence[int], n: int) -> tuple[list[int], str]:
@@ -58,11 +60,11 @@ class InputShape:
         return "max_length" if self.batch else True
 
 
-def input_shape(manifest: dict) -> InputShape:
-    m = manifest["model"]
-    if m.get("batch_size"):
-        return InputShape(int(m["seq_len"]), int(m["batch_size"]))
-    return InputShape(int(manifest["profile"]["values"]["accuracy"]["eval_seq_len"]))
+def input_shape(manifest: Manifest) -> InputShape:
+    m = manifest.model
+    if m.batch_size:
+        return InputShape(int(m.seq_len), m.batch_size)
+    return InputShape(manifest.profile.values.accuracy.eval_seq_len)
 
 
 def static_batches(feeds: dict[str, np.ndarray], batch: int | None) -> list[dict[str, np.ndarray]]:

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Sequence
 if TYPE_CHECKING:
     import numpy as np
 
+    from edgeq.manifest_schema import Manifest
+
 from edgeq.targets.base import SampleRun, static_batches
 
 
@@ -21,10 +23,10 @@ class HostTarget:
     def check_available(self, kind: str = "encoder") -> None:
         """The host runs whatever edgeq itself runs on."""
 
-    def check_package(self, folder: Path, manifest: dict) -> None:
+    def check_package(self, folder: Path, manifest: Manifest) -> None:
         """Every package's model.file is portable ONNX (or ORT format) the CPU EP takes."""
 
-    def run_samples(self, folder: Path, manifest: dict, feeds: dict[str, np.ndarray]) -> list[SampleRun]:
+    def run_samples(self, folder: Path, manifest: Manifest, feeds: dict[str, np.ndarray]) -> list[SampleRun]:
         import numpy as np
 
         # The one exception to "as an app loads it": the host reproduces the reference the export computed, and
@@ -32,10 +34,10 @@ class HostTarget:
         from edgeq.manifest import package_path
         from edgeq.runtime import session
 
-        file = manifest["model"]["file"]
+        file = manifest.model.file
         sess = session(package_path(folder, file, "the manifest's model.file"))
         hidden = np.concatenate([sess.run(None, f)[0]
-                                 for f in static_batches(feeds, manifest["model"].get("batch_size"))])
+                                 for f in static_batches(feeds, manifest.model.batch_size)])
         return [SampleRun(file, hidden, "host")]
 
     def greedy_tokens(self, folder: Path, prompt_ids: Sequence[int], n: int) -> tuple[list[int], str]:

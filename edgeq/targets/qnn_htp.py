@@ -15,7 +15,9 @@ from typing import TYPE_CHECKING, Sequence
 if TYPE_CHECKING:
     import numpy as np
 
-from edgeq.errors import PackageError, UserInputError
+    from edgeq.manifest_schema import Manifest
+
+from edgeq.errors import UserInputError
 from edgeq.profiles import QNNSpec
 from edgeq.targets.base import SampleRun, static_batches
 
@@ -34,36 +36,30 @@ class QnnHtpTarget:
 
         qnn_module()
 
-    def check_package(self, folder: Path, manifest: dict) -> None:
-        if "context_file" not in manifest["model"]:
+    def check_package(self, folder: Path, manifest: Manifest) -> None:
+        if not manifest.is_qnn or manifest.model.context_file is None:
             raise UserInputError(f"{folder} has no EPContext model: it was not built for the QNN EP",
                                  "verify it --on host or --on arm64, or re-export it with --profile android-qnn-htp")
 
-    def soc(self, manifest: dict) -> tuple[int, int]:
-        """(soc_model, htp_arch) the package was compiled for."""
-        from edgeq.manifest import REEXPORT
+    def soc(self, manifest: Manifest) -> tuple[int, int]:
+        """(soc_model, htp_arch) the package was compiled for (the schema has checked both are integers)."""
+        qnn = manifest.qnn
+        return (self.soc_model, self.htp_arch) if qnn is None else (qnn.soc_model, qnn.htp_arch)
 
-        qnn = manifest.get("qnn") if isinstance(manifest.get("qnn"), dict) else {}
-        soc, arch = qnn.get("soc_model", self.soc_model), qnn.get("htp_arch", self.htp_arch)
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (soc, arch)):
-            raise PackageError(f"the manifest's qnn.soc_model {soc!r} and qnn.htp_arch {arch!r} must be integers",
-                               REEXPORT)
-        return soc, arch
-
-    def run_samples(self, folder: Path, manifest: dict, feeds: dict[str, np.ndarray]) -> list[SampleRun]:
+    def run_samples(self, folder: Path, manifest: Manifest, feeds: dict[str, np.ndarray]) -> list[SampleRun]:
+        """The context model first (what the package was compiled into), then the portable model."""
         import numpy as np
 
-        """The context model first (what the package was compiled into), then the portable model."""
         from edgeq.devices.qnn_htp import check_embedded_context, run_htp
         from edgeq.manifest import package_path
 
-        m = manifest["model"]
+        m = manifest.model
         soc, arch = self.soc(manifest)
-        ctx = package_path(folder, m["context_file"], "the manifest's model.context_file")
+        ctx = package_path(folder, m.context_file, "the manifest's model.context_file")
         check_embedded_context(ctx)
-        chunks = static_batches(feeds, m.get("batch_size"))
+        chunks = static_batches(feeds, m.batch_size)
         runs = []
-        for file, path in ((m["context_file"], ctx), (m["file"], package_path(folder, m["file"], "the manifest's model.file"))):
+        for file, path in ((m.context_file, ctx), (m.file, package_path(folder, m.file, "the manifest's model.file"))):
             run = run_htp(path, chunks, soc, arch)
             where = (f"QNN HTP simulator (v{arch}, soc_model {soc}), {run.placement.htp_fraction:.0%} of nodes on HTP, "
                      f"{np.mean(run.run_seconds):.2f} s per run")

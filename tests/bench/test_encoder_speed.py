@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "bench"))
 
 from encoder_speed import export_at_level  # noqa: E402
+from manifest_samples import encoder_manifest  # noqa: E402
 
 BUNDLED = ROOT / "export_profiles" / "android-arm64.toml"
 
@@ -22,7 +23,8 @@ def _build(tmp_path: Path, model: Path, profile_text: str) -> Path:
     build = tmp_path / "build"
     (build / "edgeq" / "model-android-arm64").mkdir(parents=True)
     (build / "bench-profile.toml").write_text(profile_text)
-    (build / "edgeq" / "model-android-arm64" / "manifest.json").write_text(json.dumps({"source": {"path": str(model)}}))
+    source = {"kind": "encoder", "architecture": "BertModel", "path": str(model)}  # an older package's: by path
+    (build / "edgeq" / "model-android-arm64" / "manifest.json").write_text(json.dumps(encoder_manifest(source=source)))
     return build
 
 

@@ -134,7 +134,7 @@ def test_minilm_model_and_context_run_entirely_on_htp_as_an_app_loads_them(minil
     from edgeq.targets import get_target, static_batches
 
     manifest = read_manifest(minilm_package)
-    feeds = {k: np.asarray(a, np.int64) for k, a in manifest["verification"]["inputs"].items()}
+    feeds = {k: np.asarray(a, np.int64) for k, a in manifest.verification.inputs.items()}
     runs = get_target("qnn-htp").run_samples(minilm_package, manifest, feeds)
     assert [r.model for r in runs] == ["model_ctx.onnx", "model.onnx"]
     assert all("100% of nodes on HTP" in r.where for r in runs)

@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 
 from edgeq.errors import PackageError, UserInputError
+from edgeq.manifest_schema import Manifest
 from edgeq.targets import TARGETS, device_for, get_target, input_shape, static_batches
+from manifest_samples import encoder_manifest, qnn_manifest
+
+
+def typed(d: dict) -> Manifest:
+    return Manifest.from_dict(d, "manifest.json")
 
 
 def test_every_registered_target_names_itself_and_what_it_runs_on():
@@ -31,8 +37,7 @@ def test_a_package_goes_to_the_device_its_profile_targets(provider, device):
 
 
 def test_static_shape_packages_take_their_rows_batch_by_batch():
-    cpu = {"model": {}, "profile": {"values": {"accuracy": {"eval_seq_len": 128}}}}
-    qnn = {"model": {"batch_size": 2, "seq_len": 64}}
+    cpu, qnn = typed(encoder_manifest()), typed(qnn_manifest())
     assert (input_shape(cpu).seq_len, input_shape(cpu).batch, input_shape(cpu).padding) == (128, None, True)
     assert (input_shape(qnn).seq_len, input_shape(qnn).batch, input_shape(qnn).padding) == (64, 2, "max_length")
     feeds = {"input_ids": np.arange(12).reshape(4, 3), "attention_mask": np.ones((4, 3))}
@@ -45,16 +50,22 @@ def test_qnn_htp_takes_the_soc_from_the_manifest_and_the_profile_as_the_default(
 
     target = get_target("qnn-htp")
     spec = load_profile("android-qnn-htp").qnn
-    assert target.soc({"qnn": {"soc_model": 43, "htp_arch": 73}}) == (43, 73)
-    assert target.soc({}) == (spec.soc_model, spec.htp_arch)
-    with pytest.raises(PackageError, match="must be integers"):
-        target.soc({"qnn": {"soc_model": "57; rm -rf", "htp_arch": 75}})
+    recorded = qnn_manifest()
+    recorded["qnn"].update(soc_model=43, htp_arch=73)
+    assert target.soc(typed(recorded)) == (43, 73)
+    assert target.soc(typed(qnn_manifest(qnn=None))) == (spec.soc_model, spec.htp_arch)
+    recorded["qnn"]["soc_model"] = "57; rm -rf"
+    with pytest.raises(PackageError, match=r"'qnn\.soc_model' must be an integer, got str"):  # the schema's check
+        typed(recorded)
 
 
 def test_qnn_htp_refuses_a_package_without_a_context_model_and_causal_lms(tmp_path):
     target = get_target("qnn-htp")
     with pytest.raises(UserInputError, match="has no EPContext model"):
-        target.check_package(tmp_path, {"model": {"file": "model.ort"}})
+        target.check_package(tmp_path, typed(encoder_manifest()))
+    with pytest.raises(UserInputError, match="has no EPContext model"):  # an encoder-qnn manifest that lost it
+        target.check_package(tmp_path, typed(qnn_manifest(model={"file": "model.onnx"})))
+    target.check_package(tmp_path, typed(qnn_manifest()))
     with pytest.raises(UserInputError, match="runs encoder packages only"):
         target.greedy_tokens(tmp_path, [1, 2], 4)
 
