@@ -239,6 +239,12 @@ class ModelRecord(Record):
     fusions: str | None = None
     PATHS: ClassVar[tuple[str, ...]] = ("file", "context_file", "ops_config", "genai_config")
 
+    def check(self, where: object, key: str) -> None:
+        # a static-shape model is run batch by batch at exactly its shape: one without the other cannot be run
+        if (self.batch_size is None) != (self.seq_len is None):
+            missing = "seq_len" if self.seq_len is None else "batch_size"
+            raise malformed(where, f"{key}.{missing}", "a positive integer (a static shape records batch_size and seq_len)")
+
 
 @dataclass(frozen=True, kw_only=True)
 class FileEntry(Record):

@@ -106,6 +106,17 @@ def test_a_field_of_the_wrong_type_is_named(where, value, says):
     refused(d, says)
 
 
+def test_a_static_shape_records_both_batch_size_and_seq_len():
+    d = encoder_manifest()
+    d["model"]["batch_size"] = 2
+    refused(d, r"'model\.seq_len' must be a positive integer \(a static shape records batch_size and seq_len\), got "
+               r"missing")
+    d["model"] = {"file": "model.ort", "seq_len": 64}
+    refused(d, r"'model\.batch_size' must be a positive integer")
+    d["model"]["batch_size"] = 2
+    assert (read(d).model.batch_size, read(d).model.seq_len) == (2, 64)
+
+
 def test_a_size_needs_a_ratio_with_its_bounds_or_a_cap():
     d = encoder_manifest(size={"model_bytes": 10})
     refused(d, r"'size\.max_mb' must be a finite number \(or size\.ratio\), got missing")
