@@ -1,8 +1,9 @@
 """edgeq.manifest_migrate on STORED schema-1 manifests: tests/data/manifests_v1/ holds the manifests of three real
 packages exported with the edgeq of commit b412430 (the last to write schema 1), untrimmed: a tiny random BERT for
 android-arm64 (encoder-cpu) and android-qnn-htp (encoder-qnn, onnxruntime-qnn's HTP simulator), and a tiny random
-Llama for android-arm64 (causal-lm, settings as tests/llm/test_chain.py). Each must read through the one reader,
-migrate to the current schema with nothing lost, and show in ``edgeq inspect``."""
+Llama for android-arm64 (causal-lm, settings as that commit's tests/llm/test_chain.py, now
+tests/recipes/test_causal_lm.py). Each must read through the one reader, migrate to the current schema with nothing
+lost, and show in ``edgeq inspect``."""
 
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ TEXT = "\n".join(f"Line {i}: the quick brown fox jumps over the lazy dog, then c
 
 @pytest.fixture(scope="module")
 def package(tiny_dir, tmp_path_factory):
-    # the settings of tests/llm/test_chain.py: a 128-position model, a budget a random model passes
+    # the settings of tests/recipes/test_causal_lm.py: a 128-position model, a budget a random model passes
     settings = {"llm.window_tokens": 128, "llm.context_length": 128, "llm.eval_windows": 2,
                 "llm.max_ppl_increase": 1.0, "llm.min_top1_agreement": 0.0}
     out = tmp_path_factory.mktemp("eval-out")
