@@ -25,11 +25,11 @@ from pathlib import PurePosixPath
 from typing import Annotated, Any, ClassVar, Union
 
 from edgeq.errors import PackageError
+from edgeq.precision import CAUSAL_LM, ENCODER_CPU, ENCODER_QNN  # the recipe names, one definition
 
 SCHEMA_VERSION = 2
 _MISSING = object()
 REEXPORT = "re-export the package with 'edgeq export' (or get it again from whoever made it)"
-ENCODER_CPU, ENCODER_QNN, CAUSAL_LM = "encoder-cpu", "encoder-qnn", "causal-lm"
 RECIPES = {ENCODER_CPU: "encoder", ENCODER_QNN: "encoder", CAUSAL_LM: "causal-lm"}  # recipe -> source.kind
 KINDS = ("encoder", "causal-lm")
 _POSITIVE = "a positive integer"
