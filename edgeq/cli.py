@@ -13,6 +13,7 @@ import click
 
 from edgeq.errors import EdgeqError, UserInputError
 from edgeq.manifest_schema import EncoderAccuracyRecord, LMAccuracyRecord, Manifest, QnnRecord
+from edgeq.profiles import QNN_EP
 from edgeq.targets import TARGETS
 
 
@@ -140,7 +141,7 @@ def qnn_line(q: QnnRecord) -> str:
     where = next((r.placement for name, r in runs.items() if name != ctx), runs[ctx].placement)
     acc = runs[ctx].accuracy_vs_fp32
     return (f"qnn      soc_model {q.soc_model} (Hexagon v{q.htp_arch}), {ctx}: "
-            f"{where.nodes.get('QNNExecutionProvider', 0)} of {sum(where.nodes.values())} nodes on HTP in "
+            f"{where.nodes.get(QNN_EP, 0)} of {sum(where.nodes.values())} nodes on HTP in "
             f"{sum(where.partitions.values())} partition(s), CPU fallback {q.simulator.cpu_ep_fallback}; "
             f"on the HTP simulator vs FP32: mean cosine {acc.mean_cosine:.5f}, min {acc.min_cosine:.5f} on "
             f"{acc.samples} texts")
@@ -174,7 +175,7 @@ def profiles_cmd(fields, names, model_dir) -> None:
     for name in known_profiles():
         p = load_profile(name)
         q, h = p.quantization, p.qnn
-        if p.execution_provider == "QNNExecutionProvider":
+        if p.execution_provider == QNN_EP:
             rows.append((p.name, p.target, ",".join(p.model_kinds),
                          f"QDQ {h.activation_bits}-bit activations, {h.weight_bits}-bit per-tensor weights "
                          f"({h.sensitive_weight_bits}-bit where needed); static {h.batch_size}x{h.seq_len}; EPContext "

@@ -16,8 +16,7 @@ from pathlib import PurePosixPath, PureWindowsPath
 
 from edgeq.errors import PackageError
 from edgeq.manifest_schema import CAUSAL_LM, ENCODER_CPU, ENCODER_QNN, KINDS, REEXPORT, SCHEMA_VERSION
-
-QNN_EP = "QNNExecutionProvider"
+from edgeq.profiles import QNN_EP
 
 
 def _v1_to_v2(m: dict, where: object) -> dict:

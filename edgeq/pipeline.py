@@ -10,7 +10,7 @@ from pathlib import Path
 
 from edgeq.errors import ModelFolderError, OutputExistsError, UnsupportedModelError, UserInputError, VerificationError
 from edgeq.modelsource import inspect_model_dir
-from edgeq.profiles import load_profile
+from edgeq.profiles import QNN_EP, load_profile
 from edgeq.progress import QUIET, Progress
 from edgeq.recipes import recipe_for
 from edgeq.request import ExportRequest, Inputs
@@ -30,7 +30,7 @@ def check_inputs(req: ExportRequest) -> Inputs:
         raise UnsupportedModelError(f"profile '{profile.name}' does not take {source.kind} models",
                                     f"it takes: {', '.join(profile.model_kinds)}")
     q = profile.quantization
-    if req.seq_len is not None and profile.execution_provider == "QNNExecutionProvider":  # the static shape
+    if req.seq_len is not None and profile.execution_provider == QNN_EP:  # the static shape
         profile = replace(profile, qnn=replace(profile.qnn, seq_len=req.seq_len))
     if req.samples is not None or req.seq_len is not None:
         q = replace(q, calibration_samples=req.samples or q.calibration_samples,

@@ -21,6 +21,9 @@ from edgeq.errors import ProfileError
 from edgeq.precision import CAUSAL_LM, ENCODER_CPU, LM_HEAD, allowed
 from edgeq.resources import PROFILES_DIR
 
+# the execution providers a profile builds for: the one name each, for every place that branches on them
+CPU_EP, QNN_EP = "CPUExecutionProvider", "QNNExecutionProvider"
+
 
 def _f(doc: str, default=dataclasses.MISSING, choices: tuple = (), minimum=None, maximum=None,
        precision_of: tuple[str, str] | None = None, **kw):
@@ -250,8 +253,8 @@ class Profile:
     target: str = _f("The device class and runtime the package is built for.")
     execution_provider: str = _f(
         "ONNX Runtime execution provider the package is built and verified for.",
-        "CPUExecutionProvider",
-        ("CPUExecutionProvider", "QNNExecutionProvider"),
+        CPU_EP,
+        (CPU_EP, QNN_EP),
     )
     model_kinds: tuple[str, ...] = _f("Model kinds the profile accepts.", ("encoder",))
     status: str = _f(
@@ -351,11 +354,11 @@ def check_profile_name(name: str, path: Path) -> None:
 
 def _check_provider(profile: Profile, path: Path) -> None:
     """Fields that must agree with the execution provider (each is valid alone)."""
-    want = "onnx" if profile.execution_provider == "QNNExecutionProvider" else "ort"
+    want = "onnx" if profile.execution_provider == QNN_EP else "ort"
     if profile.package.format != want:
         raise ProfileError(f"profile {path}: package.format = '{profile.package.format}' does not fit execution_provider "
                            f"'{profile.execution_provider}'", f"set package.format = '{want}'")
-    if profile.execution_provider == "QNNExecutionProvider" and "causal-lm" in profile.model_kinds:
+    if profile.execution_provider == QNN_EP and "causal-lm" in profile.model_kinds:
         raise ProfileError(f"profile {path}: the QNN HTP chain takes encoders only", 'set model_kinds = ["encoder"]')
 
 

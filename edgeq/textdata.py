@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from edgeq.errors import CalibrationDataError
-from edgeq.profiles import Profile
+from edgeq.profiles import QNN_EP, Profile
 from edgeq.resources import CALIBRATION_DATA_DIR
 
 CALIBRATION_FILE = CALIBRATION_DATA_DIR / "calibration.jsonl"
@@ -90,7 +90,7 @@ def fit_calibration_samples(profile: Profile, calibration: TextSet, samples: int
     A count the user asked for (``--samples``, or ``--set`` of the field) that the file cannot meet is an error; the
     profile's own count (128 by default, against a user's small file) is cut to the file's with a note on stderr,
     and the profile recorded in the manifest then states the count used."""
-    qnn = profile.execution_provider == "QNNExecutionProvider"
+    qnn = profile.execution_provider == QNN_EP
     key = "qnn.calibration_samples" if qnn else "quantization.calibration_samples"
     wanted = samples or (profile.qnn if qnn else profile.quantization).calibration_samples
     count = len(calibration.texts)

@@ -22,8 +22,8 @@ import onnxruntime as ort
 
 from edgeq.errors import DeviceRunError, DeviceUnavailableError, PackageError
 from edgeq.manifest import REEXPORT
+from edgeq.profiles import QNN_EP as EP
 
-EP = "QNNExecutionProvider"
 INSTALL_HINT = "pip install 'edgeq[qnn]' (the onnxruntime-qnn wheel from PyPI; it carries the x86_64 HTP simulator)"
 _registered = False
 

@@ -5,12 +5,10 @@ recipe pulls in torch and transformers, the QNN one the optional QNN EP plugin."
 
 from __future__ import annotations
 
-from edgeq.profiles import Profile
+from edgeq.profiles import QNN_EP, Profile
 from edgeq.recipes.base import Built, Recipe
 
 __all__ = ["Built", "Recipe", "recipe_for"]
-
-QNN_EP = "QNNExecutionProvider"
 
 
 def recipe_for(source_kind: str, profile: Profile) -> Recipe:

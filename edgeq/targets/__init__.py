@@ -7,6 +7,7 @@ target is a module here with a class that implements the protocol, and one entry
 from __future__ import annotations
 
 from edgeq.errors import UserInputError
+from edgeq.profiles import CPU_EP, QNN_EP
 from edgeq.targets.arm64 import Arm64Target
 from edgeq.targets.base import InputShape, SampleRun, Target, input_shape, static_batches
 from edgeq.targets.host import HostTarget
@@ -15,7 +16,7 @@ from edgeq.targets.qnn_htp import QnnHtpTarget
 TARGETS: dict[str, Target] = {t.name: t for t in (HostTarget(), Arm64Target(), QnnHtpTarget())}
 
 # the device a package's profile was built for, by its manifest's model.execution_provider (CPU EP: arm64 phones)
-DEVICE_BY_EP = {"QNNExecutionProvider": "qnn-htp", "CPUExecutionProvider": "arm64"}
+DEVICE_BY_EP = {QNN_EP: "qnn-htp", CPU_EP: "arm64"}
 
 
 def get_target(name: str) -> Target:
