@@ -24,11 +24,9 @@ from onnx import TensorProto, helper, numpy_helper
 from edgeq.llm.activations import ActivationStats, LinearLayer, linear_layers
 from edgeq.passes.base import PassBase, PassResult
 from edgeq.policy.causal_lm import (BITS, PROMOTE, PROMOTED_BITS, Int4Decision, Int4Facts, Int4Rules, LinearFacts,
-                                    decide_int4, int4_setting, matmulnbits_bytes)
+                                    decide_int4, int4_setting)
 from edgeq.progress import QUIET, Progress
 
-__all__ = ["BITS", "PROMOTE", "PROMOTED_BITS", "Int4Decision", "QuantizeInt4", "int4_pass", "matmulnbits_bytes",
-           "measure_int4"]
 METHODS = ("rtn", "gptq")
 CLIP_RATIOS = tuple(1.0 - 0.025 * i for i in range(16))  # 1.0 .. 0.625
 LAZY_COLUMNS = 128  # GPTQ's lazy batch: error pushed to later columns once per 128 (a multiple of the block)

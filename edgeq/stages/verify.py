@@ -29,7 +29,7 @@ from edgeq.manifest import MANIFEST, Manifest, file_entries, read_manifest
 from edgeq.metrics import per_sample_cosine
 from edgeq.profiles import AccuracyBudget, LLMSpec, PackageSpec, Profile, known_profiles, load_profile
 from edgeq.runtime import pool
-from edgeq.targets import TARGETS, SampleRun, Target, get_target  # noqa: F401  (TARGETS: verify's names, as before)
+from edgeq.targets import SampleRun, Target, get_target
 
 # A device target is held to the stored FP32 outputs by the profile's accuracy budget; its agreement with the host's
 # reference (package.device_min_cosine, device_max_rel_diff) is reported, and gated only for packages written

@@ -11,7 +11,8 @@ from onnx import TensorProto, helper, numpy_helper
 from edgeq.llm.activations import collect_activation_stats, linear_layers
 from edgeq.llm.evaluate import evaluate_lm, window_logits
 from edgeq.llm.int4 import (_unpack_nibbles, int4_pass, dequantize_matmulnbits, hessian_error, kv_projections,
-                            matmulnbits_bytes, pack_matmulnbits, quantize_gptq, quantize_rtn)
+                            pack_matmulnbits, quantize_gptq, quantize_rtn)
+from edgeq.policy.causal_lm import matmulnbits_bytes
 from edgeq.runtime import session
 
 SEQ = 48

@@ -16,7 +16,8 @@ import pytest
 from edgeq.errors import PackageError, UserInputError
 from edgeq.manifest import MANIFEST, SCHEMA_VERSION
 from edgeq.stages.package import MODEL_FILE, OPS_CONFIG, convert_to_ort, finish
-from edgeq.stages.verify import TARGETS, verify
+from edgeq.stages.verify import verify
+from edgeq.targets import TARGETS
 from manifest_samples import encoder_manifest
 from tiny_models import tiny_onnx_encoder
 
