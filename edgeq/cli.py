@@ -13,7 +13,7 @@ import click
 
 from edgeq.errors import EdgeqError, UserInputError
 from edgeq.manifest_schema import EncoderAccuracyRecord, LMAccuracyRecord, Manifest, QnnRecord
-from edgeq.profiles import QNN_EP
+from edgeq.profiles import INT4_METHODS, QNN_EP
 from edgeq.targets import TARGETS
 
 
@@ -87,7 +87,7 @@ def main() -> None:
 @click.option("--gguf-file", help="Name of a GGUF file in MODEL_DIR: dequantized through transformers, then exported.")
 @click.option("--allow-pickle", is_flag=True, help="Accept pickle files in MODEL_DIR and use pytorch_model.bin weights "
               "where there are no safetensors, loaded with torch.load(weights_only=True); recorded in the manifest.")
-@click.option("--int4-method", type=click.Choice(["gptq", "rtn"]),
+@click.option("--int4-method", type=click.Choice(INT4_METHODS),
               help="Causal LMs: how INT4 weights are chosen (default: the profile's llm.int4_method).")
 @click.option("--max-size-mb", type=FiniteFloatRange(min=0), help="Causal LMs: largest model in MB; 8-bit promotions "
               "are taken only while they fit (default: the profile's llm.max_size_mb).")

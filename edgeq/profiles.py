@@ -23,6 +23,7 @@ from edgeq.resources import PROFILES_DIR
 
 # the execution providers a profile builds for: the one name each, for every place that branches on them
 CPU_EP, QNN_EP = "CPUExecutionProvider", "QNNExecutionProvider"
+INT4_METHODS = ("gptq", "rtn")  # llm.int4_method, --int4-method and QuantizeInt4 take these
 
 
 def _f(doc: str, default=dataclasses.MISSING, choices: tuple = (), minimum=None, maximum=None,
@@ -164,7 +165,7 @@ class LLMSpec:
 
     int4_method: str = _f(
         "How INT4 weights are chosen: 'gptq' (data-aware, from activation statistics over calibration text) or "
-        "'rtn' (round to nearest; fast, less accurate).", "gptq", ("gptq", "rtn"),
+        "'rtn' (round to nearest; fast, less accurate).", "gptq", INT4_METHODS,
     )
     block_size: int = _f("Weights per INT4 scale (MatMulNBits block_size).", 32, (16, 32, 64, 128, 256))
     symmetric: bool = _f("Symmetric INT4 blocks (no zero points) instead of asymmetric.", False)

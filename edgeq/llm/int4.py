@@ -25,9 +25,9 @@ from edgeq.llm.activations import ActivationStats, LinearLayer, linear_layers
 from edgeq.passes.base import PassBase, PassResult
 from edgeq.policy.causal_lm import (BITS, PROMOTE, PROMOTED_BITS, Int4Decision, Int4Facts, Int4Rules, LinearFacts,
                                     decide_int4, int4_setting)
+from edgeq.profiles import INT4_METHODS
 from edgeq.progress import QUIET, Progress
 
-METHODS = ("rtn", "gptq")
 CLIP_RATIOS = tuple(1.0 - 0.025 * i for i in range(16))  # 1.0 .. 0.625
 LAZY_COLUMNS = 128  # GPTQ's lazy batch: error pushed to later columns once per 128 (a multiple of the block)
 DAMP = 0.01  # GPTQ's dampening (fraction of mean diag H): its default, definite for every SmolLM2 layer
@@ -392,8 +392,8 @@ class QuantizeInt4(PassBase):
                  block_size: int = 32, symmetric: bool = False, accuracy_level: int = 4, method: str = "gptq",
                  clip: bool = True, act_order: bool = False, damp: float = DAMP, refit: bool | None = None,
                  progress: Progress = QUIET) -> None:
-        if method not in METHODS:
-            raise ValueError(f"unknown INT4 method '{method}' (known: {', '.join(METHODS)})")
+        if method not in INT4_METHODS:
+            raise ValueError(f"unknown INT4 method '{method}' (known: {', '.join(INT4_METHODS)})")
         if block_size < 16 or block_size & (block_size - 1):
             raise ValueError(f"block_size {block_size}: MatMulNBits needs a power of two >= 16")
         if method == "gptq" and stats is None:
