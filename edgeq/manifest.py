@@ -24,7 +24,7 @@ from edgeq.modelsource import sha256_file
 from edgeq.safe_load import refuse_code
 
 __all__ = ["CAUSAL_LM", "ENCODER_CPU", "ENCODER_QNN", "MANIFEST", "REEXPORT", "SCHEMA_VERSION", "Manifest",
-           "checked_manifest", "file_entries", "package_path", "plain_relative_path", "read_manifest",
+           "checked_manifest", "file_entries", "model_path", "package_path", "plain_relative_path", "read_manifest",
            "read_package_json", "stored_rows", "tool_versions", "write_manifest"]
 MANIFEST = "manifest.json"
 TOOLS = ("edgeq", "onnx", "onnxruntime", "optimum-onnx", "optimum", "transformers", "torch", "numpy")
@@ -88,6 +88,11 @@ def package_path(folder: Path, relative: object, what: str = "the manifest's fil
     if not path.resolve().is_relative_to(folder.resolve()):  # cannot happen after the checks above; kept as a guard
         raise PackageError(f"{what} {relative!r} leaves {folder}", REEXPORT)
     return path
+
+
+def model_path(folder: Path, manifest: Manifest) -> Path:
+    """The package's model file (``model.file``), through ``package_path``."""
+    return package_path(folder, manifest.model.file, "the manifest's model.file")
 
 
 def write_manifest(folder: Path, manifest: dict) -> Path:

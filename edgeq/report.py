@@ -249,15 +249,9 @@ def write_json(path: Path, rows: Sequence[Row], meta: dict, bandwidth_gbs: float
 
 
 # ---------------------------------------------------------------------------------------------------- packages
-def _model_file(package: Path, manifest: Manifest) -> Path:
-    from edgeq.manifest import package_path
-
-    return package_path(package, manifest.model.file, "the manifest's model.file")
-
-
 def package_row(package: Path, speed: bool = True) -> Row:
     """A row for an edgeq package: size and accuracy from its manifest, speed measured now on this machine."""
-    from edgeq.manifest import read_manifest
+    from edgeq.manifest import model_path, read_manifest
 
     package = Path(package)
     m = read_manifest(package)
@@ -266,7 +260,7 @@ def package_row(package: Path, speed: bool = True) -> Row:
     if m.is_llm:
         from edgeq.speed import decode_bytes_per_token
 
-        row.decode_bytes_per_token = decode_bytes_per_token(_model_file(package, m))
+        row.decode_bytes_per_token = decode_bytes_per_token(model_path(package, m))
     if speed:
         measure_speed(row, package, m)
     return row
@@ -274,6 +268,7 @@ def package_row(package: Path, speed: bool = True) -> Row:
 
 def measure_speed(row: Row, package: Path, manifest: Manifest, prompt_tokens: int = 128, new_tokens: int = 64,
                   sentences: int = 64) -> None:
+    from edgeq.manifest import model_path
     from edgeq.safe_load import load_tokenizer
     from edgeq.textdata import EVALUATION_FILE, load_texts
 
@@ -295,7 +290,7 @@ def measure_speed(row: Row, package: Path, manifest: Manifest, prompt_tokens: in
         from edgeq.targets import input_shape
 
         shape = input_shape(manifest)  # a static-shape (QNN) model takes exactly its batch x seq_len tokens
-        row.ms_per_sentence = encoder_ms_per_sentence(_model_file(package, manifest), tokenizer, texts[:sentences],
+        row.ms_per_sentence = encoder_ms_per_sentence(model_path(package, manifest), tokenizer, texts[:sentences],
                                                       shape.seq_len, batch=shape.batch)
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from edgeq.errors import UserInputError
 from edgeq.llm.evaluate import ReferenceLogits, evaluate_lm, token_windows
-from edgeq.manifest import MANIFEST, Manifest, package_path, read_manifest
+from edgeq.manifest import MANIFEST, Manifest, model_path, read_manifest
 from edgeq.manifest_schema import LMAccuracyRecord, malformed
 from edgeq.modelsource import check_recorded_source
 from edgeq.safe_load import load_tokenizer
@@ -26,7 +26,7 @@ def evaluate_package(package: Path, text_file: Path, reference: Path | None = No
     if manifest.source.files is None:  # the FP32 reference is exported again from the source these hashes name
         raise malformed(package / MANIFEST, "source.files", "an object")
     spec = manifest.profile.values.llm
-    model = package_path(package, manifest.model.file, "the manifest's model.file")
+    model = model_path(package, manifest)
     tokenizer = load_tokenizer(package)
     windows = token_windows(tokenizer, load_texts(text_file).texts, spec.window_tokens, spec.eval_windows)
     with tempfile.TemporaryDirectory(prefix="edgeq-eval-") as tmp:

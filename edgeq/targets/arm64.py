@@ -37,11 +37,11 @@ class Arm64Target:
         import numpy as np
 
         from edgeq.devices.arm64 import ensure_runtime, run_on_arm64
-        from edgeq.manifest import package_path
+        from edgeq.manifest import model_path
 
         runtime = ensure_runtime()
         file = manifest.model.file
-        model = package_path(folder, file, "the manifest's model.file")
+        model = model_path(folder, manifest)
         results = [run_on_arm64(runtime, model, f)
                    for f in static_batches(feeds, manifest.model.batch_size)]
         info = results[0].info

@@ -31,11 +31,11 @@ class HostTarget:
 
         # The one exception to "as an app loads it": the host reproduces the reference the export computed, and
         # both run QDQ in float (edgeq.runtime.session says why: x86 hosts without VNNI saturate int8 sums).
-        from edgeq.manifest import package_path
+        from edgeq.manifest import model_path
         from edgeq.runtime import session
 
         file = manifest.model.file
-        sess = session(package_path(folder, file, "the manifest's model.file"))
+        sess = session(model_path(folder, manifest))
         hidden = np.concatenate([sess.run(None, f)[0]
                                  for f in static_batches(feeds, manifest.model.batch_size)])
         return [SampleRun(file, hidden, "host")]

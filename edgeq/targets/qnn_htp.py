@@ -51,7 +51,7 @@ class QnnHtpTarget:
         import numpy as np
 
         from edgeq.devices.qnn_htp import check_embedded_context, run_htp
-        from edgeq.manifest import package_path
+        from edgeq.manifest import model_path, package_path
 
         m = manifest.model
         soc, arch = self.soc(manifest)
@@ -59,7 +59,7 @@ class QnnHtpTarget:
         check_embedded_context(ctx)
         chunks = static_batches(feeds, m.batch_size)
         runs = []
-        for file, path in ((m.context_file, ctx), (m.file, package_path(folder, m.file, "the manifest's model.file"))):
+        for file, path in ((m.context_file, ctx), (m.file, model_path(folder, manifest))):
             run = run_htp(path, chunks, soc, arch)
             where = (f"QNN HTP simulator (v{arch}, soc_model {soc}), {run.placement.htp_fraction:.0%} of nodes on HTP, "
                      f"{np.mean(run.run_seconds):.2f} s per run")
