@@ -44,12 +44,13 @@ verify-rebuild: setup
 
 # make device-test PACKAGE=build/<model>-<profile> [PROFILE=<profile>] [ON=<target>]: run a package's stored samples on
 # a device target and hold them to the profile's accuracy budget. PROFILE, if given, must be the profile the package
-# was built for. ON is a name in edgeq's target registry (edgeq/targets/; `edgeq verify --help` lists them and
-# refuses any other; `edgeq targets` lists them); without ON, the device the package's profile targets: qnn-htp for QNN EP packages (the HTP
-# simulator, CPU fallback disabled), arm64 for CPU EP ones (aarch64 ONNX Runtime under qemu).
+# was built for (read through edgeq's manifest reader). ON is a name in edgeq's target registry (edgeq/targets/;
+# `edgeq targets` lists them, `edgeq verify --on` refuses any other); without ON, the device the package's profile
+# targets (`edgeq targets PACKAGE`): qnn-htp for QNN EP packages (the HTP simulator, CPU fallback disabled), arm64 for
+# CPU EP ones (aarch64 ONNX Runtime under qemu).
 device-test: setup
 	@test -n "$(PACKAGE)" || { echo "error: PACKAGE is not set"; echo "hint: make device-test PACKAGE=build/<model>-<profile> [PROFILE=<profile>] [ON=<target>]"; exit 2; }
-	@test -z "$(PROFILE)" || test "$$($(BIN)/python -c 'import json, sys; print(json.load(open(sys.argv[1] + "/manifest.json"))["profile"]["name"])' "$(PACKAGE)")" = "$(PROFILE)" || \
+	@test -z "$(PROFILE)" || test "$$($(BIN)/python -c 'import sys; from edgeq.manifest import read_manifest; print(read_manifest(sys.argv[1]).profile.name)' "$(PACKAGE)")" = "$(PROFILE)" || \
 		{ echo "error: $(PACKAGE) was not built for profile $(PROFILE)"; echo "hint: make $(PROFILE) MODEL=... first, or drop PROFILE="; exit 2; }
 	@on="$(ON)"; test -n "$$on" || on=$$($(BIN)/edgeq targets "$(PACKAGE)") || exit 2; \
 		echo "$(BIN)/edgeq verify $(PACKAGE) --on $$on"; $(BIN)/edgeq verify "$(PACKAGE)" --on "$$on"
