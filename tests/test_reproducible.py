@@ -142,20 +142,13 @@ LLM_SETTINGS = {"llm.window_tokens": 128, "llm.context_length": 128, "llm.max_pp
                 "llm.min_top1_agreement": 0.0}
 
 
-@pytest.fixture(scope="module")
-def tiny_llama_dir(tmp_path_factory) -> Path:
-    from llm.tiny_llama import tiny_llama
-
-    return tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
-
-
-def test_two_llm_exports_are_byte_identical(tiny_llama_dir, tmp_path):
+def test_two_llm_exports_are_byte_identical(tiny_dir, tmp_path):
     """The GenAI folder (model.onnx, genai_config.json, tokenizer files, manifest): GPTQ, the graph passes and the
     config writers give the same bytes in another process."""
-    a = export_package(ExportRequest(tiny_llama_dir, "android-arm64", out_dir=tmp_path / "one",
+    a = export_package(ExportRequest(tiny_dir, "android-arm64", out_dir=tmp_path / "one",
                                      settings=tuple(LLM_SETTINGS.items())))
     out = tmp_path / "two"
-    export_in_child(2, tiny_llama_dir, "--profile", "android-arm64", "-o", out,
+    export_in_child(2, tiny_dir, "--profile", "android-arm64", "-o", out,
                     *[x for k, v in LLM_SETTINGS.items() for x in ("--set", f"{k}={v}")])
     one, two = folder_bytes(a.path), folder_bytes(out / a.path.name)
     assert {"model.onnx", "genai_config.json", "tokenizer.json", "manifest.json"} <= set(one)

@@ -11,7 +11,6 @@ from transformers import PreTrainedTokenizerBase
 
 from cli_results import assert_user_error, edgeq
 from edgeq.textdata import CALIBRATION_FILE, CHARS_PER_TOKEN
-from llm.tiny_llama import tiny_llama
 from profile_edits import edited_profile
 
 LONG_LINE_CHARS = 2_000_000  # on main each tokenizer call took the whole line: ~30 calls of 2 MB each
@@ -24,11 +23,6 @@ def calibration_texts(n: int) -> list[str]:
 def write_jsonl(path: Path, texts: list[str]) -> Path:
     path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     return path
-
-
-@pytest.fixture(scope="module")
-def tiny_llama_dir(tmp_path_factory) -> Path:
-    return tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
 
 
 # --- one huge calibration line -------------------------------------------------------------------------------------
@@ -117,7 +111,7 @@ def test_samples_set_in_a_profile_override_above_the_file_is_an_error(tiny_bert_
     assert hint.startswith("pass --set quantization.calibration_samples=3")
 
 
-def test_llm_calibration_text_too_short_for_its_windows_fails_before_the_export(tiny_llama_dir, tmp_path, monkeypatch):
+def test_llm_calibration_text_too_short_for_its_windows_fails_before_the_export(tiny_dir, tmp_path, monkeypatch):
     from edgeq.recipes import causal_lm
 
     def no_export(*args, **kwargs):
@@ -125,7 +119,7 @@ def test_llm_calibration_text_too_short_for_its_windows_fails_before_the_export(
 
     monkeypatch.setattr(causal_lm, "export", no_export)
     cal = write_jsonl(tmp_path / "short.jsonl", calibration_texts(8))  # about 400 tokens
-    msg, hint = assert_user_error(edgeq("export", tiny_llama_dir, "--profile", "android-arm64", "-o", tmp_path / "out",
+    msg, hint = assert_user_error(edgeq("export", tiny_dir, "--profile", "android-arm64", "-o", tmp_path / "out",
                                         "--calibration", cal, "--set", "llm.window_tokens=128",
                                         "--set", "llm.context_length=128"), tmp_path / "out", empty_out=True)
     filled = int(msg.split("fills ")[1].split(" ")[0])
@@ -135,8 +129,8 @@ def test_llm_calibration_text_too_short_for_its_windows_fails_before_the_export(
     assert hint == f"pass a longer --calibration file, or --set llm.calibration_windows={filled}"
 
 
-def test_samples_flag_on_a_causal_lm_is_refused(tiny_llama_dir, tmp_path):
-    msg, hint = assert_user_error(edgeq("export", tiny_llama_dir, "--profile", "android-arm64", "-o", tmp_path / "out",
+def test_samples_flag_on_a_causal_lm_is_refused(tiny_dir, tmp_path):
+    msg, hint = assert_user_error(edgeq("export", tiny_dir, "--profile", "android-arm64", "-o", tmp_path / "out",
                                         "--samples", 16), tmp_path / "out")
     assert "--samples counts calibration texts for encoders" in msg
     assert "llm.calibration_windows" in hint
@@ -157,16 +151,16 @@ def test_non_finite_profile_field_in_a_toml_is_refused(tiny_bert_dir, tmp_path, 
 
 @pytest.mark.parametrize("setting", ["llm.promote=nan", "llm.max_ppl_increase=inf", "accuracy.min_mean_cosine=-inf",
                                      "package.max_size_ratio=nan", "llm.max_size_mb=1e999"])
-def test_non_finite_set_override_is_refused(tiny_llama_dir, tmp_path, setting):
+def test_non_finite_set_override_is_refused(tiny_dir, tmp_path, setting):
     key = setting.split("=")[0]
-    msg, _ = assert_user_error(edgeq("export", tiny_llama_dir, "--profile", "android-arm64", "-o", tmp_path / "out",
+    msg, _ = assert_user_error(edgeq("export", tiny_dir, "--profile", "android-arm64", "-o", tmp_path / "out",
                                      "--set", setting), tmp_path / "out")
     assert f"'{key}'" in msg and "is not a finite number" in msg
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "NaN", "1e400"])
-def test_non_finite_max_size_mb_is_a_usage_error(tiny_llama_dir, tmp_path, value):
-    msg, hint = assert_user_error(edgeq("export", tiny_llama_dir, "--profile", "android-arm64", "-o",
+def test_non_finite_max_size_mb_is_a_usage_error(tiny_dir, tmp_path, value):
+    msg, hint = assert_user_error(edgeq("export", tiny_dir, "--profile", "android-arm64", "-o",
                                         tmp_path / "out", "--max-size-mb", value), tmp_path / "out")
     assert msg == f"Invalid value for '--max-size-mb': '{value}' is not a finite number."
     assert hint == "see 'edgeq export --help'"
@@ -176,11 +170,11 @@ def test_non_finite_max_size_mb_is_a_usage_error(tiny_llama_dir, tmp_path, value
 
 
 @pytest.mark.parametrize("key", ["llm.window_tokens", "llm.context_length"])
-def test_length_above_max_position_embeddings_fails_before_any_export(tiny_llama_dir, tmp_path, key):
-    limit = json.loads((tiny_llama_dir / "config.json").read_text())["max_position_embeddings"]
+def test_length_above_max_position_embeddings_fails_before_any_export(tiny_dir, tmp_path, key):
+    limit = json.loads((tiny_dir / "config.json").read_text())["max_position_embeddings"]
     other = "llm.context_length" if key == "llm.window_tokens" else "llm.window_tokens"
     out = tmp_path / "out"
-    msg, hint = assert_user_error(edgeq("export", tiny_llama_dir, "--profile", "android-arm64", "-o", out,
+    msg, hint = assert_user_error(edgeq("export", tiny_dir, "--profile", "android-arm64", "-o", out,
                                         "--set", f"{key}={limit * 2}", "--set", f"{other}=128"), out)
     assert msg == f"{key} = {limit * 2} exceeds the model's max_position_embeddings {limit}"
     assert hint == f"pass --set {key}={limit} (or less)"

@@ -19,15 +19,9 @@ from safetensors.torch import load_file, save_file
 from cli_results import assert_user_error, edgeq
 from edgeq.errors import ModelFolderError
 from edgeq.safe_load import load_tokenizer
-from llm.tiny_llama import tiny_llama
 from tiny_models import tiny_bert
 
 QUERY = "encoder.layer.0.attention.self.query.weight"
-
-
-@pytest.fixture(scope="module")
-def tiny_llama_dir(tmp_path_factory) -> Path:
-    return tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
 
 
 @pytest.fixture
@@ -71,8 +65,8 @@ def rewrite_weights(folder: Path, change) -> None:
 
 
 @pytest.mark.parametrize("model", ["bert", "llama"])
-def test_tokenizer_code_is_refused_and_never_runs(model, tiny_bert_dir, tiny_llama_dir, tmp_path):
-    folder = Path(shutil.copytree(tiny_bert_dir if model == "bert" else tiny_llama_dir, tmp_path / model))
+def test_tokenizer_code_is_refused_and_never_runs(model, tiny_bert_dir, tiny_dir, tmp_path):
+    folder = Path(shutil.copytree(tiny_bert_dir if model == "bert" else tiny_dir, tmp_path / model))
     marker = tmp_path / "marker"
     plant_code(folder, marker)
     out = tmp_path / "out"
@@ -105,10 +99,10 @@ def test_a_python_file_alone_is_refused(bert_copy, tmp_path):
     assert "holds Python code (extra/helper.py)" in error
 
 
-def test_tokenizer_load_itself_never_trusts_remote_code(tiny_llama_dir, tmp_path):
+def test_tokenizer_load_itself_never_trusts_remote_code(tiny_dir, tmp_path):
     """Past the up-front refusal, the load is still safe: trust_remote_code=False and stdin on /dev/null (a
     prompt would read end-of-file, not the caller's input)."""
-    folder = Path(shutil.copytree(tiny_llama_dir, tmp_path / "llama"))
+    folder = Path(shutil.copytree(tiny_dir, tmp_path / "llama"))
     marker = tmp_path / "marker"
     plant_code(folder, marker)
     with pytest.raises(ModelFolderError, match="cannot load the tokenizer"):
@@ -117,11 +111,11 @@ def test_tokenizer_load_itself_never_trusts_remote_code(tiny_llama_dir, tmp_path
 
 
 @pytest.mark.parametrize("command", ["eval", "report", "run", "inspect"])
-def test_package_with_code_is_refused(command, tiny_llama_dir, tmp_path):
+def test_package_with_code_is_refused(command, tiny_dir, tmp_path):
     package = tmp_path / "pkg"
     package.mkdir()
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(tiny_llama_dir / name, package / name)
+        shutil.copy(tiny_dir / name, package / name)
     marker = tmp_path / "marker"
     plant_code(package, marker)
     (tmp_path / "t.txt").write_text("some text to measure\n")
@@ -292,32 +286,32 @@ def write_llama_gguf(hf: Path, out: Path, change=lambda name, array: array) -> P
     return out
 
 
-def test_gguf_with_a_nan_weight_is_refused_by_name(tiny_llama_dir, tmp_path):
+def test_gguf_with_a_nan_weight_is_refused_by_name(tiny_dir, tmp_path):
     def poison(name, array):
         if name == "blk.1.ffn_up.weight":
             array.reshape(-1)[3] = float("nan")
         return array
 
-    write_llama_gguf(tiny_llama_dir, tmp_path / "m.gguf", poison)
+    write_llama_gguf(tiny_dir, tmp_path / "m.gguf", poison)
     error, _ = user_error(export(tmp_path, tmp_path / "out", "--gguf-file", "m.gguf", *FITS_TINY_LLAMA, samples=None), tmp_path / "out")
     assert error == ("the weights in the GGUF m.gguf (dequantized) hold NaN or Inf values in 1 tensor: "
                      "model.layers.1.mlp.up_proj.weight")
 
 
-def test_gguf_missing_a_tensor_is_refused_by_name(tiny_llama_dir, tmp_path):
-    write_llama_gguf(tiny_llama_dir, tmp_path / "m.gguf", lambda n, a: None if n == "blk.0.attn_q.weight" else a)
+def test_gguf_missing_a_tensor_is_refused_by_name(tiny_dir, tmp_path):
+    write_llama_gguf(tiny_dir, tmp_path / "m.gguf", lambda n, a: None if n == "blk.0.attn_q.weight" else a)
     error, _ = user_error(export(tmp_path, tmp_path / "out", "--gguf-file", "m.gguf", *FITS_TINY_LLAMA, samples=None), tmp_path / "out")
     assert "does not hold every tensor of its architecture: 1 missing: model.layers.0.self_attn.q_proj.weight" in error
 
 
-def test_gguf_is_read_alone_not_with_its_neighbours(tiny_llama_dir, tmp_path):
+def test_gguf_is_read_alone_not_with_its_neighbours(tiny_dir, tmp_path):
     """Code and a tokenizer_config.json beside the GGUF are never read: transformers sees a folder with the GGUF only
     (the GGUF is the one file hashed), so the export gets past them to the GGUF's own NaN check."""
     marker = tmp_path / "marker"
     for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(tiny_llama_dir / name, tmp_path / name)
+        shutil.copy(tiny_dir / name, tmp_path / name)
     plant_code(tmp_path, marker)
-    write_llama_gguf(tiny_llama_dir, tmp_path / "m.gguf", lambda n, a: a * float("inf") if n == "output_norm.weight"
+    write_llama_gguf(tiny_dir, tmp_path / "m.gguf", lambda n, a: a * float("inf") if n == "output_norm.weight"
                      else a)
     error, _ = user_error(export(tmp_path, tmp_path / "out", "--gguf-file", "m.gguf", *FITS_TINY_LLAMA, stdin="y\n", samples=None), tmp_path / "out")
     assert "model.norm.weight" in error and not marker.exists()
