@@ -1,1 +1,2 @@
-"""The android-qnn-htp chain: static shapes, QDQ for the QNN HTP backend, EPContext binary, simulator verification."""
+"""QNN HTP helpers for the encoder-qnn recipe (edgeq/recipes/encoder_qnn.py): static shapes, what HTP refuses, QDQ
+for the HTP backend, static-shape token inputs."""
