@@ -8,13 +8,16 @@ import math
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from edgeq.errors import EdgeqError, UserInputError
-from edgeq.manifest_schema import EncoderAccuracyRecord, LMAccuracyRecord, Manifest, QnnRecord
 from edgeq.profiles import INT4_METHODS, QNN_EP
 from edgeq.targets import TARGETS
+
+if TYPE_CHECKING:  # the typed manifest is read by the commands that open a package, not at start-up
+    from edgeq.manifest_schema import EncoderAccuracyRecord, LMAccuracyRecord, Manifest, QnnRecord
 
 
 def handle_errors(fn):
@@ -126,6 +129,8 @@ def _interval_text(acc: LMAccuracyRecord) -> str:
 
 
 def accuracy_line(acc: EncoderAccuracyRecord | LMAccuracyRecord) -> str:
+    from edgeq.manifest_schema import LMAccuracyRecord
+
     if isinstance(acc, LMAccuracyRecord):
         return (f"accuracy vs FP32 on {acc.tokens} held-back tokens: perplexity {acc.perplexity:.3f} vs "
                 f"{acc.ref_perplexity:.3f} ({acc.ppl_increase:+.2%}{_interval_text(acc)}), "
