@@ -2,8 +2,8 @@
 
 Only the CPU is emulated: Debian's arm64 CPython and PyPI's aarch64 onnxruntime and numpy wheels run their ARM64
 code (NEON, dot-product and i8mm kernels) on ``QEMU_CPU``, an ARMv9-A phone-class core like a Cortex-A710.
-:func:`ensure_runtime` assembles that runtime once into ``<repo>/.cache/arm64-runtime`` without touching the host's
-package state (root only to install a missing qemu; an ARM ``/proc/cpuinfo`` is written, as ONNX Runtime's cpuinfo
+:func:`ensure_runtime` assembles that runtime once into ``<repo>/.cache/arm64-runtime`` (an installed edgeq:
+``~/.cache/edgeq/arm64-runtime``) without touching the host's package state (root only to install a missing qemu; an ARM ``/proc/cpuinfo`` is written, as ONNX Runtime's cpuinfo
 crashes on an x86 one); ``stamp.json`` rebuilds it when the versions or the recipe change. :func:`run_on_arm64` runs
 ``arm64_worker.py`` on it and returns the outputs with what the worker saw; ``trace_kernels=True`` reports which
 int8 matrix instructions ran. The build steps, their costs and the kernels measured with it: see
@@ -36,8 +36,18 @@ from edgeq.staging import die_with_parent
 
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[2]
-DEFAULT_CACHE = REPO / ".cache" / "arm64-runtime"
+
+
+def cache_root(module_file: Path = Path(__file__)) -> Path:
+    """A checkout keeps the runtime in its own .cache/ (CI and the Makefile look there); an installed edgeq uses the
+    user's cache folder ($XDG_CACHE_HOME or ~/.cache), never its own site-packages."""
+    checkout = Path(module_file).resolve().parents[2]
+    if (checkout / "pyproject.toml").is_file() and (checkout / "edgeq" / "devices").is_dir():
+        return checkout / ".cache"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edgeq"
+
+
+DEFAULT_CACHE = cache_root() / "arm64-runtime"
 WORKER = Path(__file__).resolve().with_name("arm64_worker.py")
 QEMU = Path("/usr/bin/qemu-aarch64-static")
 STAMP = "stamp.json"

@@ -17,8 +17,8 @@ from edgeq.targets.base import SampleRun, static_batches
 @dataclass(frozen=True)
 class Arm64Target:
     name: str = "arm64"
-    runs_on: str = ("PyPI's aarch64 ONNX Runtime under qemu-user-static, default session options; builds a 225 MB "
-                    "runtime in .cache/ on first use")
+    runs_on: str = ("PyPI's aarch64 ONNX Runtime under qemu-user-static, default session options (a 225 MB "
+                    "runtime, built on first use)")
     model_kinds: tuple[str, ...] = ("encoder", "causal-lm")
 
     def check_available(self, kind: str = "encoder") -> None:

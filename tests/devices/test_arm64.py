@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 import time
 
 import numpy as np
@@ -219,3 +220,15 @@ def test_a_changed_version_or_recipe_means_a_rebuild(tmp_path):
     assert not is_current(tmp_path, {**versions, "onnxruntime": "1.0.1"})
     (tmp_path / STAMP).write_text(json.dumps({**versions, "recipe": "0" * 64}))
     assert not is_current(tmp_path, versions)
+
+
+def test_the_runtime_cache_is_the_checkout_s_or_the_user_s_never_site_packages(tmp_path, monkeypatch):
+    from edgeq.devices.arm64 import DEFAULT_CACHE, cache_root
+
+    repo = Path(__file__).resolve().parents[2]
+    assert DEFAULT_CACHE == repo / ".cache" / "arm64-runtime"  # tests run from a checkout
+    installed = tmp_path / "venv" / "lib" / "python3.11" / "site-packages" / "edgeq" / "devices" / "arm64.py"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_root(installed) == tmp_path / "xdg" / "edgeq"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert cache_root(installed) == Path.home() / ".cache" / "edgeq"
