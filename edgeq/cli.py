@@ -228,9 +228,11 @@ def targets_cmd(package) -> None:
 
         click.echo(device_for(read_manifest(package).model.execution_provider).name)
         return
-    width = max(map(len, TARGETS))
-    for name, target in TARGETS.items():
-        click.echo(f"{name:<{width}}  {target.runs_on}")
+    import textwrap
+
+    width = max(map(len, TARGETS)) + 2
+    for name, target in TARGETS.items():  # 100 columns: what runs it wraps under itself
+        click.echo(textwrap.fill(target.runs_on, 100, initial_indent=f"{name:<{width}}", subsequent_indent=" " * width))
 
 
 @main.command("inspect")
