@@ -109,6 +109,8 @@ def classify(model: onnx.ModelProto) -> dict[str, NodeInfo]:
             cat = "attention_mask"
         elif op in LINEAR_OPS and len(node.input) > 1 and node.input[1] in inits and len(inits[node.input[1]].dims) == 2:
             cat, role = "linear", linear_role(node.name)
+        elif op == "MatMulNBits":  # a linear layer written quantized (edgeq.decoder builds them so)
+            cat, role = "linear", linear_role(node.name)
         elif op in LINEAR_OPS and len(node.input) > 1 and node.input[1] in transposed:
             cat, role = "linear", linear_role(node.name)
         elif op in LINEAR_OPS:

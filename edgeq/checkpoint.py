@@ -107,11 +107,24 @@ def check_finite(source: ModelSource, origin: str = "") -> None:
                 if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                     bad.append(key)
     if bad:
-        raise ModelFolderError(f"the weights in {origin or _origin(source)} hold NaN or Inf values in {len(bad)} "
-                               f"tensor{'s' if len(bad) > 1 else ''}: "
-                               f"{name_list(bad)}",
-                               "the checkpoint is damaged (a diverged training run or a broken conversion): "
-                               "re-download it or use another checkpoint")
+        raise _non_finite(bad, origin or _origin(source))
+
+
+def check_finite_tensors(tensors, origin: str) -> None:
+    """The same check over a tensor source read one tensor at a time (``edgeq.decoder``'s ``TensorSource``: a GGUF,
+    dequantized one tensor at a time, so memory stays at the largest tensor)."""
+    import numpy as np
+
+    bad = [key for key in tensors.keys() if not np.isfinite(tensors.get(key)).all()]
+    if bad:
+        raise _non_finite(bad, origin)
+
+
+def _non_finite(bad: list[str], origin: str) -> ModelFolderError:
+    return ModelFolderError(f"the weights in {origin} hold NaN or Inf values in {len(bad)} "
+                            f"tensor{'s' if len(bad) > 1 else ''}: {name_list(bad)}",
+                            "the checkpoint is damaged (a diverged training run or a broken conversion): "
+                            "re-download it or use another checkpoint")
 
 
 def _pickle_reason(exc: Exception) -> str:
@@ -161,8 +174,8 @@ def stage_pickle_weights(source: ModelSource, work: Path) -> ModelSource:
 
 
 def checked_weights(source: ModelSource, work: Path) -> ModelSource:
-    """The source export should read: pickles staged as safetensors (a GGUF already dequantized into a safetensors
-    folder by materialize_gguf), then complete and finite, or refused."""
+    """The source to read: pickles staged as safetensors, then complete and finite, or refused (a GGUF's tensors
+    are checked by its reader and ``check_finite_tensors``)."""
     origin = _origin(source)  # the user's folder, not the staging copy
     if source.weight_format == "pickle":
         source = stage_pickle_weights(source, work)

@@ -87,13 +87,15 @@ def main() -> None:
 @click.option("--seq-len", type=click.IntRange(min=8), help="Max tokens per calibration text (default: the profile's); "
               "for QNN profiles the model's static sequence length (qnn.seq_len).")
 @click.option("--force", is_flag=True, help="Replace an existing package.")
-@click.option("--gguf-file", help="Name of a GGUF file in MODEL_DIR: dequantized through transformers, then exported.")
+@click.option("--gguf-file", help="Name of a GGUF file in MODEL_DIR (architectures llama, qwen2, phi3): its tensors are "
+              "dequantized one at a time as the layers are built.")
 @click.option("--allow-pickle", is_flag=True, help="Accept pickle files in MODEL_DIR and use pytorch_model.bin weights "
               "where there are no safetensors, loaded with torch.load(weights_only=True); recorded in the manifest.")
 @click.option("--int4-method", type=click.Choice(INT4_METHODS),
               help="Causal LMs: how INT4 weights are chosen (default: the profile's llm.int4_method).")
-@click.option("--max-size-mb", type=FiniteFloatRange(min=0), help="Causal LMs: largest model in MB; 8-bit promotions "
-              "are taken only while they fit (default: the profile's llm.max_size_mb).")
+@click.option("--max-size-mb", type=FiniteFloatRange(min=0), help="Causal LMs: largest model in MB, 0 for none; 8-bit "
+              "promotions are taken only while they fit this and llm.max_bits_per_weight (default: the profile's "
+              "llm.max_size_mb).")
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
               help="Override a profile field, e.g. --set llm.symmetric=true (keys: edgeq profiles --fields).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
@@ -262,7 +264,10 @@ def package_lines(package: Path, m: Manifest, nodes: bool) -> list[str]:
         echo(f"size     {z.model_bytes / 1e6:.2f} MB model, {z.ratio:.1%} of the FP32 ONNX export "
              f"({z.fp32_onnx_bytes / 1e6:.1f} MB; profile allows {z.max_ratio:.0%})")
     else:
-        echo(f"size     {z.model_bytes / 1e6:.2f} MB model (profile allows {z.max_mb:.0f} MB)")
+        cap = f"{z.max_mb:g} MB" if z.max_mb else "no absolute cap"
+        bits = "" if z.bits_per_weight is None else \
+            f", linear layers {z.bits_per_weight:.3f} bits per weight (profile allows {z.max_bits_per_weight:g})"
+        echo(f"size     {z.model_bytes / 1e6:.2f} MB model{bits}; profile size cap: {cap}")
     echo(accuracy_line(m.accuracy))
     if m.qnn is not None:
         echo(qnn_line(m.qnn))

@@ -1,14 +1,16 @@
 """The model families edgeq knows: one frozen entry per architecture, read by every check that depends on the family.
 
-Input checks (``modelsource``: kind, refusals, GGUF architectures), the GGUF loader (``llm/gguf_source.py``),
-onnxruntime-genai packaging (``llm/genai.py``: the runtime model type), node roles (``categories.linear_role``) and
-the family tests (``tests/llm/test_families.py``: what FuseLLM fuses) all read this table; ``edgeq families``
-prints it. ``verified`` says only what a test really covers (tests/test_families.py checks the files it names).
+Input checks (``modelsource``: kind, refusals, GGUF architectures), onnxruntime-genai packaging (``llm/genai.py``:
+the runtime model type), node roles (``categories.linear_role``) and the family tests all read this table;
+``edgeq families`` prints it. ``verified`` says only what a test really covers (tests/test_families.py checks the
+files it names).
 
-Adding a causal-LM family: an entry here (its model types, Hugging Face class, GGUF architecture if transformers
-loads one, onnxruntime-genai type, role patterns, what FuseLLM fuses), and a tiny random model of it in
-``tests/llm/tiny_families.py``: ``tests/llm/test_families.py`` then runs it through export, fusion, packaging and
-greedy generation, and fails while a supported family has no tiny model.
+Adding a causal-LM family: what its config means for the graph in ``edgeq/decoder/spec.py`` (and its tensors in
+``decoder/layers.py``), an entry here (``_decoder``: model types, Hugging Face class, GGUF architecture if edgeq's
+GGUF reader maps it, onnxruntime-genai type, the transformers that has it), and a tiny random checkpoint in
+``tests/decoder/tiny.py`` (parity with transformers, greedy tokens through onnxruntime-genai) and
+``tests/llm/tiny_families.py`` (``tests/llm/test_families.py`` exports it at INT4, and fails while a supported
+family has none).
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ ENCODER, CAUSAL_LM = "encoder", "causal-lm"
 # The optimum task each kind exports as: encoders give last_hidden_state; causal LMs one decoder whose
 # past_key_values inputs also serve prefill with an empty past.
 TASKS = {ENCODER: "feature-extraction", CAUSAL_LM: "text-generation-with-past"}
-OPTIMUM = "optimum"  # every family today; issue 14 adds another exporter as a value of Family.exporter
+OPTIMUM = "optimum"  # encoders: optimum-onnx's exporter over the PyTorch model
+# causal LMs: edgeq.decoder builds the fused graph from config.json and streams the weights a tensor at a time
+DECODER = "edgeq-decoder"
 # Linear-layer roles, in the order they are tried: attn_out before ffn_down, as the bert family's attention output
 # (".../attention/output/dense/") also ends in the FFN's "output/dense".
 ROLES = ("attn_qkv", "attn_out", "ffn_up", "ffn_down", "pooler", "lm_head")
@@ -44,14 +48,17 @@ class Family:
     kind: str  # ENCODER | CAUSAL_LM
     model_types: tuple[str, ...]  # config.json model_type values
     architectures: tuple[str, ...]  # Hugging Face classes (config.json architectures) edgeq exports
-    gguf_arch: str = ""  # GGUF general.architecture that transformers 4.57 loads into this family ("": none)
+    gguf_arch: str = ""  # GGUF general.architecture edgeq reads into this family ("": none)
     exporter: str = OPTIMUM
-    # onnxruntime-genai 0.18 model.type (src/models/model_type.h: IsLLM) of a causal LM whose optimum export has the
-    # standard KV-cache I/O (gpt2 and chatglm are LLM types there too, with another cache layout)
+    # the oldest transformers that has the family (edgeq reads its tokenizer, checks the checkpoint's tensors against
+    # the architecture and, for GGUF, converts the config with it); edgeq's own pin is in pyproject.toml
+    transformers: str = "4.50"
+    # onnxruntime-genai 0.18 model.type (src/models/model_type.h: IsLLM) of a causal LM (gpt2 and chatglm are LLM
+    # types there too, with another cache layout)
     runtime_type: str = ""
-    linear_roles: tuple[LinearRole, ...] = ()  # node-name patterns of its linear layers (optimum's export)
-    fusion: str = ""  # what FuseLLM does to its decoder (causal LMs)
-    fuses_attention: bool = False  # FuseLLM turns every attention block into GroupQueryAttention
+    linear_roles: tuple[LinearRole, ...] = ()  # node-name patterns of its linear layers (in the exported graph)
+    fusion: str = ""  # the fused ops its decoder is built with (causal LMs)
+    fuses_attention: bool = False  # every attention block is a GroupQueryAttention
     limits: tuple[str, ...] = ()
     refusal: Refusal | None = None
     verified: tuple[str, ...] = ()  # what tests cover it; empty: accepted by model type, not exported by any test
@@ -82,23 +89,36 @@ DEBERTA_ROLES = BERT_ROLES[1:4]
 DISTILBERT_ROLES = _roles(("attn_qkv", r"/attention/(q_lin|k_lin|v_lin)/"), ("attn_out", r"/out_lin/"),
                           ("ffn_up", r"/lin1/"), ("ffn_down", r"/lin2/"))
 MPNET_ROLES = _roles(("attn_qkv", r"/(q|k|v)/"), ("attn_out", r"/o/")) + BERT_ROLES[2:4]
-LLAMA_ROLES = _roles(("attn_qkv", r"/(q_proj|k_proj|v_proj)/"), ("attn_out", r"/o_proj/"),
-                     ("ffn_up", r"/(up_proj|gate_proj)/"), ("ffn_down", r"/down_proj/"),
-                     ("lm_head", r"/lm_head/"))  # a tied head reads Transpose(embedding table)
-# Phi-3 packs qkv_proj and gate_up_proj, which the patterns leave as "linear"
-PHI3_ROLES = tuple(r for r in LLAMA_ROLES if r.role not in ("attn_qkv", "ffn_up"))
+# edgeq.decoder's node names (/model.layers.N.attn.qkv_proj/MatMulNBits, .../mlp.down_proj/...) and optimum's
+# (/model/layers.N/self_attn/q_proj/MatMul: what tests/policy's stored whole-graph plans classify)
+LLAMA_ROLES = _roles(("attn_qkv", r"/(q_proj|k_proj|v_proj)/|\.attn\.qkv_proj/"), ("attn_out", r"[/.]o_proj/"),
+                     ("ffn_up", r"[/.](up_proj|gate_proj)/"), ("ffn_down", r"[/.]down_proj/"),
+                     ("lm_head", r"/lm_head/"))
 
 TINY_BERT = "tiny random BertModel (tests/tiny_models.py: tiny_bert)"
 MINILM = ("real checkpoint: all-MiniLM-L6-v2 (slow: tests/test_minilm_slow.py, "
           "tests/qnn/test_minilm_qnn_slow.py)")
-TINY_FAMILY = "tiny random model (tests/llm/tiny_families.py, tests/llm/test_families.py)"
-FULL_FUSION = "GroupQueryAttention (packed QKV) and RMSNorms"
+DECODER_FUSION = ("built fused: GroupQueryAttention (packed QKV, rotary inside, sliding windows), "
+                  "SimplifiedLayerNormalization / SkipSimplifiedLayerNormalization, MatMulNBits")
 CAUSAL_LM_HINT = "use a model of a supported causal-LM family ('edgeq families' lists them)"
 
 
 def _encoder(name: str, arch: str, roles: tuple[LinearRole, ...] = BERT_ROLES, *verified: str,
              model_type: str = "") -> Family:
     return Family(name, ENCODER, (model_type or name,), (arch,), linear_roles=roles, verified=verified)
+
+
+DECODER_PARITY = ("tiny random model: FP32 logits vs transformers, greedy tokens through onnxruntime-genai "
+                  "(tests/decoder/test_graph.py), INT4 export (tests/llm/test_families.py)")
+GGUF_READER = "tiny GGUF: every tensor equals transformers' GGUF loader (tests/decoder/test_gguf_weights.py)"
+
+
+def _decoder(name: str, arch: str, gguf_arch: str = "", *, model_types: tuple[str, ...] = (), runtime_type: str = "",
+             transformers: str, limits: tuple[str, ...] = (), verified: tuple[str, ...] = (DECODER_PARITY,)) -> Family:
+    """A causal LM that edgeq.decoder builds (every one: the fused graph from config.json)."""
+    return Family(name, CAUSAL_LM, model_types or (name,), (arch,), gguf_arch=gguf_arch, exporter=DECODER,
+                  transformers=transformers, runtime_type=runtime_type or name, linear_roles=LLAMA_ROLES,
+                  fusion=DECODER_FUSION, fuses_attention=True, limits=limits, verified=verified)
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -112,52 +132,45 @@ FAMILIES: tuple[Family, ...] = (
     _encoder("albert", "AlbertModel", ()),  # attention/query, ffn, ffn_output: no role pattern names them
     _encoder("deberta-v2", "DebertaV2Model", DEBERTA_ROLES),
     _encoder("nomic_bert", "NomicBertModel", ()),  # Wqkv, out_proj, fc11/fc12/fc2: no role pattern names them
-    Family("llama", CAUSAL_LM, ("llama",), ("LlamaForCausalLM",), gguf_arch="llama", runtime_type="llama",
-           linear_roles=LLAMA_ROLES, fusion=FULL_FUSION, fuses_attention=True,
-           verified=("tiny random model (tests/llm/tiny_llama.py, tests/llm/tiny_families.py)",
-                     "real checkpoint: SmolLM2-135M-Instruct Q4_1 GGUF (slow: tests/llm/test_smollm2_export.py)")),
-    Family("mistral", CAUSAL_LM, ("mistral",), ("MistralForCausalLM",), gguf_arch="mistral", runtime_type="mistral",
-           linear_roles=LLAMA_ROLES, fusion=FULL_FUSION, fuses_attention=True,
-           limits=("context length <= sliding_window where the config sets one (edgeq's attention has no window)",),
-           verified=(TINY_FAMILY,)),
-    Family("qwen2", CAUSAL_LM, ("qwen2",), ("Qwen2ForCausalLM",), gguf_arch="qwen2", runtime_type="qwen2",
-           linear_roles=LLAMA_ROLES,
-           fusion=FULL_FUSION + "; q/k/v biases become one Add of the packed bias (GroupQueryAttention takes none)",
-           fuses_attention=True, limits=("context length <= sliding_window when use_sliding_window is true",),
-           verified=(TINY_FAMILY,)),
-    Family("phi3", CAUSAL_LM, ("phi3",), ("Phi3ForCausalLM",), gguf_arch="phi3", runtime_type="phi3",
-           linear_roles=PHI3_ROLES,
-           fusion="RMSNorms only: attention (packed qkv_proj split by Slice, partial-rotary Concat) is left "
-                  "unfused and reported",
-           limits=("LongRoPE models: context length <= original_max_position_embeddings (the export keeps only "
-                   "the short factors)",),
-           verified=(TINY_FAMILY,)),
-    Family("gemma", CAUSAL_LM, ("gemma",), ("GemmaForCausalLM",), runtime_type="gemma", linear_roles=LLAMA_ROLES,
-           fusion=FULL_FUSION + "; rotary tables evaluated for an empty past (the export counts positions from "
-                                "the cache)",
-           fuses_attention=True, limits=("no GGUF input: transformers 4.57 loads no 'gemma' GGUF",),
-           verified=(TINY_FAMILY,)),
-    Family("smollm3", CAUSAL_LM, ("smollm3",), ("SmolLM3ForCausalLM",), runtime_type="smollm3",
-           linear_roles=LLAMA_ROLES, fusion=FULL_FUSION + "; NoPE layers (no rotary) with do_rotary=0",
-           fuses_attention=True,
-           limits=("no GGUF input: transformers 4.57 loads no 'smollm3' GGUF",), verified=(TINY_FAMILY,)),
-    Family("gemma2", CAUSAL_LM, ("gemma2",), ("Gemma2ForCausalLM",), gguf_arch="gemma2", runtime_type="gemma2",
-           linear_roles=LLAMA_ROLES,
+    _decoder("llama", "LlamaForCausalLM", "llama", transformers="4.50",  # 4.50: edgeq's floor
+             limits=("GGUF: Llama-3.x's rope_freqs and rope scaling are lost in transformers' GGUF config (use the "
+                     "safetensors checkpoint for Llama 3.x)",),
+             verified=(DECODER_PARITY, GGUF_READER,
+                       "real checkpoint: SmolLM2-135M-Instruct Q4_1 GGUF (slow: tests/llm/test_smollm2_export.py)")),
+    _decoder("mistral", "MistralForCausalLM", transformers="4.50",
+             limits=("no GGUF input: llama.cpp writes Mistral models as arch 'llama', which edgeq reads",)),
+    _decoder("qwen2", "Qwen2ForCausalLM", "qwen2", transformers="4.50",
+             limits=("use_sliding_window=true is refused (released checkpoints set it false)",),
+             verified=(DECODER_PARITY, GGUF_READER)),
+    _decoder("qwen3", "Qwen3ForCausalLM", transformers="4.51",
+             limits=("no GGUF input (edgeq's GGUF reader maps llama, qwen2 and phi3 tensors)",)),
+    _decoder("phi3", "Phi3ForCausalLM", "phi3", transformers="4.50",
+             limits=("LongRoPE models: context length <= original_max_position_embeddings (the short factors)",
+                     "partial rotary: half the rotary dimension a multiple of 8 (GroupQueryAttention)"),
+             verified=(DECODER_PARITY, GGUF_READER)),
+    _decoder("gemma", "GemmaForCausalLM", transformers="4.50",
+             limits=("no GGUF input (edgeq's GGUF reader maps llama, qwen2 and phi3 tensors)",)),
+    _decoder("smollm3", "SmolLM3ForCausalLM", transformers="4.53",
+             limits=("no GGUF input (edgeq's GGUF reader maps llama, qwen2 and phi3 tensors)",)),
+    _decoder("gemma3", "Gemma3ForCausalLM", model_types=("gemma3_text",), runtime_type="gemma3_text",
+             transformers="4.50",
+             limits=("text only: model_type gemma3_text (the multimodal gemma3 checkpoints are not read)",
+                     "no GGUF input (edgeq's GGUF reader maps llama, qwen2 and phi3 tensors)")),
+    Family("gemma3-multimodal", CAUSAL_LM, ("gemma3",), ("Gemma3ForConditionalGeneration",), gguf_arch="gemma3",
+           exporter=DECODER, linear_roles=LLAMA_ROLES,
            refusal=Refusal(
-               "optimum's Gemma-2 export drops the attention logit soft-capping (config attn_logit_softcapping; "
-               "measured: no Tanh before the attention softmax of the exported graph, as transformers' SDPA "
-               "attention ignores it), so the package would differ from the model wherever a score nears the cap",
-               "Gemma-2 needs an export with eager attention and soft-capping in GroupQueryAttention (softcap, "
-               "local_window_size), which edgeq does not do yet; " + CAUSAL_LM_HINT),
-           verified=("refusal: tiny random model (tests/llm/test_families.py), tiny GGUF (tests/test_families.py)",)),
-    Family("gemma3", CAUSAL_LM, ("gemma3_text", "gemma3"), ("Gemma3ForCausalLM",), gguf_arch="gemma3",
-           linear_roles=LLAMA_ROLES,
-           refusal=Refusal(
-               "edgeq has no onnxruntime-genai packaging for Gemma-3 and no test of its export (a real Gemma-3 "
-               "GGUF ran 16.5 minutes before packaging refused model_type 'gemma3_text')",
-               CAUSAL_LM_HINT + "; adding Gemma-3 to edgeq takes a registry entry in edgeq/families.py and a "
-               "tiny-model test in tests/llm/test_families.py"),
+               "edgeq exports Gemma-3 from its text checkpoint (model_type gemma3_text, safetensors); it reads neither "
+               "the multimodal gemma3 checkpoints nor Gemma-3 GGUF files (its GGUF reader maps llama, qwen2 and "
+               "phi3 tensors)",
+               "use the Gemma-3 text checkpoint's safetensors folder (config.json model_type gemma3_text)"),
            verified=("refusal: tiny GGUF (tests/test_families.py)",)),
+    Family("gemma2", CAUSAL_LM, ("gemma2",), ("Gemma2ForCausalLM",), gguf_arch="gemma2", runtime_type="gemma2",
+           exporter=DECODER, linear_roles=LLAMA_ROLES,
+           refusal=Refusal(
+               "edgeq's decoder builder has no Gemma-2 yet (attention logit soft-capping, alternating sliding "
+               "windows and its four norms per layer are not built or tested for it)",
+               CAUSAL_LM_HINT + " (Gemma-3 is)"),
+           verified=("refusal: tiny random model (tests/llm/test_families.py), tiny GGUF (tests/test_families.py)",)),
 )
 
 

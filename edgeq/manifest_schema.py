@@ -261,7 +261,9 @@ class SizeRecord(Record):
     ratio: float | None = None
     max_ratio: float | None = None
     checked: bool | None = None
-    max_mb: float | None = None
+    max_mb: float | None = None  # causal LMs: 0 = no absolute cap
+    bits_per_weight: float | None = None  # causal LMs: the quantized linear layers' average, stored bits
+    max_bits_per_weight: float | None = None
 
     def check(self, where: object, key: str) -> None:
         if self.ratio is None and self.max_mb is None:

@@ -240,9 +240,9 @@ def gguf_family(info: GgufInfo) -> Family:
 
 
 def inspect_gguf(path: Path, gguf_file: str) -> ModelSource:
-    """A GGUF causal LM: checked from its own metadata, the family first (before hashing the file); export
-    dequantizes it through transformers, from a folder that holds only this file (materialize_gguf), so nothing
-    else beside it is read: it is the one file hashed."""
+    """A GGUF causal LM: checked from its own metadata, the family first (before hashing the file); the recipe
+    reads config, tokenizer and tensors from this file alone (edgeq.decoder.gguf_weights), so nothing else beside it
+    is read: it is the one file hashed."""
     info = read_gguf_info(path / gguf_file)
     family = gguf_family(info)
     return ModelSource(

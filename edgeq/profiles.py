@@ -185,7 +185,7 @@ class LLMSpec:
     )
     promote: float = _f(
         "Also give 8 bits to any layer whose INT4 relative output error on calibration data is above this multiple "
-        "of the median layer's (0 = none). Promotions stop where they would cross max_size_mb.", 2.0, minimum=0.0,
+        "of the median layer's (0 = none). Promotions stop where they would cross max_bits_per_weight or max_size_mb.", 2.0, minimum=0.0,
     )
     calibration_windows: int = _f("Calibration windows of window_tokens tokens each.", 8, minimum=1)
     window_tokens: int = _f("Tokens per calibration/evaluation window.", 512, minimum=16)
@@ -195,9 +195,14 @@ class LLMSpec:
                                  minimum=0.0)
     min_top1_agreement: float = _f("Smallest top-1 next-token agreement with FP32 on held-back text.", 0.80,
                                    minimum=0.0, maximum=1.0)
+    max_bits_per_weight: float = _f(
+        "Largest average stored bits per weight of the quantized linear layers (codes, scales and zero points over "
+        "their K x N weights; the embedding table, and a head that reads it, are counted apart at their own "
+        "precision). Relative to the model, so it suits every size; 8-bit promotions are taken only while it holds. "
+        "INT4 asymmetric block 32 alone is 5.125, INT8 9.25.", 6.5, minimum=1.0, maximum=32.0)
     max_size_mb: float = _f(
-        "Largest model (all weight files) in MB; 8-bit promotions are taken only while they fit ('--max-size-mb').",
-        150.0, minimum=0.0)
+        "Largest model (all weight files) in MB, an absolute cap on top of max_bits_per_weight; 0 = none "
+        "('--max-size-mb').", 0.0, minimum=0.0)
     verify_tokens: int = _f("Greedy tokens generated for a fixed prompt and stored for 'edgeq verify'.", 16,
                             minimum=1)
 

@@ -26,7 +26,7 @@ LAYERS: dict[str, tuple[int, tuple[str, ...]]] = {
                                "edgeq.runtime", "edgeq.manifest", "edgeq.manifest_schema", "edgeq.manifest_migrate",
                                "edgeq.staging", "edgeq.partitions", "edgeq.speed", "edgeq.request")),
     # the building blocks recipes and targets are made of
-    "stages": (2, ("edgeq.stages", "edgeq.passes", "edgeq.llm", "edgeq.qnn", "edgeq.devices")),
+    "stages": (2, ("edgeq.stages", "edgeq.passes", "edgeq.llm", "edgeq.decoder", "edgeq.qnn", "edgeq.devices")),
     # where a package runs (Target implementations), and verify, which runs a package on one of them
     "targets": (3, ("edgeq.targets", "edgeq.stages.verify")),
     # one per (model kind, target kind)

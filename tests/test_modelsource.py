@@ -215,13 +215,13 @@ def test_base_model_of_a_causal_lm_family_is_refused(tmp_path):
 
 
 def test_refused_family_is_refused_with_its_reason_before_the_weights_are_read(tmp_path):
-    """gemma3_text (a Gemma-3 checkpoint) is refused by its registry entry; the folder's weights are a decoy that
-    any later check would refuse, so the family check came first."""
-    folder = make_folder(tmp_path, config={"model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"]},
+    """gemma2 (a Gemma-2 checkpoint) is refused by its registry entry; the folder's weights are a decoy that any
+    later check would refuse, so the family check came first."""
+    folder = make_folder(tmp_path, config={"model_type": "gemma2", "architectures": ["Gemma2ForCausalLM"]},
                          weights=("pytorch_model.bin",))
-    err = refused(folder, UnsupportedModelError, r"\(model_type gemma3_text\) is a gemma3 causal LM, which edgeq refuses: .*"
-                                                 r"no onnxruntime-genai packaging for Gemma-3")
-    assert "tests/llm/test_families.py" in err.hint
+    err = refused(folder, UnsupportedModelError, r"\(model_type gemma2\) is a gemma2 causal LM, which edgeq refuses: .*"
+                                                 r"no Gemma-2 yet")
+    assert "edgeq families" in err.hint
 
 
 def test_encoder_family_as_causal_lm_is_refused(tmp_path):

@@ -14,7 +14,7 @@ import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import onnx
@@ -115,16 +115,32 @@ class ReferenceLogits:
     INT4 model. Use as a context manager (or call ``close``) to delete the files.
     """
 
-    def __init__(self, model: onnx.ModelProto | Path | str | ort.InferenceSession, windows: np.ndarray,
+    def __init__(self, model: onnx.ModelProto | Path | str | ort.InferenceSession | None, windows: np.ndarray,
                  directory: Path | None = None, progress: Progress = QUIET) -> None:
         self._tmp = None if directory else tempfile.TemporaryDirectory(prefix="edgeq-ref-")
         self.directory = Path(directory or self._tmp.name)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.windows = np.asarray(windows)
+        if model is None:
+            return  # from_logprobs writes the windows
         sess = lm_session(model)
-        for i, ids in enumerate(self.windows):
-            np.save(self._path(i), log_softmax(window_logits(sess, ids)).astype(np.float32))
-            progress.step("reference window", i + 1, len(self.windows))
+        self._write((log_softmax(window_logits(sess, ids)).astype(np.float32) for ids in self.windows), progress)
+
+    @classmethod
+    def from_logprobs(cls, windows: np.ndarray, logprobs: Iterable[np.ndarray], directory: Path | None = None,
+                      progress: Progress = QUIET) -> "ReferenceLogits":
+        """Log-probabilities computed elsewhere (layer by layer, edgeq.decoder.layerwise), one window at a time."""
+        ref = cls(None, windows, directory)
+        ref._write(logprobs, progress)
+        return ref
+
+    def _write(self, logprobs: Iterable[np.ndarray], progress: Progress) -> None:
+        n = 0
+        for n, lp in enumerate(logprobs, 1):
+            np.save(self._path(n - 1), np.asarray(lp, np.float32))
+            progress.step("reference window", n, len(self.windows))
+        if n != len(self.windows):
+            raise ValueError(f"{n} windows of reference log-probabilities for {len(self.windows)} windows")
 
     def _path(self, i: int) -> Path:
         return self.directory / f"window_{i:03d}.npy"

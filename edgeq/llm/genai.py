@@ -1,10 +1,11 @@
-"""ONNX Runtime GenAI packaging: genai_config.json for an optimum-onnx decoder export, and generation through it.
+"""ONNX Runtime GenAI packaging: genai_config.json for a decoder with the KV-cache I/O (edgeq.decoder's), and
+generation through it.
 
 A package folder is what ``onnxruntime_genai.Model(folder)`` loads: ``genai_config.json``, the ONNX decoder it names,
 and the tokenizer files (written by :mod:`edgeq.llm.tokenizer`). onnxruntime-genai 0.18 rejects any config key its
 parser (``src/config.cpp``) does not know, so only that parser's keys are written, in its model builder's layout.
-``past_present_share_buffer`` is on only when GroupQueryAttention writes every ``present.N``: optimum's unfused graph
-grows the cache by Concat, which a shared buffer breaks. The measured failures behind both: see
+``past_present_share_buffer`` is on only when GroupQueryAttention writes every ``present.N`` (edgeq.decoder's
+graphs: every layer): a graph that grows the cache by Concat breaks a shared buffer. The measured failures behind both: see
 docs/decisions/genai-packaging.md.
 """
 
@@ -41,7 +42,7 @@ class DecoderIO:
     kv_heads: int | None  # None where the export left the dimension symbolic
     head_size: int | None
     has_position_ids: bool
-    group_query_attention: bool = False  # every layer fused by FuseLLM: present shares the past buffer, as the builder's
+    group_query_attention: bool = False  # every layer a GroupQueryAttention: present shares the past buffer
 
 
 def _dims(value: onnx.ValueInfoProto) -> list[int | str]:

@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 
 from edgeq.errors import ModelFolderError
-from edgeq.modelsource import gguf_family, name_list, read_gguf_info
+from edgeq.modelsource import GgufInfo, gguf_family, name_list, read_gguf_info
 from edgeq.safe_load import no_stdin
 
 
@@ -33,26 +33,31 @@ def check_gguf_loading(path: Path, loading: dict) -> None:
                                "re-download or re-convert the GGUF (edgeq never fills missing weights at random)")
 
 
-def materialize_gguf(folder: Path, gguf_name: str, out: Path) -> Path:
-    """Dequantize ``folder/gguf_name`` into an FP32 safetensors folder at ``out`` (config, weights, tokenizer)."""
-    info = read_gguf_info(Path(folder) / gguf_name)
-    gguf_family(info)  # inspect_model_dir checked it already; never dequantize a family edgeq refuses
-    import torch
+@contextlib.contextmanager
+def quiet_transformers():
+    """transformers' GGUF notices ("legacy behaviour"), tqdm bars and warnings are not the user's concern; nothing
+    it runs may read stdin."""
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    transformers.logging.set_verbosity_error()  # the GGUF loader's "legacy behaviour" notice is not the user's concern
-
-    alone = out.parent / f"{out.name}-gguf"
-    alone.mkdir(parents=True, exist_ok=True)
-    (alone / info.path.name).symlink_to(info.path.resolve())
-    safe = {"gguf_file": info.path.name, "local_files_only": True, "trust_remote_code": False}
-    with contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings(), no_stdin():  # tqdm bars, notices
+    transformers.logging.set_verbosity_error()
+    with contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings(), no_stdin():
         warnings.simplefilter("ignore")
-        tokenizer = AutoTokenizer.from_pretrained(str(alone), **safe)
-        model, loading = AutoModelForCausalLM.from_pretrained(str(alone), dtype=torch.float32,
-                                                              output_loading_info=True, **safe)
-    check_gguf_loading(info.path, loading)
+        yield
+
+
+def alone_folder(info: GgufInfo, where: Path) -> Path:
+    """A folder at ``where`` holding only a symlink to the GGUF: transformers reads nothing beside it."""
+    where.mkdir(parents=True, exist_ok=True)
+    (where / info.path.name).symlink_to(info.path.resolve())
+    return where
+
+
+def gguf_tokenizer(alone: Path, info: GgufInfo):
+    """transformers' conversion of the GGUF's tokenizer (metadata only, no tensor read), with the GGUF's BOS/EOS."""
+    from transformers import AutoTokenizer
+
+    with quiet_transformers():
+        tokenizer = AutoTokenizer.from_pretrained(str(alone), **safe_kwargs(info))
     # The GGUF is the source: follow its own BOS/EOS. SmolLM2's says add_bos_token false and eos <|im_end|>;
     # transformers adds <|im_start|> as BOS (doubled by the chat template, "Paris." became "L'Étoile, la
     # Marsebeau, ...") and names <|im_start|> as EOS.
@@ -60,6 +65,26 @@ def materialize_gguf(folder: Path, gguf_name: str, out: Path) -> Path:
         tokenizer.add_bos_token = info.add_bos_token  # LlamaTokenizerFast rebuilds its post-processor
     if info.eos_token_id is not None:
         tokenizer.eos_token = tokenizer.convert_ids_to_tokens(info.eos_token_id)
+    return tokenizer
+
+
+def safe_kwargs(info: GgufInfo) -> dict:
+    return {"gguf_file": info.path.name, "local_files_only": True, "trust_remote_code": False}
+
+
+def materialize_gguf(folder: Path, gguf_name: str, out: Path) -> Path:
+    """Dequantize ``folder/gguf_name`` into an FP32 safetensors folder at ``out`` (config, weights, tokenizer)."""
+    info = read_gguf_info(Path(folder) / gguf_name)
+    gguf_family(info)  # inspect_model_dir checked it already; never dequantize a family edgeq refuses
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    alone = alone_folder(info, out.parent / f"{out.name}-gguf")
+    tokenizer = gguf_tokenizer(alone, info)
+    with quiet_transformers():
+        model, loading = AutoModelForCausalLM.from_pretrained(str(alone), dtype=torch.float32,
+                                                              output_loading_info=True, **safe_kwargs(info))
+    check_gguf_loading(info.path, loading)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))

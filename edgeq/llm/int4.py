@@ -30,6 +30,7 @@ from edgeq.progress import QUIET, Progress
 
 CLIP_RATIOS = tuple(1.0 - 0.025 * i for i in range(16))  # 1.0 .. 0.625
 LAZY_COLUMNS = 128  # GPTQ's lazy batch: error pushed to later columns once per 128 (a multiple of the block)
+VECTOR_SEARCH_ELEMENTS = 1 << 24  # clip search: all ratios at once up to this many values (64 MB of float32)
 DAMP = 0.01  # GPTQ's dampening (fraction of mean diag H): its default, definite for every SmolLM2 layer
 FLOAT_TYPES = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16}
 
@@ -71,13 +72,15 @@ class Int4Result(PassResult):
 # ---------------------------------------------------------------------------------------------------- block math
 
 
-def _params(w: torch.Tensor, symmetric: bool, bits: int, ratio: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def _params(w: torch.Tensor, symmetric: bool, bits: int,
+            ratio: float | torch.Tensor = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point per row of the last dimension (kept as size 1), range shrunk by ``ratio``."""
     lo = w.amin(dim=-1, keepdim=True)
     hi = w.amax(dim=-1, keepdim=True)
     if symmetric:
         signed = torch.where(hi.abs() > lo.abs(), hi, lo)
-        return signed * ratio / -_mid(bits), torch.full_like(signed, float(_mid(bits)))
+        scale = signed * ratio / -_mid(bits)
+        return scale, torch.full_like(scale, float(_mid(bits)))
     lo = torch.clamp(lo, max=0.0) * ratio
     hi = torch.clamp(hi, min=0.0) * ratio
     scale = (hi - lo) / _top(bits)
@@ -105,9 +108,18 @@ def _fake(w: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, bits: int) -> 
 
 def _search(w: torch.Tensor, importance: torch.Tensor | None, symmetric: bool, bits: int,
             clip: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block parameters for ``w`` [..., block]; with ``clip`` the ratio with the least (importance-weighted) error."""
+    """Block parameters for ``w`` [..., block]; with ``clip`` the ratio with the least (importance-weighted) error,
+    the first such ratio on a tie. Small blocks (GPTQ's, one group of columns) try every ratio at once: the same
+    elementwise arithmetic as one ratio at a time, without 16 rounds of small-tensor overhead."""
     if not clip:
         return _params(w, symmetric, bits)
+    if w.numel() * len(CLIP_RATIOS) <= VECTOR_SEARCH_ELEMENTS:
+        ratios = torch.tensor(CLIP_RATIOS, dtype=w.dtype).view(-1, *([1] * w.dim()))
+        scale, zp = _params(w.unsqueeze(0), symmetric, bits, ratios)  # [ratios, ..., 1]
+        err = (w - _fake(w, scale, zp, bits)[1]).square()
+        err = (err if importance is None else err * importance).sum(dim=-1, keepdim=True)
+        pick = err.argmin(dim=0, keepdim=True)  # the first minimum, as the loop's strict "<" keeps it
+        return scale.gather(0, pick)[0], zp.gather(0, pick)[0]
     best = None
     for ratio in CLIP_RATIOS:
         scale, zp = _params(w, symmetric, bits, ratio)

@@ -24,22 +24,17 @@ def position_caps(hf_config: dict) -> list[PositionCap]:
     """Every cap the config states, tightest first."""
     caps = []
     max_positions = hf_config.get("max_position_embeddings")
-    if isinstance(max_positions, int) and max_positions > 0:  # FuseLLM's rotary tables hold this many positions
+    if isinstance(max_positions, int) and max_positions > 0:  # the rotary tables hold this many positions
         caps.append(PositionCap(max_positions, "max_position_embeddings"))
-    # Sliding-window attention (Mistral v0.1, Qwen2 with use_sliding_window) equals full causal attention up to the
-    # window; FuseLLM's GroupQueryAttention attends to the whole context, so a longer sequence would differ.
-    window = hf_config.get("sliding_window") if hf_config.get("use_sliding_window", True) else None
-    if isinstance(window, int) and window > 0:
-        caps.append(PositionCap(window, "sliding_window", "; edgeq's attention has no sliding window, so tokens past "
-                                                          "it would attend too far back"))
-    # LongRoPE (Phi-3 128k / Phi-3.5) picks its short or long factors by sequence length in Python; the traced
-    # export keeps the short ones, which transformers uses only up to original_max_position_embeddings.
+    # A sliding window is no cap: edgeq.decoder's GroupQueryAttention applies it (local_window_size).
+    # LongRoPE (Phi-3 128k / Phi-3.5) picks its short or long factors by sequence length; edgeq.decoder builds
+    # the short ones, which transformers uses only up to original_max_position_embeddings.
     rope = hf_config.get("rope_scaling")
     rope = rope if isinstance(rope, dict) else {}  # a stranger's config may hold anything here
     original = hf_config.get("original_max_position_embeddings")
     if rope.get("rope_type", rope.get("type")) == "longrope" and isinstance(original, int) and original > 0:
         caps.append(PositionCap(original, "original_max_position_embeddings",
-                                " (a LongRoPE model: the export keeps only the short factors)"))
+                                " (a LongRoPE model: the package holds only the short factors)"))
     return sorted(caps, key=lambda c: c.limit)
 
 

@@ -1,15 +1,18 @@
 """The causal-LM policy: which linear layers get INT4, which 8 bits (K/V projections, the layers INT4 hurts most,
 a separate head) within the size budget, and every node's precision, decided from measurements before any pass.
 
-``edgeq.llm.int4.measure_int4`` measures (graph facts, K/V projections, INT4 relative output error per layer, stored
-bytes); ``decide_int4`` chooses bits from those numbers; ``QuantizeInt4`` and ``KeepFp16`` carry the plan out. Why
-8 bits for K/V and for layers above ``PROMOTE`` x the median error: see docs in edgeq/llm/int4.py.
+``edgeq.decoder.layerwise.measure`` measures one layer at a time (shapes, K/V projections, INT4 relative output
+error per layer, stored bytes); ``decide_int4`` chooses bits from those numbers within ``max_linear_bits`` (and an
+optional ``max_model_bytes``); ``quantized_layers`` carries the plan out and ``decide_decoder_precision`` records
+every node. ``measure_int4``/``QuantizeInt4``/``decide_llm_precision`` do the same over a whole fused graph (the
+tests' reference). Why 8 bits for K/V and for layers above ``PROMOTE`` x the median error: docs/decisions/int4.md.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Collection, Mapping
 
 import numpy as np
 import onnx
@@ -21,6 +24,7 @@ from edgeq.precision import CAUSAL_LM, LM_HEAD, Precision, check_implemented
 from edgeq.profiles import LLMSpec, Profile
 
 BITS = 4
+HEAD_NAME = "lm_head"  # the head's linear name in a decoder written by edgeq.decoder
 PROMOTED_BITS = 8  # MatMulNBits' other CPU width, for the layers INT4 hurts most
 PROMOTE = 2.0  # promote a layer whose INT4 relative output error is above 2x the median (SmolLM2: v_proj, layer 0 up)
 FLOAT_WEIGHTS = ("FLOAT", "FLOAT16")  # what MatMulNBits' scales can be
@@ -92,6 +96,7 @@ class Int4Rules:
     int8_kv: bool = True
     promote: float | None = PROMOTE  # None: no promotion by sensitivity
     max_model_bytes: int | None = None
+    max_linear_bits: float | None = None  # average stored bits per weight over the quantized layers
     fp16_initializers: frozenset[str] = frozenset()  # stored at 2 bytes per value (the FP16 embedding table)
 
 
@@ -101,16 +106,21 @@ class LLMPlan:
     nodes: PrecisionPlan  # every node of the quantized graph (names as QuantizeInt4 writes them)
 
 
-def int4_rules(spec: LLMSpec, model: onnx.ModelProto, with_stats: bool = True) -> Int4Rules:
-    """The profile's INT4 choices: a separate head unless it shares the FP16 table, K/V at 8 bits, promotion."""
+def int4_rules(spec: LLMSpec, model: onnx.ModelProto | None, with_stats: bool = True,
+               tables: frozenset[str] = frozenset()) -> Int4Rules:
+    """The profile's INT4 choices: a separate head unless it shares the FP16 table, K/V at 8 bits, promotion.
+    The embedding tables come from ``model`` (a whole graph) or, without one, from ``tables`` (named by the
+    layer-by-layer front end, which never holds a graph with weights)."""
+    tables = frozenset(embedding_tables(model)) if model is not None else tables
     refit = spec.int4_method == "rtn"  # refit after RTN only (docs/decisions/int4.md has the numbers)
     return Int4Rules(
         setting=int4_setting(spec.int4_method, True, refit, with_stats, spec.block_size, spec.symmetric,
                              spec.accuracy_level),
         block_size=spec.block_size, symmetric=spec.symmetric, quantize_tied=spec.lm_head_precision != "fp16",
         tied_bits=PROMOTED_BITS if spec.lm_head_precision == "int8" else BITS, int8_kv=spec.int8_kv,
-        promote=spec.promote or None, max_model_bytes=int(spec.max_size_mb * 1e6),
-        fp16_initializers=frozenset(embedding_tables(model) if spec.embedding_precision == "fp16" else ()))
+        promote=spec.promote or None, max_model_bytes=int(spec.max_size_mb * 1e6) if spec.max_size_mb else None,
+        max_linear_bits=spec.max_bits_per_weight,
+        fp16_initializers=tables if spec.embedding_precision == "fp16" else frozenset())
 
 
 def decide_causal_lm(model: onnx.ModelProto, facts: Int4Facts, profile: Profile) -> LLMPlan:
@@ -169,30 +179,44 @@ def _kept(layer: LinearFacts, rules: Int4Rules) -> str:
     return ""
 
 
+def linear_bits_per_weight(decisions: Collection[Int4Decision], block_size: int, symmetric: bool) -> float:
+    """Average stored bits per weight of the quantized layers (MatMulNBits codes, scales, zero points)."""
+    done = [d for d in decisions if d.quantize]
+    weights = sum(d.k * d.n for d in done)
+    stored = sum(matmulnbits_bytes(d.k, d.n, d.bits, block_size, symmetric) for d in done)
+    return 8 * stored / weights if weights else 0.0
+
+
 def _within_budget(facts: Int4Facts, todo: list[LinearFacts], wanted: dict[str, str],
                    rules: Int4Rules) -> tuple[set[str], dict[str, str]]:
-    """Take the wanted 8-bit layers in priority order while the whole model stays within ``max_model_bytes``:
-    everything not quantized counted as stored (``fp16_initializers`` at 2 bytes per value), every quantized
-    layer at 4 bits, plus 8-bit's extra bytes per promoted layer. -> (promoted, refused node -> reason)."""
-    if rules.max_model_bytes is None:
-        return set(wanted), {}
+    """Take the wanted 8-bit layers in priority order while both budgets hold: the quantized layers' average bits
+    per weight (``max_linear_bits``) and the whole model (``max_model_bytes``: everything not quantized counted as
+    stored, ``fp16_initializers`` at 2 bytes per value). Every quantized layer starts at 4 bits; each promotion
+    adds 8-bit's extra bytes. -> (promoted, refused node -> reason)."""
     layers = {layer.node: layer for layer in todo}
     quantized = {layer.weight for layer in todo}
-    base = sum(values * (2 if name in rules.fp16_initializers else size)
-               for name, (values, size) in facts.initializer_bytes.items() if name not in quantized)
-    base += sum(matmulnbits_bytes(layer.k, layer.n, BITS, rules.block_size, rules.symmetric) for layer in todo)
-    promoted, refused, total = set(), {}, base
+    linear = sum(matmulnbits_bytes(layer.k, layer.n, BITS, rules.block_size, rules.symmetric) for layer in todo)
+    weights = sum(layer.k * layer.n for layer in todo)
+    other = sum(values * (2 if name in rules.fp16_initializers else size)
+                for name, (values, size) in facts.initializer_bytes.items() if name not in quantized)
+    promoted, refused = set(), {}
     for node, why in wanted.items():
         layer = layers[node]
         extra = (matmulnbits_bytes(layer.k, layer.n, PROMOTED_BITS, rules.block_size, rules.symmetric)
                  - matmulnbits_bytes(layer.k, layer.n, BITS, rules.block_size, rules.symmetric))
-        if total + extra <= rules.max_model_bytes:
-            promoted.add(node)
-            total += extra
-        else:
+        over = []
+        if rules.max_linear_bits is not None and 8 * (linear + extra) > rules.max_linear_bits * weights:
+            over.append(f"the linear layers over {rules.max_linear_bits:g} bits per weight (at "
+                        f"{8 * linear / weights:.3f})")
+        if rules.max_model_bytes is not None and other + linear + extra > rules.max_model_bytes:
+            over.append(f"the model over the size budget of {rules.max_model_bytes / 1e6:.1f} MB "
+                        f"(at {(other + linear) / 1e6:.1f} MB)")
+        if over:
             refused[node] = (f"INT4 ({rules.setting}); {why[len('INT8: '):]}, but 8 bits (+{extra / 1e6:.2f} MB) "
-                             f"would take the model over the size budget of {rules.max_model_bytes / 1e6:.1f} MB "
-                             f"(at {total / 1e6:.1f} MB)")
+                             f"would take {' and '.join(over)}")
+        else:
+            promoted.add(node)
+            linear += extra
     return promoted, refused
 
 
@@ -239,9 +263,57 @@ def decide_llm_precision(fused: onnx.ModelProto, int4: tuple[Int4Decision, ...],
             reason = ("fused RMSNorm (SimplifiedLayerNormalization): FP32 compute; its scale is 1-D and tiny, and "
                       "the fused residual output feeds the next layer")
         else:
-            precision, reason = HARD_RULES.get(info.category, ("fp32", "kept FP32"))
-            if precision == "fp16":
-                precision = "fp32"
+            precision, reason = _hard_rule(info.category)
         checked: Precision = check_implemented(precision, CAUSAL_LM, category, name)
         decisions.append(NodeDecision(name, op, info.category, info.role, checked, reason))
     return PrecisionPlan(tuple(decisions))
+
+
+def decide_decoder_precision(model: onnx.ModelProto, int4: Mapping[str, Int4Decision], profile: Profile) -> PrecisionPlan:
+    """Every node of a decoder written layer by layer (edgeq.decoder), whose linear layers are already MatMulNBits
+    where the plan quantized them: a node ``/<linear>/<op>`` takes the plan's decision for ``<linear>``; the rest
+    follow the same rules as ``decide_llm_precision`` (tied head on the FP16 table, embedding, norms, hard rules)."""
+    spec = profile.llm
+    infos = classify(model)
+    tables = embedding_tables(model, infos)
+    fp16 = spec.embedding_precision == "fp16"
+    inputs_of = {n.name: list(n.input) for n in model.graph.node}
+    decisions = []
+    for info in infos.values():
+        name, category, precision, reason = info.name, info.category, "fp32", ""
+        parts = name.split("/")
+        planned = int4.get(parts[1]) if len(parts) > 2 else None
+        node_inputs = inputs_of.get(name, [])
+        if info.op_type == "Transpose" and node_inputs and node_inputs[0] in tables:
+            category = LM_HEAD
+            precision = "fp16" if fp16 else "fp32"
+            reason = "tied lm_head: the embedding table read through this transpose, one copy for lookup and head"
+        elif info.category == "linear" and planned is not None:
+            if parts[1] == HEAD_NAME:
+                category = LM_HEAD
+            if planned.quantize:
+                precision, reason = f"int{planned.bits}", f"linear layer, MatMulNBits: {planned.reason}"
+            elif category == LM_HEAD and fp16 and spec.lm_head_precision == "fp16":
+                precision = "fp16"
+                reason = ("tied lm_head: reads the FP16 embedding table through a transpose, so one FP16 copy "
+                          "serves lookup and head (smallest file; profile llm.lm_head_precision = 'fp16')")
+            else:
+                reason = planned.reason
+        elif info.category == "embedding":
+            precision, reason = (HARD_RULES["embedding"] if fp16 else
+                                 ("fp32", "embedding table: profile sets llm.embedding_precision = 'fp32'"))
+        elif info.category == "norm":
+            reason = ("RMSNorm (SimplifiedLayerNormalization / SkipSimplifiedLayerNormalization): FP32 compute; "
+                      "its scale is 1-D and tiny, and the residual sum it carries feeds the next layer")
+        else:
+            precision, reason = _hard_rule(info.category)
+        checked: Precision = check_implemented(precision, CAUSAL_LM, category, name)
+        decisions.append(NodeDecision(name, info.op_type, info.category, info.role, checked, reason))
+    return PrecisionPlan(tuple(decisions))
+
+
+def _hard_rule(category: str) -> tuple[str, str]:
+    """A causal LM's other nodes: the encoders' hard rule for the category, computed in FP32 (the FP16 norm rule is
+    an encoder's; a causal LM's norms are decided above)."""
+    precision, reason = HARD_RULES.get(category, ("fp32", "kept FP32"))
+    return ("fp32" if precision == "fp16" else precision), reason

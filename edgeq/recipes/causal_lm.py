@@ -1,5 +1,8 @@
-"""Causal LM on the CPU through ONNX Runtime GenAI: source -> export (KV cache) -> fuse -> calibrate -> INT4 ->
-package (GenAI folder) -> evaluate against FP32 -> greedy continuation stored for ``edgeq verify``."""
+"""Causal LM on the CPU through ONNX Runtime GenAI, one decoder layer at a time: source (safetensors, read a tensor
+at a time) -> measure (FP32 layers over calibration and evaluation windows: Hessians, sensitivities, reference) ->
+decide (edgeq.policy) -> quantize and write (each layer's INT4/INT8 weights appended to model.onnx.data as made) ->
+package (GenAI folder) -> evaluate against FP32 -> greedy continuation stored for ``edgeq verify``. Nothing holds
+the whole model in FP32 (edgeq/decoder/)."""
 
 from __future__ import annotations
 
@@ -10,27 +13,27 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from edgeq.checkpoint import check_finite_tensors, checked_weights
+from edgeq.decoder.graph import DATA_FILE, embed, embedding_table, final_norm_weight, write_decoder
+from edgeq.decoder.layerwise import EMBEDDING, QuantSettings, measure, quantized_head, quantized_layers
+from edgeq.decoder.gguf_weights import gguf_folder
+from edgeq.decoder.spec import decoder_spec
+from edgeq.decoder.weights import open_safetensors
 from edgeq.errors import CalibrationDataError, ModelFolderError
-from edgeq.llm.activations import collect_activation_stats
-from edgeq.llm.evaluate import ReferenceLogits, evaluate_lm, token_windows
-from edgeq.llm.genai import GENAI_CONFIG, greedy_tokens, write_genai_config
-from edgeq.llm.gguf_source import materialize_gguf
+from edgeq.llm.evaluate import token_windows, evaluate_lm
+from edgeq.llm.genai import GENAI_CONFIG, greedy_tokens
 from edgeq.llm.greedy import VERIFY_PROMPT, greedy_margins
-from edgeq.llm.int4 import QuantizeInt4, measure_int4
 from edgeq.llm.tokenizer import check_tokenizer, write_package_tokenizer
 from edgeq.manifest import CAUSAL_LM, SCHEMA_VERSION, tool_versions
 from edgeq.partitions import partition_report
-from edgeq.passes.base import run_passes
-from edgeq.passes.fuse_llm import FuseLLM
-from edgeq.passes.keep_fp16 import KeepFp16
-from edgeq.policy import decide_causal_lm
+from edgeq.policy import decide_int4, int4_rules
+from edgeq.policy.causal_lm import decide_decoder_precision, linear_bits_per_weight
 from edgeq.profiles import LLMSpec
 from edgeq.progress import Progress
 from edgeq.recipes.base import Built, failed
 from edgeq.request import ExportRequest, Inputs
 from edgeq.safe_load import load_tokenizer
 from edgeq.stages.budget import lm_accuracy_error, lm_size_error
-from edgeq.stages.export import export
 from edgeq.stages.record import provenance, text_file_record
 
 MODEL_FILE = "model.onnx"
@@ -42,43 +45,45 @@ class CausalLM:
     def build(self, inputs: Inputs, req: ExportRequest, folder: Path, work: Path, progress: Progress) -> Built:
         src, profile, spec = inputs.source, inputs.profile, inputs.profile.llm
         calibration_texts, evaluation_texts = inputs.calibration.texts, inputs.evaluation.texts
-        if src.gguf_file:
-            progress.stage("dequantize", f"{src.gguf_file} through transformers' GGUF loader")
-            src = replace(src, path=materialize_gguf(src.path, src.gguf_file, work / "source"))
+        source = None
+        if src.gguf_file:  # config and tokenizer from its metadata; tensors dequantized one at a time when read
+            folder_from_gguf, source = gguf_folder(src.path / src.gguf_file, work / "source")
+            src = replace(src, path=folder_from_gguf)
         tokenizer = load_tokenizer(src.path)
         hf_config = json.loads((src.path / "config.json").read_text())
         gen_path = src.path / "generation_config.json"
         gen_config = json.loads(gen_path.read_text()) if gen_path.is_file() else None
-        cal = calibration_windows(tokenizer, calibration_texts, spec)  # before the export: a short text fails fast
+        decoder = decoder_spec(hf_config)  # what the builder cannot reproduce is refused here, before any work
+        cal = calibration_windows(tokenizer, calibration_texts, spec)  # so is a calibration text that is too short
         ev = token_windows(tokenizer, evaluation_texts, spec.window_tokens, spec.eval_windows)
-        progress.stage("export", f"{src.path} ({src.architecture}, task {src.task})")
-        exported = export(src, work)
-        src = exported.source  # pickle weights were staged as safetensors beside links to the other files
+        if source is None:
+            src = checked_weights(src, work)  # complete and finite; pickle weights staged as safetensors
+            source = open_safetensors(src.path)
+        else:  # the GGUF reader refused missing or unknown tensors already
+            check_finite_tensors(source, f"the GGUF {inputs.source.gguf_file} (dequantized)")
 
-        progress.stage("optimize", "fuse attention (GroupQueryAttention), RMSNorm, rotary into ONNX Runtime kernels")
-        fuse = FuseLLM(max_positions=int(hf_config.get("max_position_embeddings", spec.context_length)),
-                       untie_lm_head=spec.lm_head_precision != "fp16")
-        model, results = run_passes(onnx.load(str(exported.onnx_path)), [fuse])
-        fused_summary = results[0].summary
+        progress.stage("measure", f"{decoder.num_layers} layers one at a time: {len(cal)} calibration windows x "
+                                  f"{spec.window_tokens} tokens, {len(ev)} evaluation windows through FP32")
+        measured = measure(decoder, source, cal, ev, context_length=spec.context_length, block_size=spec.block_size,
+                           symmetric=spec.symmetric, sensitivities=spec.promote > 0,
+                           reference_dir=work / "reference", progress=progress)
+        rules = int4_rules(spec, None, tables=frozenset({EMBEDDING}))
+        int4 = decide_int4(measured.facts, rules)
+        plan = {d.node: d for d in int4}
+        settings = QuantSettings(spec.int4_method, spec.block_size, spec.symmetric, spec.accuracy_level)
 
-        progress.stage("calibrate", f"{len(cal)} windows x {spec.window_tokens} tokens")
-        # RTN uses the statistics too: clip search weighted by input energy, scale refit, sensitivity for promotion
-        stats = collect_activation_stats(model, cal, progress=progress)
         progress.stage("quantize", f"INT4 {spec.int4_method}, block {spec.block_size}, "
-                                   f"{'symmetric' if spec.symmetric else 'asymmetric'}")
-        # measure, then decide (edgeq.policy), then the passes carry the plan out
-        decided = decide_causal_lm(model, measure_int4(model, stats, spec.block_size, spec.symmetric,
-                                                       sensitivities=spec.promote > 0), profile)
-        int4 = QuantizeInt4(decided.int4, stats, block_size=spec.block_size, symmetric=spec.symmetric,
-                            accuracy_level=spec.accuracy_level, method=spec.int4_method, progress=progress)
-        del stats
-        plan = decided.nodes
-        model, results = run_passes(model, [int4, KeepFp16(plan)])
-
-        progress.stage("package", "ONNX Runtime GenAI folder")
-        folder.mkdir(parents=True)
-        onnx.save(model, str(folder / MODEL_FILE))
-        write_genai_config(folder, MODEL_FILE, folder / MODEL_FILE, hf_config, gen_config, context_length=spec.context_length)
+                                   f"{'symmetric' if spec.symmetric else 'asymmetric'}, written layer by layer")
+        head = quantized_head(decoder, source, measured, plan, settings)
+        table = embedding_table(source)  # read once: the calibration embeddings, then the package's table
+        cal_hidden = embed(decoder, table, cal)
+        embedding = table.astype(np.float16) if spec.embedding_precision == "fp16" else table
+        del table
+        layers = quantized_layers(decoder, source, cal_hidden, plan, settings, context_length=spec.context_length,
+                                  progress=progress)
+        write_decoder(decoder, folder, embedding, layers, final_norm_weight(decoder, source), head,
+                      context_length=spec.context_length, generation_config=gen_config)
+        del embedding, head
         tok_report = write_package_tokenizer(src.path, folder)
         mismatches = check_tokenizer(src.path, folder, evaluation_texts[:64])
         if mismatches:
@@ -88,12 +93,15 @@ class CausalLM:
                                    "this tokenizer shape is not supported yet; please report it with tokenizer.json")
 
         progress.stage("evaluate", f"{len(ev)} held-back windows vs FP32")
-        with ReferenceLogits(exported.onnx_path, ev, directory=work / "reference", progress=progress) as ref:
+        with measured.reference as ref:
             accuracy = evaluate_lm(folder / MODEL_FILE, ref, ev, progress=progress)
         prompt_ids = tokenizer.apply_chat_template([{"role": "user", "content": VERIFY_PROMPT}], add_generation_prompt=True)
         tokens = greedy_tokens(folder, prompt_ids, spec.verify_tokens)
         margins = greedy_margins(folder / MODEL_FILE, prompt_ids, tokens)
         size = sum(p.stat().st_size for p in folder.glob("model.onnx*"))
+        bits = linear_bits_per_weight(int4, spec.block_size, spec.symmetric)
+        graph = onnx.load(str(folder / MODEL_FILE), load_external_data=False)
+        nodes = decide_decoder_precision(graph, plan, profile)
         # the text files' records sit after the profile's (key order is part of a byte-identical manifest)
         recorded = {**provenance(inputs, req), "calibration": text_file_record(inputs.calibration)}
         evaluation_file = text_file_record(inputs.evaluation)
@@ -102,31 +110,41 @@ class CausalLM:
             **recorded,
             "tools": tool_versions(),
             "model": {"file": MODEL_FILE, "format": "onnx", "runtime": "onnxruntime-genai", "genai_config": GENAI_CONFIG,
-                      "execution_provider": profile.execution_provider, "fusions": fused_summary},
+                      "execution_provider": profile.execution_provider, "fusions": op_counts(graph),
+                      "external_data": DATA_FILE},
             "precision": {
-                "summary": plan.summary(),
-                "int4": {"method": spec.int4_method, "setting": int4.setting, "block_size": spec.block_size,
+                "summary": nodes.summary(),
+                "int4": {"method": spec.int4_method, "setting": rules.setting, "block_size": spec.block_size,
                          "symmetric": spec.symmetric, "accuracy_level": spec.accuracy_level,
-                         "layers_int4": sum(d.bits == 4 for d in results[0].decisions),
-                         "layers_int8": sum(d.bits == 8 for d in results[0].decisions),
-                         "layers_kept": sum(d.bits == 0 for d in results[0].decisions)},
+                         "layers_int4": sum(d.bits == 4 for d in int4), "layers_int8": sum(d.bits == 8 for d in int4),
+                         "layers_kept": sum(d.bits == 0 for d in int4)},
                 "nodes": [{"name": d.name, "op": d.op_type, "category": d.category, "precision": d.precision,
-                           "reason": d.reason} for d in plan.decisions],
+                           "reason": d.reason} for d in nodes.decisions],
             },
             "tokenizer": {"rewritten": tok_report.rewritten, "changes": list(tok_report.changes),
                           "add_bos_token": tok_report.add_bos_token, "add_eos_token": tok_report.add_eos_token},
             "calibration": {**recorded["calibration"], "windows": int(len(cal)), "window_tokens": spec.window_tokens},
-            "accuracy": {"reference": "FP32 ONNX export of the source, same windows",
+            "accuracy": {"reference": "FP32 forward of the source, layer by layer, same windows",
                          **{f"evaluation_{k}": v for k, v in evaluation_file.items()}, **asdict(accuracy),
                          "windows": int(len(ev)),
                          "budget": {"max_ppl_increase": spec.max_ppl_increase, "min_top1_agreement": spec.min_top1_agreement}},
-            "size": {"model_bytes": size, "max_mb": spec.max_size_mb},
+            "size": {"model_bytes": size, "max_mb": spec.max_size_mb, "bits_per_weight": bits,
+                     "max_bits_per_weight": spec.max_bits_per_weight},
             "partitions": partition_report(folder / MODEL_FILE, profile.package.partition_check_eps),
             "verification": {"prompt": VERIFY_PROMPT, "prompt_ids": [int(i) for i in prompt_ids], "greedy_tokens": tokens,
                              "logit_margins": margins},
         }
         # accuracy first: a model over both budgets is reported for its accuracy
-        return Built(manifest, failed(lm_accuracy_error(accuracy, spec), lm_size_error(size, spec)))
+        return Built(manifest, failed(lm_accuracy_error(accuracy, spec), lm_size_error(size, bits, spec)))
+
+
+def op_counts(model: onnx.ModelProto) -> str:
+    """How many of each fused ONNX Runtime op the decoder runs (what the CPU EP's speed rests on)."""
+    counts: dict[str, int] = {}
+    for node in model.graph.node:
+        if node.domain == "com.microsoft" or node.op_type == "SimplifiedLayerNormalization":
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return "built fused: " + ", ".join(f"{n} {op}" for op, n in sorted(counts.items()))
 
 
 def calibration_windows(tokenizer, texts: tuple[str, ...], spec: LLMSpec) -> np.ndarray:

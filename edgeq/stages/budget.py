@@ -90,11 +90,20 @@ def lm_accuracy_error(acc: LMAccuracy, spec: LLMSpec) -> AccuracyBudgetError | N
                                "try " + ", ".join(_more_accurate(spec)) + " (--set KEY=VALUE)")
 
 
-def lm_size_error(size: int, spec: LLMSpec) -> SizeBudgetError | None:
-    if not size > spec.max_size_mb * 1e6:
+def lm_size_error(size: int, bits_per_weight: float, spec: LLMSpec) -> SizeBudgetError | None:
+    """The linear layers' average stored bits per weight against ``max_bits_per_weight`` (relative: every model
+    has a sensible default) and, when the profile sets one, the whole model against ``max_size_mb``."""
+    over = []
+    if not bits_per_weight <= spec.max_bits_per_weight:
+        over.append(f"the linear layers store {bits_per_weight:.4f} bits per weight, over the profile's "
+                    f"{spec.max_bits_per_weight:g}")
+    if spec.max_size_mb and not size <= spec.max_size_mb * 1e6:
+        over.append(f"the model is {size} bytes ({size / 1e6:.3f} MB), over the profile's {spec.max_size_mb:g} MB")
+    if not over:
         return None
-    return SizeBudgetError(f"model is {size / 1e6:.1f} MB, over the profile's {spec.max_size_mb:.0f} MB",
-                           "raise llm.max_size_mb, or use llm.lm_head_precision = 'int4' / a larger block_size")
+    return SizeBudgetError("; ".join(over),
+                           "use --set llm.promote=0 (no 8-bit promotions), or raise --set llm.max_bits_per_weight=... "
+                           "/ --max-size-mb, or --set llm.block_size=64")
 
 
 def _more_accurate(spec: LLMSpec) -> list[str]:

@@ -114,10 +114,11 @@ def test_samples_set_in_a_profile_override_above_the_file_is_an_error(tiny_bert_
 def test_llm_calibration_text_too_short_for_its_windows_fails_before_the_export(tiny_dir, tmp_path, monkeypatch):
     from edgeq.recipes import causal_lm
 
-    def no_export(*args, **kwargs):
-        raise AssertionError("the export ran before the calibration text was checked")
+    def no_work(*args, **kwargs):
+        raise AssertionError("the weights were read before the calibration text was checked")
 
-    monkeypatch.setattr(causal_lm, "export", no_export)
+    monkeypatch.setattr(causal_lm, "checked_weights", no_work)
+    monkeypatch.setattr(causal_lm, "measure", no_work)
     cal = write_jsonl(tmp_path / "short.jsonl", calibration_texts(8))  # about 400 tokens
     msg, hint = assert_user_error(edgeq("export", tiny_dir, "--profile", "android-arm64", "-o", tmp_path / "out",
                                         "--calibration", cal, "--set", "llm.window_tokens=128",

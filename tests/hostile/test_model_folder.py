@@ -301,7 +301,7 @@ def test_gguf_with_a_nan_weight_is_refused_by_name(tiny_dir, tmp_path):
 def test_gguf_missing_a_tensor_is_refused_by_name(tiny_dir, tmp_path):
     write_llama_gguf(tiny_dir, tmp_path / "m.gguf", lambda n, a: None if n == "blk.0.attn_q.weight" else a)
     error, _ = user_error(export(tmp_path, tmp_path / "out", "--gguf-file", "m.gguf", *FITS_TINY_LLAMA, samples=None), tmp_path / "out")
-    assert "does not hold every tensor of its architecture: 1 missing: model.layers.0.self_attn.q_proj.weight" in error
+    assert "does not hold the tensors of a 'llama' model: 1 missing: model.layers.0.self_attn.q_proj.weight" in error
 
 
 def test_gguf_is_read_alone_not_with_its_neighbours(tiny_dir, tmp_path):

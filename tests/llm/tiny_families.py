@@ -21,6 +21,12 @@ FAMILIES = {
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(tie_word_embeddings=True, head_dim=16, sliding_window=4096,
                                                          query_pre_attn_scalar=16)),
     "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", dict(tie_word_embeddings=True, no_rope_layer_interval=2)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(tie_word_embeddings=True, head_dim=16)),
+    # a sliding layer then a global one; a window of 6 tokens so that prompts of 20 tokens cross it
+    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM",
+                    dict(tie_word_embeddings=True, head_dim=16, sliding_window=6, query_pre_attn_scalar=16,
+                         layer_types=["sliding_attention", "full_attention"], rope_local_base_freq=10000.0,
+                         rope_theta=1000000.0, rope_scaling={"rope_type": "linear", "factor": 2.0})),
 }
 
 
@@ -28,17 +34,19 @@ def hidden_scale(model_type: str) -> float:
     return COMMON["hidden_size"] ** 0.5 if model_type.startswith("gemma") else 1.0
 
 
-def tiny_family(model_type: str, folder: Path, seed: int = 0) -> Path:
+def tiny_family(model_type: str, folder: Path, seed: int = 0, extra: dict | None = None) -> Path:
+    """Write the tiny ``model_type`` checkpoint into ``folder``; ``extra`` overrides config keys (a variant:
+    Llama-3's rope_scaling, Phi-4-mini's partial rotary...)."""
     import torch
     import transformers
     from transformers import GenerationConfig
 
-    cfg_cls, model_cls, extra = FAMILIES[model_type]
+    cfg_cls, model_cls, family_extra = FAMILIES[model_type]
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     vocab_size = write_tokenizer(folder)
     torch.manual_seed(seed)
-    cfg = getattr(transformers, cfg_cls)(vocab_size=vocab_size, **(COMMON | extra))
+    cfg = getattr(transformers, cfg_cls)(vocab_size=vocab_size, **(COMMON | family_extra | (extra or {})))
     model = getattr(transformers, model_cls)(cfg).eval()
     # See tiny_llama: embeddings at std 0.5 give distinct greedy tokens. Gemma multiplies them by sqrt(hidden) = 8
     # in the graph, and at 0.5 its greedy output repeats the last prompt token 16 times (measured, both Gemmas), so

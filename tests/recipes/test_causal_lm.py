@@ -1,5 +1,5 @@
-"""The causal-LM recipe (edgeq/recipes/causal_lm.py) end to end on a tiny random Llama: export, fuse, GPTQ INT4,
-GenAI package, evaluate, verify."""
+"""The causal-LM recipe (edgeq/recipes/causal_lm.py) end to end on a tiny random Llama: measured and quantized layer
+by layer (GPTQ INT4), GenAI package, evaluate, verify."""
 
 import json
 import shutil

@@ -1,5 +1,6 @@
 """Budget verdicts (edgeq/stages/budget.py): None at the bar, an error naming the numbers and the fix below it."""
 
+import dataclasses
 import math
 
 import pytest
@@ -56,6 +57,17 @@ def test_lm_budget_names_perplexity_agreement_and_what_to_try():
     err = lm_accuracy_error(bad, spec)
     assert err is not None and "perplexity 20.00 vs FP32 10.00 (+100.0%" in err.message
     assert f"top-1 agreement 0.100 < {spec.min_top1_agreement}" in err.message and "(--set KEY=VALUE)" in err.hint
-    assert lm_size_error(int(spec.max_size_mb * 1e6), spec) is None
-    with pytest.raises(SizeBudgetError, match="over the profile's"):
-        raise lm_size_error(int(spec.max_size_mb * 1e6) + 1, spec)
+
+
+def test_lm_size_budget_is_bits_per_weight_and_an_optional_absolute_cap():
+    spec = load_profile("android-arm64").llm
+    assert spec.max_size_mb == 0 and spec.max_bits_per_weight == 6.5  # no cap: a 7B model fits by default
+    assert lm_size_error(10**12, 6.5, spec) is None
+    with pytest.raises(SizeBudgetError, match=r"store 6\.5001 bits per weight, over the profile's 6.5$"):
+        raise lm_size_error(1, 6.5001, spec)
+    capped = dataclasses.replace(spec, max_size_mb=150.0)
+    assert lm_size_error(150_000_000, 5.0, capped) is None
+    err = lm_size_error(150_000_001, 6.6, capped)
+    # both reasons, with the unrounded numbers compared, and the settings to type
+    assert "6.6000 bits per weight" in err.message and "150000001 bytes (150.000 MB), over the profile's 150 MB" \
+        in err.message and "--set llm.promote=0" in err.hint

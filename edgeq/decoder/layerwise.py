@@ -1,0 +1,204 @@
+"""Layer by layer: what the INT4 policy measures, the quantized layers, and the FP32 reference, with one decoder
+layer's weights and the token windows' hidden states in memory at a time.
+
+Two passes over the layers, both carrying FP32 hidden states from layer to layer (so every Hessian is the one a
+whole-model calibration of the FP32 model collects, as the whole-graph path did):
+
+1. ``measure``: each layer's linear-input Hessians over the calibration windows give each linear layer's INT4
+   sensitivity; the evaluation windows go through the same FP32 layers and the head into reference
+   log-probabilities on disk. The policy then decides every layer's bits at once (it ranks sensitivities against
+   their median and counts the whole model against the size budget).
+2. ``quantized_layers``: the Hessians again (recomputed rather than kept: an 8B model's would take ~60 GB), each
+   linear role quantized as the plan says, yielded to the writer and dropped.
+
+Peak memory is one layer in FP32, its session's copy, one layer's Hessians (float64 [K, K] per distinct input),
+and the windows' hidden states ([windows, tokens, hidden] float32 for calibration and evaluation).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from edgeq.decoder.graph import embed, embedding_table, final_norm_weight, head_logits, head_weight, layer_model
+from edgeq.decoder.layers import ROLES, LayerWeights, QuantizedLinear, layer_weights
+from edgeq.decoder.spec import DecoderSpec
+from edgeq.decoder.weights import TensorSource
+from edgeq.llm.activations import InputStats
+from edgeq.llm.evaluate import ReferenceLogits, log_softmax
+from edgeq.llm.int4 import DAMP, pack_matmulnbits, quantize_gptq, quantize_rtn, refit_scales, sensitivity
+from edgeq.policy.causal_lm import HEAD_NAME, Int4Decision, Int4Facts, LinearFacts
+from edgeq.progress import QUIET, Progress
+from edgeq.runtime import session
+
+# the layer graph's tap that carries each role's input (gate and up read the same tensor, so share a Hessian)
+TAPS = {"qkv": "tap/qkv", "o": "tap/o", "gate": "tap/gate_up", "up": "tap/gate_up", "down": "tap/down"}
+EMBEDDING = "model.embed_tokens.weight"  # the names the size budget counts by (LinearFacts.weight)
+HEAD = HEAD_NAME
+
+
+# each role's module, as the graph builder names its nodes (/<module>/MatMul or /<module>/MatMulNBits)
+MODULES = {"qkv": "attn.qkv_proj", "o": "attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj",
+           "down": "mlp.down_proj"}
+
+
+def linear_name(layer: int | None, role: str) -> str:
+    """The linear layer's name in plans and in the graph (``None``: the head)."""
+    return HEAD if layer is None else f"model.layers.{layer}.{MODULES[role]}"
+
+
+def weight_name(layer: int, role: str) -> str:
+    return f"{linear_name(layer, role)}.weight"
+
+
+@dataclass(frozen=True)
+class QuantSettings:
+    """How a planned layer is quantized (the profile's llm section): ``QuantizeInt4``'s choices, one layer at a time."""
+
+    method: str = "gptq"
+    block_size: int = 32
+    symmetric: bool = False
+    accuracy_level: int = 4
+    clip: bool = True
+    damp: float = DAMP
+    refit: bool | None = None  # None: after RTN only (docs/decisions/int4.md)
+
+    @property
+    def refits(self) -> bool:
+        return self.method == "rtn" if self.refit is None else self.refit
+
+
+@dataclass(frozen=True)
+class Measured:
+    """What pass 1 measured: the policy's facts and the FP32 reference log-probabilities of the evaluation windows
+    (``head_hessian``: the head's input Hessian, for a head the plan quantizes)."""
+
+    facts: Int4Facts
+    reference: ReferenceLogits
+    head_hessian: np.ndarray
+
+
+def _tap_widths(w: LayerWeights) -> dict[str, int]:
+    return {TAPS[role]: w.linears[role].shape[0] for role in ROLES}
+
+
+def _run_layer(model, hidden: np.ndarray, stats: dict[str, InputStats] | None) -> np.ndarray:
+    """``hidden`` [windows, S, H] through one layer, one window at a time; accumulate the taps into ``stats``."""
+    sess = session(model)
+    taps = sorted(stats) if stats else []
+    out = np.empty_like(hidden)
+    mask = np.ones((1, hidden.shape[1]), np.int64)
+    for w in range(len(hidden)):
+        values = sess.run(["hidden_states_out", *taps], {"hidden_states": hidden[w:w + 1], "attention_mask": mask})
+        out[w] = values[0][0]
+        for tap, v in zip(taps, values[1:]):
+            stats[tap].add(v)
+    return out
+
+
+def _layer_stats(spec: DecoderSpec, i: int, w: LayerWeights, hidden: np.ndarray,
+                 context_length: int) -> tuple[np.ndarray, dict]:
+    stats = {tap: InputStats.empty(k) for tap, k in _tap_widths(w).items()}
+    model = layer_model(spec, i, w, taps=True, context_length=context_length)
+    return _run_layer(model, hidden, stats), stats
+
+
+def _embedded(spec: DecoderSpec, source: TensorSource, *windows: np.ndarray) -> list[np.ndarray]:
+    """Each set of windows' embeddings, the table read once (a 1B model's is 1 GB in FP32) and dropped."""
+    table = embedding_table(source)
+    return [embed(spec, table, ids) for ids in windows]
+
+
+def _rms(x: np.ndarray, gamma: np.ndarray, eps: float) -> np.ndarray:
+    x64 = x.astype(np.float64)
+    return (x64 / np.sqrt((x64 * x64).mean(-1, keepdims=True) + eps) * gamma).astype(np.float32)
+
+
+def measure(spec: DecoderSpec, source: TensorSource, calibration: np.ndarray, evaluation: np.ndarray, *,
+            context_length: int, block_size: int, symmetric: bool, sensitivities: bool = True,
+            reference_dir: Path | None = None, progress: Progress = QUIET) -> Measured:
+    """Pass 1: every linear layer's facts (shape, K/V cache, INT4 RTN relative output error) and the reference.
+    ``context_length`` is the package's (it sizes the rotary caches and picks LongRoPE's factors)."""
+    cal, ev = _embedded(spec, source, calibration, evaluation)
+    facts: list[LinearFacts] = []
+    sizes: dict[str, tuple[int, int]] = {EMBEDDING: (int(np.prod(source.shape(EMBEDDING))), 4)}
+    for i in range(spec.num_layers):
+        w = layer_weights(spec, source, i)
+        cal, stats = _layer_stats(spec, i, w, cal, context_length)
+        ev = _run_layer(layer_model(spec, i, w, context_length=context_length), ev, None)
+        for role in ROLES:
+            weight = w.linears[role]
+            s = sensitivity(weight, stats[TAPS[role]].hessian, block_size, symmetric) if sensitivities else None
+            facts.append(LinearFacts(linear_name(i, role), weight_name(i, role), None, *weight.shape, None,
+                                     "FLOAT", f"present.{i}.key" if role == "qkv" else None, s))
+            sizes[weight_name(i, role)] = (weight.size, 4)
+        for name, values in [*w.norms.items(), *w.biases.items()]:
+            sizes[f"model.layers.{i}.{name}"] = (values.size, 4)
+        del w, stats
+        progress.step("measured layer", i + 1, spec.num_layers)
+    final_norm = final_norm_weight(spec, source)
+    sizes["model.norm.weight"] = (final_norm.size, 4)
+    head = head_weight(spec, source)
+    head_stats = InputStats.empty(head.shape[0])
+    head_stats.add(_rms(cal, final_norm, spec.norm_eps))
+    # the tied head stays on the FP16 table by default: its (minute-long) sensitivity is measured only when untied
+    s = sensitivity(head, head_stats.hessian, block_size, symmetric) if sensitivities and not spec.tied else None
+    # a tied head is the embedding table read through a transpose: the policy keeps it unless told to quantize a copy
+    facts.append(LinearFacts(linear_name(None, HEAD), EMBEDDING if spec.tied else HEAD,
+                             "transpose" if spec.tied else None, *head.shape, EMBEDDING if spec.tied else None,
+                             "FLOAT", None, s))
+    if not spec.tied:
+        sizes[HEAD] = (head.size, 4)
+    # numpy, a block of the vocabulary at a time: no session copy of the head (an 8B model's is 2.1 GB in FP32)
+    reference = ReferenceLogits.from_logprobs(
+        evaluation, (log_softmax(head_logits(spec, final_norm, head, ev[k])).astype(np.float32)
+                     for k in range(len(ev))), directory=reference_dir, progress=progress)
+    del head
+    return Measured(Int4Facts(tuple(facts), sizes), reference, head_stats.hessian)
+
+
+def quantize_linear(weight: np.ndarray, hessian: np.ndarray, bits: int, settings: QuantSettings) -> QuantizedLinear:
+    """One [K, N] weight at ``bits`` as MatMulNBits stores it (FP32 scales), as ``QuantizeInt4`` quantizes a layer."""
+    s = settings
+    if s.method == "gptq":
+        bq = quantize_gptq(weight, hessian, s.block_size, s.symmetric, s.clip, s.damp, False, bits, s.refits)
+    else:
+        bq = quantize_rtn(weight, s.block_size, s.symmetric, s.clip, np.diag(hessian), bits)
+        if s.refits:
+            bq = refit_scales(bq, weight, hessian)
+    b, scales, zp = pack_matmulnbits(bq, np.float32)
+    return QuantizedLinear(b, scales, zp, weight.shape[0], weight.shape[1], bits, s.block_size, s.accuracy_level)
+
+
+def quantized_layers(spec: DecoderSpec, source: TensorSource, hidden: np.ndarray,
+                     plan: dict[str, Int4Decision], settings: QuantSettings, *, context_length: int,
+                     progress: Progress = QUIET) -> Iterator[LayerWeights]:
+    """Pass 2: each layer with its planned roles quantized (the others as float), one at a time, in order.
+    ``hidden``: the calibration windows' embeddings (``embed``; the caller holds the table for the writer anyway)."""
+    cal = hidden
+    for i in range(spec.num_layers):
+        w = layer_weights(spec, source, i)
+        nxt, stats = _layer_stats(spec, i, w, cal, context_length)
+        linears = {}
+        for role in ROLES:
+            d = plan[linear_name(i, role)]
+            linears[role] = (quantize_linear(w.linears[role], stats[TAPS[role]].hessian, d.bits, settings)
+                             if d.quantize else w.linears[role])
+        del stats
+        yield replace(w, linears=linears)
+        cal = nxt
+        progress.step("quantized layer", i + 1, spec.num_layers)
+
+
+def quantized_head(spec: DecoderSpec, source: TensorSource, measured: Measured, plan: dict[str, Int4Decision],
+                   settings: QuantSettings) -> QuantizedLinear | np.ndarray | None:
+    """The head as the writer takes it: None (kept on the tied embedding table), or a separate head as planned
+    (an untied one, or a tied one the profile quantizes: a second, quantized copy of the table)."""
+    d = plan[linear_name(None, HEAD)]
+    if spec.tied and not d.quantize:
+        return None
+    head = head_weight(spec, source)
+    return quantize_linear(head, measured.head_hessian, d.bits, settings) if d.quantize else head
