@@ -50,9 +50,11 @@ class InputStats:
         return cls(k, np.zeros((k, k), np.float64), np.zeros(k, np.float64))
 
     def add(self, x: np.ndarray) -> None:
-        x = x.reshape(-1, self.k).astype(np.float64)
+        # each batch's product in float32 (sgemm: a 1B model's down_proj Hessian took 16 s per layer in float64,
+        # 4x less in float32), summed over batches in float64 so many batches lose nothing more
+        x = np.ascontiguousarray(x.reshape(-1, self.k), dtype=np.float32)
         self.xtx += x.T @ x
-        self.abs_sum += np.abs(x).sum(axis=0)
+        self.abs_sum += np.abs(x).sum(axis=0, dtype=np.float64)
         self.rows += x.shape[0]
 
     @property
