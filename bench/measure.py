@@ -30,6 +30,7 @@ from pathlib import Path
 
 GB = 1e9
 SAMPLE_S = 0.2
+RSS_SERIES = "rss.tsv"
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 # Runs as ``python -c``: start argv[1:], wait4 it, write {returncode, wall_s, maxrss_kb, utime, stime} to $RESULT.
@@ -78,6 +79,14 @@ def session_rss_bytes(sid: int, exclude: int) -> int:
     return total
 
 
+def read_series(log_dir: Path) -> list[tuple[float, int]]:
+    """The sampled (seconds, resident bytes) series ``run`` wrote to log_dir."""
+    path = log_dir / RSS_SERIES
+    if not path.is_file():
+        return []
+    return [(float(t), int(b)) for t, b in (ln.split("\t") for ln in path.read_text().splitlines() if ln)]
+
+
 def _tail(path: Path, lines: int = 60) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -94,7 +103,9 @@ def run(cmd: list[str], *, log_dir: Path, cap_gb: float = 20.0, timeout_s: float
     result = Path(result_path)
     result.write_text("")
     err_path = log_dir / "stderr.txt"
-    with open(log_dir / "stdout.txt", "wb") as out, open(err_path, "wb") as err:
+    # the sampled series (seconds since start, resident bytes), so a caller can split the peak by stage
+    with open(log_dir / "stdout.txt", "wb") as out, open(err_path, "wb") as err, \
+            open(log_dir / RSS_SERIES, "w") as series:
         proc = subprocess.Popen([sys.executable, "-S", "-c", _LAUNCHER, *cmd], stdout=out, stderr=err,
                                 stdin=subprocess.DEVNULL, cwd=cwd, start_new_session=True,
                                 env=(env if env is not None else dict(os.environ)) | {"SCALE_RESULT": str(result)})
@@ -104,6 +115,7 @@ def run(cmd: list[str], *, log_dir: Path, cap_gb: float = 20.0, timeout_s: float
             rss = session_rss_bytes(proc.pid, exclude=proc.pid)
             sampled = max(sampled, rss)
             elapsed = time.monotonic() - t0
+            series.write(f"{elapsed:.2f}\t{rss}\n")
             if rss > cap_gb * GB:
                 stop = f"killed at {rss / GB:.1f} GB (cap {cap_gb:g} GB) after {elapsed:.0f} s"
             elif elapsed > timeout_s:

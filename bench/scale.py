@@ -167,10 +167,12 @@ def run_tool(tool: Tool, job: Job, *, cap_gb: float, timeout_s: float, logs: Pat
     load_before = os.getloadavg()
     m = measure.run(cmd, log_dir=logs / f"{job.model}-{tool.key}", cap_gb=cap_gb, timeout_s=timeout_s,
                     env=dict(os.environ) | tool.env(), cwd=job.out)
-    stderr = logs / f"{job.model}-{tool.key}" / "stderr.txt"
-    stages = stage_seconds(stderr.read_text(errors="replace"), m.wall_s) if stderr.is_file() else {}
+    log = logs / f"{job.model}-{tool.key}"
+    progress = (log / "stderr.txt").read_text(errors="replace") if (log / "stderr.txt").is_file() else ""
+    stages = stage_seconds(progress, m.wall_s)
     return row | {"command": " ".join(cmd), "load_average": [load_before[0], os.getloadavg()[0]],
                   "bytes_per_param": m.peak_rss_gb * 1e9 / row["params"], "stages": stages,
+                  "stage_peak_gb": stage_peaks(progress, measure.read_series(log)),
                   "output_gb": output_bytes(job.checkpoint if tool.key == "writer" else job.out) / 1e9} | m.to_dict()
 
 
@@ -187,6 +189,17 @@ def stage_seconds(progress: str, wall_s: float) -> dict[str, float]:
     for (t, name), (t_next, _) in zip(starts, starts[1:] + [(wall_s, "")]):
         out[name] = out.get(name, 0.0) + max(t_next - t, 0.0)
     return {k: round(v, 1) for k, v in out.items()}
+
+
+def stage_peaks(progress: str, series: list[tuple[float, int]]) -> dict[str, float]:
+    """Peak sampled RSS (GB) per stage: each sample goes to the stage whose progress line came last before it
+    (edgeq's clock starts a few ms after the sampler's: a sample on a boundary may land in the earlier stage)."""
+    starts = [(float(t), name) for t, name in _STAGE_LINE.findall(progress)]
+    out: dict[str, float] = {}
+    for t, rss in series:
+        name = next((n for s, n in reversed(starts) if s <= t), "start")
+        out[name] = max(out.get(name, 0.0), rss / 1e9)
+    return {k: round(v, 2) for k, v in out.items()}
 
 
 def output_bytes(folder: Path) -> int:

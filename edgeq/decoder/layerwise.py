@@ -154,7 +154,7 @@ def measure(spec: DecoderSpec, source: TensorSource, calibration: np.ndarray, ev
         sizes[HEAD] = (head.size, 4)
     # numpy, a block of the vocabulary at a time: no session copy of the head (an 8B model's is 2.1 GB in FP32)
     reference = ReferenceLogits.from_logprobs(
-        evaluation, (log_softmax(head_logits(spec, final_norm, head, ev[k])).astype(np.float32)
+        evaluation, (log_softmax(head_logits(spec, final_norm, head, ev[k]), np.float32)
                      for k in range(len(ev))), directory=reference_dir, progress=progress)
     del head
     return Measured(Int4Facts(tuple(facts), sizes), reference, head_stats.hessian)

@@ -102,10 +102,16 @@ def window_logits(sess: ort.InferenceSession, ids: np.ndarray) -> np.ndarray:
     return sess.run(["logits"], window_feeds(sess, ids))[0][0]
 
 
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    x = logits.astype(np.float64)
-    x -= x.max(axis=-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+def log_softmax(logits: np.ndarray, dtype=np.float64) -> np.ndarray:
+    """Log-probabilities over the last axis, computed in float64 a block of rows at a time and stored as ``dtype``:
+    a whole 512-token window of a 128k vocabulary in float64 took three 525 MB temporaries."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    out = np.empty(flat.shape, dtype)
+    for r in range(0, len(flat), CHUNK):
+        x = flat[r:r + CHUNK].astype(np.float64)
+        x -= x.max(axis=-1, keepdims=True)
+        out[r:r + CHUNK] = x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+    return out.reshape(logits.shape)
 
 
 class ReferenceLogits:
@@ -124,7 +130,7 @@ class ReferenceLogits:
         if model is None:
             return  # from_logprobs writes the windows
         sess = lm_session(model)
-        self._write((log_softmax(window_logits(sess, ids)).astype(np.float32) for ids in self.windows), progress)
+        self._write((log_softmax(window_logits(sess, ids), np.float32) for ids in self.windows), progress)
 
     @classmethod
     def from_logprobs(cls, windows: np.ndarray, logprobs: Iterable[np.ndarray], directory: Path | None = None,

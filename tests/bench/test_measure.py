@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
 import measure  # noqa: E402
@@ -28,6 +30,9 @@ def test_peak_rss_is_the_childs_own_not_the_parents(tmp_path):
     assert 0.19 < m.peak_rss_gb < 0.26
     assert m.sampled_peak_gb <= m.peak_rss_gb
     assert m.wall_s >= 0.5 and m.cpu_s is not None
+    series = measure.read_series(tmp_path)  # every sample, in order; its maximum is the sampled peak
+    assert len(series) >= 2 and [t for t, _ in series] == sorted(t for t, _ in series)
+    assert max(b for _, b in series) / 1e9 == pytest.approx(m.sampled_peak_gb)
     del parent
 
 

@@ -63,3 +63,10 @@ def test_stage_seconds_from_edgeq_progress_lines():
     assert scale.stage_seconds(progress, 70.0) == {"start": 2.5, "check": 7.5, "measure": 30.0, "quantize": 15.5,
                                                    "evaluate": 14.5}
     assert scale.stage_seconds("no progress here", 3.0) == {}
+
+
+def test_stage_peaks_split_the_sampled_series_at_the_progress_lines():
+    progress = "[   2.0s] check: inputs\n[  10.0s] measure: 2 layers\n[  40.0s] quantize: INT4\n"
+    series = [(0.5, 1e8), (3.0, 5e8), (9.9, 7e8), (10.0, 2e9), (39.0, 3e9), (41.0, 2.5e9), (60.0, 1e9)]
+    assert scale.stage_peaks(progress, series) == {"start": 0.1, "check": 0.7, "measure": 3.0, "quantize": 2.5}
+    assert scale.stage_peaks("", series[:2]) == {"start": 0.5}
