@@ -11,6 +11,7 @@ The pass carries out the plan and decides nothing. The layout, each method and t
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from edgeq.progress import QUIET, Progress
 
 CLIP_RATIOS = tuple(1.0 - 0.025 * i for i in range(16))  # 1.0 .. 0.625
 LAZY_COLUMNS = 128  # GPTQ's lazy batch: error pushed to later columns once per 128 (a multiple of the block)
-VECTOR_SEARCH_ELEMENTS = 1 << 24  # clip search: all ratios at once up to this many values (64 MB of float32)
+VECTOR_SEARCH_ELEMENTS = 1 << 20  # clip search: all ratios at once over this many values (4 MB of float32)
 DAMP = 0.01  # GPTQ's dampening (fraction of mean diag H): its default, definite for every SmolLM2 layer
 FLOAT_TYPES = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16}
 
@@ -107,31 +108,38 @@ def _fake(w: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, bits: int) -> 
     return q, (q - zp) * scale
 
 
+@contextlib.contextmanager
+def _one_thread():
+    """Elementwise work on small tensors in this thread only: torch's OpenMP workers spin between the thousands of
+    small ops, and on a loaded 2-core machine that spinning made the clip search 10-20x slower (13 s -> 123 s for a
+    1B gate_proj's blocks measured under load; 6 s on one thread). The large matmuls keep every thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _search(w: torch.Tensor, importance: torch.Tensor | None, symmetric: bool, bits: int,
             clip: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Block parameters for ``w`` [..., block]; with ``clip`` the ratio with the least (importance-weighted) error,
-    the first such ratio on a tie. Small blocks (GPTQ's, one group of columns) try every ratio at once: the same
-    elementwise arithmetic as one ratio at a time, without 16 rounds of small-tensor overhead."""
+    the first such ratio on a tie. Every ratio at once over a chunk of rows: the same elementwise arithmetic as one
+    ratio at a time, without 16 passes over a whole matrix's temporaries (1B gate_proj RTN: 19.5 s before)."""
     if not clip:
         return _params(w, symmetric, bits)
-    if w.numel() * len(CLIP_RATIOS) <= VECTOR_SEARCH_ELEMENTS:
-        ratios = torch.tensor(CLIP_RATIOS, dtype=w.dtype).view(-1, *([1] * w.dim()))
-        scale, zp = _params(w.unsqueeze(0), symmetric, bits, ratios)  # [ratios, ..., 1]
-        err = (w - _fake(w, scale, zp, bits)[1]).square()
-        err = (err if importance is None else err * importance).sum(dim=-1, keepdim=True)
-        pick = err.argmin(dim=0, keepdim=True)  # the first minimum, as the loop's strict "<" keeps it
-        return scale.gather(0, pick)[0], zp.gather(0, pick)[0]
-    best = None
-    for ratio in CLIP_RATIOS:
-        scale, zp = _params(w, symmetric, bits, ratio)
-        err = (w - _fake(w, scale, zp, bits)[1]).square()
-        err = (err if importance is None else err * importance).sum(dim=-1, keepdim=True)
-        if best is None:
-            best = [err, scale, zp]
-            continue
-        better = err < best[0]
-        best = [torch.where(better, err, best[0]), torch.where(better, scale, best[1]), torch.where(better, zp, best[2])]
-    return best[1], best[2]
+    rows = max(1, VECTOR_SEARCH_ELEMENTS // (len(CLIP_RATIOS) * max(1, w[0].numel())))
+    if len(w) > rows:  # a chunk of rows at a time: every ratio's temporaries stay small (in cache)
+        imp = [importance] * math.ceil(len(w) / rows) if importance is None or importance.dim() < w.dim() \
+            else importance.split(rows)
+        parts = [_search(c, i, symmetric, bits, clip) for c, i in zip(w.split(rows), imp)]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    ratios = torch.tensor(CLIP_RATIOS, dtype=w.dtype).view(-1, *([1] * w.dim()))
+    scale, zp = _params(w.unsqueeze(0), symmetric, bits, ratios)  # [ratios, ..., 1]
+    err = (w - _fake(w, scale, zp, bits)[1]).square()
+    err = (err if importance is None else err * importance).sum(dim=-1, keepdim=True)
+    pick = err.argmin(dim=0, keepdim=True)  # the first minimum, as a loop over the ratios with a strict "<" keeps
+    return scale.gather(0, pick)[0], zp.gather(0, pick)[0]
 
 
 def _block_quant(q: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, k: int, block_size: int, bits: int,
@@ -154,10 +162,11 @@ def quantize_rtn(w: np.ndarray, block_size: int, symmetric: bool, clip: bool = F
     imp = None
     if importance is not None:
         imp = torch.zeros(kp, dtype=torch.float32)
-        imp[:k] = torch.from_numpy(np.asarray(importance, np.float32))
+        imp[:k] = torch.from_numpy(np.array(importance, np.float32))  # a copy: np.diag gives a read-only view
         imp = imp.view(blocks_n, block_size)
-    scale, zp = _search(blocks, imp, symmetric, bits, clip)
-    q = _fake(blocks, scale, zp, bits)[0]
+    with _one_thread():
+        scale, zp = _search(blocks, imp, symmetric, bits, clip)
+        q = _fake(blocks, scale, zp, bits)[0]
     return _block_quant(q.reshape(n, kp), scale[..., 0], zp[..., 0], k, block_size, bits, symmetric)
 
 
@@ -187,7 +196,7 @@ def quantize_gptq(w: np.ndarray, hessian: np.ndarray, block_size: int, symmetric
     # [K, N] as stored: column ``col`` of GPTQ's W (all output channels of one input) is a contiguous row here, so
     # the per-column steps read and update contiguous memory (3x faster than [N, K] on a 1B model's layers)
     W = torch.from_numpy(np.array(w, dtype=np.float32))
-    H = torch.from_numpy(np.asarray(hessian, np.float64)).clone()
+    H = torch.from_numpy(np.array(hessian, dtype=np.float32))  # a copy: dead channels are patched below
     dead = H.diagonal() == 0  # an input channel that is always 0: its weights do not matter
     H[dead, dead] = 1.0
     W[dead, :] = 0.0
@@ -209,34 +218,43 @@ def quantize_gptq(w: np.ndarray, hessian: np.ndarray, block_size: int, symmetric
     del H
     Q = torch.zeros(groups * block_size, n)
     lazy = max(LAZY_COLUMNS // block_size, 1) * block_size  # groups never straddle a lazy batch
-    s = z = None
     for i1 in range(0, k, lazy):
         i2 = min(i1 + lazy, k)
         W1 = W[i1:i2].clone()
         E1 = torch.zeros_like(W1)
         U1 = U[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            if perm is not None:
-                g = int(perm[col]) // block_size
-                s, z = scales[:, g], zps[:, g]
-            elif col % block_size == 0:
-                span = min(block_size, k - col)
-                s, z = _search(W1[i:i + span].T.contiguous(), importance[col:col + span], symmetric, bits, clip)
-                s, z = s[:, 0], z[:, 0]
-                scales[:, col // block_size], zps[:, col // block_size] = s, z
-            wc = W1[i]
-            q, dq = _fake(wc, s, z, bits)
-            Q[col] = q
-            err = (wc - dq) / U1[i, i]
-            W1[i:] -= U1[i, i:, None] * err[None, :]
-            E1[i] = err
+        with _one_thread():
+            _gptq_columns(W1, E1, U1, Q, scales, zps, importance, perm, i1, k, block_size, symmetric, bits, clip)
         W[i2:] -= U[i1:i2, i2:].T @ E1
     if perm is not None:
         Q[:k] = Q[:k][torch.argsort(perm)]
     Q = Q.T.contiguous()
     bq = _block_quant(Q, scales, zps, k, block_size, bits, symmetric)
     return refit_scales(bq, w, hessian) if refit else bq
+
+
+def _gptq_columns(W1: torch.Tensor, E1: torch.Tensor, U1: torch.Tensor, Q: torch.Tensor, scales: torch.Tensor,
+                  zps: torch.Tensor, importance: torch.Tensor, perm: torch.Tensor | None, i1: int, k: int,
+                  block_size: int, symmetric: bool, bits: int, clip: bool) -> None:
+    """One lazy batch of GPTQ's columns (rows ``i1``.. of W as [K, N]): quantize each, push its error onto the
+    batch's later columns; codes into ``Q``, the scaled errors into ``E1``, new block parameters into scales/zps."""
+    s = z = None  # a lazy batch starts on a block boundary (lazy is a multiple of block_size)
+    for i in range(len(W1)):
+        col = i1 + i
+        if perm is not None:
+            g = int(perm[col]) // block_size
+            s, z = scales[:, g], zps[:, g]
+        elif col % block_size == 0:
+            span = min(block_size, k - col)
+            s, z = _search(W1[i:i + span].T.contiguous(), importance[col:col + span], symmetric, bits, clip)
+            s, z = s[:, 0], z[:, 0]
+            scales[:, col // block_size], zps[:, col // block_size] = s, z
+        wc = W1[i]
+        q, dq = _fake(wc, s, z, bits)
+        Q[col] = q
+        err = (wc - dq) / U1[i, i]
+        W1[i:] -= U1[i, i:, None] * err[None, :]
+        E1[i] = err
 
 
 def refit_scales(bq: BlockQuant, w: np.ndarray, hessian: np.ndarray, rows: int = 64) -> BlockQuant:
