@@ -244,10 +244,15 @@ def table(rows: list[dict]) -> str:
                         "- | - | - | ")
                      + f"{out} | {_status_cell(r)} |")
     notes = dict.fromkeys(f"- {r['tool']}: {r['tool_note']}" for r in latest.values() if r.get("tool_note"))
-    stages = [f"- {r['model']}, {r['tool']}: " + ", ".join(f"{k} {v:.0f} s" for k, v in r["stages"].items())
+    stages = [f"- {r['model']}, {r['tool']}: " + ", ".join(_stage_cell(k, v, r.get("stage_peak_gb", {}))
+                                                            for k, v in r["stages"].items())
               for r in latest.values() if r.get("stages")]
-    return "\n".join(lines + ([""] + list(notes) if notes else []) + (["", "Seconds per stage:"] + stages
-                                                                       if stages else []))
+    return "\n".join(lines + ([""] + list(notes) if notes else [])
+                     + (["", "Seconds (and peak sampled RSS, where recorded) per stage:"] + stages if stages else []))
+
+
+def _stage_cell(stage: str, seconds: float, peaks: dict[str, float]) -> str:
+    return f"{stage} {seconds:.0f} s" + (f" / {peaks[stage]:.2f} GB" if stage in peaks else "")
 
 
 def section(rows: list[dict]) -> str:

@@ -70,3 +70,10 @@ def test_stage_peaks_split_the_sampled_series_at_the_progress_lines():
     series = [(0.5, 1e8), (3.0, 5e8), (9.9, 7e8), (10.0, 2e9), (39.0, 3e9), (41.0, 2.5e9), (60.0, 1e9)]
     assert scale.stage_peaks(progress, series) == {"start": 0.1, "check": 0.7, "measure": 3.0, "quantize": 2.5}
     assert scale.stage_peaks("", series[:2]) == {"start": 0.5}
+
+
+def test_the_stage_lines_carry_each_stages_peak_where_recorded():
+    rows = [_row("edgeq", "ok", wall_s=100.0, peak_rss_gb=3.0, bytes_per_param=2.4, output_gb=0.9,
+                 stages={"start": 2.0, "measure": 60.0, "quantize": 38.0},
+                 stage_peak_gb={"start": 0.4, "measure": 2.87, "quantize": 3.0})]
+    assert "measure 60 s / 2.87 GB, quantize 38 s / 3.00 GB" in scale.table(rows)
