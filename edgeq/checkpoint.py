@@ -10,10 +10,12 @@ safetensors staging folder, so these checks and the exporter read the same plain
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import replace
 from pathlib import Path
 
 from edgeq.errors import ModelFolderError
+from edgeq.families import CAUSAL_LM
 from edgeq.modelsource import (PICKLE_SUFFIXES, SAFE_WEIGHTS, ModelSource, check_safetensors, name_list,
                                select_weights)
 from edgeq.safe_load import no_stdin
@@ -37,7 +39,7 @@ def _skeleton(source: ModelSource):
     import torch
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-    auto = AutoModelForCausalLM if source.kind == "causal-lm" else AutoModel  # what optimum exports for the task
+    auto = AutoModelForCausalLM if source.kind == CAUSAL_LM else AutoModel  # the class the checkpoint was saved from
     try:
         with no_stdin():
             config = AutoConfig.from_pretrained(str(source.path), local_files_only=True, trust_remote_code=False)
@@ -50,17 +52,60 @@ def _skeleton(source: ModelSource):
 
 def check_complete(source: ModelSource, origin: str = "") -> None:
     """Missing, unexpected or differently shaped tensors -> ModelFolderError naming the first few and the count.
-
-    The comparison is transformers' own (4.57 ``_load_pretrained_model``): its key renaming (legacy LayerNorm
-    gamma/beta, the base_model_prefix added or stripped: "bert.x" vs "x"), tied parameters present once (lm_head
-    tied to the embeddings), buffers optional (persistent ones keep their constructor values, non-persistent ones
-    such as position_ids are never loaded), and the model's own ignore patterns. A task checkpoint's head (keys
-    outside the prefix) counts as unexpected, as transformers reports it. ``origin`` names the source in errors."""
-    from transformers.modeling_utils import _find_missing_and_unexpected_keys
-
+    ``origin`` names the source in errors. Causal LMs are compared by name as edgeq.decoder reads them
+    (``_decoder_problems``), encoders as transformers 4.57 loads them (``_encoder_problems``)."""
     origin = origin or _origin(source)
     shapes = checkpoint_shapes(source)
     model = _skeleton(source)
+    expected = {k: list(v.shape) for k, v in model.state_dict().items()}
+    problems = (_decoder_problems(model, shapes, expected) if source.kind == CAUSAL_LM
+                else _encoder_problems(model, shapes, expected, origin))
+    if problems:
+        raise ModelFolderError(
+            f"the weights in {origin} do not match its config ({source.architecture or source.model_type}, "
+            f"{len(expected)} tensors): {'; '.join(problems)}",
+            "the weights belong to another model, or the files are incomplete: re-download the folder or re-save it "
+            "with save_pretrained (edgeq never fills missing weights at random)")
+
+
+def _listed(missing: list[str], unexpected: list[str], mismatched: list[str]) -> list[str]:
+    return [f"{len(items)} {what}: {name_list(items)}" for what, items in (
+        ("missing", missing), ("unexpected", unexpected), ("with another shape", mismatched)) if items]
+
+
+def _ignored(patterns) -> re.Pattern | None:
+    return re.compile("|".join(f"({p})" for p in patterns)) if patterns else None
+
+
+def _decoder_problems(model, shapes: dict[str, list[int]], expected: dict[str, list[int]]) -> list[str]:
+    """edgeq.decoder reads the checkpoint's tensors by their Hugging Face names, so they are compared as named:
+    every parameter of the architecture (built from config.json on the meta device) present with its shape, and
+    nothing else. What transformers also lets pass is let pass: a tied head's copy (``lm_head.weight`` beside the
+    embeddings), buffers (old checkpoints' per-layer ``rotary_emb.inv_freq`` too) and the class's own ignore
+    patterns. Only public model attributes are read, the same in transformers 4.57 and 5.x (whose loader
+    internals differ); a checkpoint named without the ``model.`` prefix, which 4.57's loader would rename, is
+    refused here rather than by the builder minutes later."""
+    params = {name for name, _ in model.named_parameters()}  # a tied alias is listed once, under its owner
+    buffers = {name for name, _ in model.named_buffers()}
+    skip_missing = _ignored(getattr(model, "_keys_to_ignore_on_load_missing", None) or [])
+    skip_unexpected = _ignored([*(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []),
+                                r"rotary_emb\.inv_freq"])
+    missing = sorted(k for k in params if k not in shapes and not (skip_missing and skip_missing.search(k)))
+    unexpected = sorted(k for k in shapes if k not in expected and k not in buffers and not skip_unexpected.search(k))
+    mismatched = [f"{k} {shapes[k]} (the config wants {expected[k]})" for k in sorted(shapes)
+                  if k in expected and shapes[k] != expected[k]]
+    return _listed(missing, unexpected, mismatched)
+
+
+def _encoder_problems(model, shapes: dict[str, list[int]], expected: dict[str, list[int]], origin: str) -> list[str]:
+    """The comparison is transformers' own (4.57 ``_load_pretrained_model``): its key renaming (legacy LayerNorm
+    gamma/beta, the base_model_prefix added or stripped: "bert.x" vs "x"), tied parameters present once, buffers
+    optional (persistent ones keep their constructor values, non-persistent ones such as position_ids are never
+    loaded), and the model's own ignore patterns. A task checkpoint's head (keys outside the prefix) counts as
+    unexpected, as transformers reports it. Encoders are exported by optimum-onnx, which needs transformers < 4.58
+    (the ``encoders`` extra), so these 4.57 internals are there whenever this runs."""
+    from transformers.modeling_utils import _find_missing_and_unexpected_keys
+
     keys = list(shapes)
     prefix = model.base_model_prefix
     has_prefix = bool(prefix) and any(k.startswith(prefix) for k in keys)
@@ -75,17 +120,9 @@ def check_complete(source: ModelSource, origin: str = "") -> None:
     missing, unexpected = model._adjust_missing_and_unexpected_keys(missing, unexpected, task_from_base)
     buffers = {n for n, _ in model.named_buffers()}
     missing = [k for k in missing if k not in buffers]
-    expected = {k: list(v.shape) for k, v in model.state_dict().items()}
     mismatched = [f"{new} {shapes[old]} (the config wants {expected[new]})" for old, new in mapping.items()
                   if new in expected and shapes[old] != expected[new]]
-    problems = [f"{len(items)} {what}: {name_list(items)}" for what, items in (
-        ("missing", missing), ("unexpected", unexpected), ("with another shape", mismatched)) if items]
-    if problems:
-        raise ModelFolderError(
-            f"the weights in {origin} do not match its config ({source.architecture or source.model_type}, "
-            f"{len(expected)} tensors): {'; '.join(problems)}",
-            "the weights belong to another model, or the files are incomplete: re-download the folder or re-save it "
-            "with save_pretrained (edgeq never fills missing weights at random)")
+    return _listed(missing, unexpected, mismatched)
 
 
 def check_finite(source: ModelSource, origin: str = "") -> None:

@@ -33,6 +33,10 @@ class UnsupportedModelError(UserInputError):
     """The architecture or task is not one edgeq can export with the chosen profile."""
 
 
+class MissingExtraError(UserInputError):
+    """The model needs an optional part of edgeq that is not installed (an extra: ``pip install 'edgeq[NAME]'``)."""
+
+
 class ProfileError(UserInputError):
     """Unknown profile, or a profile file that does not parse into a valid profile."""
 

@@ -25,6 +25,11 @@ TASKS = {ENCODER: "feature-extraction", CAUSAL_LM: "text-generation-with-past"}
 OPTIMUM = "optimum"  # encoders: optimum-onnx's exporter over the PyTorch model
 # causal LMs: edgeq.decoder builds the fused graph from config.json and streams the weights a tensor at a time
 DECODER = "edgeq-decoder"
+# transformers: optimum-onnx 0.1.0, which exports encoders, supports < 4.58; causal LMs (edgeq.decoder) were tested
+# with both majors: the fast tests (tests/decoder, tests/llm/test_families.py, tests/recipes/test_causal_lm.py,
+# tests/test_families.py) with 4.57.6 and with 5.24.0 (where the encoders' tests skip: no optimum-onnx there)
+ENCODER_TRANSFORMERS = ">=4.50,<4.58"
+TESTED_4, TESTED_5 = "4.57.6", "5.24.0"
 # Linear-layer roles, in the order they are tried: attn_out before ffn_down, as the bert family's attention output
 # (".../attention/output/dense/") also ends in the FFN's "output/dense".
 ROLES = ("attn_qkv", "attn_out", "ffn_up", "ffn_down", "pooler", "lm_head")
@@ -50,9 +55,12 @@ class Family:
     architectures: tuple[str, ...]  # Hugging Face classes (config.json architectures) edgeq exports
     gguf_arch: str = ""  # GGUF general.architecture edgeq reads into this family ("": none)
     exporter: str = OPTIMUM
-    # the oldest transformers that has the family (edgeq reads its tokenizer, checks the checkpoint's tensors against
-    # the architecture and, for GGUF, converts the config with it); edgeq's own pin is in pyproject.toml
-    transformers: str = "4.50"
+    # the transformers it exports with (PEP 440, as pip reads it): from the oldest that has the family (edgeq reads
+    # its tokenizer, checks the checkpoint's tensors against the architecture and, for GGUF, converts the config with
+    # it); an encoder's is capped by optimum-onnx 0.1.0 (the encoders extra in pyproject.toml), a causal LM's is not
+    transformers: str = ENCODER_TRANSFORMERS  # "": a refused family, exported with none
+    # the transformers releases the fast tests in ``verified`` passed with (docs/decisions/transformers-pin.md)
+    transformers_tested: tuple[str, ...] = ()
     # onnxruntime-genai 0.18 model.type (src/models/model_type.h: IsLLM) of a causal LM (gpt2 and chatglm are LLM
     # types there too, with another cache layout)
     runtime_type: str = ""
@@ -105,7 +113,8 @@ CAUSAL_LM_HINT = "use a model of a supported causal-LM family ('edgeq families' 
 
 def _encoder(name: str, arch: str, roles: tuple[LinearRole, ...] = BERT_ROLES, *verified: str,
              model_type: str = "") -> Family:
-    return Family(name, ENCODER, (model_type or name,), (arch,), linear_roles=roles, verified=verified)
+    return Family(name, ENCODER, (model_type or name,), (arch,), linear_roles=roles, verified=verified,
+                  transformers_tested=(TESTED_4,) if verified else ())
 
 
 DECODER_PARITY = ("tiny random model: FP32 logits vs transformers, greedy tokens through onnxruntime-genai "
@@ -117,7 +126,8 @@ def _decoder(name: str, arch: str, gguf_arch: str = "", *, model_types: tuple[st
              transformers: str, limits: tuple[str, ...] = (), verified: tuple[str, ...] = (DECODER_PARITY,)) -> Family:
     """A causal LM that edgeq.decoder builds (every one: the fused graph from config.json)."""
     return Family(name, CAUSAL_LM, model_types or (name,), (arch,), gguf_arch=gguf_arch, exporter=DECODER,
-                  transformers=transformers, runtime_type=runtime_type or name, linear_roles=LLAMA_ROLES,
+                  transformers=transformers, transformers_tested=(TESTED_4, TESTED_5),
+                  runtime_type=runtime_type or name, linear_roles=LLAMA_ROLES,
                   fusion=DECODER_FUSION, fuses_attention=True, limits=limits, verified=verified)
 
 
@@ -132,32 +142,32 @@ FAMILIES: tuple[Family, ...] = (
     _encoder("albert", "AlbertModel", ()),  # attention/query, ffn, ffn_output: no role pattern names them
     _encoder("deberta-v2", "DebertaV2Model", DEBERTA_ROLES),
     _encoder("nomic_bert", "NomicBertModel", ()),  # Wqkv, out_proj, fc11/fc12/fc2: no role pattern names them
-    _decoder("llama", "LlamaForCausalLM", "llama", transformers="4.50",  # 4.50: edgeq's floor
+    _decoder("llama", "LlamaForCausalLM", "llama", transformers=">=4.50",  # 4.50: edgeq's floor
              limits=("GGUF: Llama-3.x's rope_freqs and rope scaling are lost in transformers' GGUF config (use the "
                      "safetensors checkpoint for Llama 3.x)",),
              verified=(DECODER_PARITY, GGUF_READER,
                        "real checkpoint: SmolLM2-135M-Instruct Q4_1 GGUF (slow: tests/llm/test_smollm2_export.py)")),
-    _decoder("mistral", "MistralForCausalLM", transformers="4.50",
+    _decoder("mistral", "MistralForCausalLM", transformers=">=4.50",
              limits=("no GGUF input: llama.cpp writes Mistral models as arch 'llama', which edgeq reads",)),
-    _decoder("qwen2", "Qwen2ForCausalLM", "qwen2", transformers="4.50",
+    _decoder("qwen2", "Qwen2ForCausalLM", "qwen2", transformers=">=4.50",
              limits=("use_sliding_window=true is refused (released checkpoints set it false)",),
              verified=(DECODER_PARITY, GGUF_READER)),
-    _decoder("qwen3", "Qwen3ForCausalLM", transformers="4.51",
+    _decoder("qwen3", "Qwen3ForCausalLM", transformers=">=4.51",
              limits=("no GGUF input (edgeq's GGUF reader maps llama, qwen2 and phi3 tensors)",)),
-    _decoder("phi3", "Phi3ForCausalLM", "phi3", transformers="4.50",
+    _decoder("phi3", "Phi3ForCausalLM", "phi3", transformers=">=4.50",
              limits=("LongRoPE models: context length <= original_max_position_embeddings (the short factors)",
                      "partial rotary: half the rotary dimension a multiple of 8 (GroupQueryAttention)"),
              verified=(DECODER_PARITY, GGUF_READER)),
-    _decoder("gemma", "GemmaForCausalLM", transformers="4.50",
+    _decoder("gemma", "GemmaForCausalLM", transformers=">=4.50",
              limits=("no GGUF input (edgeq's GGUF reader maps llama, qwen2 and phi3 tensors)",)),
-    _decoder("smollm3", "SmolLM3ForCausalLM", transformers="4.53",
+    _decoder("smollm3", "SmolLM3ForCausalLM", transformers=">=4.53",
              limits=("no GGUF input (edgeq's GGUF reader maps llama, qwen2 and phi3 tensors)",)),
     _decoder("gemma3", "Gemma3ForCausalLM", model_types=("gemma3_text",), runtime_type="gemma3_text",
-             transformers="4.50",
+             transformers=">=4.50",
              limits=("text only: model_type gemma3_text (the multimodal gemma3 checkpoints are not read)",
                      "no GGUF input (edgeq's GGUF reader maps llama, qwen2 and phi3 tensors)")),
     Family("gemma3-multimodal", CAUSAL_LM, ("gemma3",), ("Gemma3ForConditionalGeneration",), gguf_arch="gemma3",
-           exporter=DECODER, linear_roles=LLAMA_ROLES,
+           exporter=DECODER, transformers="", transformers_tested=(), linear_roles=LLAMA_ROLES,
            refusal=Refusal(
                "edgeq exports Gemma-3 from its text checkpoint (model_type gemma3_text, safetensors); it reads neither "
                "the multimodal gemma3 checkpoints nor Gemma-3 GGUF files (its GGUF reader maps llama, qwen2 and "
@@ -165,7 +175,7 @@ FAMILIES: tuple[Family, ...] = (
                "use the Gemma-3 text checkpoint's safetensors folder (config.json model_type gemma3_text)"),
            verified=("refusal: tiny GGUF (tests/test_families.py)",)),
     Family("gemma2", CAUSAL_LM, ("gemma2",), ("Gemma2ForCausalLM",), gguf_arch="gemma2", runtime_type="gemma2",
-           exporter=DECODER, linear_roles=LLAMA_ROLES,
+           exporter=DECODER, transformers="", transformers_tested=(), linear_roles=LLAMA_ROLES,
            refusal=Refusal(
                "edgeq's decoder builder has no Gemma-2 yet (attention logit soft-capping, alternating sliding "
                "windows and its four norms per layer are not built or tested for it)",
@@ -223,7 +233,8 @@ LINE = 100  # `edgeq families` keeps within this many columns
 def describe(f: Family) -> dict:
     """One family as plain data (``edgeq families --json``)."""
     return {"name": f.name, "kind": f.kind, "model_types": list(f.model_types), "architectures": list(f.architectures),
-            "gguf_arch": f.gguf_arch, "exporter": f.exporter, "runtime_type": f.runtime_type,
+            "gguf_arch": f.gguf_arch, "exporter": f.exporter, "transformers": f.transformers,
+            "transformers_tested": list(f.transformers_tested), "runtime_type": f.runtime_type,
             "status": "supported" if f.supported else "refused",
             "reason": f.refusal.reason if f.refusal else "", "hint": f.refusal.hint if f.refusal else "",
             "linear_roles": [[r.role, r.pattern] for r in f.linear_roles], "fusion": f.fusion,
@@ -241,7 +252,9 @@ def table_lines() -> list[str]:
     for f, row in zip(FAMILIES, rows[1:]):
         lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
         details = ([f"refused: {f.refusal.reason}"] if f.refusal else []) + [f"limit: {t}" for t in f.limits] + \
-            [f"verified: {'; '.join(f.verified) or 'no test exports one (accepted by model type)'}"]
+            [f"verified: {'; '.join(f.verified) or 'no test exports one (accepted by model type)'}"] + \
+            ([f"transformers {f.transformers}" + (f" (fast tests passed with {', '.join(f.transformers_tested)})"
+                                                  if f.transformers_tested else "")] if f.supported else [])
         for text in details:
             lines += textwrap.wrap(text, LINE, initial_indent="    ", subsequent_indent="      ",
                                    break_on_hyphens=False)

@@ -9,12 +9,14 @@ from dataclasses import replace
 from pathlib import Path
 
 from edgeq.errors import ModelFolderError, OutputExistsError, UnsupportedModelError, UserInputError, VerificationError
+from edgeq.families import OPTIMUM, by_model_type
 from edgeq.modelsource import inspect_model_dir
 from edgeq.profiles import QNN_EP, load_profile
 from edgeq.progress import QUIET, Progress
 from edgeq.recipes import recipe_for
 from edgeq.request import ExportRequest, Inputs
 from edgeq.staging import space_needed, staged, write_zip
+from edgeq.stages.export import require_optimum
 from edgeq.stages.package import Package, finish
 from edgeq.stages.verify import verify
 from edgeq.textdata import CALIBRATION_FILE, EVALUATION_FILE, check_disjoint, fit_calibration_samples, load_texts
@@ -62,6 +64,9 @@ def check_inputs(req: ExportRequest) -> Inputs:
                                 "remove it, or pass -o to write elsewhere")
     if dest.exists() and not req.force:
         raise OutputExistsError(f"{dest} already exists", "pass --force to replace it, or -o to write elsewhere")
+    family = by_model_type(source.model_type)
+    if family is not None and family.exporter == OPTIMUM:  # an optional extra: missing, it is the user's to install
+        require_optimum(f"{source.model_type} models")
     return Inputs(source, profile, calibration, evaluation, dest)
 
 

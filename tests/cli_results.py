@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from click.testing import CliRunner, Result
@@ -11,6 +14,16 @@ from edgeq.cli import main
 
 def edgeq(*args, stdin: str | None = None) -> Result:
     return CliRunner().invoke(main, [str(a) for a in args], input=stdin, prog_name="edgeq")
+
+
+# The encoders extra absent, as beside transformers 5: with sys.modules["optimum"] = None every import of optimum
+# raises ImportError. A subprocess of its own, so no other test's imports are touched.
+WITHOUT_OPTIMUM = "import sys; sys.modules['optimum'] = None; from edgeq.cli import main; main()"
+
+
+def edgeq_without_optimum(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", WITHOUT_OPTIMUM, *map(str, args)], capture_output=True, text=True,
+                          env=os.environ | {"HF_HUB_OFFLINE": "1"}, timeout=600)
 
 
 def assert_user_error(result: Result, out: Path | None = None, empty_out: bool = False) -> tuple[str, str]:

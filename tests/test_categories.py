@@ -36,6 +36,7 @@ def by_category(nodes, category):
     return [n for n in nodes.values() if n.category == category]
 
 
+@pytest.mark.encoders
 def test_every_node_is_classified_once_with_a_known_category(model, nodes):
     names = [n.name for n in model.graph.node]
     assert len(names) == len(set(names)) and all(names)
@@ -45,10 +46,12 @@ def test_every_node_is_classified_once_with_a_known_category(model, nodes):
         assert (info.role != "") == (info.category == "linear")
 
 
+@pytest.mark.encoders
 def test_optimize_stores_the_same_classification(optimized, nodes):
     assert optimized.nodes == nodes
 
 
+@pytest.mark.encoders
 def test_three_embedding_gathers(model, nodes):
     emb = by_category(nodes, "embedding")
     assert sorted(n.name for n in emb) == [
@@ -62,6 +65,7 @@ def test_three_embedding_gathers(model, nodes):
     assert all(n.op_type == "Gather" for n in emb)
 
 
+@pytest.mark.encoders
 def test_shape_gathers_are_not_embeddings(model, nodes):
     shape_gathers = [n for n in model.graph.node if n.op_type == "Gather" and n.name not in
                      {e.name for e in by_category(nodes, "embedding")}]
@@ -69,6 +73,7 @@ def test_shape_gathers_are_not_embeddings(model, nodes):
     assert all(nodes[n.name].category in ("other", "attention_mask") for n in shape_gathers)
 
 
+@pytest.mark.encoders
 def test_every_layernorm_is_norm(model, nodes):
     lns = [n.name for n in model.graph.node if n.op_type == "LayerNormalization"]
     assert len(lns) == 5  # embeddings + 2 per layer
@@ -76,6 +81,7 @@ def test_every_layernorm_is_norm(model, nodes):
     assert {n.name for n in by_category(nodes, "norm")} == set(lns)
 
 
+@pytest.mark.encoders
 def test_twelve_linear_layers_with_roles(nodes):
     linear = by_category(nodes, "linear")
     assert len(linear) == 12
@@ -91,6 +97,7 @@ def test_twelve_linear_layers_with_roles(nodes):
         assert nodes[f"{p}/output/dense/MatMul"].role == "ffn_down"
 
 
+@pytest.mark.encoders
 def test_activation_matmuls_are_attention_matmul(model, nodes):
     inits = {i.name for i in model.graph.initializer}
     act = [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] not in inits]
@@ -98,12 +105,14 @@ def test_activation_matmuls_are_attention_matmul(model, nodes):
     assert all(nodes[n.name].category == "attention_matmul" for n in act)
 
 
+@pytest.mark.encoders
 def test_softmax_nodes(model, nodes):
     softmax = [n.name for n in model.graph.node if n.op_type == "Softmax"]
     assert len(softmax) == 2
     assert {n.name for n in by_category(nodes, "softmax")} == set(softmax)
 
 
+@pytest.mark.encoders
 def test_add_feeding_each_softmax_is_attention_mask(model, nodes):
     producer = {o: n for n in model.graph.node for o in n.output}
     softmax = [n for n in model.graph.node if n.op_type == "Softmax"]
@@ -113,6 +122,7 @@ def test_add_feeding_each_softmax_is_attention_mask(model, nodes):
         assert nodes[add.name].category == "attention_mask", add.name
 
 
+@pytest.mark.encoders
 def test_mask_path_stops_at_the_add(model, nodes):
     """Nothing downstream of a mask Add (Softmax, the PV MatMul, ...) is on the mask path."""
     consumers = {}

@@ -61,6 +61,7 @@ def manifest(package) -> dict:
 
 # ---------------------------------------------------------------------------------------------------- export
 
+@pytest.mark.encoders
 def test_export_writes_the_package_and_reports_accuracy(cli_export, package, manifest):
     result, out = cli_export
     assert result.exit_code == 0, result.output
@@ -78,6 +79,7 @@ def test_export_writes_the_package_and_reports_accuracy(cli_export, package, man
     assert manifest["calibration"]["samples"] == 16
 
 
+@pytest.mark.encoders
 def test_quiet_export_prints_no_progress(tiny_bert_dir, tmp_path):
     result = edgeq("export", tiny_bert_dir, "--profile", "android-arm64", "-o", tmp_path, "--samples", 8, "-q")
     assert result.exit_code == 0, result.output
@@ -247,6 +249,7 @@ def test_unsupported_pooling_is_not_silently_replaced_by_mean(tiny_bert_dir, tmp
         assert "pooling" in msg
 
 
+@pytest.mark.encoders
 def test_output_exists_without_force(tiny_bert_dir, package, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(package, out / PACKAGE_NAME)
@@ -299,6 +302,7 @@ def test_profiles_fields_documents_every_key():
 
 # ---------------------------------------------------------------------------------------------------- inspect
 
+@pytest.mark.encoders
 def test_inspect_shows_files_precision_and_accuracy(package, manifest):
     result = edgeq("inspect", package)
     assert result.exit_code == 0, result.output
@@ -321,6 +325,7 @@ def test_inspect_shows_files_precision_and_accuracy(package, manifest):
                      rf"{nnapi['as_is']['nodes']} nodes in {nnapi['as_is']['partitions']} partitions", out, re.M), out
 
 
+@pytest.mark.encoders
 def test_inspect_nodes_gives_every_decision_and_reason(package, manifest):
     result = edgeq("inspect", package, "--nodes")
     assert result.exit_code == 0, result.output
@@ -336,6 +341,7 @@ def test_inspect_on_a_folder_that_is_not_a_package(tmp_path):
 
 # ---------------------------------------------------------------------------------------------------- verify
 
+@pytest.mark.encoders
 def test_verify_passes_and_lists_every_check(package, manifest):
     result = edgeq("verify", package)
     assert result.exit_code == 0, result.output
@@ -348,6 +354,7 @@ def test_verify_passes_and_lists_every_check(package, manifest):
     assert lines[-1] == f"verified {package} on host"
 
 
+@pytest.mark.encoders
 def test_verify_json(package, manifest):
     result = edgeq("verify", package, "--json")
     assert result.exit_code == 0, result.output
@@ -358,6 +365,7 @@ def test_verify_json(package, manifest):
     assert all(c[1] for c in report["checks"])
 
 
+@pytest.mark.encoders
 def test_verify_on_a_tampered_copy_fails(package, tmp_path):
     copy = Path(shutil.copytree(package, tmp_path / package.name))
     model = copy / "model.ort"
@@ -374,6 +382,7 @@ def test_verify_on_a_tampered_copy_fails(package, tmp_path):
     assert re.search(r"^hint: \S", result.stderr, re.M)
 
 
+@pytest.mark.encoders
 def test_verify_on_an_unknown_target_is_refused(package):
     from edgeq.targets import TARGETS
 

@@ -14,8 +14,8 @@ from cli_results import assert_user_error, edgeq
 from tiny_gguf import tiny_gguf
 
 from edgeq.errors import UnsupportedModelError
-from edgeq.families import (CAUSAL_LM, ENCODER, FAMILIES, LINE, Family, by_gguf_arch, by_model_type, describe,
-                            supported_gguf_archs, supported_model_types)
+from edgeq.families import (CAUSAL_LM, ENCODER, FAMILIES, LINE, OPTIMUM, Family, by_gguf_arch, by_model_type,
+                            describe, supported_gguf_archs, supported_model_types)
 from edgeq.llm.genai import genai_model_type
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,6 +51,34 @@ def test_verified_names_only_test_files_that_exist():
     named = {m for f in FAMILIES for text in f.verified for m in re.findall(r"tests/[\w/]+\.py", text)}
     assert named and all((ROOT / path).is_file() for path in named), sorted(named)
     assert all(f.verified for f in FAMILIES if f.kind == CAUSAL_LM)  # every causal LM family claimed is tested
+
+
+def test_transformers_ranges_are_pyprojects_and_hold_the_tested_releases():
+    """A family's transformers range is what pip installs it with: causal LMs the core dependency's floor or later,
+    uncapped (optimum-onnx is not a core dependency); encoders the encoders extra's range. Every release its tests
+    passed with lies in it."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    core = {Requirement(r).name: Requirement(r).specifier for r in project["dependencies"]}
+    extra = {Requirement(r).name: Requirement(r).specifier for r in project["optional-dependencies"]["encoders"]}
+    assert "optimum-onnx" not in core and "optimum-onnx" in extra
+    (floor,) = core["transformers"]
+    assert floor.operator == ">="  # no cap
+    for f in (f for f in FAMILIES if f.supported):
+        spec = SpecifierSet(f.transformers)
+        if f.exporter == OPTIMUM:
+            assert spec == extra["transformers"], f.name
+        else:
+            (since,) = spec
+            assert since.operator == ">=" and Version(since.version) >= Version(floor.version), f.name
+        assert all(v in spec for v in f.transformers_tested), f.name
+        # a release is claimed only for a family some test exports
+        assert bool(f.transformers_tested) == (f.verified != ()), f.name
 
 
 def test_families_command_prints_every_family_within_the_line_width():

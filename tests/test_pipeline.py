@@ -21,6 +21,8 @@ from edgeq.pipeline import ExportRequest, export_package
 from edgeq.stages.verify import verify
 from profile_edits import edited_profile
 
+pytestmark = pytest.mark.encoders  # every test here exports through optimum-onnx
+
 ROOT = Path(__file__).resolve().parent.parent
 PROFILE_FILE = ROOT / "export_profiles" / "android-arm64.toml"
 EVALUATION_FILE = ROOT / "calibration_data" / "evaluation.jsonl"

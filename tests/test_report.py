@@ -30,6 +30,7 @@ def package(tiny_bert_dir, tmp_path_factory) -> Path:
     return out / "tiny-bert-android-arm64"
 
 
+@pytest.mark.encoders
 def test_report_writes_markdown_json_and_plots(package, tmp_path):
     manifest = json.loads((package / "manifest.json").read_text())
     result = edgeq("report", package, package, "-o", tmp_path)
@@ -49,6 +50,7 @@ def test_report_writes_markdown_json_and_plots(package, tmp_path):
         assert f"]({png})" in text
 
 
+@pytest.mark.encoders
 def test_report_html_is_one_file(package, tmp_path):
     result = edgeq("report", package, "-o", tmp_path, "--html", "--no-speed")
     assert result.exit_code == 0, result.output
@@ -58,6 +60,7 @@ def test_report_html_is_one_file(package, tmp_path):
     assert "<td>tiny-bert-android-arm64</td>" in page
 
 
+@pytest.mark.encoders
 def test_report_on_an_android_qnn_htp_package_measures_it_at_its_static_shape(tiny_bert_dir, package, tmp_path):
     """The QNN package's model.onnx takes exactly 1 x 64 tokens; report used to feed it unpadded sentences and crash.
     Its row is beside the CPU package's (first, the reference) with the QNN manifest's numbers."""

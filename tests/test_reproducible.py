@@ -54,6 +54,7 @@ def two_encoder_packages(tiny_bert_dir, tmp_path_factory) -> tuple[Path, Path]:
     return a.path, out / a.path.name
 
 
+@pytest.mark.encoders
 def test_two_encoder_exports_are_byte_identical(two_encoder_packages):
     a, b = two_encoder_packages
     one, two = folder_bytes(a), folder_bytes(b)
@@ -62,6 +63,7 @@ def test_two_encoder_exports_are_byte_identical(two_encoder_packages):
     assert [n for n in one if one[n] != two[n]] == []
 
 
+@pytest.mark.encoders
 def test_manifest_records_no_local_path_and_no_time(two_encoder_packages, tiny_bert_dir):
     a, _ = two_encoder_packages
     text = (a / "manifest.json").read_text()
@@ -75,12 +77,14 @@ def test_manifest_records_no_local_path_and_no_time(two_encoder_packages, tiny_b
     assert m["accuracy"]["evaluation_file"] == "evaluation.jsonl"
 
 
+@pytest.mark.encoders
 def test_ops_config_names_the_model_by_file_name(two_encoder_packages):
     a, _ = two_encoder_packages
     lines = (a / "required_operators_and_types.config").read_text().splitlines()
     assert lines[:2] == ["# Generated from model/s:", "# - model.ort"]
 
 
+@pytest.mark.encoders
 def test_verify_rebuild_passes_on_an_untouched_package(two_encoder_packages, tiny_bert_dir):
     a, _ = two_encoder_packages
     result = edgeq("verify", a, "--rebuild", "--model", tiny_bert_dir)
@@ -89,6 +93,7 @@ def test_verify_rebuild_passes_on_an_untouched_package(two_encoder_packages, tin
     assert f"all {len(folder_bytes(a))} files byte-identical" in result.stdout
 
 
+@pytest.mark.encoders
 def test_verify_rebuild_fails_on_a_consistent_but_different_package(two_encoder_packages, tiny_bert_dir, tmp_path):
     """One byte of model.ort changed where it changes no output (the producer version string), and the manifest's
     file entry updated to match: plain verify passes, the rebuild names the two files that differ."""
@@ -112,6 +117,7 @@ def test_verify_rebuild_fails_on_a_consistent_but_different_package(two_encoder_
     assert "hint:" in result.stderr and "Traceback" not in result.output
 
 
+@pytest.mark.encoders
 def test_verify_rebuild_without_the_source_folder(two_encoder_packages):
     result = edgeq("verify", two_encoder_packages[0], "--rebuild")
     assert result.exit_code == 2, result.output
@@ -119,6 +125,7 @@ def test_verify_rebuild_without_the_source_folder(two_encoder_packages):
     assert "hint: pass the source model folder with --model DIR" in result.stderr
 
 
+@pytest.mark.encoders
 def test_verify_rebuild_with_a_changed_source(two_encoder_packages, tiny_bert_dir, tmp_path):
     src = Path(shutil.copytree(tiny_bert_dir, tmp_path / "tiny-bert"))
     (src / "vocab.txt").write_text((src / "vocab.txt").read_text() + "extra\n")
@@ -128,6 +135,7 @@ def test_verify_rebuild_with_a_changed_source(two_encoder_packages, tiny_bert_di
     assert "hint: pass the exact folder the package was made from" in result.stderr
 
 
+@pytest.mark.encoders
 def test_verify_rebuild_with_another_calibration_file(two_encoder_packages, tiny_bert_dir, tmp_path):
     other = tmp_path / "calibration.jsonl"
     other.write_text(json.dumps({"text": "another text"}) + "\n")

@@ -44,6 +44,7 @@ def sess(exported):
 # --- encode ---------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.encoders
 def test_encode_gives_int64_feeds_in_input_order(tokenizer):
     feeds = encode(tokenizer, TEXTS, 128, NAMES)
     assert list(feeds) == NAMES
@@ -54,6 +55,7 @@ def test_encode_gives_int64_feeds_in_input_order(tokenizer):
     assert feeds["attention_mask"].sum(1).tolist() == [len(tokenizer(t)["input_ids"]) for t in TEXTS]
 
 
+@pytest.mark.encoders
 def test_encode_fills_token_type_ids_with_zeros(tokenizer_without_token_types, tokenizer):
     feeds = encode(tokenizer_without_token_types, TEXTS, 128, NAMES)
     assert list(feeds) == NAMES
@@ -66,22 +68,26 @@ def test_encode_fills_token_type_ids_with_zeros(tokenizer_without_token_types, t
     np.testing.assert_array_equal(feeds["attention_mask"], full["attention_mask"])
 
 
+@pytest.mark.encoders
 def test_encode_feeds_only_the_model_inputs(tokenizer):
     feeds = encode(tokenizer, TEXTS, 128, ["input_ids", "attention_mask"])
     assert list(feeds) == ["input_ids", "attention_mask"]
 
 
+@pytest.mark.encoders
 def test_encode_raises_key_error_for_an_unknown_input(tokenizer):
     with pytest.raises(KeyError, match="pixel_values"):
         encode(tokenizer, TEXTS, 128, ["input_ids", "pixel_values"])
 
 
+@pytest.mark.encoders
 def test_encode_truncates_to_seq_len(tokenizer):
     feeds = encode(tokenizer, ["word " * 500, "short"], 16, NAMES)
     assert feeds["input_ids"].shape == (2, 16)
     assert feeds["input_ids"][0, -1] == tokenizer.sep_token_id  # truncated, still closed by [SEP]
 
 
+@pytest.mark.encoders
 def test_batches_split_in_order(tokenizer):
     texts = load_texts(EVALUATION_FILE).head(BATCH + 4)
     sizes = [len(b["input_ids"]) for b in batches(tokenizer, texts, 32, NAMES)]
@@ -150,6 +156,7 @@ EMBED_ATOL = 1e-5
 
 
 @pytest.mark.parametrize("pooling", ["mean", "cls"])
+@pytest.mark.encoders
 def test_embed_over_several_batches_equals_per_text_embedding(sess, tokenizer, pooling):
     texts = load_texts(EVALUATION_FILE).head(BATCH + 4)
     lengths = {len(tokenizer(t)["input_ids"]) for t in texts}

@@ -1,8 +1,9 @@
 """``DecoderSpec``: what the graph builder needs from a causal LM's config.json, per supported family.
 
-Defaults for keys a config.json may omit are transformers 4.57's class defaults for that family. Anything the
-builder cannot reproduce exactly (an unknown rope type, bidirectional attention, a sliding window layout it does not
-know) is refused with ``UnsupportedModelError`` naming the key, never approximated.
+Defaults for keys a config.json may omit are transformers 4.57's class defaults for that family (5.x's are the
+same). The rotary settings are read in both spellings (``rope_settings``): 4.x's rope_theta and rope_scaling, 5.x's
+rope_parameters. Anything the builder cannot reproduce exactly (an unknown rope type, bidirectional attention, a
+sliding window layout it does not know) is refused with ``UnsupportedModelError`` naming the key, never approximated.
 """
 
 from __future__ import annotations
@@ -105,46 +106,122 @@ def _num(config: Mapping, key: str, where: str = "config.json's") -> float:
     return float(value)
 
 
-def _rope_table(config: Mapping, model_type: str, theta: float, dim: int, scaling: Mapping | None) -> RotaryTable:
-    scaling = scaling or {}
-    if not isinstance(scaling, Mapping):
-        raise _refuse(f"config.json's rope_scaling is {scaling!r}, not an object", "fix rope_scaling in config.json")
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
+@dataclass(frozen=True)
+class RopeSettings:
+    """One rotary table as config.json states it: its base, and its type with the scaling keys."""
+
+    key: str  # the top-level key the settings were read from: rope_scaling (transformers 4.x) or rope_parameters (5.x)
+    theta: float
+    values: Mapping  # rope_type (or 4.x's "type"), the scaling keys, maybe partial_rotary_factor; empty: plain RoPE
+    part: str = ""  # Gemma-3's layer type, when rope_parameters is nested by it
+
+    @property
+    def kind(self) -> str:
+        return self.values.get("rope_type", self.values.get("type", "default"))
+
+    @property
+    def where(self) -> str:
+        return f"config.json's {self.key}" + (f" {self.part}" if self.part else "")
+
+
+def _object(value, what: str, key: str) -> Mapping:
+    """config.json's ``what`` (under its top-level ``key``) as a mapping; None is an empty one."""
+    if value is not None and not isinstance(value, Mapping):
+        raise _refuse(f"config.json's {what} is {value!r}, not an object", f"fix {key} in config.json")
+    return value or {}
+
+
+def _settings(key: str, values: Mapping, config: Mapping, base_key: str, part: str = "") -> RopeSettings:
+    """The base is inside the settings (where transformers 5 keeps rope_theta), else config.json's ``base_key``."""
+    where = f"config.json's {key}" + (f" {part}" if part else "")
+    theta = _num(values, "rope_theta", where) if "rope_theta" in values else _num(config, base_key)
+    return RopeSettings(key, theta, values, part)
+
+
+def rope_settings(config: Mapping, model_type: str) -> dict[str, RopeSettings]:
+    """Each rotary table's settings by name: "" for one table, Gemma-3's "full_attention" and "sliding_attention".
+
+    config.json has two spellings, read as transformers 5 reads both: 5.x writes ``rope_parameters`` (rope_theta and
+    partial_rotary_factor inside; Gemma-3's nested by layer type), 4.x wrote ``rope_theta`` and ``rope_scaling``
+    beside the other keys (Gemma-3: ``rope_local_base_freq`` for its sliding layers); a ``rope_scaling`` present
+    wins. transformers 4.57 ignores ``rope_parameters`` (a 5.x config would run there as plain RoPE): the file's
+    meaning decides, not the installed transformers. ``config`` holds the family's defaults already."""
+    scaling = _object(config.get("rope_scaling"), "rope_scaling", "rope_scaling")
+    parameters = _object(config.get("rope_parameters"), "rope_parameters", "rope_parameters")
+    if model_type != "gemma3_text":
+        key = "rope_scaling" if scaling else "rope_parameters"
+        return {"": _settings(key, scaling or parameters, config, "rope_theta")}
+    tables = {}
+    for part, base_key in (("full_attention", "rope_theta"), ("sliding_attention", "rope_local_base_freq")):
+        values = _object(parameters.get(part), f"rope_parameters {part}", "rope_parameters")
+        if part == "full_attention" and scaling:  # as transformers 5: rope_scaling updates the global layers' entry
+            tables[part] = _settings("rope_scaling", dict(values) | dict(scaling), config, base_key)
+        else:
+            tables[part] = _settings("rope_parameters", values, config, base_key, part)
+    return tables
+
+
+def _rope_table(config: Mapping, rope: RopeSettings, dim: int) -> RotaryTable:
+    kind, theta, where, values = rope.kind, rope.theta, rope.where, rope.values
     if kind not in KINDS:
-        raise _refuse(f"rope_scaling type {kind!r} is not supported by edgeq's decoder builder",
+        raise _refuse(f"{where} type {kind!r} is not supported by edgeq's decoder builder",
                       f"supported rope types: {', '.join(KINDS)}")
     if kind == "default":
         return RotaryTable(theta, dim)
-    where = "config.json's rope_scaling"
     if kind == "linear":
-        return RotaryTable(theta, dim, kind, factor=_num(scaling, "factor", where))
+        return RotaryTable(theta, dim, kind, factor=_num(values, "factor", where))
     if kind == "llama3":
-        return RotaryTable(theta, dim, kind, factor=_num(scaling, "factor", where),
-                           low_freq_factor=_num(scaling, "low_freq_factor", where),
-                           high_freq_factor=_num(scaling, "high_freq_factor", where),
-                           original_max_positions=_int(scaling, "original_max_position_embeddings"))
-    return _longrope(config, theta, dim, scaling)
+        return RotaryTable(theta, dim, kind, factor=_num(values, "factor", where),
+                           low_freq_factor=_num(values, "low_freq_factor", where),
+                           high_freq_factor=_num(values, "high_freq_factor", where),
+                           original_max_positions=_int(values, "original_max_position_embeddings"))
+    return _longrope(config, rope, dim)
 
 
-def _longrope(config: Mapping, theta: float, dim: int, scaling: Mapping) -> RotaryTable:
-    short, long = tuple(scaling.get("short_factor") or ()), tuple(scaling.get("long_factor") or ())
+def _longrope(config: Mapping, rope: RopeSettings, dim: int) -> RotaryTable:
+    values, where = rope.values, rope.where
+    short, long = tuple(values.get("short_factor") or ()), tuple(values.get("long_factor") or ())
     if len(short) != dim // 2 or len(long) != dim // 2:
         raise _refuse(f"LongRoPE short_factor/long_factor have {len(short)}/{len(long)} entries, not rotary_dim/2 = "
-                      f"{dim // 2}", "fix rope_scaling in config.json")
+                      f"{dim // 2}", f"fix {rope.key} in config.json")
     max_positions = _int(config, "max_position_embeddings")
-    original = _int(config, "original_max_position_embeddings") if config.get("original_max_position_embeddings") \
-        else None
-    factor = _num(scaling, "factor", "config.json's rope_scaling") if scaling.get("factor") is not None else None
-    if original:  # as transformers: the ratio of the two lengths overrides rope_scaling's factor
-        factor = max_positions / original
+    # the pretraining length: Phi-3 keeps it beside the other keys, where both transformers read it first
+    top = bool(config.get("original_max_position_embeddings"))
+    original = (_int(config, "original_max_position_embeddings") if top else
+                _int(values, "original_max_position_embeddings") if values.get("original_max_position_embeddings")
+                else max_positions)
+    factor = _num(values, "factor", where) if values.get("factor") is not None else None
+    ratio = max_positions / original
+    if values.get("attention_factor") is not None:
+        attention = _num(values, "attention_factor", where)
     else:
-        original = max_positions
-    attention = scaling.get("attention_factor")
-    if attention is None:
-        attention = 1.0 if factor is None or factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
-    return RotaryTable(theta, dim, "longrope", original_max_positions=int(original),
+        if factor is not None and top and not math.isclose(factor, ratio):
+            raise _refuse(f"{where} sets factor {factor:g} and config.json original_max_position_embeddings {original} "
+                          f"(max_position_embeddings / it = {ratio:g}) but no attention_factor: transformers 4.57 "
+                          "derives LongRoPE's attention factor from that ratio, 5.x from factor",
+                          f"set attention_factor in {rope.key} (the value the model was trained with)")
+        factor = ratio if factor is None else factor
+        attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    return RotaryTable(rope.theta, dim, "longrope", original_max_positions=int(original),
                        short_factor=tuple(float(x) for x in short), long_factor=tuple(float(x) for x in long),
                        attention_factor=float(attention))
+
+
+def _rotary_dim(config: Mapping, rope: RopeSettings, head_dim: int) -> int:
+    """Rotated dimensions per head: head_dim x partial_rotary_factor (transformers 5 keeps the factor in
+    rope_parameters, 4.x beside the other keys); GroupQueryAttention needs half of it a multiple of 8."""
+    inside = "partial_rotary_factor" in rope.values
+    values, where = (rope.values, rope.where) if inside else (config, "config.json's")
+    factor = _num(values, "partial_rotary_factor", where) if values.get("partial_rotary_factor") is not None else 1.0
+    rotary_dim = int(head_dim * factor)
+    if rotary_dim % 2 or rotary_dim < 2:
+        raise _refuse(f"rotary dimension {rotary_dim} (head_dim x partial_rotary_factor) is not even",
+                      "fix partial_rotary_factor in config.json")
+    if (rotary_dim // 2) % 8:
+        raise _refuse(f"rotary dimension {rotary_dim} (head_dim x partial_rotary_factor): ONNX Runtime's "
+                      "GroupQueryAttention needs half of it to be a multiple of 8",
+                      "no released checkpoint of the supported families has this shape; export it another way")
+    return rotary_dim
 
 
 def _layer_types(config: Mapping, layers: int) -> list[str] | None:
@@ -199,19 +276,16 @@ def decoder_spec(config: Mapping) -> DecoderSpec:
                       f"supported: {', '.join(ACTIVATIONS)}")
     gemma = model_type == "gemma3_text"
     any_gemma = model_type in ("gemma", "gemma3_text")  # (1 + w) norms, embeddings scaled by sqrt(hidden)
-    rotary_dim = int(head_dim * float(config.get("partial_rotary_factor", 1.0)))
-    if rotary_dim % 2 or rotary_dim < 2:
-        raise _refuse(f"rotary dimension {rotary_dim} (head_dim x partial_rotary_factor) is not even",
-                      "fix partial_rotary_factor in config.json")
-    if (rotary_dim // 2) % 8:
-        raise _refuse(f"rotary dimension {rotary_dim} (head_dim x partial_rotary_factor): ONNX Runtime's "
-                      "GroupQueryAttention needs half of it to be a multiple of 8",
-                      "no released checkpoint of the supported families has this shape; export it another way")
-    tables = [_rope_table(config, model_type, _num(config, "rope_theta"), rotary_dim, config.get("rope_scaling"))]
+    ropes = rope_settings(config, model_type)
+    dims = {_rotary_dim(config, rope, head_dim) for rope in ropes.values()}
+    if len(dims) > 1:
+        raise _refuse(f"config.json's rope_parameters rotate {sorted(dims)} dimensions on different layers",
+                      "no released checkpoint of the supported families does; export it another way")
+    rotary_dim = dims.pop()
+    tables = [_rope_table(config, rope, rotary_dim) for rope in ropes.values()]  # Gemma-3: full, then sliding
     windows = _windows(config, model_type, layers)
     layer_rotary: list[int | None] = [0] * layers
-    if gemma:  # sliding layers use the local base and no scaling; global ones rope_theta with rope_scaling
-        tables.append(RotaryTable(_num(config, "rope_local_base_freq"), rotary_dim))
+    if gemma:  # sliding layers use the local base (table 1), global ones the scaled table 0
         layer_rotary = [1 if w else 0 for w in windows]
     if model_type == "smollm3":
         interval = _int(config, "no_rope_layer_interval")

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import tempfile
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 from edgeq.errors import UserInputError
@@ -37,8 +38,14 @@ def evaluate_package(package: Path, text_file: Path, reference: Path | None = No
 
 
 def _fp32_reference(manifest: Manifest, work: Path) -> Path:
-    from edgeq.llm.gguf_source import materialize_gguf
-    from edgeq.stages.export import export
+    """The source's FP32 decoder, built by edgeq.decoder as the export builds its layers (every linear in float32,
+    weights read a tensor at a time; a GGUF dequantized per tensor): optimum is not needed for causal LMs."""
+    from edgeq.checkpoint import checked_weights
+    from edgeq.decoder.gguf_weights import gguf_folder
+    from edgeq.decoder.graph import embedding_table, final_norm_weight, head_weight, write_decoder
+    from edgeq.decoder.layers import layer_weights
+    from edgeq.decoder.spec import decoder_spec
+    from edgeq.decoder.weights import open_safetensors
 
     src_info = manifest.source
     if src_info.path is None:  # manifests record the source by name and file hashes, not where it was
@@ -47,5 +54,12 @@ def _fp32_reference(manifest: Manifest, work: Path) -> Path:
     # the source folder is outside the package by design: checked as any model folder is, and still the one hashed
     src = check_recorded_source(Path(src_info.path), src_info)
     if src.gguf_file:
-        src = replace(src, path=materialize_gguf(src.path, src.gguf_file, work / "source"))
-    return export(src, work).onnx_path
+        folder, source = gguf_folder(src.path / src.gguf_file, work / "source")
+    else:
+        src = checked_weights(src, work)  # pickle weights (--allow-pickle) staged as safetensors, as at export
+        folder, source = src.path, open_safetensors(src.path)
+    spec = decoder_spec(json.loads((folder / "config.json").read_text()))
+    layers = (layer_weights(spec, source, i) for i in range(spec.num_layers))
+    head = None if spec.tied else head_weight(spec, source)
+    return write_decoder(spec, work / "fp32", embedding_table(source), layers, final_norm_weight(spec, source), head,
+                         context_length=manifest.profile.values.llm.window_tokens)  # what a window needs

@@ -1,11 +1,12 @@
-"""GGUF sources: a GGUF-only model becomes an ordinary Hugging Face folder through transformers' dequantizer.
+"""GGUF sources through transformers: its config and tokenizer conversion (what ``edgeq.decoder.gguf_weights`` writes
+a GGUF's folder with), and ``materialize_gguf``, its dequantizer: the whole model as an FP32 folder, which edgeq's
+export and eval no longer use (they read a GGUF a tensor at a time) and tests and bench compare them against.
 
-transformers reads the GGUF (``from_pretrained(dir, gguf_file=NAME)``, needs the ``gguf`` package) and dequantizes
-every tensor to float, so the export that follows is the same as for a safetensors folder. The GGUF's own metadata
-is checked first (``modelsource.inspect_gguf``, from the header alone): only the families ``edgeq.families`` exports
-from GGUF are accepted, before anything is dequantized. transformers reads the GGUF from a folder holding nothing
-else (a symlink to it): a tokenizer_config.json or code beside the GGUF is never read, so the GGUF is the whole
-source, as its hash in the manifest says.
+transformers reads the GGUF (``from_pretrained(dir, gguf_file=NAME)``, needs the ``gguf`` package). The GGUF's own
+metadata is checked first (``modelsource.inspect_gguf``, from the header alone): only the families
+``edgeq.families`` exports from GGUF are accepted, before anything is dequantized. transformers reads the GGUF from
+a folder holding nothing else (a symlink to it): a tokenizer_config.json or code beside the GGUF is never read, so
+the GGUF is the whole source, as its hash in the manifest says.
 """
 
 from __future__ import annotations
@@ -72,6 +73,29 @@ def safe_kwargs(info: GgufInfo) -> dict:
     return {"gguf_file": info.path.name, "local_files_only": True, "trust_remote_code": False}
 
 
+def _dequantizing() -> dict:
+    """transformers 5 keeps a GGUF's weights in their blocks where a kernel can run them (with the ``kernels``
+    package); asked to dequantize, it yields the float32 model 4.x always did. 4.x has no such option."""
+    try:
+        from transformers import GgufConfig
+    except ImportError:  # transformers 4.x
+        return {}
+    return {"quantization_config": GgufConfig(dequantize=True)}
+
+
+def _drop_gguf_quantizer(model) -> None:
+    """transformers 5 marks a model read from a GGUF as quantized (method "gguf") even when every weight is
+    dequantized, and then refuses to save it; its weights are plain float32 tensors by now, so the mark goes (the
+    saved config must not name the GGUF either). 4.x sets neither."""
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    for holder in (model, model.config):
+        if getattr(holder, "quantization_config", None) is not None:
+            delattr(holder, "quantization_config")
+    if getattr(model, "is_quantized", False):
+        model.is_quantized = False
+
+
 def materialize_gguf(folder: Path, gguf_name: str, out: Path) -> Path:
     """Dequantize ``folder/gguf_name`` into an FP32 safetensors folder at ``out`` (config, weights, tokenizer)."""
     info = read_gguf_info(Path(folder) / gguf_name)
@@ -83,8 +107,10 @@ def materialize_gguf(folder: Path, gguf_name: str, out: Path) -> Path:
     tokenizer = gguf_tokenizer(alone, info)
     with quiet_transformers():
         model, loading = AutoModelForCausalLM.from_pretrained(str(alone), dtype=torch.float32,
-                                                              output_loading_info=True, **safe_kwargs(info))
+                                                              output_loading_info=True, **safe_kwargs(info),
+                                                              **_dequantizing())
     check_gguf_loading(info.path, loading)
+    _drop_gguf_quantizer(model)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))

@@ -29,7 +29,8 @@ def position_caps(hf_config: dict) -> list[PositionCap]:
     # A sliding window is no cap: edgeq.decoder's GroupQueryAttention applies it (local_window_size).
     # LongRoPE (Phi-3 128k / Phi-3.5) picks its short or long factors by sequence length; edgeq.decoder builds
     # the short ones, which transformers uses only up to original_max_position_embeddings.
-    rope = hf_config.get("rope_scaling")
+    # rope_scaling (transformers 4.x) wins over rope_parameters (5.x), as transformers 5 reads them
+    rope = hf_config.get("rope_scaling") or hf_config.get("rope_parameters")
     rope = rope if isinstance(rope, dict) else {}  # a stranger's config may hold anything here
     original = hf_config.get("original_max_position_embeddings")
     if rope.get("rope_type", rope.get("type")) == "longrope" and isinstance(original, int) and original > 0:

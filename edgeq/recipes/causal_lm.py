@@ -95,7 +95,9 @@ class CausalLM:
         progress.stage("evaluate", f"{len(ev)} held-back windows vs FP32")
         with measured.reference as ref:
             accuracy = evaluate_lm(folder / MODEL_FILE, ref, ev, progress=progress)
-        prompt_ids = tokenizer.apply_chat_template([{"role": "user", "content": VERIFY_PROMPT}], add_generation_prompt=True)
+        # return_dict=False: transformers 5 returns a BatchEncoding by default, 4.x the ids
+        prompt_ids = tokenizer.apply_chat_template([{"role": "user", "content": VERIFY_PROMPT}],
+                                                   add_generation_prompt=True, return_dict=False)
         tokens = greedy_tokens(folder, prompt_ids, spec.verify_tokens)
         margins = greedy_margins(folder / MODEL_FILE, prompt_ids, tokens)
         size = sum(p.stat().st_size for p in folder.glob("model.onnx*"))

@@ -1,4 +1,10 @@
-"""export: a validated model folder -> an FP32 ONNX model through optimum-onnx's exporter."""
+"""export: a validated model folder -> an FP32 ONNX model through optimum-onnx's exporter (encoders only).
+
+optimum-onnx is the ``encoders`` extra, not a core dependency: its latest release (0.1.0) supports transformers
+< 4.58 only, and causal LMs never reach this module (edgeq.decoder builds them). So it is imported here alone, when
+an encoder is exported, and ``require_optimum`` (called by the pipeline's input checks too) turns its absence into
+an error naming the extra before any work.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +20,7 @@ import onnx
 from safetensors import SafetensorError
 
 from edgeq.checkpoint import checked_weights
-from edgeq.errors import ModelFolderError, UnsupportedModelError
+from edgeq.errors import MissingExtraError, ModelFolderError, UnsupportedModelError
 from edgeq.modelsource import ModelSource
 from edgeq.safe_load import no_stdin
 
@@ -30,11 +36,34 @@ class ExportedModel:
     output_names: tuple[str, ...]
 
 
+ENCODERS_EXTRA = "pip install 'edgeq[encoders]'"
+
+
+def require_optimum(what: str = "an encoder"):
+    """optimum-onnx's ``main_export``; MissingExtraError naming the extra when it does not import (not installed, or
+    an optimum built for another transformers)."""
+    try:
+        from optimum.exporters.onnx import main_export
+    except ImportError as exc:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            installed = f"this environment has transformers {version('transformers')}"
+        except PackageNotFoundError:
+            installed = "transformers is not installed"
+        raise MissingExtraError(
+            f"exporting {what} needs optimum-onnx, edgeq's 'encoders' extra, and it does not import ({exc})",
+            f"{ENCODERS_EXTRA}: optimum-onnx 0.1.0 needs transformers < 4.58 ({installed}; pip downgrades a "
+            "newer one, so keep encoders in their own environment if other code needs transformers 5). Causal "
+            "LMs export without it") from exc
+    return main_export
+
+
 def export(source: ModelSource, workdir: Path) -> ExportedModel:
     """Check the weights (complete, finite; pickles staged through weights_only), then export them."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local folders only: never reach for a hub
+    main_export = require_optimum(f"{source.model_type} models")
     source = checked_weights(source, workdir)
-    from optimum.exporters.onnx import main_export
 
     out = workdir / "export"
     log = io.StringIO()

@@ -28,6 +28,7 @@ def _build(tmp_path: Path, model: Path, profile_text: str) -> Path:
     return build
 
 
+@pytest.mark.encoders
 def test_level_4_export_changes_that_value_and_keeps_the_others(tmp_path, tiny_bert_dir):
     from edgeq.profiles import load_profile
 

@@ -54,8 +54,9 @@ def test_folder_and_tensors_equal_transformers_loader(checkpoints, tmp_path, fam
         assert w.dtype == np.float32 and w.shape == ref[name].shape == source.shape(name), name
         np.testing.assert_array_equal(w, ref[name], err_msg=name)
     assert json.loads((out / "config.json").read_text()) == json.loads((ref_dir / "config.json").read_text())
-    for file in TOKENIZER_FILES:
-        assert (out / file).read_text() == (ref_dir / file).read_text(), file
+    for file in TOKENIZER_FILES:  # transformers 5 writes no special_tokens_map.json
+        assert (out / file).is_file() == (ref_dir / file).is_file(), file
+        assert not (out / file).is_file() or (out / file).read_text() == (ref_dir / file).read_text(), file
     assert not list(out.glob("*.safetensors")) and not list(out.glob("*.bin"))
 
 

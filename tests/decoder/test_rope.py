@@ -25,11 +25,21 @@ CASES = {
 }
 
 
-def _reference(cfg, kind: str, seq_len: int):
-    import torch
+def _init_function(kind: str):
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    inv, factor = ROPE_INIT_FUNCTIONS[kind](cfg, torch.device("cpu"), seq_len=seq_len)
+    if kind in ROPE_INIT_FUNCTIONS:
+        return ROPE_INIT_FUNCTIONS[kind]
+    # transformers 5 keeps plain RoPE in each model's rotary class, not in the table
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    return LlamaRotaryEmbedding.compute_default_rope_parameters
+
+
+def _reference(cfg, kind: str, seq_len: int):
+    import torch
+
+    inv, factor = _init_function(kind)(cfg, device=torch.device("cpu"), seq_len=seq_len)
     freqs = torch.arange(seq_len, dtype=torch.float32)[:, None] * inv.float()[None, :]
     return (freqs.cos() * factor).numpy(), (freqs.sin() * factor).numpy()
 

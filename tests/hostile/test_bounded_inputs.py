@@ -56,6 +56,7 @@ def long_line_export(tiny_bert_dir, tmp_path_factory):
     return result, tmp / "out", lengths, sum(long_calls)
 
 
+@pytest.mark.encoders
 def test_long_calibration_line_is_tokenized_only_as_far_as_the_windows_need(long_line_export):
     result, out, lengths, _ = long_line_export
     assert result.exit_code == 0, result.output
@@ -64,6 +65,7 @@ def test_long_calibration_line_is_tokenized_only_as_far_as_the_windows_need(long
     assert lengths and max(lengths) <= 128 * CHARS_PER_TOKEN, max(lengths)
 
 
+@pytest.mark.encoders
 def test_calibration_text_is_tokenized_a_fixed_number_of_times_not_once_per_layer(long_line_export):
     result, _, _, long_calls = long_line_export
     assert result.exit_code == 0, result.output
@@ -72,6 +74,7 @@ def test_calibration_text_is_tokenized_a_fixed_number_of_times_not_once_per_laye
     assert long_calls <= 6, long_calls
 
 
+@pytest.mark.encoders
 def test_default_sample_count_above_the_file_is_a_note_and_recorded(long_line_export):
     result, out, _, _ = long_line_export
     assert result.exit_code == 0, result.output

@@ -74,6 +74,7 @@ def edit(folder: Path, change) -> dict:
     return manifest
 
 
+@pytest.mark.encoders
 def test_the_untouched_copy_verifies(copy):
     result = edgeq("verify", copy)
     assert result.exit_code == 0, result.output
@@ -85,6 +86,7 @@ def test_the_untouched_copy_verifies(copy):
 # ---------------------------------------------------------------------------------------------------- paths
 
 @pytest.mark.parametrize("how", ["dotdot", "absolute"])
+@pytest.mark.encoders
 def test_model_file_outside_the_package_is_refused(copy, tmp_path, how):
     """A real, working model beside the package: it used to run and print 'verified'."""
     outside = tmp_path / "x.ort"
@@ -98,12 +100,14 @@ def test_model_file_outside_the_package_is_refused(copy, tmp_path, how):
     assert not (tmp_path / "report").exists()
 
 
+@pytest.mark.encoders
 def test_a_file_listed_outside_the_package_is_refused(copy):
     edit(copy, lambda m: m["files"].update({"../secret": {"sha256": "0" * 64, "size": 1}}))
     refused(edgeq("verify", copy), r"file '\.\./secret' is not a plain path inside the package")
 
 
 @pytest.mark.parametrize("target", ["outside", "inside"])
+@pytest.mark.encoders
 def test_a_symlink_in_the_package_is_refused(copy, tmp_path, target):
     """The outside link has the same bytes as the file it replaces, so every hash still matched."""
     if target == "outside":
@@ -117,6 +121,7 @@ def test_a_symlink_in_the_package_is_refused(copy, tmp_path, target):
         refused(edgeq(command, copy), rf"holds a symlink, {re.escape(name)} -> ")
 
 
+@pytest.mark.encoders
 def test_a_symlinked_folder_in_the_package_is_refused(copy, tmp_path):
     (tmp_path / "elsewhere").mkdir()
     os.symlink(tmp_path / "elsewhere", copy / "sub")
@@ -131,12 +136,14 @@ def test_a_symlinked_folder_in_the_package_is_refused(copy, tmp_path):
     ("device_min_cosine", 0, r"verification\.device_min_cosine = 0 in the manifest is looser than 0\.999 "
                              r"\(package\.device_min_cosine of profile 'android-arm64'\)"),
 ])
+@pytest.mark.encoders
 def test_a_loosened_bar_fails_verification(copy, key, value, says):
     edit(copy, lambda m: m["verification"].update({key: value}))
     fails = failed_verification(edgeq("verify", copy))
     assert len(fails) == 1 and re.fullmatch(rf"FAIL thresholds: {says}", fails[0]), fails
 
 
+@pytest.mark.encoders
 def test_a_loosened_bar_does_not_hide_moved_outputs(copy):
     def loosen_and_move(m):
         v = m["verification"]
@@ -149,6 +156,7 @@ def test_a_loosened_bar_does_not_hide_moved_outputs(copy):
     assert "(need >= 0.9999 on every sample)" in fails[1] and "(need <= 0.01)" in fails[1]
 
 
+@pytest.mark.encoders
 def test_a_manifest_naming_an_unknown_profile_is_refused(copy):
     def rename(m):
         m["profile"]["name"] = "pixel-99"
@@ -184,6 +192,7 @@ MALFORMED = {
 
 @pytest.mark.parametrize("case", MALFORMED)
 @pytest.mark.parametrize("command", ["verify", "inspect", "report", "run", "eval"])
+@pytest.mark.encoders
 def test_a_malformed_manifest_is_a_clear_error(copy, tmp_path, case, command):
     change, says = MALFORMED[case]
     if change is None:
@@ -198,6 +207,7 @@ def test_a_malformed_manifest_is_a_clear_error(copy, tmp_path, case, command):
 
 
 @pytest.mark.parametrize("command", ["inspect", "verify"])
+@pytest.mark.encoders
 def test_a_malformed_detail_inspect_shows_is_a_clear_error(copy, command):
     """Typed when read (not when shown): every command refuses it by name, and nothing is half printed."""
     edit(copy, lambda m: m.update(partitions={"NNAPI": {"verdict": "ok"}}))
@@ -216,6 +226,7 @@ def test_a_path_that_is_not_a_package_exits_2(tmp_path, where):
     refused(edgeq("inspect", tmp_path), r"has no manifest\.json$")
 
 
+@pytest.mark.encoders
 def test_run_on_an_encoder_package_exits_2(copy):
     refused(edgeq("run", copy, "--prompt", "hi"), r"is not an LLM package")
 

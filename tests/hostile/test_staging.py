@@ -128,6 +128,7 @@ def package(tiny_bert_dir, tmp_path_factory) -> Path:
 # ---------------------------------------------------------------------------------------------------- signals
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
+@pytest.mark.encoders
 def test_signal_during_export_removes_the_staging_folder_and_the_lock(tiny_bert_dir, tmp_path, signum):
     out = tmp_path / "out"
     proc = start_export(tiny_bert_dir, out)
@@ -245,6 +246,7 @@ def test_destination_made_while_waiting_for_the_lock_is_refused_without_force(tm
     assert sorted(p.name for p in dest.parent.iterdir()) == [PACKAGE_NAME]
 
 
+@pytest.mark.encoders
 def test_export_into_a_destination_claimed_by_another_process_exits_2_at_once(tiny_bert_dir, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -259,6 +261,7 @@ def test_export_into_a_destination_claimed_by_another_process_exits_2_at_once(ti
     assert list(out.iterdir()) == []
 
 
+@pytest.mark.encoders
 def test_second_export_into_an_existing_package_without_force_exits_2(package, tiny_bert_dir, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(package, out / PACKAGE_NAME)
@@ -296,6 +299,7 @@ def test_check_space_names_free_and_needed_bytes(tmp_path):
     assert err.value.exit_code == 2
 
 
+@pytest.mark.encoders
 def test_export_onto_a_too_small_disk_is_refused_before_any_work(tiny_bert_dir, small_disk):
     out = small_disk("1m") / "out"
     code, stdout, stderr = finish(start_export(tiny_bert_dir, out))
@@ -307,6 +311,7 @@ def test_export_onto_a_too_small_disk_is_refused_before_any_work(tiny_bert_dir, 
 
 
 @pytest.mark.parametrize("when", ["staging", "fp32-export"])
+@pytest.mark.encoders
 def test_disk_filling_up_during_the_export_is_one_clear_error(tiny_bert_dir, small_disk, when):
     """A real full disk: the tmpfs has room for the up-front check, then the test fills it while the export runs
     (as the staging folder appears: optimum's write fails, which today blames the model; or once the FP32 export is
@@ -351,6 +356,7 @@ def test_zip_is_byte_identical_whatever_the_files_mtimes(tmp_path):
         ((1980, 1, 1, 0, 0, 0), 0o100644, zipfile.ZIP_DEFLATED)}
 
 
+@pytest.mark.encoders
 def test_package_zip_is_inside_the_folder_and_verified(package):
     assert sorted(p.name for p in package.parent.iterdir()) == [PACKAGE_NAME]
     manifest = json.loads((package / "manifest.json").read_text())
@@ -376,6 +382,7 @@ def _rezip(archive: Path, edit) -> None:
     (lambda m: m.update({f"{PACKAGE_NAME}/extra.py": b"print(1)\n"}), "members differ from the package: extra.py"),
     (lambda m: m.pop(f"{PACKAGE_NAME}/manifest.json"), "members differ from the package: manifest.json"),
 ])
+@pytest.mark.encoders
 def test_verify_fails_a_zip_that_differs_from_the_folder(package, tmp_path, edit, detail):
     copy = Path(shutil.copytree(package, tmp_path / PACKAGE_NAME))
     _rezip(zip_path(copy), edit)
@@ -383,6 +390,7 @@ def test_verify_fails_a_zip_that_differs_from_the_folder(package, tmp_path, edit
     assert bad == {f"zip {PACKAGE_NAME}.zip": detail}
 
 
+@pytest.mark.encoders
 def test_verify_fails_a_zip_that_is_not_a_zip(package, tmp_path):
     copy = Path(shutil.copytree(package, tmp_path / PACKAGE_NAME))
     zip_path(copy).write_bytes(b"not a zip")

@@ -51,3 +51,24 @@ def test_without_a_reference_a_package_naming_its_source_by_hashes_says_so(packa
     assert result.exit_code == 2, result.output
     assert "the manifest names its source (tiny-llama) by file hashes, not by path" in result.stderr
     assert "hint: pass --reference with the FP32 ONNX model" in result.stderr
+
+
+def test_without_a_reference_the_source_is_built_again_in_fp32(package, tiny_dir, tmp_path):
+    """A manifest that records its source's path (as older packages did): the FP32 reference is built again by
+    edgeq.decoder (no optimum), and on the export's own held-back text it gives the export's accuracy back."""
+    import json
+    import shutil
+
+    from edgeq.textdata import EVALUATION_FILE
+
+    copy = tmp_path / package.path.name
+    shutil.copytree(package.path, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["source"]["path"] = str(tiny_dir)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    acc = evaluate_package(copy, EVALUATION_FILE)
+    at_export = manifest["accuracy"]
+    assert acc.tokens == at_export["tokens"] and acc.top1_agreement == at_export["top1_agreement"]
+    # the export's reference ran the same FP32 layers one at a time: the same numbers but for float32 summation order
+    assert acc.ref_perplexity == pytest.approx(at_export["ref_perplexity"], rel=1e-5)
+    assert acc.perplexity == pytest.approx(at_export["perplexity"], rel=1e-5)

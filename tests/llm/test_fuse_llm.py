@@ -81,6 +81,7 @@ def _decode(model: onnx.ModelProto, ids: list[int], prompt: int) -> list[dict[st
     return steps
 
 
+@pytest.mark.encoders
 def test_fuses_expected_ops(fused):
     original, result, fuse = fused
     assert result.modified
@@ -111,6 +112,7 @@ def test_fuses_expected_ops(fused):
     assert len(original.graph.node) > 500  # the input was not touched (passes work on a copy)
 
 
+@pytest.mark.encoders
 def test_logits_and_cache_match_unfused(fused):
     original, result, _ = fused
     ids = np.random.default_rng(0).integers(3, VOCAB, 20).tolist()
@@ -127,6 +129,7 @@ def test_logits_and_cache_match_unfused(fused):
                 np.testing.assert_allclose(g[name], r[name], rtol=0, atol=REL_TOL * max(1.0, np.abs(r[name]).max()))
 
 
+@pytest.mark.encoders
 def test_unpacked_qkv_matches_too(tiny_llama_onnx):
     """pack_qkv=False: GroupQueryAttention reads the three projections; same logits."""
     original = onnx.load(str(tiny_llama_onnx / "model.onnx"))
@@ -159,6 +162,7 @@ def _bench():
     return module
 
 
+@pytest.mark.encoders
 def test_genai_greedy_tokens_match(tiny_llama_onnx, tmp_path):
     """onnxruntime-genai drives the fused graph (GQA, shared KV buffer) to the unfused graph's greedy tokens."""
     og = pytest.importorskip("onnxruntime_genai")

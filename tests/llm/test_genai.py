@@ -87,6 +87,7 @@ def package(tiny_dir, tiny_onnx, tmp_path_factory) -> Path:
     return make_package(tiny_dir, tiny_onnx, tmp_path_factory.mktemp("pkg") / "tiny", TINY_CONTEXT)
 
 
+@pytest.mark.encoders
 def test_genai_config_matches_the_export(package):
     config = json.loads((package / GENAI_CONFIG).read_text())
     model, search = config["model"], config["search"]
@@ -104,6 +105,7 @@ def test_genai_config_matches_the_export(package):
     assert search["max_length"] == TINY_CONTEXT
 
 
+@pytest.mark.encoders
 def test_greedy_tokens_equal_torch(tiny_dir, package):
     ids = chat_ids(tiny_dir)
     assert ids[0] == BOS_ID
@@ -112,6 +114,7 @@ def test_greedy_tokens_equal_torch(tiny_dir, package):
     assert len(ours) == 8 and len(set(ours)) > 1  # a real continuation, not one token repeated
 
 
+@pytest.mark.encoders
 def test_generate_streams_the_greedy_tokens(tiny_dir, package):
     """generate() encodes with BOS as transformers does and streams the same tokens. The text is compared through
     onnxruntime-genai's own stream decoder: the random model emits lone UTF-8 continuation bytes, which that decoder
@@ -127,11 +130,13 @@ def test_generate_streams_the_greedy_tokens(tiny_dir, package):
         assert pieces == [stream.decode(t) for t in expected]
 
 
+@pytest.mark.encoders
 def test_prompt_longer_than_the_context_is_refused(package):
     with pytest.raises(UserInputError, match="context length"):
         greedy_tokens(package, [BOS_ID] * (TINY_CONTEXT - 4), 8)
 
 
+@pytest.mark.encoders
 def test_context_length_beyond_the_model_is_refused(tiny_dir, tiny_onnx, tmp_path):
     cfg = json.loads((tiny_dir / "config.json").read_text())
     with pytest.raises(UserInputError) as err:
@@ -141,6 +146,7 @@ def test_context_length_beyond_the_model_is_refused(tiny_dir, tiny_onnx, tmp_pat
     assert not (tmp_path / GENAI_CONFIG).exists()
 
 
+@pytest.mark.encoders
 def test_decoder_without_kv_cache_is_unsupported(tiny_dir, tiny_onnx, tmp_path):
     model = onnx.load(str(tiny_onnx))
     keep = [i for i in model.graph.input if not i.name.startswith("past_key_values.")]
@@ -151,6 +157,7 @@ def test_decoder_without_kv_cache_is_unsupported(tiny_dir, tiny_onnx, tmp_path):
                            context_length=64)
 
 
+@pytest.mark.encoders
 def test_unknown_model_type_is_unsupported(tiny_dir, tiny_onnx, tmp_path):
     cfg = json.loads((tiny_dir / "config.json").read_text()) | {"model_type": "gpt_bigcode"}
     with pytest.raises(UnsupportedModelError, match="gpt_bigcode"):

@@ -129,6 +129,7 @@ def test_gptq_error_below_rtn_on_correlated_inputs(symmetric, act_order):
     assert hessian_error(w, refit.dequantize(), h) <= clip_gptq
 
 
+@pytest.mark.encoders
 def test_activation_stats_equal_numpy(tiny_llama):
     windows = random_windows(2, seed=1)
     stats = collect_activation_stats(tiny_llama, windows)
@@ -147,6 +148,7 @@ def test_activation_stats_equal_numpy(tiny_llama):
     np.testing.assert_allclose(s.mean_abs, np.abs(x).mean(0), rtol=1e-4)
 
 
+@pytest.mark.encoders
 def test_tied_lm_head_is_kept_and_reported(tiny_llama):
     layers = linear_layers(tiny_llama)
     assert len(layers) == 15  # 2 x 7 projections + lm_head
@@ -169,6 +171,7 @@ def test_tied_lm_head_is_kept_and_reported(tiny_llama):
 
 
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
+@pytest.mark.encoders
 def test_quantized_tiny_llama_runs_near_fp32(tiny_llama, method):
     stats = collect_activation_stats(tiny_llama, random_windows(4, seed=2))
     result = int4_pass(tiny_llama, stats=stats, method=method, block_size=32, symmetric=True, accuracy_level=4)(tiny_llama)
@@ -190,6 +193,7 @@ def test_quantized_tiny_llama_runs_near_fp32(tiny_llama, method):
     assert acc.top1_agreement >= 0.95 and acc.mean_kl < 3e-4
 
 
+@pytest.mark.encoders
 def test_int8_kv_explicit_and_sensitivity_promotion(tiny_llama):
     stats = collect_activation_stats(tiny_llama, random_windows(2, seed=5))
     kv = kv_projections(tiny_llama)
@@ -216,6 +220,7 @@ def test_int8_kv_explicit_and_sensitivity_promotion(tiny_llama):
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.encoders
 def test_size_budget_limits_promotions_in_priority_order(tiny_llama, symmetric):
     """8-bit promotions are taken in order (K/V first) only while the whole model fits max_model_bytes, and the
     byte estimate is what the quantized model really stores."""
@@ -257,6 +262,7 @@ def test_kv_projections_follow_values_not_shapes():
     assert kv == {"k": "present.0.key", "v": "present.0.value", "packed": kv["packed"]}
 
 
+@pytest.mark.encoders
 def test_the_pass_writes_the_plan_and_refuses_what_it_cannot(tiny_llama):
     """QuantizeInt4 chooses nothing: the bits come from the plan, and a plan it cannot carry out is refused."""
     from edgeq.llm.int4 import QuantizeInt4

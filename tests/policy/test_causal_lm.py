@@ -50,6 +50,7 @@ def _as_rows(int4, nodes):
 
 
 @pytest.mark.parametrize("case", list(C.CASES))
+@pytest.mark.encoders
 def test_plans_equal_the_stored_expectations(measured, case):
     untie, rules = C.CASES[case]
     want = EXPECTED[case]
@@ -69,6 +70,7 @@ def test_plans_equal_the_stored_expectations(measured, case):
 
 
 @pytest.mark.parametrize("case, head", [("default", "fp16"), ("head-int8", "int8"), ("head-int4", "int4")])
+@pytest.mark.encoders
 def test_the_profile_gives_the_same_plan(measured, case, head):
     """decide_causal_lm derives its rules from the profile (what the chain runs) and plans the same."""
     model, facts, _ = measured[C.CASES[case][0]]
@@ -91,6 +93,7 @@ def test_rules_from_the_profile():
     assert (capped.max_model_bytes, capped.max_linear_bits) == (150_000_000, 6.5)
 
 
+@pytest.mark.encoders
 def test_promotions_stop_at_the_bits_per_weight_budget(measured):
     """Promotion above the median (promote=1) under a 6.5 bits-per-weight budget: the tiny model's K/V at 8 bits
     already put it at 6.04, so only the promotions that fit are taken, and the refused ones say why."""
@@ -104,6 +107,7 @@ def test_promotions_stop_at_the_bits_per_weight_budget(measured):
     assert refused and all(u.bits == 8 for u in unbounded if u.node in {d.node for d in refused})
 
 
+@pytest.mark.encoders
 def test_a_quantized_layer_carries_the_name_quantize_int4_gives_it(measured):
     model, facts, _ = measured[False]
     plan = decide_causal_lm(model, facts, _profile("fp16"))
@@ -118,6 +122,7 @@ def test_a_quantized_layer_carries_the_name_quantize_int4_gives_it(measured):
             assert named[d.node].precision == Precision.FP32 and named[d.node].reason == d.reason
 
 
+@pytest.mark.encoders
 def test_budget_takes_promotions_in_priority_order(measured):
     """K/V projections first, then by sensitivity; whatever does not fit says so with the numbers."""
     model, facts, _ = measured[False]

@@ -22,6 +22,8 @@ from edgeq.runtime import embed, session
 from edgeq.stages.export import export
 from edgeq.stages.optimize import optimize
 
+pytestmark = pytest.mark.encoders  # every test here exports through optimum-onnx
+
 ROOT = Path(__file__).resolve().parents[2]
 SPEC = QNNSpec(seq_len=32)
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from cli_results import edgeq_without_optimum
 
 from edgeq.errors import AccuracyBudgetError, ModelFolderError, PackageError
 from edgeq.llm.genai import greedy_tokens
@@ -156,3 +157,15 @@ def test_a_genai_config_that_loads_a_library_is_refused_before_loading(package, 
     finish(copy, json.loads((copy / "manifest.json").read_text()))  # rehashed: only the config's content is wrong
     with pytest.raises(PackageError, match="session_options custom_ops_library is not one edgeq writes"):
         verify(copy)
+
+
+def test_exports_and_verifies_without_optimum(tiny_dir, tmp_path):
+    """Causal LMs never import optimum (the encoders extra, which transformers 5 environments lack): export and
+    verify from the command line with it made unimportable."""
+    settings = {"llm.window_tokens": 128, "llm.context_length": 128, "llm.max_ppl_increase": 1.0,
+                "llm.min_top1_agreement": 0.0, "llm.calibration_windows": 2, "llm.eval_windows": 2}
+    sets = [a for k, v in settings.items() for a in ("--set", f"{k}={v}")]
+    run = edgeq_without_optimum("export", tiny_dir, "--profile", "android-arm64", "-o", tmp_path, "-q", *sets)
+    assert run.returncode == 0, run.stderr
+    run = edgeq_without_optimum("verify", tmp_path / "tiny-llama-android-arm64")
+    assert run.returncode == 0, run.stderr

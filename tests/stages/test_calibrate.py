@@ -74,6 +74,7 @@ def real_token_values(optimized, tokenizer, texts) -> dict[str, np.ndarray]:
     return {t: values[t][mask].reshape(-1) for t in tensors}
 
 
+@pytest.mark.encoders
 def test_every_linear_input_has_a_range(optimized, run):
     model = optimized.load()
     linear = [n for n in model.graph.node if optimized.nodes[n.name].category == "linear"]
@@ -86,6 +87,7 @@ def test_every_linear_input_has_a_range(optimized, run):
         assert r.lo < r.hi, name
 
 
+@pytest.mark.encoders
 def test_stats_record_samples_method_and_reference(optimized, tokenizer, texts, run):
     stats = run("percentile")
     assert stats.samples == N_TEXTS
@@ -95,6 +97,7 @@ def test_stats_record_samples_method_and_reference(optimized, tokenizer, texts, 
     np.testing.assert_allclose(stats.reference, expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.encoders
 def test_calibrate_does_not_change_the_optimized_model_file(optimized, run):
     before = optimized.onnx_path.read_bytes()
     run("minmax", 1.0)  # a fresh calibration run (distinct cache key)
@@ -102,6 +105,7 @@ def test_calibrate_does_not_change_the_optimized_model_file(optimized, run):
     assert [o.name for o in onnx.load(str(optimized.onnx_path)).graph.output] == ["last_hidden_state"]
 
 
+@pytest.mark.encoders
 def test_minmax_is_the_extremes_of_real_tokens(run, real_token_values):
     stats = run("minmax")
     for name, v in real_token_values.items():
@@ -110,6 +114,7 @@ def test_minmax_is_the_extremes_of_real_tokens(run, real_token_values):
 
 
 @pytest.mark.parametrize("percentile", [99.999, 99.0])
+@pytest.mark.encoders
 def test_percentile_ranges_lie_within_minmax(run, percentile):
     mm = run("minmax").ranges
     pc = run("percentile", percentile).ranges

@@ -1,4 +1,6 @@
-"""edgeq.stages.export: the tiny BERT through optimum-onnx's exporter, checked against transformers in torch."""
+"""edgeq.stages.export: the tiny BERT through optimum-onnx's exporter, checked against transformers in torch (tests
+marked ``encoders``: skipped where the extra is not installed); and, with optimum made unimportable in a subprocess,
+the error an encoder export gives without it while the rest of the CLI works."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from cli_results import edgeq_without_optimum
 
 from edgeq.errors import ModelFolderError
 from edgeq.modelsource import inspect_model_dir
@@ -44,12 +47,14 @@ def model(exported) -> onnx.ModelProto:
     return onnx.load(str(exported.onnx_path))
 
 
+@pytest.mark.encoders
 def test_export_writes_a_valid_model_onnx(exported, source, model):
     assert exported.onnx_path.name == "model.onnx" and exported.onnx_path.is_file()
     assert exported.source == source
     onnx.checker.check_model(model, full_check=True)
 
 
+@pytest.mark.encoders
 def test_inputs_and_output_names_and_types(exported, model):
     assert exported.input_names == INPUTS
     assert exported.output_names == ("last_hidden_state",)
@@ -63,6 +68,7 @@ def test_inputs_and_output_names_and_types(exported, model):
     assert [d.dim_param for d in dims[:2]] == ["batch_size", "sequence_length"] and dims[2].dim_value == HIDDEN
 
 
+@pytest.mark.encoders
 def test_tokenizer_files_beside_the_model(exported, source, tiny_bert_dir):
     assert exported.tokenizer_dir == exported.onnx_path.parent
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "config.json"):
@@ -70,6 +76,7 @@ def test_tokenizer_files_beside_the_model(exported, source, tiny_bert_dir):
     assert (exported.tokenizer_dir / "vocab.txt").read_bytes() == (tiny_bert_dir / "vocab.txt").read_bytes()
 
 
+@pytest.mark.encoders
 def test_exported_tokenizer_tokenizes_like_the_source(exported, tiny_bert_dir):
     from transformers import AutoTokenizer
 
@@ -80,6 +87,7 @@ def test_exported_tokenizer_tokenizes_like_the_source(exported, tiny_bert_dir):
     assert dict(a) == dict(b)
 
 
+@pytest.mark.encoders
 def test_outputs_match_transformers_in_torch(exported, tiny_bert_dir):
     import torch
     from transformers import AutoModel, AutoTokenizer
@@ -98,6 +106,7 @@ def test_outputs_match_transformers_in_torch(exported, tiny_bert_dir):
     np.testing.assert_allclose(got, expected, rtol=0, atol=TORCH_ATOL)
 
 
+@pytest.mark.encoders
 def test_export_leaves_the_source_folder_untouched(source, tiny_bert_dir, exported):
     from edgeq.modelsource import sha256_file
 
@@ -106,6 +115,7 @@ def test_export_leaves_the_source_folder_untouched(source, tiny_bert_dir, export
     assert not (tiny_bert_dir / "model.onnx").exists()
 
 
+@pytest.mark.encoders
 def test_truncated_weights_are_a_model_folder_error(tiny_bert_dir, tmp_path):
     """A download cut off after the header: the header parses, but describes more tensor bytes than the file holds;
     inspect_model_dir() refuses it before any export work starts."""
@@ -118,3 +128,21 @@ def test_truncated_weights_are_a_model_folder_error(tiny_bert_dir, tmp_path):
     with pytest.raises(ModelFolderError, match="truncated") as err:
         inspect_model_dir(folder)
     assert err.value.hint
+
+
+def test_an_encoder_export_without_optimum_names_the_extra_before_any_work(tiny_bert_dir, tmp_path):
+    out = tmp_path / "out"
+    run = edgeq_without_optimum("export", str(tiny_bert_dir), "--profile", "android-arm64", "-o", str(out))
+    assert run.returncode == 2, run.stderr
+    error, hint = run.stderr.strip().splitlines()[-2:]
+    assert error.startswith("error: exporting bert models needs optimum-onnx, edgeq's 'encoders' extra, and it "
+                            "does not import"), error
+    assert hint.startswith("hint: pip install 'edgeq[encoders]': optimum-onnx 0.1.0 needs transformers < 4.58 "
+                           "(this environment has transformers "), hint
+    assert not out.exists()  # refused in the input checks: nothing staged, nothing written
+
+
+def test_without_optimum_the_cli_lists_families_and_profiles():
+    for args, expect in ((("families",), "llama"), (("profiles", "--names"), "android-arm64")):
+        run = edgeq_without_optimum(*args)
+        assert run.returncode == 0 and expect in run.stdout, run.stderr

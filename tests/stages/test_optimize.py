@@ -16,6 +16,8 @@ from edgeq.stages.export import export
 from edgeq.stages.optimize import OptimizedModel, optimize
 from edgeq.textdata import EVALUATION_FILE, load_texts
 
+pytestmark = pytest.mark.encoders  # every test here exports through optimum-onnx
+
 # Measured: the optimized graph's last_hidden_state equals the export's bit for bit (max |diff| 0.0) on 16
 # evaluation texts; basic level only folds constants and shape arithmetic and removes Identity nodes, no float
 # arithmetic is reordered. 1e-6 (about 2 float32 ulps at the outputs' magnitude ~3.6) allows ORT to pick another

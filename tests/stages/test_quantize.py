@@ -104,6 +104,7 @@ def run_quantize(optimized, stats, tokenizer, texts, profile, tmp_path_factory):
 # --- measure_sensitivity --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.encoders
 def test_one_non_negative_drop_per_linear_layer(sensitivity, linear_names):
     assert len(linear_names) == N_LINEAR
     assert set(sensitivity.drops) == linear_names
@@ -112,6 +113,7 @@ def test_one_non_negative_drop_per_linear_layer(sensitivity, linear_names):
     assert sensitivity.samples == SENS_SAMPLES  # capped by the profile, not all N_CAL texts
 
 
+@pytest.mark.encoders
 def test_drop_is_the_loss_of_that_layer_alone_at_int8(optimized, model, stats, tokenizer, texts, profile, sensitivity):
     name = sensitivity.ranking()[0]
     base = decide_precision(optimized.nodes, profile)
@@ -134,6 +136,7 @@ def all_int8(optimized, model, stats, profile):
     return plan, apply_plan(model, plan, stats, profile)
 
 
+@pytest.mark.encoders
 def test_all_int8_plan_rewrites_every_linear_layer_to_qdq(all_int8, linear_names, model):
     plan, q = all_int8
     assert {d.name for d in plan.of("int8")} == linear_names
@@ -158,6 +161,7 @@ def test_all_int8_plan_rewrites_every_linear_layer_to_qdq(all_int8, linear_names
     onnx.checker.check_model(q)
 
 
+@pytest.mark.encoders
 def test_all_int8_model_runs_and_stays_close_to_fp32(all_int8, optimized, tokenizer):
     _, q = all_int8
     texts = load_texts(EVALUATION_FILE).head(16)
@@ -174,6 +178,7 @@ def test_all_int8_model_runs_and_stays_close_to_fp32(all_int8, optimized, tokeni
 # --- quantize -------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.encoders
 def test_target_one_promotes_every_linear_layer(run_quantize, linear_names):
     q, lines = run_quantize(1.0)
     assert q.promoted == N_LINEAR
@@ -186,6 +191,7 @@ def test_target_one_promotes_every_linear_layer(run_quantize, linear_names):
     assert q.calibration_accuracy.samples == N_CAL and q.calibration_accuracy.mean_cosine < 1.0
 
 
+@pytest.mark.encoders
 def test_target_zero_promotes_none(run_quantize, linear_names, stats, tokenizer, texts, profile):
     q, lines = run_quantize(0.0)
     assert q.promoted == 0
