@@ -18,7 +18,7 @@ setup: $(BIN)/edgeq
 $(BIN)/edgeq: pyproject.toml setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[test,demo,qnn,bench]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[test,demo,qnn,bench,encoders]'
 	touch $@
 
 demo: setup
