@@ -24,6 +24,11 @@ from edgeq.llm.evaluate import window_feeds
 from edgeq.progress import QUIET, Progress
 from edgeq.runtime import session
 
+# Inputs up to this width keep float64 Hessians, traces and GPTQ's inverse Cholesky (what SmolLM2's +6% budget was
+# met with; float32 throughout moved its perplexity from +5.85% to +6.1%); wider ones (a 1B model's down_proj,
+# K = 8192, and up) use float32, which halves their memory and time
+FLOAT64_MAX_K = 4096
+
 
 @dataclass(frozen=True)
 class LinearLayer:
@@ -47,12 +52,12 @@ class InputStats:
 
     @classmethod
     def empty(cls, k: int) -> "InputStats":
-        return cls(k, np.zeros((k, k), np.float32), np.zeros(k, np.float64))
+        return cls(k, np.zeros((k, k), np.float64 if k <= FLOAT64_MAX_K else np.float32), np.zeros(k, np.float64))
 
     def add(self, x: np.ndarray) -> None:
-        # float32 (sgemm): a 1B model's down_proj Hessian took 16 s per layer in float64, and its 8192 x 8192
-        # accumulator 512 MB; each entry sums a few thousand rows, far from float32's limits
-        x = np.ascontiguousarray(x.reshape(-1, self.k), dtype=np.float32)
+        # float32 above FLOAT64_MAX_K (sgemm): a 1B model's down_proj Hessian took 16 s per layer in float64, and
+        # its 8192 x 8192 accumulator 512 MB; each entry sums a few thousand rows, far from float32's limits
+        x = np.ascontiguousarray(x.reshape(-1, self.k), dtype=self.xtx.dtype)
         self.xtx += x.T @ x
         self.abs_sum += np.abs(x).sum(axis=0, dtype=np.float64)
         self.rows += x.shape[0]

@@ -22,7 +22,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from edgeq.llm.activations import ActivationStats, LinearLayer, linear_layers
+from edgeq.llm.activations import FLOAT64_MAX_K, ActivationStats, LinearLayer, linear_layers
 from edgeq.passes.base import PassBase, PassResult
 from edgeq.policy.causal_lm import (BITS, PROMOTE, PROMOTED_BITS, Int4Decision, Int4Facts, Int4Rules, LinearFacts,
                                     decide_int4, int4_setting)
@@ -171,12 +171,11 @@ def quantize_rtn(w: np.ndarray, block_size: int, symmetric: bool, clip: bool = F
 
 
 def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, in float32 as GPTQ's reference computes it (a 1B
-    model's down_proj, K = 8192: ~45 s in float64); float64 only if float32 finds H not definite at a dampening;
-    more dampening if H is not definite in float64 either."""
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1 in H's precision (float64 up to FLOAT64_MAX_K;
+    a float32 H falls back to float64 where float32 finds it not definite); more dampening if H is not definite."""
     mean_diag = h.diagonal().mean()
     for attempt in range(4):
-        for dtype in (torch.float32, torch.float64):
+        for dtype in dict.fromkeys((h.dtype, torch.float64)):
             hd = h.to(dtype, copy=True)
             hd.diagonal().add_(damp * 10**attempt * mean_diag.to(dtype))
             l, info = torch.linalg.cholesky_ex(hd)
@@ -196,7 +195,8 @@ def quantize_gptq(w: np.ndarray, hessian: np.ndarray, block_size: int, symmetric
     # [K, N] as stored: column ``col`` of GPTQ's W (all output channels of one input) is a contiguous row here, so
     # the per-column steps read and update contiguous memory (3x faster than [N, K] on a 1B model's layers)
     W = torch.from_numpy(np.array(w, dtype=np.float32))
-    H = torch.from_numpy(np.array(hessian, dtype=np.float32))  # a copy: dead channels are patched below
+    # a copy (dead channels are patched below), float64 up to FLOAT64_MAX_K
+    H = torch.from_numpy(np.array(hessian, dtype=np.float64 if k <= FLOAT64_MAX_K else np.float32))
     dead = H.diagonal() == 0  # an input channel that is always 0: its weights do not matter
     H[dead, dead] = 1.0
     W[dead, :] = 0.0
@@ -225,7 +225,8 @@ def quantize_gptq(w: np.ndarray, hessian: np.ndarray, block_size: int, symmetric
         U1 = U[i1:i2, i1:i2]
         with _one_thread():
             _gptq_columns(W1, E1, U1, Q, scales, zps, importance, perm, i1, k, block_size, symmetric, bits, clip)
-        W[i2:] -= U[i1:i2, i2:].T @ E1
+        # [N, b] @ [b, rest] as GPTQ's [N, K] layout multiplies: the same products, so the same rounding
+        W[i2:] -= (E1.T.contiguous() @ U[i1:i2, i2:]).T
     if perm is not None:
         Q[:k] = Q[:k][torch.argsort(perm)]
     Q = Q.T.contiguous()
@@ -296,8 +297,12 @@ def _quadratic(a: torch.Tensor, r: torch.Tensor, s: torch.Tensor) -> torch.Tenso
 
 
 def hessian_error(w: np.ndarray, w_hat: np.ndarray, hessian: np.ndarray | torch.Tensor) -> float:
-    """Output error of ``X @ W`` summed over the calibration rows: tr((W - W^)^T H (W - W^)).
-    H @ D in float32 (a 1B model's down_proj: 137 GFLOP, 8 s in float64), the trace summed in float64."""
+    """Output error of ``X @ W`` summed over the calibration rows: tr((W - W^)^T H (W - W^)). Above FLOAT64_MAX_K,
+    H @ D in float32 (a 1B model's down_proj: 137 GFLOP, 8 s in float64) with the trace summed in float64."""
+    if len(hessian) <= FLOAT64_MAX_K:
+        d = np.asarray(w, np.float64) - np.asarray(w_hat, np.float64)
+        h = hessian.numpy() if isinstance(hessian, torch.Tensor) else hessian
+        return float(np.einsum("kn,kj,jn->", d, np.asarray(h, np.float64), d, optimize=True))
     h = hessian if isinstance(hessian, torch.Tensor) else torch.from_numpy(np.asarray(hessian, np.float32))
     d = torch.from_numpy(np.asarray(w, np.float32) - np.asarray(w_hat, np.float32))
     return float((d.double() * (h @ d).double()).sum())
@@ -305,7 +310,8 @@ def hessian_error(w: np.ndarray, w_hat: np.ndarray, hessian: np.ndarray | torch.
 
 def sensitivity(w: np.ndarray, hessian: np.ndarray, block_size: int, symmetric: bool) -> float:
     """Relative output error of plain INT4 RTN: tr(E^T H E) / tr(W^T H W)."""
-    h = torch.from_numpy(np.asarray(hessian, np.float32))  # one float32 copy for both traces
+    # one float32 copy for both traces where they run in float32
+    h = hessian if len(hessian) <= FLOAT64_MAX_K else torch.from_numpy(np.asarray(hessian, np.float32))
     signal = hessian_error(w, np.zeros_like(w), h)
     if signal == 0:
         return 0.0
