@@ -11,8 +11,9 @@ whole-model calibration of the FP32 model collects, as the whole-graph path did)
 2. ``quantized_layers``: the Hessians again (recomputed rather than kept: an 8B model's would take ~60 GB), each
    linear role quantized as the plan says, yielded to the writer and dropped.
 
-Peak memory is one layer in FP32, its session's copy, one layer's Hessians (float64 [K, K] per distinct input),
-and the windows' hidden states ([windows, tokens, hidden] float32 for calibration and evaluation).
+Peak memory is one layer in FP32, its session's copy, one layer's Hessians ([K, K] per distinct input: float64 up
+to FLOAT64_MAX_K wide, float32 above) and the windows' hidden states ([windows, tokens, hidden] float32 for
+calibration and evaluation).
 """
 
 from __future__ import annotations
