@@ -66,7 +66,7 @@ def check_inputs(req: ExportRequest) -> Inputs:
         raise OutputExistsError(f"{dest} already exists", "pass --force to replace it, or -o to write elsewhere")
     family = by_model_type(source.model_type)
     if family is not None and family.exporter == OPTIMUM:  # an optional extra: missing, it is the user's to install
-        require_optimum(f"{source.model_type} models")
+        require_optimum(f"{source.model_type} models", load=False)
     return Inputs(source, profile, calibration, evaluation, dest)
 
 

@@ -9,6 +9,7 @@ an error naming the extra before any work.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import logging
 import os
@@ -39,10 +40,15 @@ class ExportedModel:
 ENCODERS_EXTRA = "pip install 'edgeq[encoders]'"
 
 
-def require_optimum(what: str = "an encoder"):
+def require_optimum(what: str = "an encoder", load: bool = True):
     """optimum-onnx's ``main_export``; MissingExtraError naming the extra when it does not import (not installed, or
-    an optimum built for another transformers)."""
+    an optimum built for another transformers). ``load=False`` (the input checks) only finds the module: importing
+    it takes 5-12 s, which an export that is refused for another reason (its OUT busy) should not spend first."""
     try:
+        if not load:
+            if importlib.util.find_spec("optimum.exporters.onnx") is None:
+                raise ModuleNotFoundError("No module named 'optimum.exporters.onnx'")
+            return None
         from optimum.exporters.onnx import main_export
     except ImportError as exc:
         from importlib.metadata import PackageNotFoundError, version
