@@ -282,7 +282,10 @@ def refit_scales(bq: BlockQuant, w: np.ndarray, hessian: np.ndarray, rows: int =
         diag = a.diagonal(dim1=1, dim2=2)
         diag += torch.where(diag > 0, 1e-9 * diag.mean(1, keepdim=True), 1.0)  # an all-zero block solves to 0
         r = r_all[i:i + rows, :, None]
-        sol, info = torch.linalg.solve_ex(a, r)
+        # Cholesky, not LU: A is symmetric positive definite once ridged, and torch 2.13's batched LU (MKL getrf)
+        # fails above ~128 blocks (a 1B down_proj's 256: "Parameter 6 was incorrect on entry to DLASWP", then a hang)
+        chol, info = torch.linalg.cholesky_ex(a)
+        sol = torch.cholesky_solve(r, chol)
         old = scales[i:i + rows, :, None].double()
         # keep a channel's old scales unless the solve is finite and better (float32 sums can be off by a hair)
         better = _quadratic(a, r, sol) <= _quadratic(a, r, old)

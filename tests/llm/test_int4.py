@@ -11,7 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 from edgeq.llm.activations import collect_activation_stats, linear_layers
 from edgeq.llm.evaluate import evaluate_lm, window_logits
 from edgeq.llm.int4 import (_unpack_nibbles, int4_pass, dequantize_matmulnbits, hessian_error, kv_projections,
-                            pack_matmulnbits, quantize_gptq, quantize_rtn)
+                            pack_matmulnbits, quantize_gptq, quantize_rtn, refit_scales)
 from edgeq.policy.causal_lm import matmulnbits_bytes
 from edgeq.runtime import session
 
@@ -277,3 +277,17 @@ def test_the_pass_writes_the_plan_and_refuses_what_it_cannot(tiny_llama):
         QuantizeInt4([Int4Decision(layers[0].node, 2, "test", 1, 1)], method="rtn")
     with pytest.raises(ValueError, match="'nope' is planned for MatMulNBits but is no linear layer of this graph"):
         QuantizeInt4([Int4Decision("nope", 4, "test", 1, 1)], method="rtn")(tiny_llama)
+
+
+def test_refit_solves_wide_layers_with_more_blocks_than_batched_lu_handles():
+    # a 1B down_proj has 256 blocks of 32 per channel: torch 2.13's batched LU (MKL getrf) printed "Parameter 6 was
+    # incorrect on entry to DLASWP" and hung above ~128 blocks; the refit's Cholesky solve must finish and help
+    rng = np.random.default_rng(3)
+    k, n = 200 * 32, 4
+    x = rng.standard_normal((1024, k)).astype(np.float32)  # fewer rows than inputs: H is singular, ridged
+    h = x.T.astype(np.float64) @ x
+    w = (rng.standard_normal((k, n)) * 0.02).astype(np.float32)
+    bq = quantize_rtn(w, 32, False, clip=True, importance=np.diag(h))
+    refit = refit_scales(bq, w, h)
+    assert np.isfinite(refit.scales).all()
+    assert hessian_error(w, refit.dequantize(), h) < 0.9 * hessian_error(w, bq.dequantize(), h)
