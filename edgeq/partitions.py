@@ -16,6 +16,7 @@ from pathlib import Path
 from edgeq.errors import EdgeqError
 
 PARTITION_EPS = ("NNAPI", "CoreML-NeuralNetwork", "CoreML-MLProgram")
+SHAPE_CONSTANT_BYTES = 4096  # external tensors up to this size are read for shape inference (shapes, axes, scalars)
 _COREML_TABLES = {"CoreML-NeuralNetwork": "coreml_supported_neuralnetwork_ops.md",
                   "CoreML-MLProgram": "coreml_supported_mlprogram_ops.md"}
 
@@ -44,10 +45,8 @@ def partition_report(onnx_path: Path, eps: tuple[str, ...]) -> dict:
     unknown = [e for e in eps if e not in PARTITION_EPS]
     if unknown:
         raise EdgeqError(f"no partition check for {unknown[0]!r}", f"known: {', '.join(PARTITION_EPS)}")
-    from onnxruntime.tools.onnx_model_utils import ModelProtoWithShapeInfo
-
     logging.getLogger("usability_checker").setLevel(logging.WARNING)
-    model = ModelProtoWithShapeInfo(Path(onnx_path)).model_with_shape_info
+    model = _shape_inferred(Path(onnx_path))
     _explicit_transpose_perms(model)
     report = {"tool": "onnxruntime.tools.mobile_helpers.usability_checker.check_partitioning"}
     for ep in eps:
@@ -57,6 +56,23 @@ def partition_report(onnx_path: Path, eps: tuple[str, ...]) -> dict:
                                                     and fixed["verdict"] != as_is["verdict"] else ""),
                       "as_is": as_is, "fixed_shapes": fixed}
     return report
+
+
+def _shape_inferred(onnx_path: Path):
+    """The graph with its shapes inferred, as ORT's ``ModelProtoWithShapeInfo`` gives it, but with only the small
+    external tensors read (the constants shape inference folds): a 1B decoder's weights are dims here, not the
+    2.6 GB that loading them (and copying them through inference) took at the end of an export."""
+    import onnx
+    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    for tensor in model.graph.initializer:
+        length = next((int(e.value) for e in tensor.external_data if e.key == "length"), None)
+        if uses_external_data(tensor) and length is not None and length <= SHAPE_CONSTANT_BYTES:
+            load_external_data_for_tensor(tensor, str(onnx_path.parent))
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            del tensor.external_data[:]
+    return onnx.shape_inference.infer_shapes(model, strict_mode=True)
 
 
 def _explicit_transpose_perms(model) -> None:

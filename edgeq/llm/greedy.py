@@ -7,13 +7,30 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeq.llm.evaluate import window_logits
-from edgeq.runtime import session
+from edgeq.errors import ModelFolderError
+
+from edgeq.llm.evaluate import lm_session, window_logits
 
 # A fixed chat prompt whose greedy continuation is stored for `edgeq verify` and compared across devices. Counting
 # keeps clear margins between the top two next tokens (SmolLM2-135M: smallest gap 0.95 over 16 tokens), so greedy
 # equality tests the kernels, not a near-tie; the prompt it replaced: docs/decisions/llm-verify-prompt.md.
 VERIFY_PROMPT = "Count from 1 to 20, separated by commas."
+
+
+def verify_prompt_ids(tokenizer) -> list[int]:
+    """VERIFY_PROMPT as one user turn through the source's chat template; the plain text (with the tokenizer's own
+    special tokens) for a base model without one, as ``chat_prompt`` does at generation."""
+    if getattr(tokenizer, "chat_template", None):
+        # return_dict=False: transformers 5 returns a BatchEncoding by default, 4.x the ids
+        try:  # transformers renders templates in jinja's sandbox: a stranger's template runs no Python
+            ids = tokenizer.apply_chat_template([{"role": "user", "content": VERIFY_PROMPT}],
+                                                add_generation_prompt=True, return_dict=False)
+        except Exception as e:
+            raise ModelFolderError(f"the model's chat template fails on a one-turn chat: {type(e).__name__}: {e}",
+                                   "fix chat_template in tokenizer_config.json (or chat_template.jinja), or remove "
+                                   "it to export as a base model") from None
+        return [int(i) for i in ids]
+    return [int(i) for i in tokenizer(VERIFY_PROMPT)["input_ids"]]
 
 
 def match_tokens(got: list[int], want: list[int], margins: list[float] | None = None) -> tuple[bool, str]:
@@ -29,6 +46,6 @@ def match_tokens(got: list[int], want: list[int], margins: list[float] | None = 
 
 def greedy_margins(model: Path, prompt_ids: list[int], tokens: list[int]) -> list[float]:
     """Logit gap between the top two next tokens at every greedy step (teacher-forced over prompt + tokens)."""
-    logits = window_logits(session(model), np.asarray(list(prompt_ids) + list(tokens[:-1]), dtype=np.int64))
+    logits = window_logits(lm_session(model), np.asarray(list(prompt_ids) + list(tokens[:-1]), dtype=np.int64))
     top2 = np.sort(logits[len(prompt_ids) - 1:], axis=-1)[:, -2:]
     return [round(float(b - a), 4) for a, b in top2]

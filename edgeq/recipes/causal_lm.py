@@ -22,7 +22,7 @@ from edgeq.decoder.weights import open_safetensors
 from edgeq.errors import CalibrationDataError, ModelFolderError
 from edgeq.llm.evaluate import token_windows, evaluate_lm
 from edgeq.llm.genai import GENAI_CONFIG, greedy_tokens
-from edgeq.llm.greedy import VERIFY_PROMPT, greedy_margins
+from edgeq.llm.greedy import VERIFY_PROMPT, greedy_margins, verify_prompt_ids
 from edgeq.llm.tokenizer import check_tokenizer, write_package_tokenizer
 from edgeq.manifest import CAUSAL_LM, SCHEMA_VERSION, tool_versions
 from edgeq.partitions import partition_report
@@ -56,6 +56,7 @@ class CausalLM:
         decoder = decoder_spec(hf_config)  # what the builder cannot reproduce is refused here, before any work
         cal = calibration_windows(tokenizer, calibration_texts, spec)  # so is a calibration text that is too short
         ev = token_windows(tokenizer, evaluation_texts, spec.window_tokens, spec.eval_windows)
+        prompt_ids = verify_prompt_ids(tokenizer)  # before any work: a broken chat template fails here
         if source is None:
             src = checked_weights(src, work)  # complete and finite; pickle weights staged as safetensors
             source = open_safetensors(src.path)
@@ -95,9 +96,6 @@ class CausalLM:
         progress.stage("evaluate", f"{len(ev)} held-back windows vs FP32")
         with measured.reference as ref:
             accuracy = evaluate_lm(folder / MODEL_FILE, ref, ev, progress=progress)
-        # return_dict=False: transformers 5 returns a BatchEncoding by default, 4.x the ids
-        prompt_ids = tokenizer.apply_chat_template([{"role": "user", "content": VERIFY_PROMPT}],
-                                                   add_generation_prompt=True, return_dict=False)
         tokens = greedy_tokens(folder, prompt_ids, spec.verify_tokens)
         margins = greedy_margins(folder / MODEL_FILE, prompt_ids, tokens)
         size = sum(p.stat().st_size for p in folder.glob("model.onnx*"))

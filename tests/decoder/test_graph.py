@@ -235,3 +235,17 @@ def test_write_decoder_streams_layer_by_layer(tiny_checkpoints, tmp_path):
     layer_bytes = sum(w.nbytes for w in layer_weights(spec, src, 0).linears.values())
     # the file's size trails what was written by at most one write buffer
     assert all(b - a >= layer_bytes - io.DEFAULT_BUFFER_SIZE for a, b in zip(sizes[1:], sizes[2:])), sizes
+
+
+def test_partition_report_reads_shapes_not_weights(tiny_checkpoints, tmp_path, monkeypatch):
+    # the report of a written decoder is ORT's own (ModelProtoWithShapeInfo loads every weight) without the weights
+    from onnxruntime.tools.onnx_model_utils import ModelProtoWithShapeInfo
+
+    from edgeq import partitions
+
+    _, _, path = build(tiny_checkpoints("gemma3_text"), tmp_path)
+    small = partitions._shape_inferred(path)
+    assert any(t.dims and not t.raw_data for t in small.graph.initializer)  # the weights were not read
+    report = partitions.partition_report(path, partitions.PARTITION_EPS)
+    monkeypatch.setattr(partitions, "_shape_inferred", lambda p: ModelProtoWithShapeInfo(p).model_with_shape_info)
+    assert report == partitions.partition_report(path, partitions.PARTITION_EPS)
