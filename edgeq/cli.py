@@ -81,7 +81,7 @@ def main() -> None:
 @click.argument("model_dir", type=click.Path(path_type=Path))
 @click.option("--profile", "profile", required=True, help="Profile name (see 'edgeq profiles') or a .toml file.")
 @click.option("-o", "--out", "out_dir", type=click.Path(path_type=Path), default=Path("build"), show_default=True,
-              help="Folder the package is written into, as OUT/<model>-<profile>/.")
+              help="Folder the package is written into, as OUT/<model>-<profile>/ (OUT/NAME/ with --name).")
 @click.option("--calibration", type=click.Path(path_type=Path), help="Calibration text (.jsonl or .txt) instead of the bundled split.")
 @click.option("--samples", type=click.IntRange(min=1), help="Calibration texts to use (default: the profile's).")
 @click.option("--seq-len", type=click.IntRange(min=8), help="Max tokens per calibration text (default: the profile's); "
@@ -98,10 +98,12 @@ def main() -> None:
               "llm.max_size_mb).")
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
               help="Override a profile field, e.g. --set llm.symmetric=true (keys: edgeq profiles --fields).")
+@click.option("--name", help="The package's name: OUT/NAME/ holding NAME.zip (default: <model>-<profile>); letters, "
+              "digits, '.', '_' and '-'. Recorded in the manifest, so 'verify --rebuild' rebuilds it under that name.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 @handle_errors
 def export_cmd(model_dir, profile, out_dir, calibration, samples, seq_len, force, gguf_file, allow_pickle, int4_method,
-               max_size_mb, settings, quiet) -> None:
+               max_size_mb, settings, name, quiet) -> None:
     """Export MODEL_DIR to a quantized package for a device profile."""
     from edgeq.manifest import read_manifest
     from edgeq.pipeline import ExportRequest, export_package
@@ -114,7 +116,7 @@ def export_cmd(model_dir, profile, out_dir, calibration, samples, seq_len, force
     if max_size_mb is not None:
         overrides["llm.max_size_mb"] = max_size_mb
     req = ExportRequest(model_dir, profile, out_dir, calibration, samples, seq_len, force, gguf_file,
-                        allow_pickle=allow_pickle, settings=tuple(overrides.items()))
+                        allow_pickle=allow_pickle, settings=tuple(overrides.items()), name=name)
     from edgeq.profiles import load_profile
 
     p = load_profile(profile)

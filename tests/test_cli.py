@@ -260,6 +260,17 @@ def test_output_exists_without_force(tiny_bert_dir, package, tmp_path):
     assert snapshot(out) == before
 
 
+@pytest.mark.parametrize("name", ["a/b", "../up", "..", ".hidden", "x\\y", "with space", "", "-dash", "a..b",
+                                  "é", "x" * 129])
+def test_a_name_that_is_not_a_plain_folder_name_is_refused_first(tmp_path, name):
+    """--name is checked before anything else (the model folder here does not exist): exit 2, nothing written."""
+    out = tmp_path / "out"
+    msg, hint = assert_user_error(edgeq("export", tmp_path / "nope", "--profile", "android-arm64", "-o", out,
+                                        "--name", name), out)
+    assert msg == f"--name {name!r} cannot name a package folder"
+    assert "letters, digits, '.', '_' and '-'" in hint and "--name minilm-finetuned-android-arm64" in hint
+
+
 # ---------------------------------------------------------------------------------------------------- profiles
 
 def test_profiles_lists_android_arm64():
