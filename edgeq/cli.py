@@ -357,15 +357,17 @@ def eval_cmd(package, text_file, reference) -> None:
 
 @main.command("report")
 @click.argument("packages", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("-o", "--out", "out_dir", type=click.Path(path_type=Path), default=Path("report"), show_default=True,
-              help="Folder for REPORT.md and its PNG plots (or report.html), plus report.json.")
+@click.option("-o", "--out", "out_dir", type=click.Path(path_type=Path),
+              help="Folder for REPORT.md and its PNG plots (or report.html), plus report.json (default: report/ "
+              "beside the first package, e.g. build/report for build/PACKAGE).")
 @click.option("--html", "as_html", is_flag=True, help="Write one self-contained report.html (plots inlined).")
 @click.option("--no-speed", is_flag=True, help="Skip speed measurements (sizes and accuracy from the manifests only).")
 @click.option("--no-plots", is_flag=True, help="Markdown table only, no PNG plots (no matplotlib needed).")
 @handle_errors
 def report_cmd(packages, out_dir, as_html, no_speed, no_plots) -> None:
     """Compare packages: size, accuracy vs FP32, speed on this machine; the first package is the reference."""
-    from edgeq.report import report_packages
+    from edgeq.report import default_report_dir, report_packages
 
+    out_dir = out_dir or default_report_dir(packages)
     for path in report_packages(packages, out_dir, speed=not no_speed, as_html=as_html, plots=not no_plots):
         click.echo(f"wrote {path}")
