@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
+import select
 import signal
 import sys
 from pathlib import Path
@@ -69,6 +71,28 @@ class EdgeqGroup(click.Group):
             click.echo("Aborted!", err=True)
             sys.exit(1)
         sys.exit(code if isinstance(code, int) else 0)
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError:
+            if not stdout_closed():  # another pipe (a device worker's): not the reader going away
+                raise
+            # `edgeq profiles --fields | head`: the reader has what it wanted. Stop quietly with 0, stdout pointed
+            # at /dev/null so the interpreter's last flush cannot fail again (click alone exits 1 here).
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            ctx.exit(0)
+
+
+def stdout_closed() -> bool:
+    """stdout is a pipe or socket whose reader has gone (poll reports an error on its write end)."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, ValueError, OSError):  # not a file (CliRunner's buffer), or closed already
+        return False
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
 
 
 @click.group(cls=EdgeqGroup)
@@ -161,53 +185,31 @@ def qnn_line(q: QnnRecord) -> str:
 @click.option("--names", is_flag=True, help="Only the names of the supported (not deprecated) profiles, one a line.")
 @click.option("--model", "model_dir", type=click.Path(path_type=Path),
               help="With --names: only the profiles that take this model folder's kind (encoder, causal-lm).")
+@click.option("--gguf-file", help="With --model: the GGUF file in MODEL_DIR that is the model (as export takes it).")
 @handle_errors
-def profiles_cmd(fields, names, model_dir) -> None:
-    """List the device profiles (name, target, what each quantizes how)."""
-    from edgeq.profiles import describe_fields, known_profiles, load_profile
+def profiles_cmd(fields, names, model_dir, gguf_file) -> None:
+    """List the device profiles: name and target, the model kinds each takes and how it quantizes them."""
+    from edgeq.profile_table import field_lines, profile_lines
+    from edgeq.profiles import known_profiles, load_profile
 
+    if gguf_file and not model_dir:
+        raise click.UsageError("--gguf-file only goes with --model")
+    if model_dir and not names:
+        raise click.UsageError("--model only goes with --names")
     if names:
         from edgeq.modelsource import inspect_model_dir
 
-        kind = inspect_model_dir(model_dir).kind if model_dir else None
+        kind = inspect_model_dir(model_dir, gguf_file).kind if model_dir else None
         for name in known_profiles():
             p = load_profile(name)
             if p.status == "supported" and (kind is None or kind in p.model_kinds):
                 click.echo(p.name)
         return
     if fields:
-        for key, default, doc in describe_fields():
-            click.echo(f"{key}{f' (default {default})' if default else ''}\n    {doc}")
+        click.echo("\n".join(field_lines()))
         return
-    rows = [("NAME", "TARGET", "MODELS", "QUANTIZATION")]
-    notes = {}
     for name in known_profiles():
-        p = load_profile(name)
-        q, h = p.quantization, p.qnn
-        if p.execution_provider == QNN_EP:
-            rows.append((p.name, p.target, ",".join(p.model_kinds),
-                         f"QDQ {h.activation_bits}-bit activations, {h.weight_bits}-bit per-tensor weights "
-                         f"({h.sensitive_weight_bits}-bit where needed); static {h.batch_size}x{h.seq_len}; EPContext "
-                         f"for soc_model {h.soc_model} (v{h.htp_arch})"))
-            continue
-        how = []
-        if "encoder" in p.model_kinds:
-            how.append(f"encoders: linear {q.weight_type} per-{'channel' if q.weight_per_channel else 'tensor'} "
-                       f"weights, {q.activation_type} activations ({q.calibration_method}); sensitive layers "
-                       f"{q.sensitive_precision}; FP16: {', '.join(q.keep_fp16) or 'none'}")
-        if "causal-lm" in p.model_kinds:
-            m = p.llm
-            how.append(f"causal LMs: INT4 {m.int4_method} block {m.block_size} "
-                       f"{'symmetric' if m.symmetric else 'asymmetric'}{', K/V INT8' if m.int8_kv else ''}; "
-                       f"lm_head {m.lm_head_precision}; embeddings {m.embedding_precision}; GenAI folder")
-        rows.append((p.name, p.target, ",".join(p.model_kinds), " | ".join(how)))
-        if p.status != "supported" or p.note:
-            notes[p.name] = f"{p.status.upper()}: {p.note}" if p.status != "supported" else p.note
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    for r in rows:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[3])
-        if r[0] in notes:
-            click.echo(f"  {notes[r[0]]}")
+        click.echo("\n".join(profile_lines(load_profile(name))))
 
 
 @main.command("families")

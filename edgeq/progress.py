@@ -20,7 +20,10 @@ class Progress:
 
     def _print(self, line: str) -> None:
         if self.enabled:
-            print(line, file=self.stream, flush=True)
+            try:
+                print(line, file=self.stream, flush=True)
+            except BrokenPipeError:  # `edgeq export ... 2>&1 | head`: the reader left; the export goes on, unheard
+                self.enabled = False
 
 
 QUIET = Progress(enabled=False)

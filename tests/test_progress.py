@@ -51,3 +51,16 @@ def test_quiet_prints_nothing(capsys):
     QUIET.stage("export", "detail")
     QUIET.step("batch", 1, 2)
     assert capsys.readouterr() == ("", "")
+
+
+def test_a_closed_stream_silences_progress_and_the_work_goes_on():
+    """Progress is advisory: its reader gone (`edgeq export ... 2>&1 | head`), an export must not stop midway."""
+
+    class ClosedPipe(io.StringIO):
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    p = Progress(stream=ClosedPipe())
+    p.stage("export", "detail")  # raises nothing
+    assert p.enabled is False
+    p.step("batch", 1, 2)
