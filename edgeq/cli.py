@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import click
 
 from edgeq.errors import EdgeqError, UserInputError
+from edgeq.families import supported_gguf_archs
 from edgeq.profiles import INT4_METHODS, QNN_EP
 from edgeq.targets import TARGETS
 
@@ -111,8 +112,8 @@ def main() -> None:
 @click.option("--seq-len", type=click.IntRange(min=8), help="Max tokens per calibration text (default: the profile's); "
               "for QNN profiles the model's static sequence length (qnn.seq_len).")
 @click.option("--force", is_flag=True, help="Replace an existing package.")
-@click.option("--gguf-file", help="Name of a GGUF file in MODEL_DIR (architectures llama, qwen2, phi3): its tensors are "
-              "dequantized one at a time as the layers are built.")
+@click.option("--gguf-file", help=f"Name of a GGUF file in MODEL_DIR (architectures "
+              f"{', '.join(supported_gguf_archs())}): its tensors are dequantized one at a time as the layers are built.")
 @click.option("--allow-pickle", is_flag=True, help="Accept pickle files in MODEL_DIR and use pytorch_model.bin weights "
               "where there are no safetensors, loaded with torch.load(weights_only=True); recorded in the manifest.")
 @click.option("--int4-method", type=click.Choice(INT4_METHODS),
@@ -129,24 +130,26 @@ def main() -> None:
 def export_cmd(model_dir, profile, out_dir, calibration, samples, seq_len, force, gguf_file, allow_pickle, int4_method,
                max_size_mb, settings, name, quiet) -> None:
     """Export MODEL_DIR to a quantized package for a device profile."""
-    from edgeq.manifest import read_manifest
-    from edgeq.pipeline import ExportRequest, export_package
-    from edgeq.profiles import parse_setting
-    from edgeq.progress import Progress
+    from edgeq.profiles import load_profile, parse_setting
+    from edgeq.progress import HEARTBEAT, Progress
 
     overrides = dict(parse_setting(s) for s in settings)
     if int4_method:
         overrides["llm.int4_method"] = int4_method
     if max_size_mb is not None:
         overrides["llm.max_size_mb"] = max_size_mb
-    req = ExportRequest(model_dir, profile, out_dir, calibration, samples, seq_len, force, gguf_file,
-                        allow_pickle=allow_pickle, settings=tuple(overrides.items()), name=name)
-    from edgeq.profiles import load_profile
-
     p = load_profile(profile)
     if p.status == "deprecated":
         click.echo(f"note: profile '{p.name}' is deprecated: {p.note}", err=True)
-    pkg = export_package(req, Progress(not quiet))
+    with Progress(not quiet, heartbeat=HEARTBEAT) as progress:
+        # the first line before the pipeline's imports (torch, onnxruntime: 1.5 s warm, over 10 s from a cold disk)
+        progress.stage("check", f"inputs: {model_dir}, profile {p.name}, output {out_dir}")
+        from edgeq.manifest import read_manifest
+        from edgeq.pipeline import ExportRequest, export_package
+
+        req = ExportRequest(model_dir, profile, out_dir, calibration, samples, seq_len, force, gguf_file,
+                            allow_pickle=allow_pickle, settings=tuple(overrides.items()), name=name)
+        pkg = export_package(req, progress)
     click.echo(f"wrote {pkg.path}")
     click.echo(accuracy_line(read_manifest(pkg.path).accuracy))
 
@@ -318,10 +321,11 @@ def verify_cmd(package, on, as_json, rebuild, model_dir, calibration, profile_fi
         raise VerificationError(f"{package} failed verification", "re-export the package; do not ship it")
     click.echo(f"verified {package} on {on}")
     if rebuild:
-        from edgeq.progress import Progress
+        from edgeq.progress import HEARTBEAT, Progress
         from edgeq.rebuild import check_rebuild
 
-        check_rebuild(package, model_dir, calibration, profile_file, click.echo, Progress())
+        with Progress(heartbeat=HEARTBEAT) as progress:
+            check_rebuild(package, model_dir, calibration, profile_file, click.echo, progress)
 
 
 @main.command("run")

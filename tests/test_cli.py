@@ -81,6 +81,39 @@ def test_export_writes_the_package_and_reports_accuracy(cli_export, package, man
 
 
 @pytest.mark.encoders
+def test_export_progress_starts_at_once_and_counts_within_stages(cli_export):
+    """Issue 17: 13 s passed before the first line, and optimum's export was one silent stretch. Every progress line
+    carries the seconds since the start; steps are indented under their stage."""
+    result, _ = cli_export
+    lines = result.stderr.splitlines()
+    assert re.fullmatch(r"\[\s*0\.\ds\] check: inputs: .*tiny-bert, profile android-arm64, output .*", lines[0])
+    assert all(re.match(r"\[\s*\d+\.\ds\] ", line) for line in lines), lines
+    steps = [line.split("]", 1)[1] for line in lines if re.match(r"\[\s*\d+\.\ds\]   \S", line)]
+    assert "   traced layer 1/2" in steps and "   traced layer 2/2" in steps  # the tiny BERT's 2 layers
+    assert "   calibration batch 1/1" in steps and "   sensitivity of linear layer 1/12" in steps
+
+
+def test_the_first_progress_line_comes_before_the_slow_imports():
+    """In a fresh process: when 'check' is printed, neither the pipeline nor torch has been imported (they take
+    1.5 s warm, over 10 s from a cold disk); the export then fails on its missing folder as usual."""
+    code = ("import sys, edgeq.progress as p\n"
+            "stage = p.Progress.stage\n"
+            "def spy(self, name, detail=''):\n"
+            "    print('imported:', [m for m in ('edgeq.pipeline', 'torch', 'onnxruntime') if m in sys.modules],"
+            " file=sys.stderr)\n"
+            "    stage(self, name, detail)\n"
+            "p.Progress.stage = spy\n"
+            "from edgeq.cli import main\n"
+            "main()\n")
+    run = subprocess.run([sys.executable, "-c", code, "export", "nope", "--profile", "android-arm64"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2, run.stderr
+    lines = run.stderr.splitlines()
+    assert lines[0] == "imported: []" and re.fullmatch(r"\[\s*0\.\ds\] check: inputs: nope, .*", lines[1]), lines
+    assert lines[2].startswith("error: model folder nope does not exist")
+
+
+@pytest.mark.encoders
 def test_quiet_export_prints_no_progress(tiny_bert_dir, tmp_path):
     result = edgeq("export", tiny_bert_dir, "--profile", "android-arm64", "-o", tmp_path, "--samples", 8, "-q")
     assert result.exit_code == 0, result.output
@@ -466,7 +499,8 @@ def test_export_with_a_deprecated_profile_says_so_first(tmp_path):
     assert result.exit_code == 2
     lines = result.stderr.splitlines()
     assert lines[0].startswith("note: profile 'android-nnapi' is deprecated: NNAPI is deprecated since Android 15")
-    assert lines[1].startswith("error: model folder")
+    assert re.fullmatch(r"\[\s*\d+\.\ds\] check: inputs: .*nope, profile android-nnapi, output .*out", lines[1])
+    assert lines[2].startswith("error: model folder")
 
 
 @pytest.mark.parametrize("args, says", [
