@@ -67,9 +67,14 @@ all-profiles: setup check-model
 		echo "== $$p"; $(BIN)/edgeq export "$(MODEL)" --profile $$p -o $(OUT) --force; done
 
 # Snapdragon NPU: QDQ model + EPContext binary, verified on the QNN HTP simulator (CPU fallback disabled); ~2 min for MiniLM.
+# The export's stdout is kept in a variable and printed after it, and its "wrote PACKAGE" line names what to verify
+# (no `tee /dev/stderr`: it reopens stderr, which truncates a log that `make ... > log 2>&1` writes).
 android-qnn-htp: setup check-model
-	pkg=$$($(BIN)/edgeq export "$(MODEL)" --profile android-qnn-htp -o $(OUT) --force | tee /dev/stderr | sed -n 's/^wrote //p') \
-	  && test -n "$$pkg" && $(BIN)/edgeq verify "$$pkg" --on qnn-htp
+	@echo '$(BIN)/edgeq export "$(MODEL)" --profile android-qnn-htp -o $(OUT) --force'; \
+	  out=$$($(BIN)/edgeq export "$(MODEL)" --profile android-qnn-htp -o $(OUT) --force) \
+	  || { rc=$$?; printf '%s\n' "$$out"; exit $$rc; }; printf '%s\n' "$$out"; \
+	  pkg=$$(printf '%s\n' "$$out" | sed -n 's/^wrote //p'); test -n "$$pkg" || exit 1; \
+	  echo "$(BIN)/edgeq verify $$pkg --on qnn-htp"; $(BIN)/edgeq verify "$$pkg" --on qnn-htp
 
 # make bench [MODEL=<model folder> [GGUF=<same weights as GGUF>]] [WINDOWS=16]: edgeq against its peers; writes
 # bench/results/<model>/ (JSON, Markdown, PNG) and BENCHMARKS.md. Without MODEL: all-MiniLM-L6-v2 and

@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
+import select
 import signal
 import sys
 from pathlib import Path
@@ -13,6 +15,7 @@ from typing import TYPE_CHECKING
 import click
 
 from edgeq.errors import EdgeqError, UserInputError
+from edgeq.families import supported_gguf_archs
 from edgeq.profiles import INT4_METHODS, QNN_EP
 from edgeq.targets import TARGETS
 
@@ -70,6 +73,28 @@ class EdgeqGroup(click.Group):
             sys.exit(1)
         sys.exit(code if isinstance(code, int) else 0)
 
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError:
+            if not stdout_closed():  # another pipe (a device worker's): not the reader going away
+                raise
+            # `edgeq profiles --fields | head`: the reader has what it wanted. Stop quietly with 0, stdout pointed
+            # at /dev/null so the interpreter's last flush cannot fail again (click alone exits 1 here).
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            ctx.exit(0)
+
+
+def stdout_closed() -> bool:
+    """stdout is a pipe or socket whose reader has gone (poll reports an error on its write end)."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, ValueError, OSError):  # not a file (CliRunner's buffer), or closed already
+        return False
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+
 
 @click.group(cls=EdgeqGroup)
 @click.version_option(package_name="edgeq")
@@ -81,14 +106,14 @@ def main() -> None:
 @click.argument("model_dir", type=click.Path(path_type=Path))
 @click.option("--profile", "profile", required=True, help="Profile name (see 'edgeq profiles') or a .toml file.")
 @click.option("-o", "--out", "out_dir", type=click.Path(path_type=Path), default=Path("build"), show_default=True,
-              help="Folder the package is written into, as OUT/<model>-<profile>/.")
+              help="Folder the package is written into, as OUT/<model>-<profile>/ (OUT/NAME/ with --name).")
 @click.option("--calibration", type=click.Path(path_type=Path), help="Calibration text (.jsonl or .txt) instead of the bundled split.")
 @click.option("--samples", type=click.IntRange(min=1), help="Calibration texts to use (default: the profile's).")
 @click.option("--seq-len", type=click.IntRange(min=8), help="Max tokens per calibration text (default: the profile's); "
               "for QNN profiles the model's static sequence length (qnn.seq_len).")
 @click.option("--force", is_flag=True, help="Replace an existing package.")
-@click.option("--gguf-file", help="Name of a GGUF file in MODEL_DIR (architectures llama, qwen2, phi3): its tensors are "
-              "dequantized one at a time as the layers are built.")
+@click.option("--gguf-file", help=f"Name of a GGUF file in MODEL_DIR (architectures "
+              f"{', '.join(supported_gguf_archs())}): its tensors are dequantized one at a time as the layers are built.")
 @click.option("--allow-pickle", is_flag=True, help="Accept pickle files in MODEL_DIR and use pytorch_model.bin weights "
               "where there are no safetensors, loaded with torch.load(weights_only=True); recorded in the manifest.")
 @click.option("--int4-method", type=click.Choice(INT4_METHODS),
@@ -98,29 +123,33 @@ def main() -> None:
               "llm.max_size_mb).")
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
               help="Override a profile field, e.g. --set llm.symmetric=true (keys: edgeq profiles --fields).")
+@click.option("--name", help="The package's name: OUT/NAME/ holding NAME.zip (default: <model>-<profile>); letters, "
+              "digits, '.', '_' and '-'. Recorded in the manifest, so 'verify --rebuild' rebuilds it under that name.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 @handle_errors
 def export_cmd(model_dir, profile, out_dir, calibration, samples, seq_len, force, gguf_file, allow_pickle, int4_method,
-               max_size_mb, settings, quiet) -> None:
+               max_size_mb, settings, name, quiet) -> None:
     """Export MODEL_DIR to a quantized package for a device profile."""
-    from edgeq.manifest import read_manifest
-    from edgeq.pipeline import ExportRequest, export_package
-    from edgeq.profiles import parse_setting
-    from edgeq.progress import Progress
+    from edgeq.profiles import load_profile, parse_setting
+    from edgeq.progress import HEARTBEAT, Progress
 
     overrides = dict(parse_setting(s) for s in settings)
     if int4_method:
         overrides["llm.int4_method"] = int4_method
     if max_size_mb is not None:
         overrides["llm.max_size_mb"] = max_size_mb
-    req = ExportRequest(model_dir, profile, out_dir, calibration, samples, seq_len, force, gguf_file,
-                        allow_pickle=allow_pickle, settings=tuple(overrides.items()))
-    from edgeq.profiles import load_profile
-
     p = load_profile(profile)
     if p.status == "deprecated":
         click.echo(f"note: profile '{p.name}' is deprecated: {p.note}", err=True)
-    pkg = export_package(req, Progress(not quiet))
+    with Progress(not quiet, heartbeat=HEARTBEAT) as progress:
+        # the first line before the pipeline's imports (torch, onnxruntime: 1.5 s warm, over 10 s from a cold disk)
+        progress.stage("check", f"inputs: {model_dir}, profile {p.name}, output {out_dir}")
+        from edgeq.manifest import read_manifest
+        from edgeq.pipeline import ExportRequest, export_package
+
+        req = ExportRequest(model_dir, profile, out_dir, calibration, samples, seq_len, force, gguf_file,
+                            allow_pickle=allow_pickle, settings=tuple(overrides.items()), name=name)
+        pkg = export_package(req, progress)
     click.echo(f"wrote {pkg.path}")
     click.echo(accuracy_line(read_manifest(pkg.path).accuracy))
 
@@ -159,53 +188,31 @@ def qnn_line(q: QnnRecord) -> str:
 @click.option("--names", is_flag=True, help="Only the names of the supported (not deprecated) profiles, one a line.")
 @click.option("--model", "model_dir", type=click.Path(path_type=Path),
               help="With --names: only the profiles that take this model folder's kind (encoder, causal-lm).")
+@click.option("--gguf-file", help="With --model: the GGUF file in MODEL_DIR that is the model (as export takes it).")
 @handle_errors
-def profiles_cmd(fields, names, model_dir) -> None:
-    """List the device profiles (name, target, what each quantizes how)."""
-    from edgeq.profiles import describe_fields, known_profiles, load_profile
+def profiles_cmd(fields, names, model_dir, gguf_file) -> None:
+    """List the device profiles: name and target, the model kinds each takes and how it quantizes them."""
+    from edgeq.profile_table import field_lines, profile_lines
+    from edgeq.profiles import known_profiles, load_profile
 
+    if gguf_file and not model_dir:
+        raise click.UsageError("--gguf-file only goes with --model")
+    if model_dir and not names:
+        raise click.UsageError("--model only goes with --names")
     if names:
         from edgeq.modelsource import inspect_model_dir
 
-        kind = inspect_model_dir(model_dir).kind if model_dir else None
+        kind = inspect_model_dir(model_dir, gguf_file).kind if model_dir else None
         for name in known_profiles():
             p = load_profile(name)
             if p.status == "supported" and (kind is None or kind in p.model_kinds):
                 click.echo(p.name)
         return
     if fields:
-        for key, default, doc in describe_fields():
-            click.echo(f"{key}{f' (default {default})' if default else ''}\n    {doc}")
+        click.echo("\n".join(field_lines()))
         return
-    rows = [("NAME", "TARGET", "MODELS", "QUANTIZATION")]
-    notes = {}
     for name in known_profiles():
-        p = load_profile(name)
-        q, h = p.quantization, p.qnn
-        if p.execution_provider == QNN_EP:
-            rows.append((p.name, p.target, ",".join(p.model_kinds),
-                         f"QDQ {h.activation_bits}-bit activations, {h.weight_bits}-bit per-tensor weights "
-                         f"({h.sensitive_weight_bits}-bit where needed); static {h.batch_size}x{h.seq_len}; EPContext "
-                         f"for soc_model {h.soc_model} (v{h.htp_arch})"))
-            continue
-        how = []
-        if "encoder" in p.model_kinds:
-            how.append(f"encoders: linear {q.weight_type} per-{'channel' if q.weight_per_channel else 'tensor'} "
-                       f"weights, {q.activation_type} activations ({q.calibration_method}); sensitive layers "
-                       f"{q.sensitive_precision}; FP16: {', '.join(q.keep_fp16) or 'none'}")
-        if "causal-lm" in p.model_kinds:
-            m = p.llm
-            how.append(f"causal LMs: INT4 {m.int4_method} block {m.block_size} "
-                       f"{'symmetric' if m.symmetric else 'asymmetric'}{', K/V INT8' if m.int8_kv else ''}; "
-                       f"lm_head {m.lm_head_precision}; embeddings {m.embedding_precision}; GenAI folder")
-        rows.append((p.name, p.target, ",".join(p.model_kinds), " | ".join(how)))
-        if p.status != "supported" or p.note:
-            notes[p.name] = f"{p.status.upper()}: {p.note}" if p.status != "supported" else p.note
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    for r in rows:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[3])
-        if r[0] in notes:
-            click.echo(f"  {notes[r[0]]}")
+        click.echo("\n".join(profile_lines(load_profile(name))))
 
 
 @main.command("families")
@@ -314,10 +321,11 @@ def verify_cmd(package, on, as_json, rebuild, model_dir, calibration, profile_fi
         raise VerificationError(f"{package} failed verification", "re-export the package; do not ship it")
     click.echo(f"verified {package} on {on}")
     if rebuild:
-        from edgeq.progress import Progress
+        from edgeq.progress import HEARTBEAT, Progress
         from edgeq.rebuild import check_rebuild
 
-        check_rebuild(package, model_dir, calibration, profile_file, click.echo, Progress())
+        with Progress(heartbeat=HEARTBEAT) as progress:
+            check_rebuild(package, model_dir, calibration, profile_file, click.echo, progress)
 
 
 @main.command("run")
@@ -355,15 +363,17 @@ def eval_cmd(package, text_file, reference) -> None:
 
 @main.command("report")
 @click.argument("packages", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("-o", "--out", "out_dir", type=click.Path(path_type=Path), default=Path("report"), show_default=True,
-              help="Folder for REPORT.md and its PNG plots (or report.html), plus report.json.")
+@click.option("-o", "--out", "out_dir", type=click.Path(path_type=Path),
+              help="Folder for REPORT.md and its PNG plots (or report.html), plus report.json (default: report/ "
+              "beside the first package, e.g. build/report for build/PACKAGE).")
 @click.option("--html", "as_html", is_flag=True, help="Write one self-contained report.html (plots inlined).")
 @click.option("--no-speed", is_flag=True, help="Skip speed measurements (sizes and accuracy from the manifests only).")
 @click.option("--no-plots", is_flag=True, help="Markdown table only, no PNG plots (no matplotlib needed).")
 @handle_errors
 def report_cmd(packages, out_dir, as_html, no_speed, no_plots) -> None:
     """Compare packages: size, accuracy vs FP32, speed on this machine; the first package is the reference."""
-    from edgeq.report import report_packages
+    from edgeq.report import default_report_dir, report_packages
 
+    out_dir = out_dir or default_report_dir(packages)
     for path in report_packages(packages, out_dir, speed=not no_speed, as_html=as_html, plots=not no_plots):
         click.echo(f"wrote {path}")

@@ -5,6 +5,7 @@ OUT."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,11 +22,25 @@ from edgeq.stages.package import Package, finish
 from edgeq.stages.verify import verify
 from edgeq.textdata import CALIBRATION_FILE, EVALUATION_FILE, check_disjoint, fit_calibration_samples, load_texts
 
-__all__ = ["ExportRequest", "Inputs", "check_inputs", "export_package"]
+__all__ = ["ExportRequest", "Inputs", "check_inputs", "check_package_name", "export_package"]
+
+# --name is the package's folder in OUT, its zip's name and the zip's top folder: 'export --force' replaces that
+# folder, so the name is a plain one that no shell, zip tool or file system reads as a path or hides.
+PACKAGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def check_package_name(name: str) -> str:
+    if ".." in name or not PACKAGE_NAME.fullmatch(name):
+        raise UserInputError(f"--name {name!r} cannot name a package folder",
+                             "use up to 128 letters, digits, '.', '_' and '-', starting with a letter or digit and "
+                             "without '..', e.g. --name minilm-finetuned-android-arm64")
+    return name
 
 
 def check_inputs(req: ExportRequest) -> Inputs:
     """Every user mistake is caught here, before minutes of work."""
+    if req.name is not None:
+        check_package_name(req.name)
     profile = load_profile(req.profile, overrides=dict(req.settings))
     source = inspect_model_dir(req.model_dir, req.gguf_file, req.allow_pickle)
     if source.kind not in profile.model_kinds:
@@ -53,12 +68,14 @@ def check_inputs(req: ExportRequest) -> Inputs:
         profile = fit_calibration_samples(profile, calibration, req.samples, dict(req.settings))
     if Path(req.out_dir).exists() and not Path(req.out_dir).is_dir():
         raise OutputExistsError(f"output path {req.out_dir} is a file, not a folder", "pass -o a folder (it is created if missing)")
-    dest = Path(req.out_dir) / f"{source.name}-{profile.name}"
+    dest = Path(req.out_dir) / (req.name or f"{source.name}-{profile.name}")
     # the profile name is plain (edgeq.profiles.check_profile_name); the model's comes from a folder or GGUF file
     # name: 'export --force' replaces dest, so it must be a folder directly inside OUT, never a hidden one
-    if source.name.startswith(".") or any(c in source.name for c in "/\\") or not source.name.isprintable():
+    plain = not source.name.startswith(".") and not any(c in source.name for c in "/\\") and source.name.isprintable()
+    if req.name is None and not plain:
         raise ModelFolderError(f"the model name {source.name!r} cannot name a package folder",
-                               "rename the model folder (or GGUF file) to letters, digits, '.', '_' and '-'")
+                               "rename the model folder (or GGUF file) to letters, digits, '.', '_' and '-', or "
+                               "name the package with --name")
     if dest.resolve().parent != Path(req.out_dir).resolve():
         raise OutputExistsError(f"{dest} does not resolve to a folder directly inside {req.out_dir} (a symlink?)",
                                 "remove it, or pass -o to write elsewhere")

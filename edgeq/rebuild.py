@@ -23,7 +23,7 @@ from edgeq.progress import QUIET, Progress
 from edgeq.textdata import CALIBRATION_FILE, EVALUATION_FILE
 
 # What the manifest's profile "overrides" hold besides --set keys: ExportRequest's own fields.
-_REQUEST_OVERRIDES = ("calibration_samples", "calibration_seq_len")
+_REQUEST_OVERRIDES = ("calibration_samples", "calibration_seq_len", "package_name")
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,8 @@ def rebuild_request(package: Path, manifest: Manifest, model_dir: Path | None, c
     return ExportRequest(Path(model_dir), _profile_arg(recorded_profile, profile), out_dir,
                          calibration=_calibration_file(manifest.calibration, calibration),
                          samples=overrides.get("calibration_samples"), seq_len=overrides.get("calibration_seq_len"),
-                         gguf_file=src.gguf_file or None, settings=settings, allow_pickle=src.allow_pickle is True)
+                         gguf_file=src.gguf_file or None, settings=settings, allow_pickle=src.allow_pickle is True,
+                         name=overrides.get("package_name"))
 
 
 def rebuild(package: Path, model_dir: Path | None = None, calibration: Path | None = None,

@@ -294,6 +294,17 @@ def measure_speed(row: Row, package: Path, manifest: Manifest, prompt_tokens: in
                                                       shape.seq_len, batch=shape.batch)
 
 
+def default_report_dir(packages: Sequence[Path]) -> Path:
+    """report/ beside the first package (build/report for build/PACKAGE): with the packages it compares, not in
+    whatever folder the command ran from (a checkout got untracked report/ files). A package named 'report' there is
+    never written into: verify refuses a package holding files its manifest does not list."""
+    out = Path(packages[0]).parent / "report"
+    if (out / "manifest.json").exists():
+        raise UserInputError(f"{out}, where the report would go by default, is a package",
+                             "pass -o a folder for the report")
+    return out
+
+
 def report_packages(packages: Sequence[Path], out_dir: Path, *, speed: bool = True, as_html: bool = False,
                     plots: bool = True) -> list[Path]:
     """``edgeq report``: REPORT.md (+ PNGs) or report.html in ``out_dir``; the first package is the reference row."""

@@ -26,6 +26,7 @@ class ExportRequest:
     gguf_file: str | None = None  # a GGUF in model_dir to dequantize and export (causal LMs)
     allow_pickle: bool = False  # --allow-pickle: pytorch_model.bin weights, loaded with torch.load(weights_only=True)
     settings: tuple[tuple[str, object], ...] = ()  # profile fields set over the file's (--set, --int4-method, ...)
+    name: str | None = None  # --name: the package folder and zip name (default <model>-<profile>)
 
 
 @dataclass(frozen=True)

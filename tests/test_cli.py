@@ -8,6 +8,7 @@ so there is no ``mix_stderr`` argument to pass.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -77,6 +78,39 @@ def test_export_writes_the_package_and_reports_accuracy(cli_export, package, man
     for stage in ("export", "calibrate", "quantize", "package", "evaluate", "verify", "done"):
         assert stage in stages, (stage, result.stderr)  # in this order (the iterator is consumed)
     assert manifest["calibration"]["samples"] == 16
+
+
+@pytest.mark.encoders
+def test_export_progress_starts_at_once_and_counts_within_stages(cli_export):
+    """Issue 17: 13 s passed before the first line, and optimum's export was one silent stretch. Every progress line
+    carries the seconds since the start; steps are indented under their stage."""
+    result, _ = cli_export
+    lines = result.stderr.splitlines()
+    assert re.fullmatch(r"\[\s*0\.\ds\] check: inputs: .*tiny-bert, profile android-arm64, output .*", lines[0])
+    assert all(re.match(r"\[\s*\d+\.\ds\] ", line) for line in lines), lines
+    steps = [line.split("]", 1)[1] for line in lines if re.match(r"\[\s*\d+\.\ds\]   \S", line)]
+    assert "   traced layer 1/2" in steps and "   traced layer 2/2" in steps  # the tiny BERT's 2 layers
+    assert "   calibration batch 1/1" in steps and "   sensitivity of linear layer 1/12" in steps
+
+
+def test_the_first_progress_line_comes_before_the_slow_imports():
+    """In a fresh process: when 'check' is printed, neither the pipeline nor torch has been imported (they take
+    1.5 s warm, over 10 s from a cold disk); the export then fails on its missing folder as usual."""
+    code = ("import sys, edgeq.progress as p\n"
+            "stage = p.Progress.stage\n"
+            "def spy(self, name, detail=''):\n"
+            "    print('imported:', [m for m in ('edgeq.pipeline', 'torch', 'onnxruntime') if m in sys.modules],"
+            " file=sys.stderr)\n"
+            "    stage(self, name, detail)\n"
+            "p.Progress.stage = spy\n"
+            "from edgeq.cli import main\n"
+            "main()\n")
+    run = subprocess.run([sys.executable, "-c", code, "export", "nope", "--profile", "android-arm64"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2, run.stderr
+    lines = run.stderr.splitlines()
+    assert lines[0] == "imported: []" and re.fullmatch(r"\[\s*0\.\ds\] check: inputs: nope, .*", lines[1]), lines
+    assert lines[2].startswith("error: model folder nope does not exist")
 
 
 @pytest.mark.encoders
@@ -260,16 +294,73 @@ def test_output_exists_without_force(tiny_bert_dir, package, tmp_path):
     assert snapshot(out) == before
 
 
+@pytest.mark.parametrize("name", ["a/b", "../up", "..", ".hidden", "x\\y", "with space", "", "-dash", "a..b",
+                                  "é", "x" * 129])
+def test_a_name_that_is_not_a_plain_folder_name_is_refused_first(tmp_path, name):
+    """--name is checked before anything else (the model folder here does not exist): exit 2, nothing written."""
+    out = tmp_path / "out"
+    msg, hint = assert_user_error(edgeq("export", tmp_path / "nope", "--profile", "android-arm64", "-o", out,
+                                        "--name", name), out)
+    assert msg == f"--name {name!r} cannot name a package folder"
+    assert "letters, digits, '.', '_' and '-'" in hint and "--name minilm-finetuned-android-arm64" in hint
+
+
 # ---------------------------------------------------------------------------------------------------- profiles
+
+def profile_block(out: str, name: str) -> str:
+    """The lines ``edgeq profiles`` prints for one profile (its name line and the indented ones beneath), joined."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"{name} "))
+    end = next((i for i in range(start + 1, len(lines)) if not lines[i].startswith(" ")), len(lines))
+    return " ".join(" ".join(line.split()) for line in lines[start:end])
+
 
 def test_profiles_lists_android_arm64():
     result = edgeq("profiles")
     assert result.exit_code == 0, result.output
-    lines = result.stdout.splitlines()
-    assert lines[0].split()[:4] == ["NAME", "TARGET", "MODELS", "QUANTIZATION"]
-    row = next(line for line in lines if line.startswith("android-arm64 "))
-    assert "encoder" in row and "int8 per-channel" in row and "uint8 activations (percentile)" in row
-    assert "causal-lm" in row and "causal LMs: INT4 gptq block 32 asymmetric, K/V INT8" in row
+    block = profile_block(result.stdout, "android-arm64")
+    assert block.startswith("android-arm64 Android ARM64 CPU (ONNX Runtime CPU EP, ORT format)")
+    assert "models: encoder, causal-lm" in block
+    assert "int8 per-channel" in block and "uint8 activations (percentile)" in block
+    assert "causal LMs: INT4 gptq block 32 asymmetric, K/V INT8" in block
+
+
+@pytest.mark.parametrize("args", [("profiles",), ("profiles", "--fields")])
+def test_profiles_lines_fit_100_columns(args):
+    """They were ~250 wide (issue 17): the target and each model kind's quantization wrap beneath the name."""
+    result = edgeq(*args)
+    assert result.exit_code == 0, result.output
+    assert max(map(len, result.stdout.splitlines())) <= 100
+
+
+@pytest.mark.parametrize("args", [("profiles", "--fields"), ("profiles",), ("families",), ("profiles", "--names")])
+def test_output_into_a_closed_pipe_exits_0_quietly(args):
+    """`edgeq profiles --fields | head` exited 1 (click's answer to EPIPE). The reader's end is closed before the
+    command starts, so its first write fails whatever the pipe's buffer holds."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        run = subprocess.run([sys.executable, "-c", "from edgeq.cli import main; main()", *args], stdout=write,
+                             stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write)
+    assert (run.returncode, run.stderr) == (0, "")
+
+
+def test_profiles_names_for_a_gguf_model_takes_gguf_file(tmp_path):
+    """Its refusal without --gguf-file tells the user to pass one: profiles takes it now, as export does."""
+    from tiny_gguf import tiny_gguf
+
+    tiny_gguf(tmp_path / "m.gguf", "llama", context_length=256)
+    msg, hint = assert_user_error(edgeq("profiles", "--names", "--model", tmp_path))
+    assert msg == f"{tmp_path} has no config.json" and hint == "it holds m.gguf: pass --gguf-file m.gguf"
+    result = edgeq("profiles", "--names", "--model", tmp_path, "--gguf-file", "m.gguf")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == ["android-arm64"]  # the one supported profile that takes causal LMs
+    for args, says in ((("--gguf-file", "m.gguf"), "--gguf-file only goes with --model"),
+                       (("--model", tmp_path), "--model only goes with --names")):
+        msg, hint = assert_user_error(edgeq("profiles", *args))
+        assert msg == says and hint == "see 'edgeq profiles --help'"
 
 
 def test_set_with_a_typo_key_suggests_the_key(tiny_bert_dir, tmp_path):
@@ -293,9 +384,9 @@ def test_profiles_fields_documents_every_key():
     result = edgeq("profiles", "--fields")
     assert result.exit_code == 0, result.output
     out = result.stdout
-    m = re.search(r"^quantization\.calibration_method \(default 'percentile'\)\n    (.+)$", out, re.M)
+    m = re.search(r"^quantization\.calibration_method \(default 'percentile'\)\n((    .+\n)+)", out, re.M)
     assert m, out
-    assert "minmax" in m.group(1) and "percentile" in m.group(1)
+    assert "minmax" in m.group(1) and "percentile" in m.group(1)  # the doc, wrapped beneath the key
     for key in ("name", "accuracy.min_mean_cosine", "package.zip", "quantization.keep_fp16"):
         assert re.search(rf"^{re.escape(key)}( \(default .*\))?\n    \S", out, re.M), key
 
@@ -397,11 +488,10 @@ def test_verify_on_an_unknown_target_is_refused(package):
 
 def test_profiles_lists_every_profile_and_says_which_are_deprecated():
     out = edgeq("profiles").stdout
-    for name in ("android-arm64", "ios-arm64", "linux-arm64", "android-nnapi"):
+    for name in ("android-arm64", "ios-arm64", "linux-arm64", "android-nnapi", "android-qnn-htp"):
         assert re.search(rf"^{name} ", out, re.M), name
-    lines = out.splitlines()
-    nnapi = next(i for i, line in enumerate(lines) if line.startswith("android-nnapi "))
-    assert lines[nnapi + 1].startswith("  DEPRECATED: NNAPI is deprecated since Android 15")
+    assert "DEPRECATED: NNAPI is deprecated since Android 15" in profile_block(out, "android-nnapi")
+    assert "DEPRECATED" not in profile_block(out, "android-arm64")
 
 
 def test_export_with_a_deprecated_profile_says_so_first(tmp_path):
@@ -409,7 +499,8 @@ def test_export_with_a_deprecated_profile_says_so_first(tmp_path):
     assert result.exit_code == 2
     lines = result.stderr.splitlines()
     assert lines[0].startswith("note: profile 'android-nnapi' is deprecated: NNAPI is deprecated since Android 15")
-    assert lines[1].startswith("error: model folder")
+    assert re.fullmatch(r"\[\s*\d+\.\ds\] check: inputs: .*nope, profile android-nnapi, output .*out", lines[1])
+    assert lines[2].startswith("error: model folder")
 
 
 @pytest.mark.parametrize("args, says", [

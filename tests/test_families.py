@@ -15,7 +15,7 @@ from tiny_gguf import tiny_gguf
 
 from edgeq.errors import UnsupportedModelError
 from edgeq.families import (CAUSAL_LM, ENCODER, FAMILIES, LINE, OPTIMUM, Family, by_gguf_arch, by_model_type,
-                            describe, supported_gguf_archs, supported_model_types)
+                            describe, gguf_archs_exported, supported_gguf_archs, supported_model_types)
 from edgeq.llm.genai import genai_model_type
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,6 +27,7 @@ def test_lookups_by_model_type_and_gguf_arch():
     assert by_gguf_arch("llama").model_types == ("llama",) and by_model_type("bert").kind == ENCODER
     assert by_model_type("wav2vec2") is None and by_gguf_arch("bert") is None and by_gguf_arch("") is None
     assert supported_gguf_archs() == ["llama", "phi3", "qwen2"]
+    assert gguf_archs_exported() == ["llama", "qwen2"]  # phi3: tensors read, export untested (families.GGUF_EXPORT)
     assert "gemma2" not in supported_model_types(CAUSAL_LM) and "llama" in supported_model_types(CAUSAL_LM)
 
 
@@ -128,6 +129,37 @@ def test_gguf_of_a_family_that_cannot_be_packaged_is_refused_before_dequantizati
     assert "is a gemma3-multimodal causal LM, which edgeq refuses" in error and "Gemma-3 GGUF files" in error
     assert "gemma3_text" in hint
     assert elapsed < 5, elapsed  # measured ~0.1 s: no model was loaded
+
+
+# GGUF architecture -> the tests/decoder/tiny.py variant written as that GGUF; a tiny model learns nothing, so the
+# accuracy budget is opened (SmolLM2's slow test carries the real bar)
+GGUF_TINY = {"llama": "llama", "qwen2": "qwen2"}
+TINY_LLM = [x for k, v in (("llm.window_tokens", 128), ("llm.context_length", 128), ("llm.max_ppl_increase", 1.0),
+                           ("llm.min_top1_agreement", 0.0)) for x in ("--set", f"{k}={v}")]
+
+
+@pytest.mark.parametrize("arch", gguf_archs_exported())
+def test_each_gguf_architecture_claimed_end_to_end_exports_with_gguf_file(arch, tmp_path):
+    """What the README lists as working end to end from GGUF: a Q8_0 GGUF (metadata, vocabulary, chat template as
+    llama.cpp writes them) through `edgeq export --gguf-file`, verified, with every tensor counted as dequantized."""
+    from decoder.gguf_files import write_gguf
+    from decoder.tiny import checkpoint
+
+    folder = tmp_path / "gguf"
+    folder.mkdir()
+    write_gguf(checkpoint(GGUF_TINY[arch], tmp_path / "hf"), folder / f"tiny-{arch}.gguf", "Q8_0", chat_template=True)
+    out = tmp_path / "out"
+    result = edgeq("export", folder, "--gguf-file", f"tiny-{arch}.gguf", "--profile", "android-arm64", "-o", out,
+                   *TINY_LLM)
+    assert result.exit_code == 0, result.output
+    pkg = out / f"tiny-{arch}-android-arm64"
+    assert result.stdout.startswith(f"wrote {pkg}\n")
+    manifest = json.loads((pkg / "manifest.json").read_text())
+    assert manifest["source"]["gguf_file"] == f"tiny-{arch}.gguf" and manifest["source"]["model_type"] == arch
+    assert re.search(rf"^\[\s*[\d.]+s\] dequantize: every tensor of tiny-{arch}.gguf", result.stderr, re.M)
+    counted = re.findall(r"^\[\s*[\d.]+s\]   dequantized tensor (\d+)/(\d+)$", result.stderr, re.M)
+    assert counted and counted[0][0] == "1" and counted[-1][0] == counted[-1][1], result.stderr
+    assert edgeq("verify", pkg).exit_code == 0
 
 
 def test_gguf_of_an_unknown_architecture_names_the_ones_edgeq_takes(tmp_path):

@@ -32,7 +32,7 @@ LAYERS: dict[str, tuple[int, tuple[str, ...]]] = {
     # one per (model kind, target kind)
     "recipes": (4, ("edgeq.recipes",)),
     # the commands
-    "top": (5, ("edgeq.pipeline", "edgeq.report", "edgeq.rebuild", "edgeq.cli")),
+    "top": (5, ("edgeq.pipeline", "edgeq.report", "edgeq.rebuild", "edgeq.cli", "edgeq.profile_table")),
 }
 # Modules in edgeq.recipes that are not recipes: the protocol and the chooser.
 RECIPE_SUPPORT = ("edgeq.recipes", "edgeq.recipes.base")

@@ -83,6 +83,35 @@ def test_report_on_an_android_qnn_htp_package_measures_it_at_its_static_shape(ti
     assert f"{manifest['accuracy']['mean_cosine']:.5f}" in line and f"{row['ms_per_sentence']:.2f}" in line
 
 
+@pytest.mark.encoders
+def test_report_without_o_writes_beside_the_packages_not_in_the_working_folder(package, tmp_path, monkeypatch):
+    import shutil
+
+    build = tmp_path / "build"
+    copy = Path(shutil.copytree(package, build / package.name))
+    cwd = tmp_path / "checkout"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    result = edgeq("report", copy, "--no-speed", "--no-plots")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == [f"wrote {build / 'report' / 'report.json'}",
+                                          f"wrote {build / 'report' / 'REPORT.md'}"]
+    assert sorted(p.name for p in build.iterdir()) == ["report", package.name]
+    assert not any(cwd.iterdir())
+    assert edgeq("verify", copy).exit_code == 0  # the package itself is untouched
+
+
+def test_report_without_o_never_writes_into_a_package_named_report(tmp_path):
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report" / "manifest.json").write_text("{}")
+    (tmp_path / "pkg").mkdir()
+    from edgeq.errors import UserInputError
+    from edgeq.report import default_report_dir
+
+    with pytest.raises(UserInputError, match="where the report would go by default, is a package"):
+        default_report_dir([tmp_path / "pkg"])
+
+
 def test_report_on_a_folder_that_is_not_a_package(tmp_path):
     result = edgeq("report", tmp_path, "-o", tmp_path / "out")
     assert result.exit_code == 2  # a user mistake

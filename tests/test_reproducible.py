@@ -145,6 +145,30 @@ def test_verify_rebuild_with_another_calibration_file(two_encoder_packages, tiny
     assert "hint: pass that file with --calibration" in result.stderr
 
 
+@pytest.mark.encoders
+def test_a_named_package_records_its_name_and_rebuilds_under_it(two_encoder_packages, tiny_bert_dir, tmp_path):
+    """--name names the folder, the zip and the zip's top folder; the manifest records it (and only then: a default
+    name adds no key, so packages exported before --name existed rebuild to the same bytes)."""
+    import zipfile
+
+    default = json.loads((two_encoder_packages[0] / "manifest.json").read_text())
+    assert "package_name" not in default["profile"]["overrides"]
+    out = tmp_path / "out"
+    result = edgeq("export", tiny_bert_dir, "--profile", "android-arm64", "-o", out, "--samples", SAMPLES,
+                   "--name", "bert-v2_final.1", "-q")
+    assert result.exit_code == 0, result.output
+    pkg = out / "bert-v2_final.1"
+    assert result.stdout.startswith(f"wrote {pkg}\n") and sorted(p.name for p in out.iterdir()) == [pkg.name]
+    with zipfile.ZipFile(pkg / "bert-v2_final.1.zip") as z:
+        assert {n.split("/")[0] for n in z.namelist()} == {"bert-v2_final.1"}
+    manifest = json.loads((pkg / "manifest.json").read_text())
+    assert manifest["profile"]["overrides"]["package_name"] == "bert-v2_final.1"
+    assert folder_bytes(pkg)["model.ort"] == folder_bytes(two_encoder_packages[0])["model.ort"]
+    result = edgeq("verify", pkg, "--rebuild", "--model", tiny_bert_dir)
+    assert result.exit_code == 0, result.output
+    assert "same bert-v2_final.1.zip" in result.stdout
+
+
 # A tiny random model's perplexity moves freely; the budgets are checked by tests/recipes/test_causal_lm.py.
 LLM_SETTINGS = {"llm.window_tokens": 128, "llm.context_length": 128, "llm.max_ppl_increase": 1.0,
                 "llm.min_top1_agreement": 0.0}

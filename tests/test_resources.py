@@ -10,6 +10,7 @@ from __future__ import annotations
 import email.parser
 import os
 import shutil
+import re
 import subprocess
 import sys
 import zipfile
@@ -98,6 +99,12 @@ def test_wheel_metadata_asks_for_ranges_and_names_its_license(built):
     assert meta["Requires-Python"] == "<3.15,>=3.11"
     assert meta["License-Expression"] == "Apache-2.0"
     assert "SetuptoolsDeprecationWarning" not in built.log
+    # issue 17: `python -m build` warned twice of the license table; nothing in the build is deprecated now, and
+    # the only warnings left are setuptools' notes that PYTHONDONTWRITEBYTECODE skips byte-compiling
+    assert not re.search(r"(?i)deprecat", built.log), built.log[-3000:]
+    warnings = [ln for ln in built.log.splitlines() if re.search(r"(?i)\bwarn", ln)]
+    assert all("byte-compiling is disabled" in ln for ln in warnings), warnings
+    assert "running bdist_wheel" in built.log  # the log is setuptools' (pip -v), not pip's summary alone
 
 
 def test_unpacked_wheel_lists_and_loads_its_own_profiles_outside_the_checkout(built, tmp_path):

@@ -47,6 +47,7 @@ class CausalLM:
         calibration_texts, evaluation_texts = inputs.calibration.texts, inputs.evaluation.texts
         source = None
         if src.gguf_file:  # config and tokenizer from its metadata; tensors dequantized one at a time when read
+            progress.stage("source", f"{src.gguf_file}: config.json and tokenizer from its metadata")
             folder_from_gguf, source = gguf_folder(src.path / src.gguf_file, work / "source")
             src = replace(src, path=folder_from_gguf)
         tokenizer = load_tokenizer(src.path)
@@ -58,10 +59,12 @@ class CausalLM:
         ev = token_windows(tokenizer, evaluation_texts, spec.window_tokens, spec.eval_windows)
         prompt_ids = verify_prompt_ids(tokenizer)  # before any work: a broken chat template fails here
         if source is None:
+            progress.stage("weights", "every tensor present, of the config's shape and finite")
             src = checked_weights(src, work)  # complete and finite; pickle weights staged as safetensors
             source = open_safetensors(src.path)
         else:  # the GGUF reader refused missing or unknown tensors already
-            check_finite_tensors(source, f"the GGUF {inputs.source.gguf_file} (dequantized)")
+            progress.stage("dequantize", f"every tensor of {inputs.source.gguf_file}, checked finite")
+            check_finite_tensors(source, f"the GGUF {inputs.source.gguf_file} (dequantized)", progress)
 
         progress.stage("measure", f"{decoder.num_layers} layers one at a time: {len(cal)} calibration windows x "
                                   f"{spec.window_tokens} tokens, {len(ev)} evaluation windows through FP32")

@@ -31,7 +31,7 @@ class EncoderCpu:
         src, profile = inputs.source, inputs.profile
         q = profile.quantization
         progress.stage("export", f"{src.path} ({src.architecture}, task {src.task})")
-        exported = export(src, work)
+        exported = export(src, work, progress)
         tokenizer = load_tokenizer(exported.tokenizer_dir)
         progress.stage("optimize", "ONNX Runtime basic level (provider-independent)")
         optimized = optimize(exported, work)

@@ -44,7 +44,7 @@ class EncoderQnn:
         src, profile = inputs.source, inputs.profile
         spec = profile.qnn
         progress.stage("export", f"{src.path} ({src.architecture}, task {src.task})")
-        exported = export(src, work)
+        exported = export(src, work, progress)
         tokenizer = load_tokenizer(exported.tokenizer_dir)
         optimized = optimize(exported, work)
         progress.stage("static", f"batch {spec.batch_size} x {spec.seq_len} tokens, mask bias {spec.mask_bias}")

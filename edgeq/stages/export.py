@@ -14,6 +14,7 @@ import io
 import logging
 import os
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from safetensors import SafetensorError
 from edgeq.checkpoint import checked_weights
 from edgeq.errors import MissingExtraError, ModelFolderError, UnsupportedModelError
 from edgeq.modelsource import ModelSource
+from edgeq.progress import QUIET, Progress
 from edgeq.safe_load import no_stdin
 
 
@@ -65,7 +67,35 @@ def require_optimum(what: str = "an encoder", load: bool = True):
     return main_export
 
 
-def export(source: ModelSource, workdir: Path) -> ExportedModel:
+@contextlib.contextmanager
+def counted_layers(progress: Progress) -> Iterator[None]:
+    """A step per layer as the exporter's forward pass (torch's tracer) goes through the model's largest ModuleList
+    (BERT's encoder.layer), through torch's global module hooks: main_export loads the model itself. They return
+    None, so the traced graph is the one without them. What follows the trace (ONNX conversion, saving) has no
+    counter; the CLI's heartbeat covers it."""
+    import torch
+
+    layers: dict[int, int] = {}
+
+    def before(module, args) -> None:
+        if not layers:  # the first module run whose tree holds a ModuleList: the model (or its tracing wrapper)
+            lists = [m for m in module.modules() if isinstance(m, torch.nn.ModuleList)]
+            layers.update({id(m): i for i, m in enumerate(max(lists, key=len, default=()), 1)})
+
+    def after(module, args, output) -> None:
+        if id(module) in layers:
+            progress.step("traced layer", layers[id(module)], len(layers))
+
+    hooks = (torch.nn.modules.module.register_module_forward_pre_hook(before),
+             torch.nn.modules.module.register_module_forward_hook(after))
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def export(source: ModelSource, workdir: Path, progress: Progress = QUIET) -> ExportedModel:
     """Check the weights (complete, finite; pickles staged through weights_only), then export them."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local folders only: never reach for a hub
     main_export = require_optimum(f"{source.model_type} models")
@@ -77,7 +107,7 @@ def export(source: ModelSource, workdir: Path) -> ExportedModel:
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
         # The exporter's tracer warnings and prints are about its internals, not the user's model.
-        with contextlib.redirect_stdout(log), warnings.catch_warnings(), no_stdin():
+        with contextlib.redirect_stdout(log), warnings.catch_warnings(), no_stdin(), counted_layers(progress):
             warnings.simplefilter("ignore")
             main_export(
                 str(source.path), str(out), task=source.task, local_files_only=True, trust_remote_code=False,

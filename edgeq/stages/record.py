@@ -32,8 +32,9 @@ def provenance(inputs: Inputs, req: ExportRequest) -> dict:
                    "allow_pickle": req.allow_pickle, "weight_format": src.weight_format,
                    "weight_files": list(src.weight_files), "files": src.file_hashes},
         "profile": {"name": profile.name, "file": profile_file, "sha256": profile.sha256,
+                    # --name only when given: a package under its default name keeps the bytes it had before
                     "overrides": {"calibration_samples": req.samples, "calibration_seq_len": req.seq_len,
-                                  **dict(req.settings)},
+                                  **({"package_name": req.name} if req.name else {}), **dict(req.settings)},
                     # values after the command line's overrides
                     "values": {**profile.to_dict(), "source": profile_file}},
     }

@@ -60,9 +60,10 @@ def write_vocab(w, folder: Path, add_bos: bool) -> None:
 
 def write_gguf(folder: Path, path: Path, qtype: str = "F32", *, arch: str | None = None, name: str = "tiny",
                add_bos: bool = False, skip: tuple[str, ...] = (), f64: tuple[str, ...] = (),
-               rope_freqs: bool = False) -> Path:
+               rope_freqs: bool = False, chat_template: bool = False) -> Path:
     """``folder`` (a tiny HF checkpoint) as a GGUF at ``path``; ``skip`` leaves those HF tensors out, ``f64``
-    stores those as F64 (a type gguf cannot dequantize), ``rope_freqs`` adds Llama-3's rotary factors tensor."""
+    stores those as F64 (a type gguf cannot dequantize), ``rope_freqs`` adds Llama-3's rotary factors tensor,
+    ``chat_template`` the folder's chat_template.jinja (as llama.cpp stores an instruct model's)."""
     import gguf
     from safetensors.numpy import load_file
 
@@ -84,6 +85,8 @@ def write_gguf(folder: Path, path: Path, qtype: str = "F32", *, arch: str | None
     w.add_vocab_size(cfg["vocab_size"])
     w.add_rope_dimension_count(hidden // heads)
     write_vocab(w, Path(folder), add_bos)
+    if chat_template:
+        w.add_chat_template((Path(folder) / "chat_template.jinja").read_text())
     for hf, t in load_file(str(Path(folder) / "model.safetensors")).items():
         if hf in skip:
             continue
