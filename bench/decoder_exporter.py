@@ -5,10 +5,13 @@ Stages, each run by the interpreter that has what it needs (OUT is a scratch fol
 
     /work/main/.venv/bin/python bench/decoder_exporter.py checkpoints OUT   # transformers 4.57: tiny models + refs
     /work/venvs/mobius/bin/python bench/decoder_exporter.py mobius OUT cpu  # mobius FP32, --ep cpu|default
-    PYTHONPATH=. /work/main/.venv/bin/python bench/decoder_exporter.py optimum OUT  # optimum + FuseLLM (today)
+    PYTHONPATH=. /work/main/.venv/bin/python bench/decoder_exporter.py optimum OUT  # optimum-onnx, unfused
+    PYTHONPATH=. /work/main/.venv/bin/python bench/decoder_exporter.py graph OUT  # edgeq/decoder
     python bench/decoder_exporter.py table OUT
-    PYTHONPATH=<h14-graph checkout> /work/main/.venv/bin/python bench/decoder_exporter.py graph OUT  # edgeq/decoder
     python3 bench/decoder_exporter.py capped OUT LABEL CAP_GB TIMEOUT_S COMMAND...  # time + peak RSS, killed at cap
+
+The optimum stage measures optimum-onnx's export as it is: the decision record's "optimum + FuseLLM" rows were
+measured with edgeq's whole-graph fusion pass, since removed (one pipeline: edgeq.decoder builds every causal LM).
 
 Per variant and exporter: max |logits - transformers| / max |transformers| and argmax agreement over four prompts
 (6 tokens, the chat prompt, 48 and 100 tokens: longer than Gemma-3's sliding window of 8 and Phi-3's LongRoPE
@@ -194,9 +197,7 @@ def run_mobius(out: Path, ep: str = "cpu") -> None:
 
 
 def run_optimum(out: Path) -> None:
-    import onnx
-
-    from edgeq.passes.fuse_llm import FuseLLM
+    """optimum-onnx's text-generation-with-past export, unfused, packaged for onnxruntime-genai."""
     from tests.llm.test_genai import make_package, optimum_export
 
     rows = []
@@ -204,21 +205,16 @@ def run_optimum(out: Path) -> None:
         folder = out / name
         config = json.loads((folder / "src" / "config.json").read_text())
         try:
-            unfused = optimum_export(folder / "src", folder / "optimum")
-            result = FuseLLM(max_positions=config["max_position_embeddings"], untie_lm_head=False)(
-                onnx.load(str(unfused)))
-            fused = folder / "optimum" / "fused.onnx"
-            onnx.save(result.model, str(fused))
+            exported = optimum_export(folder / "src", folder / "optimum")
             try:
                 # a LongRoPE model's package is refused past the original length (the export keeps short factors)
                 context = min(128, config.get("original_max_position_embeddings") or 128)
                 shutil.rmtree(folder / "optimum_pkg", ignore_errors=True)
-                package = make_package(folder / "src", fused, folder / "optimum_pkg", context)
+                package = make_package(folder / "src", exported, folder / "optimum_pkg", context)
             except Exception as exc:  # noqa: BLE001
                 package = None
                 print(name, "packaging:", exc, flush=True)
-            row = measure(name, folder, fused, package)
-            row["fusion_summary"] = result.summary
+            row = measure(name, folder, exported, package)
         except Exception as exc:  # noqa: BLE001
             row = {"variant": name, "build_error": f"{type(exc).__name__}: {exc}"[:300]}
         rows.append(row)
@@ -227,9 +223,8 @@ def run_optimum(out: Path) -> None:
 
 
 def run_graph(out: Path) -> None:
-    """edgeq's own builder (edgeq/decoder/, branch h14-graph: run with PYTHONPATH=/work/wt/graph)."""
-    from edgeq.decoder.graph import embedding_table, final_norm_weight, head_weight, write_decoder
-    from edgeq.decoder.layers import layer_weights
+    """edgeq's own builder (edgeq/decoder/), FP32."""
+    from edgeq.decoder.graph import write_fp32_decoder
     from edgeq.decoder.spec import decoder_spec
     from edgeq.decoder.weights import open_safetensors
     from edgeq.llm.tokenizer import write_package_tokenizer
@@ -242,12 +237,9 @@ def run_graph(out: Path) -> None:
             config = json.loads((folder / "src" / "config.json").read_text())
             spec, source = decoder_spec(config), open_safetensors(folder / "src")
             shutil.rmtree(dst, ignore_errors=True)
-            layers = (layer_weights(spec, source, i) for i in range(spec.num_layers))
-            head = None if spec.tied else head_weight(spec, source)
             gen = json.loads((folder / "src" / "generation_config.json").read_text())
             context = min(128, config.get("original_max_position_embeddings") or 128)
-            model = write_decoder(spec, dst, embedding_table(source), layers, final_norm_weight(spec, source), head,
-                                  context_length=context, generation_config=gen)
+            model = write_fp32_decoder(spec, source, dst, context_length=context, generation_config=gen)
             write_package_tokenizer(folder / "src", dst)
             row = measure(name, folder, model, dst)
         except Exception as exc:  # noqa: BLE001
@@ -353,7 +345,12 @@ def table(out: Path) -> None:
             print(f"| {row['variant']} | {rel} | {agree} | {greedy} ({row['margin']:.3f}) | {ops} |")
 
 
+STAGES = ("checkpoints", "mobius", "optimum", "graph", "table", "capped", "scale-ref", "scale-onnx")
+
 if __name__ == "__main__":
+    if len(sys.argv) < 3 or sys.argv[1] not in STAGES:
+        print(__doc__)
+        raise SystemExit(0 if len(sys.argv) > 1 and sys.argv[1] in ("-h", "--help") else 2)
     stage, out_dir, *rest = sys.argv[1:]
     sys.path.append(str(ROOT))  # after PYTHONPATH: the graph stage imports edgeq from another checkout
     {"checkpoints": write_checkpoints, "mobius": run_mobius, "optimum": run_optimum, "graph": run_graph,

@@ -14,12 +14,14 @@ onnxruntime-genai's tokenizer can map spaces to -1 with GGUF-derived tokenizers.
 Build modes (packages for the comparison):
 
     --build-baseline SRC_ONNX_DIR OUT_DIR   optimum export + ORT RTN int4 (block 32, symmetric, accuracy_level 4)
-    --build-fused SRC_ONNX_DIR OUT_DIR [--head int4|int8|fp32] [--precision int4|fp32]
-                                            FuseLLM, then the same RTN int4 (lm_head int4, 8-bit or kept FP32),
-                                            or FP32
+    --build-fused MODEL_DIR OUT_DIR [--gguf-file NAME] [--head int4|int8|fp32] [--precision int4|fp32]
+                                            edgeq.decoder's fused FP32 graph (float layers), then ORT's
+                                            MatMulNBitsQuantizer RTN int4 as above (lm_head int4, 8-bit or kept
+                                            FP32), or FP32: the fused-RTN peer row
     --build-fp32 SRC_ONNX_DIR OUT_DIR       the export as is, packaged
 
-SRC_ONNX_DIR is an optimum ``text-generation-with-past`` export folder (model.onnx, config.json, tokenizer files).
+SRC_ONNX_DIR is an optimum ``text-generation-with-past`` export folder (model.onnx, config.json, tokenizer files);
+MODEL_DIR a safetensors checkpoint folder, or with --gguf-file the folder holding that GGUF.
 """
 
 from __future__ import annotations
@@ -127,8 +129,8 @@ def rtn_int4(model, *, head: str = "int4"):
     """ORT's RTN weight-only int4: block 32, symmetric, accuracy_level 4 (int8 activations in the kernel).
 
     ``head``: the lm_head MatMul (the one writing ``logits``) as int4 like the rest, ``int8`` (8-bit MatMulNBits,
-    same block and accuracy level), or ``fp32`` (left alone). A head that reads ``Transpose(embedding)`` (optimum's
-    tied export) is not a constant MatMul and stays FP32 whatever this says; FuseLLM unties it first.
+    same block and accuracy level), or ``fp32`` (left alone). A head that reads ``Transpose(embedding)`` (a tied
+    export) is not a constant MatMul and stays FP32 whatever this says; ``build_fused`` unties it first.
     """
     import logging
 
@@ -167,17 +169,42 @@ def build_baseline(src: Path, out: Path, tokenizer_dir: Path | None = None, cont
     return out
 
 
-def build_fused(src: Path, out: Path, *, precision: str = "int4", head: str = "int4",
-                tokenizer_dir: Path | None = None, context_length: int | None = None) -> str:
-    from edgeq.passes.fuse_llm import FuseLLM
+def build_fused(model_dir: Path, out: Path, *, gguf_file: str | None = None, precision: str = "int4",
+                head: str = "int4", context_length: int | None = None) -> str:
+    """edgeq.decoder's fused FP32 decoder of the checkpoint (a GGUF dequantized a tensor at a time), then ORT's own
+    RTN int4 over it (``precision`` int4) or nothing (fp32); the package tokenizer as edgeq writes it."""
+    import tempfile
 
-    hf_config = _read_json(src / "config.json") or {}
-    result = FuseLLM(max_positions=int(hf_config.get("max_position_embeddings", 4096)))(_load_src(src))
-    model = result.model
-    if precision == "int4":
-        model = rtn_int4(model, head=head)
-    _write_package(model, src, out, tokenizer_dir, context_length)
-    return result.summary
+    import onnx
+
+    from edgeq.decoder.gguf_weights import gguf_folder
+    from edgeq.decoder.graph import write_fp32_decoder
+    from edgeq.decoder.spec import decoder_spec
+    from edgeq.decoder.weights import open_safetensors
+    from edgeq.llm.tokenizer import write_package_tokenizer
+
+    with tempfile.TemporaryDirectory(prefix="llm-decode-", dir=out.parent) as tmp:
+        if gguf_file:
+            folder, source = gguf_folder(model_dir / gguf_file, Path(tmp) / "source")
+        else:
+            folder, source = model_dir, open_safetensors(model_dir)
+        hf_config = json.loads((folder / "config.json").read_text())
+        spec = decoder_spec(hf_config)
+        ctx = context_length or min(spec.max_context, 4096)
+        gen = _read_json(folder / "generation_config.json")
+        # a tied head gets its own table copy where ORT is to quantize it (its quantizer skips Transpose(table))
+        untie = precision == "int4" and head != "fp32"
+        fp32 = out if precision == "fp32" else Path(tmp) / "fp32"
+        path = write_fp32_decoder(spec, source, fp32, context_length=ctx, untie_head=untie, generation_config=gen)
+        if precision == "int4":
+            model = rtn_int4(onnx.load(str(path)), head=head)
+            out.mkdir(parents=True, exist_ok=True)
+            onnx.save(model, str(out / "model.onnx"), save_as_external_data=True, location="model.onnx.data")
+            shutil.copyfile(fp32 / "genai_config.json", out / "genai_config.json")
+        write_package_tokenizer(folder, out)
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    nbits = sum(n.op_type == "MatMulNBits" for n in graph.node)
+    return f"{spec.num_layers} layers built fused in FP32, {nbits} MatMulNBits after ORT's RTN"
 
 
 def build_fp32(src: Path, out: Path, tokenizer_dir: Path | None = None, context_length: int | None = None):
@@ -325,12 +352,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", type=Path, default=Path("llm_decode.json"), help="where to write the results")
     ap.add_argument("--build-baseline", nargs=2, type=Path, metavar=("SRC_ONNX_DIR", "OUT_DIR"))
-    ap.add_argument("--build-fused", nargs=2, type=Path, metavar=("SRC_ONNX_DIR", "OUT_DIR"))
+    ap.add_argument("--build-fused", nargs=2, type=Path, metavar=("MODEL_DIR", "OUT_DIR"))
+    ap.add_argument("--gguf-file", help="for --build-fused: the GGUF in MODEL_DIR to read")
     ap.add_argument("--build-fp32", nargs=2, type=Path, metavar=("SRC_ONNX_DIR", "OUT_DIR"))
     ap.add_argument("--precision", choices=("int4", "fp32"), default="int4", help="for --build-fused")
     ap.add_argument("--head", choices=("int4", "int8", "fp32"), default="int4",
                     help="lm_head precision for --build-fused")
-    ap.add_argument("--tokenizer-dir", type=Path, help="tokenizer files (default: SRC_ONNX_DIR)")
+    ap.add_argument("--tokenizer-dir", type=Path, help="tokenizer files (default: SRC_ONNX_DIR; not --build-fused)")
     ap.add_argument("--context-length", type=int, help="genai context_length (default min(max positions, 4096))")
     ap.add_argument("--_worker", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--_ids", help=argparse.SUPPRESS)
@@ -350,9 +378,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.build_fused:
         src, out = args.build_fused
         t = time.time()
-        summary = build_fused(src, out, precision=args.precision, head=args.head, tokenizer_dir=args.tokenizer_dir,
+        summary = build_fused(src, out, gguf_file=args.gguf_file, precision=args.precision, head=args.head,
                               context_length=args.context_length)
-        print(f"FuseLLM: {summary}\nwrote {out} ({time.time() - t:.0f} s)")
+        print(f"{summary}\nwrote {out} ({time.time() - t:.0f} s)")
         built = True
     if not args.package and not args.baseline:
         if built:

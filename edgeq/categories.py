@@ -91,7 +91,7 @@ def classify(model: onnx.ModelProto) -> dict[str, NodeInfo]:
     for node in model.graph.node:
         for i in node.input:
             readers[i] = readers.get(i, 0) + 1
-    # a weight read through Transpose(initializer): how optimum writes a tied LM head
+    # a weight read through Transpose(initializer): how a tied LM head reads the embedding table (edgeq.decoder)
     transposed = {n.output[0]: n.input[0] for n in model.graph.node
                   if n.op_type == "Transpose" and n.input[0] in inits and len(inits[n.input[0]].dims) == 2}
     out: dict[str, NodeInfo] = {}

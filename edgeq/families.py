@@ -97,11 +97,9 @@ DEBERTA_ROLES = BERT_ROLES[1:4]
 DISTILBERT_ROLES = _roles(("attn_qkv", r"/attention/(q_lin|k_lin|v_lin)/"), ("attn_out", r"/out_lin/"),
                           ("ffn_up", r"/lin1/"), ("ffn_down", r"/lin2/"))
 MPNET_ROLES = _roles(("attn_qkv", r"/(q|k|v)/"), ("attn_out", r"/o/")) + BERT_ROLES[2:4]
-# edgeq.decoder's node names (/model.layers.N.attn.qkv_proj/MatMulNBits, .../mlp.down_proj/...) and optimum's
-# (/model/layers.N/self_attn/q_proj/MatMul: what tests/policy's stored whole-graph plans classify)
-LLAMA_ROLES = _roles(("attn_qkv", r"/(q_proj|k_proj|v_proj)/|\.attn\.qkv_proj/"), ("attn_out", r"[/.]o_proj/"),
-                     ("ffn_up", r"[/.](up_proj|gate_proj)/"), ("ffn_down", r"[/.]down_proj/"),
-                     ("lm_head", r"/lm_head/"))
+# edgeq.decoder's node names (/model.layers.N.attn.qkv_proj/MatMulNBits, .../mlp.down_proj/..., /lm_head/MatMul)
+LLAMA_ROLES = _roles(("attn_qkv", r"\.attn\.qkv_proj/"), ("attn_out", r"\.o_proj/"),
+                     ("ffn_up", r"\.(up_proj|gate_proj)/"), ("ffn_down", r"\.down_proj/"), ("lm_head", r"/lm_head/"))
 
 TINY_BERT = "tiny random BertModel (tests/tiny_models.py: tiny_bert)"
 MINILM = ("real checkpoint: all-MiniLM-L6-v2 (slow: tests/test_minilm_slow.py, "
@@ -228,7 +226,7 @@ def gguf_archs_exported() -> list[str]:
 
 def linear_roles() -> tuple[tuple[str, str, tuple[str, ...]], ...]:
     """(role, pattern, families using it) over every family, in ROLES order: the first match names a node's role.
-    Node names carry no family, so one table serves all; no two roles' patterns match the same optimum name."""
+    Node names carry no family, so one table serves all; no two roles' patterns match the same node name."""
     users: dict[tuple[str, str], list[str]] = {}
     for f in FAMILIES:
         for r in f.linear_roles:

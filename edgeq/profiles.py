@@ -23,7 +23,7 @@ from edgeq.resources import PROFILES_DIR
 
 # the execution providers a profile builds for: the one name each, for every place that branches on them
 CPU_EP, QNN_EP = "CPUExecutionProvider", "QNNExecutionProvider"
-INT4_METHODS = ("gptq", "rtn")  # llm.int4_method, --int4-method and QuantizeInt4 take these
+INT4_METHODS = ("gptq", "rtn")  # llm.int4_method, --int4-method and edgeq.decoder.layerwise take these
 
 
 def _f(doc: str, default=dataclasses.MISSING, choices: tuple = (), minimum=None, maximum=None,

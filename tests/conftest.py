@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tiny_models import tiny_bert  # noqa: E402
 
 NO_OPTIMUM = ("needs optimum-onnx (edgeq's 'encoders' extra, transformers < 4.58), which is not installed: an "
-              "encoder export, or optimum's whole-graph decoder that older LLM passes are tested on")
+              "encoder export, or the optimum decoder export that tests/llm/test_genai.py packages")
 
 
 def optimum_installed() -> bool:

@@ -150,14 +150,14 @@ def test_mask_path_stops_at_the_add(model, nodes):
 @pytest.mark.parametrize(
     "name, role",
     [
-        # llama / qwen2 style (optimum)
-        ("/model/layers.0/self_attn/q_proj/MatMul", "attn_qkv"),
-        ("/model/layers.0/self_attn/k_proj/MatMul", "attn_qkv"),
-        ("/model/layers.11/self_attn/v_proj/MatMul", "attn_qkv"),
-        ("/model/layers.0/self_attn/o_proj/MatMul", "attn_out"),
-        ("/model/layers.0/mlp/gate_proj/MatMul", "ffn_up"),
-        ("/model/layers.0/mlp/up_proj/MatMul", "ffn_up"),
-        ("/model/layers.0/mlp/down_proj/MatMul", "ffn_down"),
+        # causal LMs (edgeq.decoder's names, MatMul or MatMulNBits)
+        ("/model.layers.0.attn.qkv_proj/MatMulNBits", "attn_qkv"),
+        ("/model.layers.11.attn.qkv_proj/MatMul", "attn_qkv"),
+        ("/model.layers.0.attn.o_proj/MatMulNBits", "attn_out"),
+        ("/model.layers.0.mlp.gate_proj/MatMulNBits", "ffn_up"),
+        ("/model.layers.0.mlp.up_proj/MatMul", "ffn_up"),
+        ("/model.layers.0.mlp.down_proj/MatMulNBits", "ffn_down"),
+        ("/lm_head/MatMul", "lm_head"),
         # bert family
         ("/encoder/layer.3/attention/self/query/MatMul", "attn_qkv"),
         ("/encoder/layer.3/attention/output/dense/MatMul", "attn_out"),
@@ -173,7 +173,6 @@ def test_mask_path_stops_at_the_add(model, nodes):
         ("/encoder/layer.0/attention/attn/q/MatMul", "attn_qkv"),
         ("/encoder/layer.0/attention/attn/o/MatMul", "attn_out"),
         # nothing recognisable
-        ("/lm_head/MatMul", "lm_head"),
         ("MatMul_17", "linear"),
         ("", "linear"),
     ],

@@ -28,8 +28,9 @@ def test_every_kind_covers_every_category_and_every_precision_is_used():
     ("int8", ENCODER_CPU, "linear", "QuantizeLinearLayers"),
     ("w8a16", ENCODER_CPU, "linear", "QuantizeLinearLayers"),
     ("fp16", ENCODER_CPU, "norm", "KeepFp16"),
-    ("int8", CAUSAL_LM, "linear", "QuantizeInt4"),
-    ("fp16", CAUSAL_LM, LM_HEAD, "KeepFp16"),
+    ("int8", CAUSAL_LM, "linear", "edgeq/decoder/layerwise.py"),
+    ("fp16", CAUSAL_LM, LM_HEAD, "write_decoder"),
+    ("fp16", CAUSAL_LM, "embedding", "write_decoder"),
     ("w16a16", ENCODER_QNN, "linear", "write_qdq"),
     ("fp32", ENCODER_CPU, "linear", "stays as exported"),
 ])

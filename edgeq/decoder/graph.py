@@ -22,13 +22,12 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from edgeq.decoder.layers import LayerWeights, QuantizedLinear, Weight, read_tensor
+from edgeq.decoder.layers import LayerWeights, QuantizedLinear, Weight, layer_weights, read_tensor
 from edgeq.decoder.rope import rotary_caches
 from edgeq.decoder.spec import DecoderSpec
 from edgeq.decoder.weights import TensorSource
 from edgeq.errors import EdgeqError, UserInputError
 from edgeq.llm.genai import GENAI_CONFIG, decoder_io, genai_config
-from edgeq.passes.fuse_llm import _seqlens_nodes
 
 MS = "com.microsoft"
 OPSETS = [helper.make_opsetid("", 21), helper.make_opsetid(MS, 1)]
@@ -41,7 +40,27 @@ TAPS = ("qkv", "o", "gate_up", "down")
 BIG, PAGE, SMALL_ALIGN = 1 << 20, 1 << 16, 64
 PROTO_LIMIT = 2**31 - (64 << 20)  # protobuf's 2 GiB, less room for the graph and the other tensors
 # QuantizedLinear lives in layers (LayerWeights holds it) and is re-exported here, where the graph consumes it
-__all__ = ["QuantizedLinear", "embed", "head_logits", "head_model", "layer_model", "write_decoder"]
+__all__ = ["QuantizedLinear", "embed", "head_logits", "head_model", "layer_model", "write_decoder",
+           "write_fp32_decoder"]
+
+
+def _seqlens_nodes(seqlens: str, total: str) -> list[onnx.NodeProto]:
+    """seqlens_k = ReduceSum(attention_mask, 1) - 1 (int32), total_sequence_length = Shape(attention_mask)[1]."""
+    p = "edgeq/gqa/"
+    one = helper.make_tensor(p + "one", TensorProto.INT64, [], [1])
+    axes = helper.make_tensor(p + "axes", TensorProto.INT64, [1], [1])
+    return [
+        helper.make_node("Constant", [], [p + "axis1"], value=axes, name=p + "Constant_axes"),
+        helper.make_node("Constant", [], [p + "one_i64"], value=one, name=p + "Constant_one"),
+        helper.make_node("ReduceSum", ["attention_mask", p + "axis1"], [p + "mask_sum"], keepdims=0,
+                         name=p + "ReduceSum"),
+        helper.make_node("Sub", [p + "mask_sum", p + "one_i64"], [p + "seqlens_k_i64"], name=p + "Sub"),
+        helper.make_node("Cast", [p + "seqlens_k_i64"], [seqlens], to=TensorProto.INT32, name=p + "Cast_seqlens"),
+        helper.make_node("Shape", ["attention_mask"], [p + "mask_shape"], name=p + "Shape"),
+        helper.make_node("Gather", [p + "mask_shape", p + "one_i64"], [p + "total_i64"], axis=0,
+                         name=p + "Gather"),
+        helper.make_node("Cast", [p + "total_i64"], [total], to=TensorProto.INT32, name=p + "Cast_total"),
+    ]
 
 
 class _InlineTensors:
@@ -402,6 +421,17 @@ def write_decoder(spec: DecoderSpec, out_dir: Path, embedding: np.ndarray, layer
     onnx.save_model(model, str(path))
     _write_genai_config(spec, out_dir, model, generation_config, context_length)
     return path
+
+
+def write_fp32_decoder(spec: DecoderSpec, source: TensorSource, out_dir: Path, *, context_length: int,
+                       untie_head: bool = False, generation_config: dict | None = None) -> Path:
+    """The source's decoder with every linear in float32, weights read a tensor at a time: the FP32 reference of
+    ``edgeq eval``, and the fused FP32 graph bench peers quantize. ``untie_head``: a tied head gets its own float32
+    copy of the table (a MatMul on an initializer, which weight quantizers take) instead of the table's transpose."""
+    layers = (layer_weights(spec, source, i) for i in range(spec.num_layers))
+    head = head_weight(spec, source) if untie_head or not spec.tied else None
+    return write_decoder(spec, out_dir, embedding_table(source), layers, final_norm_weight(spec, source), head,
+                         context_length=context_length, generation_config=generation_config)
 
 
 def _write_genai_config(spec: DecoderSpec, out_dir: Path, model: onnx.ModelProto, generation_config: dict | None,

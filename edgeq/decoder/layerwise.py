@@ -2,7 +2,8 @@
 layer's weights and the token windows' hidden states in memory at a time.
 
 Two passes over the layers, both carrying FP32 hidden states from layer to layer (so every Hessian is the one a
-whole-model calibration of the FP32 model collects, as the whole-graph path did):
+whole-model calibration of the FP32 model collects; tests/decoder/test_layerwise.py checks them against
+transformers' own forward):
 
 1. ``measure``: each layer's linear-input Hessians over the calibration windows give each linear layer's INT4
    sensitivity; the evaluation windows go through the same FP32 layers and the head into reference
@@ -31,7 +32,8 @@ from edgeq.decoder.weights import TensorSource
 from edgeq.llm.activations import InputStats
 from edgeq.llm.evaluate import ReferenceLogits, log_softmax
 from edgeq.llm.int4 import DAMP, pack_matmulnbits, quantize_gptq, quantize_rtn, refit_scales, sensitivity
-from edgeq.policy.causal_lm import HEAD_NAME, Int4Decision, Int4Facts, LinearFacts
+from edgeq.policy.causal_lm import BITS, HEAD_NAME, PROMOTED_BITS, Int4Decision, Int4Facts, LinearFacts
+from edgeq.profiles import INT4_METHODS
 from edgeq.progress import QUIET, Progress
 from edgeq.runtime import session
 
@@ -57,7 +59,8 @@ def weight_name(layer: int, role: str) -> str:
 
 @dataclass(frozen=True)
 class QuantSettings:
-    """How a planned layer is quantized (the profile's llm section): ``QuantizeInt4``'s choices, one layer at a time."""
+    """How a planned layer is quantized (the profile's llm section), checked when made: the profile checks its own
+    values, and a bench or test that sets them by hand gets the same refusals."""
 
     method: str = "gptq"
     block_size: int = 32
@@ -66,6 +69,12 @@ class QuantSettings:
     clip: bool = True
     damp: float = DAMP
     refit: bool | None = None  # None: after RTN only (docs/decisions/int4.md)
+
+    def __post_init__(self) -> None:
+        if self.method not in INT4_METHODS:
+            raise ValueError(f"unknown INT4 method '{self.method}' (known: {', '.join(INT4_METHODS)})")
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size {self.block_size}: MatMulNBits needs a power of two >= 16")
 
     @property
     def refits(self) -> bool:
@@ -165,7 +174,9 @@ def measure(spec: DecoderSpec, source: TensorSource, calibration: np.ndarray, ev
 
 
 def quantize_linear(weight: np.ndarray, hessian: np.ndarray, bits: int, settings: QuantSettings) -> QuantizedLinear:
-    """One [K, N] weight at ``bits`` as MatMulNBits stores it (FP32 scales), as ``QuantizeInt4`` quantizes a layer."""
+    """One [K, N] weight at ``bits`` (the plan's 4 or 8) as MatMulNBits stores it, with FP32 scales."""
+    if bits not in (BITS, PROMOTED_BITS):
+        raise ValueError(f"{bits} bits planned; MatMulNBits here writes {BITS} or {PROMOTED_BITS}")
     s = settings
     if s.method == "gptq":
         bq = quantize_gptq(weight, hessian, s.block_size, s.symmetric, s.clip, s.damp, False, bits, s.refits)

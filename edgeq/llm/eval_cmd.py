@@ -42,8 +42,7 @@ def _fp32_reference(manifest: Manifest, work: Path) -> Path:
     weights read a tensor at a time; a GGUF dequantized per tensor): optimum is not needed for causal LMs."""
     from edgeq.checkpoint import checked_weights
     from edgeq.decoder.gguf_weights import gguf_folder
-    from edgeq.decoder.graph import embedding_table, final_norm_weight, head_weight, write_decoder
-    from edgeq.decoder.layers import layer_weights
+    from edgeq.decoder.graph import write_fp32_decoder
     from edgeq.decoder.spec import decoder_spec
     from edgeq.decoder.weights import open_safetensors
 
@@ -59,7 +58,5 @@ def _fp32_reference(manifest: Manifest, work: Path) -> Path:
         src = checked_weights(src, work)  # pickle weights (--allow-pickle) staged as safetensors, as at export
         folder, source = src.path, open_safetensors(src.path)
     spec = decoder_spec(json.loads((folder / "config.json").read_text()))
-    layers = (layer_weights(spec, source, i) for i in range(spec.num_layers))
-    head = None if spec.tied else head_weight(spec, source)
-    return write_decoder(spec, work / "fp32", embedding_table(source), layers, final_norm_weight(spec, source), head,
-                         context_length=manifest.profile.values.llm.window_tokens)  # what a window needs
+    return write_fp32_decoder(spec, source, work / "fp32",
+                              context_length=manifest.profile.values.llm.window_tokens)  # what a window needs

@@ -1,39 +1,30 @@
-"""QuantizeInt4: a causal LM's linear layers to ONNX Runtime's weight-only ``com.microsoft.MatMulNBits``.
+"""INT4 (and INT8) weight-only quantization for ONNX Runtime's ``com.microsoft.MatMulNBits``: the numerics.
 
-Writes B, scales and zero points in the layout ORT's own ``matmul_nbits_quantizer`` writes (tests/llm/test_int4.py
-compares the bytes). Methods: ``rtn``, ``gptq`` (against the calibration Hessian), ``clip`` (a per-block search of
-the scale's clip ratio) and ``refit`` (least-squares block scales, codes fixed). The layers the plan from
-edgeq/policy/causal_lm.py puts at 8 bits (K/V projections, sensitive layers) get MatMulNBits bits=8; a tied
-embedding table is kept unless the rules say ``quantize_tied``, since quantizing it stores a second copy.
-The pass carries out the plan and decides nothing. The layout, each method and the measurements behind the defaults
-(SmolLM2-135M: ORT's RTN +20.6% perplexity, this pass's default +5.9%): see docs/decisions/int4.md.
+Blockwise codes, scales and zero points in the layout ORT's own ``matmul_nbits_quantizer`` writes
+(tests/llm/test_int4.py compares the bytes). Methods: ``rtn``, ``gptq`` (against the calibration Hessian), ``clip``
+(a per-block search of the scale's clip ratio) and ``refit`` (least-squares block scales, codes fixed), plus the
+measures the policy decides from (``sensitivity``: plain RTN's relative output error). edgeq/decoder/layerwise.py
+quantizes each planned layer with these, one decoder layer at a time; the plan comes from edgeq/policy/causal_lm.py.
+The layout, each method and the measurements behind the defaults (SmolLM2-135M: ORT's RTN +20.6% perplexity,
+edgeq's default +5.9%): see docs/decisions/int4.md.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import time
 from dataclasses import dataclass
-from typing import Collection
 
 import numpy as np
-import onnx
 import torch
-from onnx import TensorProto, helper, numpy_helper
 
-from edgeq.llm.activations import FLOAT64_MAX_K, ActivationStats, LinearLayer, linear_layers
-from edgeq.passes.base import PassBase, PassResult
-from edgeq.policy.causal_lm import (BITS, PROMOTE, PROMOTED_BITS, Int4Decision, Int4Facts, Int4Rules, LinearFacts,
-                                    decide_int4, int4_setting)
-from edgeq.profiles import INT4_METHODS
-from edgeq.progress import QUIET, Progress
+from edgeq.llm.activations import FLOAT64_MAX_K
+from edgeq.policy.causal_lm import BITS
 
 CLIP_RATIOS = tuple(1.0 - 0.025 * i for i in range(16))  # 1.0 .. 0.625
 LAZY_COLUMNS = 128  # GPTQ's lazy batch: error pushed to later columns once per 128 (a multiple of the block)
 VECTOR_SEARCH_ELEMENTS = 1 << 20  # clip search: all ratios at once over this many values (4 MB of float32)
 DAMP = 0.01  # GPTQ's dampening (fraction of mean diag H): its default, definite for every SmolLM2 layer
-FLOAT_TYPES = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16}
 
 
 def _mid(bits: int) -> int:
@@ -62,12 +53,6 @@ class BlockQuant:
         zp = _mid(self.bits) if self.zero_points is None else self.zero_points[:, :, None].astype(np.float32)
         blocks = (self.q.reshape(n, -1, self.block_size).astype(np.float32) - zp) * self.scales[:, :, None]
         return blocks.reshape(n, kp)[:, : self.k].T.copy()
-
-
-@dataclass(frozen=True)
-class Int4Result(PassResult):
-    decisions: tuple[Int4Decision, ...] = ()
-    seconds: float = 0.0
 
 
 # ---------------------------------------------------------------------------------------------------- block math
@@ -360,216 +345,3 @@ def dequantize_matmulnbits(b: np.ndarray, scales: np.ndarray, zero_points: np.nd
           else unpack(zero_points.reshape(n, -1))[:, :blocks].astype(np.float32))
     w = (q - zp[:, :, None]) * scales.astype(np.float32).reshape(n, blocks)[:, :, None]
     return w.reshape(n, -1)[:, :k].T.copy()
-
-
-# ---------------------------------------------------------------------------------------------------- the pass
-
-
-_ATTENTION_OPS = frozenset({"GroupQueryAttention", "MultiHeadAttention"})  # com.microsoft: query, key, value, ...
-_NOT_VALUES = frozenset({"MatMul", "MatMulNBits", "Gemm", "Shape", "Size"})
-
-
-def _value_outputs(node: onnx.NodeProto, idx: int) -> list[str]:
-    """The outputs that carry values of input ``idx``. A fused attention op (query, key, value, ...) ->
-    (output, present_key, present_value): a separate query reaches only the output, key/value their own cache."""
-    if node.op_type in _ATTENTION_OPS and len(node.input) > 2 and all(node.input[1:3]) and idx < 3:
-        return [node.output[0]] + ([node.output[idx]] if idx and len(node.output) > idx else [])
-    return list(node.output)
-
-
-def kv_projections(model: onnx.ModelProto) -> dict[str, str]:
-    """MatMuls whose output reaches a ``present.*`` graph output (the KV cache) without passing another MatMul:
-    the K and V projections (or a packed QKV one), found from the graph rather than from names.
-    -> node name -> the present output. Not followed: Shape/Size readers (they carry a tensor's shape, not its
-    values, into every later Reshape), empty optional names, and a separate query into a fused attention op (it
-    reaches the attention output, not the cache), nor MatMuls without a constant weight: the rotary
-    ``inv_freq x position_ids`` MatMul of an unfused graph reaches the key cache through cos/sin (measured on the
-    unfused Qwen2, Phi-3 and Gemma exports) but is no projection."""
-    g = model.graph
-    weights = {t.name for t in g.initializer} | {o for n in g.node if n.op_type == "Constant" for o in n.output}
-    consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
-    for n in g.node:
-        for idx, i in enumerate(n.input):
-            if i:
-                consumers.setdefault(i, []).append((n, idx))
-    present = {o.name for o in g.output if o.name.startswith("present")}
-    out = {}
-    for n in g.node:
-        if n.op_type != "MatMul" or n.input[1] not in weights:
-            continue
-        seen, stack = {n.output[0]}, [n.output[0]]
-        while stack and n.name not in out:
-            t = stack.pop()
-            if t in present:
-                out[n.name] = t
-            for c, idx in consumers.get(t, []):
-                if c.op_type in _NOT_VALUES:
-                    continue
-                for o in _value_outputs(c, idx):
-                    if o and o not in seen:
-                        seen.add(o)
-                        stack.append(o)
-    return out
-
-
-def measure_int4(model: onnx.ModelProto, stats: ActivationStats | None = None, block_size: int = 32,
-                 symmetric: bool = False, sensitivities: bool = True) -> Int4Facts:
-    """What the INT4 policy decides from, measured before any decision: every linear layer (shape, weight type, tie
-    to the embedding table, the KV cache it writes) with, given statistics and ``sensitivities``, its plain-RTN INT4
-    relative output error; and every initializer's stored size."""
-    g = model.graph
-    inits = {i.name: i for i in g.initializer}
-    kv = kv_projections(model)
-    facts = []
-    for layer in linear_layers(model):
-        dtype = inits[layer.weight].data_type
-        s = None
-        if sensitivities and stats is not None and dtype in FLOAT_TYPES and layer.node in stats.layer_input:
-            s = sensitivity(_weight(inits[layer.weight], layer), stats.for_node(layer.node).hessian, block_size,
-                            symmetric)
-        facts.append(LinearFacts(layer.node, layer.weight, layer.transpose, layer.k, layer.n, layer.tied_to,
-                                 TensorProto.DataType.Name(dtype), kv.get(layer.node), s))
-    sizes = {i.name: (math.prod(i.dims), np.dtype(helper.tensor_dtype_to_np_dtype(i.data_type)).itemsize)
-             for i in g.initializer}
-    return Int4Facts(tuple(facts), sizes)
-
-
-class QuantizeInt4(PassBase):
-    """INT4 (or INT8) MatMulNBits for the linear layers as ``plan`` says (edgeq.policy.decide_int4): the pass
-    chooses nothing, it writes each planned layer at its planned bits.
-
-    ``stats`` is required by ``gptq`` and by ``refit``/data-aware clipping to have an effect.
-    """
-
-    def __init__(self, plan: Collection[Int4Decision], stats: ActivationStats | None = None, *,
-                 block_size: int = 32, symmetric: bool = False, accuracy_level: int = 4, method: str = "gptq",
-                 clip: bool = True, act_order: bool = False, damp: float = DAMP, refit: bool | None = None,
-                 progress: Progress = QUIET) -> None:
-        if method not in INT4_METHODS:
-            raise ValueError(f"unknown INT4 method '{method}' (known: {', '.join(INT4_METHODS)})")
-        if block_size < 16 or block_size & (block_size - 1):
-            raise ValueError(f"block_size {block_size}: MatMulNBits needs a power of two >= 16")
-        if method == "gptq" and stats is None:
-            raise ValueError("method 'gptq' needs activation statistics (collect_activation_stats)")
-        bad = [d for d in plan if d.bits not in (0, BITS, PROMOTED_BITS)]
-        if bad:
-            raise ValueError(f"'{bad[0].node}' is planned at {bad[0].bits} bits; MatMulNBits here writes "
-                             f"{BITS} or {PROMOTED_BITS}")
-        self.plan = tuple(plan)
-        self.stats = stats
-        self.block_size = block_size
-        self.symmetric = symmetric
-        self.accuracy_level = accuracy_level
-        self.method = method
-        self.clip = clip
-        self.act_order = act_order
-        self.damp = damp
-        self.refit = (method == "rtn") if refit is None else refit  # after RTN only: docs/decisions/int4.md
-        self.progress = progress
-
-    @property
-    def setting(self) -> str:
-        return int4_setting(self.method, self.clip, self.refit, self.stats is not None, self.block_size,
-                            self.symmetric, self.accuracy_level)
-
-    def call(self, model: onnx.ModelProto) -> Int4Result:
-        t0 = time.monotonic()
-        g = model.graph
-        layers = {layer.node: layer for layer in linear_layers(model)}
-        missing = [d.node for d in self.plan if d.quantize and d.node not in layers]
-        if missing:
-            raise ValueError(f"'{missing[0]}' is planned for MatMulNBits but is no linear layer of this graph")
-        todo = [(layers[d.node], d) for d in self.plan if d.quantize]
-        if self.stats is not None:
-            for layer, _ in todo:
-                if layer.node not in self.stats.layer_input:
-                    raise ValueError(f"no activation statistics for '{layer.node}'")
-        decisions = self.plan
-        if not todo:
-            return Int4Result(model, False, "no linear layer planned for INT4", decisions)
-        inits = {i.name: i for i in g.initializer}
-        by_name = {n.name: n for n in g.node}
-        packed: dict[tuple[str, bool, int], str] = {}  # (weight, transposed, bits) -> base name of the initializers
-        replace: dict[str, onnx.NodeProto] = {}
-        for step, (layer, d) in enumerate(todo, 1):
-            key = (layer.weight, layer.transpose is not None, d.bits)
-            if key not in packed:
-                sharing = [l for l, dd in todo if (l.weight, l.transpose is not None, dd.bits) == key]
-                packed[key] = self._quantize_weight(g, inits[layer.weight], layer, sharing, d.bits)
-            base = packed[key]
-            inputs = [layer.input, base + "_B", base + "_scales"] + ([] if self.symmetric else [base + "_zp"])
-            attrs = dict(K=layer.k, N=layer.n, bits=d.bits, block_size=self.block_size)
-            if self.accuracy_level:  # 0 is "unset"; ORT's quantizer leaves the attribute out then, as we do
-                attrs["accuracy_level"] = self.accuracy_level
-            replace[layer.node] = helper.make_node("MatMulNBits", inputs, list(by_name[layer.node].output),
-                                                   name=f"{layer.node}_Q{d.bits}", domain="com.microsoft", **attrs)
-            self.progress.step("INT4 layer", step, len(todo))
-        nodes = [replace.get(n.name, n) for n in g.node]
-        del g.node[:]
-        g.node.extend(nodes)
-        _drop_unused(g, [layer for layer, _ in todo])
-        if not any(o.domain == "com.microsoft" for o in model.opset_import):
-            model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-        int8 = sum(d.bits == PROMOTED_BITS for _, d in todo)
-        summary = (f"{len(todo) - int8} linear layers to INT4 and {int8} to INT8 ({self.setting}), "
-                   f"{len(decisions) - len(todo)} kept")
-        return Int4Result(model, True, summary, decisions, time.monotonic() - t0)
-
-    def _quantize_weight(self, g: onnx.GraphProto, init: onnx.TensorProto, layer: LinearLayer,
-                         sharing: list[LinearLayer], bits: int) -> str:
-        w = _weight(init, layer)
-        hessian = None
-        if self.stats is not None:
-            # a weight read by several MatMuls serves all their inputs: their Hessians add
-            hessian = sum(self.stats.for_node(l.node).hessian for l in sharing)
-        if self.method == "gptq":
-            bq = quantize_gptq(w, hessian, self.block_size, self.symmetric, self.clip, self.damp, self.act_order, bits,
-                               self.refit)
-        else:
-            bq = quantize_rtn(w, self.block_size, self.symmetric, self.clip,
-                              None if hessian is None else np.diag(hessian), bits)
-            if self.refit and hessian is not None:
-                bq = refit_scales(bq, w, hessian)
-        b, scales, zp = pack_matmulnbits(bq, FLOAT_TYPES[init.data_type])
-        base = f"{init.name}{'_T' if layer.transpose else ''}_Q{bits}"
-        g.initializer.extend([numpy_helper.from_array(b, base + "_B"), numpy_helper.from_array(scales, base + "_scales")])
-        if zp is not None:
-            g.initializer.append(numpy_helper.from_array(zp, base + "_zp"))
-        return base
-
-
-def int4_pass(model: onnx.ModelProto, stats: ActivationStats | None = None, *, block_size: int = 32,
-              symmetric: bool = False, accuracy_level: int = 4, method: str = "gptq", clip: bool = True,
-              act_order: bool = False, damp: float = DAMP, refit: bool | None = None, progress: Progress = QUIET,
-              **rules) -> QuantizeInt4:
-    """Measure ``model``, decide with ``Int4Rules(**rules)`` (edgeq.policy) and return the pass that carries the plan
-    out: the three steps in one call, for tests and bench scripts that set the rules by hand."""
-    rules = {k: frozenset(v) if k in ("nodes", "int8_nodes", "fp16_initializers") and v is not None else v
-             for k, v in rules.items()}
-    refit = (method == "rtn") if refit is None else refit
-    setting = int4_setting(method, clip, refit, stats is not None, block_size, symmetric, accuracy_level)
-    sensitivities = rules.get("promote", PROMOTE) is not None and rules.get("int8_nodes") is None
-    facts = measure_int4(model, stats, block_size, symmetric, sensitivities)
-    plan = decide_int4(facts, Int4Rules(setting=setting, block_size=block_size, symmetric=symmetric, **rules))
-    return QuantizeInt4(plan, stats, block_size=block_size, symmetric=symmetric, accuracy_level=accuracy_level,
-                        method=method, clip=clip, act_order=act_order, damp=damp, refit=refit, progress=progress)
-
-
-def _weight(init: onnx.TensorProto, layer: LinearLayer) -> np.ndarray:
-    """W [K, N] float32 of a layer."""
-    w = numpy_helper.to_array(init)
-    return (w.T if layer.transpose else w).astype(np.float32)
-
-
-def _drop_unused(g: onnx.GraphProto, layers: list[LinearLayer]) -> None:
-    """Remove what the replaced layers read and nothing reads any more: a tied lm_head's Transpose, the weights."""
-    outputs = {o.name for o in g.output}
-    used = {i for n in g.node for i in n.input} | outputs
-    transposes = {l.transpose for l in layers if l.transpose}
-    for n in [n for n in g.node if n.name in transposes and not any(o in used for o in n.output)]:
-        g.node.remove(n)
-    used = {i for n in g.node for i in n.input} | outputs
-    weights = {l.weight for l in layers}
-    for i in reversed(range(len(g.initializer))):  # in place: re-adding the kept ones would copy them
-        if g.initializer[i].name in weights and g.initializer[i].name not in used:
-            del g.initializer[i]

@@ -3,15 +3,16 @@ why) from measurements, before any pass runs; the passes carry the plan out and 
 
   * encoder on CPU: ``decide_precision`` (edgeq/policy/encoder.py);
   * encoder on QNN HTP: ``decide_qnn_precision`` (edgeq/policy/qnn.py);
-  * causal LM: ``decide_causal_lm`` -> INT4 bits per layer and every node's precision (edgeq/policy/causal_lm.py).
+  * causal LM: ``decide_int4`` -> INT4/INT8 bits per linear layer, then ``decide_decoder_precision`` -> every node's
+    precision (edgeq/policy/causal_lm.py).
 """
 
-from edgeq.policy.causal_lm import (Int4Decision, Int4Facts, Int4Rules, LinearFacts, LLMPlan, decide_causal_lm,
-                                    decide_int4, decide_llm_precision, int4_rules, int4_setting)
+from edgeq.policy.causal_lm import (Int4Decision, Int4Facts, Int4Rules, LinearFacts, decide_decoder_precision,
+                                    decide_int4, int4_rules, int4_setting)
 from edgeq.policy.encoder import HARD_RULES, decide_precision, selection_met
 from edgeq.policy.plan import NodeDecision, PrecisionPlan, Sensitivity
 from edgeq.policy.qnn import decide_qnn_precision
 
-__all__ = ["HARD_RULES", "Int4Decision", "Int4Facts", "Int4Rules", "LLMPlan", "LinearFacts", "NodeDecision",
-           "PrecisionPlan", "Sensitivity", "decide_causal_lm", "decide_int4", "decide_llm_precision",
-           "decide_precision", "decide_qnn_precision", "int4_rules", "int4_setting", "selection_met"]
+__all__ = ["HARD_RULES", "Int4Decision", "Int4Facts", "Int4Rules", "LinearFacts", "NodeDecision", "PrecisionPlan",
+           "Sensitivity", "decide_decoder_precision", "decide_int4", "decide_precision", "decide_qnn_precision",
+           "int4_rules", "int4_setting", "selection_met"]

@@ -4,8 +4,7 @@ a separate head) within the size budget, and every node's precision, decided fro
 ``edgeq.decoder.layerwise.measure`` measures one layer at a time (shapes, K/V projections, INT4 relative output
 error per layer, stored bytes); ``decide_int4`` chooses bits from those numbers within ``max_linear_bits`` (and an
 optional ``max_model_bytes``); ``quantized_layers`` carries the plan out and ``decide_decoder_precision`` records
-every node. ``measure_int4``/``QuantizeInt4``/``decide_llm_precision`` do the same over a whole fused graph (the
-tests' reference). Why 8 bits for K/V and for layers above ``PROMOTE`` x the median error: docs/decisions/int4.md.
+every node. Why 8 bits for K/V and for layers above ``PROMOTE`` x the median error: docs/decisions/int4.md.
 """
 
 from __future__ import annotations
@@ -100,18 +99,9 @@ class Int4Rules:
     fp16_initializers: frozenset[str] = frozenset()  # stored at 2 bytes per value (the FP16 embedding table)
 
 
-@dataclass(frozen=True)
-class LLMPlan:
-    int4: tuple[Int4Decision, ...]  # per linear layer, what QuantizeInt4 does
-    nodes: PrecisionPlan  # every node of the quantized graph (names as QuantizeInt4 writes them)
-
-
-def int4_rules(spec: LLMSpec, model: onnx.ModelProto | None, with_stats: bool = True,
-               tables: frozenset[str] = frozenset()) -> Int4Rules:
+def int4_rules(spec: LLMSpec, tables: frozenset[str] = frozenset(), with_stats: bool = True) -> Int4Rules:
     """The profile's INT4 choices: a separate head unless it shares the FP16 table, K/V at 8 bits, promotion.
-    The embedding tables come from ``model`` (a whole graph) or, without one, from ``tables`` (named by the
-    layer-by-layer front end, which never holds a graph with weights)."""
-    tables = frozenset(embedding_tables(model)) if model is not None else tables
+    ``tables``: the embedding tables by name (as edgeq.decoder.layerwise names them; stored at FP16 by default)."""
     refit = spec.int4_method == "rtn"  # refit after RTN only (docs/decisions/int4.md has the numbers)
     return Int4Rules(
         setting=int4_setting(spec.int4_method, True, refit, with_stats, spec.block_size, spec.symmetric,
@@ -121,12 +111,6 @@ def int4_rules(spec: LLMSpec, model: onnx.ModelProto | None, with_stats: bool = 
         promote=spec.promote or None, max_model_bytes=int(spec.max_size_mb * 1e6) if spec.max_size_mb else None,
         max_linear_bits=spec.max_bits_per_weight,
         fp16_initializers=tables if spec.embedding_precision == "fp16" else frozenset())
-
-
-def decide_causal_lm(model: onnx.ModelProto, facts: Int4Facts, profile: Profile) -> LLMPlan:
-    """The whole plan of a fused causal LM, from what ``measure_int4`` measured on it."""
-    int4 = decide_int4(facts, int4_rules(profile.llm, model))
-    return LLMPlan(int4, decide_llm_precision(model, int4, profile))
 
 
 def decide_int4(facts: Int4Facts, rules: Int4Rules) -> tuple[Int4Decision, ...]:
@@ -220,59 +204,10 @@ def _within_budget(facts: Int4Facts, todo: list[LinearFacts], wanted: dict[str, 
     return promoted, refused
 
 
-def decide_llm_precision(fused: onnx.ModelProto, int4: tuple[Int4Decision, ...], profile: Profile) -> PrecisionPlan:
-    """Every node of a causal LM, in the same order of rules: the tied head, hard rules by category, then the INT4
-    plan's per-layer decisions (which say why a linear layer was kept, e.g. a tied head), then the default.
-
-    Categories come from ``fused`` (the graph before INT4); QuantizeInt4 names a quantized MatMul
-    ``<name>_Q<bits>``, so a quantized layer's decision carries that name, as the package's graph has it.
-    """
-    spec = profile.llm
-    planned = {d.node: d for d in int4}
-    infos = classify(fused)
-    tables = embedding_tables(fused, infos)
-    tied_t = {n.name: n.output[0] for n in fused.graph.node if n.op_type == "Transpose" and n.input[0] in tables}
-    tied_mm = {n.name for n in fused.graph.node if n.op_type == "MatMul" and n.input[1] in tied_t.values()}
-    fp16_head = spec.lm_head_precision == "fp16" and spec.embedding_precision == "fp16"
-    decisions = []
-    for info in infos.values():
-        name, op, category, precision, reason = info.name, info.op_type, info.category, "fp32", ""
-        if info.name in tied_t or info.name in tied_mm:
-            category = LM_HEAD
-            if fp16_head:
-                precision = "fp16"
-                reason = ("tied lm_head: reads the FP16 embedding table through this transpose, so one FP16 copy "
-                          "serves lookup and head (smallest file; profile llm.lm_head_precision = 'fp16')")
-            else:
-                reason = "tied lm_head left on the shared table at FP32"
-        elif info.category == "embedding":
-            if info.shared_weight and not fp16_head:
-                reason = "embedding table also read by the lm_head (tied weights): one FP32 copy"
-            elif spec.embedding_precision == "fp16":
-                precision, reason = "fp16", HARD_RULES["embedding"][1]
-            else:
-                reason = "embedding table: profile sets llm.embedding_precision = 'fp32'"
-        elif info.name in planned:
-            d = planned[info.name]
-            if d.quantize:
-                name, op, precision = f"{name}_Q{d.bits}", "MatMulNBits", f"int{d.bits}"
-                reason = f"linear layer, MatMulNBits: {d.reason}"
-            else:
-                reason = d.reason
-        elif info.category == "norm":
-            reason = ("fused RMSNorm (SimplifiedLayerNormalization): FP32 compute; its scale is 1-D and tiny, and "
-                      "the fused residual output feeds the next layer")
-        else:
-            precision, reason = _hard_rule(info.category)
-        checked: Precision = check_implemented(precision, CAUSAL_LM, category, name)
-        decisions.append(NodeDecision(name, op, info.category, info.role, checked, reason))
-    return PrecisionPlan(tuple(decisions))
-
-
 def decide_decoder_precision(model: onnx.ModelProto, int4: Mapping[str, Int4Decision], profile: Profile) -> PrecisionPlan:
     """Every node of a decoder written layer by layer (edgeq.decoder), whose linear layers are already MatMulNBits
-    where the plan quantized them: a node ``/<linear>/<op>`` takes the plan's decision for ``<linear>``; the rest
-    follow the same rules as ``decide_llm_precision`` (tied head on the FP16 table, embedding, norms, hard rules)."""
+    where the plan quantized them: a node ``/<linear>/<op>`` takes the plan's decision for ``<linear>``; the others
+    in a stated order: the tied head on the FP16 table, linear layers as planned, embedding, norms, hard rules."""
     spec = profile.llm
     infos = classify(model)
     tables = embedding_tables(model, infos)

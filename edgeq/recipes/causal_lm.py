@@ -71,7 +71,7 @@ class CausalLM:
         measured = measure(decoder, source, cal, ev, context_length=spec.context_length, block_size=spec.block_size,
                            symmetric=spec.symmetric, sensitivities=spec.promote > 0,
                            reference_dir=work / "reference", progress=progress)
-        rules = int4_rules(spec, None, tables=frozenset({EMBEDDING}))
+        rules = int4_rules(spec, frozenset({EMBEDDING}))
         int4 = decide_int4(measured.facts, rules)
         plan = {d.node: d for d in int4}
         settings = QuantSettings(spec.int4_method, spec.block_size, spec.symmetric, spec.accuracy_level)

@@ -13,8 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from edgeq.decoder.graph import embedding_table, final_norm_weight, head_weight, write_decoder
-from edgeq.decoder.layers import layer_weights
+from edgeq.decoder.graph import write_fp32_decoder
 from edgeq.decoder.spec import decoder_spec
 from edgeq.decoder.weights import open_safetensors
 
@@ -95,11 +94,7 @@ def build(folder, out):
     """Write the decoder of checkpoint ``folder`` into ``out``: (spec, source, model path)."""
     spec = decoder_spec(json.loads((folder / "config.json").read_text()))
     src = open_safetensors(folder)
-    layers = (layer_weights(spec, src, i) for i in range(spec.num_layers))
-    head = None if spec.tied else head_weight(spec, src)
-    path = write_decoder(spec, out, embedding_table(src), layers, final_norm_weight(spec, src), head,
-                         context_length=CONTEXT)
-    return spec, src, path
+    return spec, src, write_fp32_decoder(spec, src, out, context_length=CONTEXT)
 
 
 def session(model):

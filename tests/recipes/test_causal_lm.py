@@ -114,7 +114,7 @@ def test_model_without_tokenizer(tiny_dir, tmp_path):
         export_package(llm_request(bare, tmp_path / "out"))
 
 
-def test_cli_overrides_reach_the_int4_pass_and_the_manifest(tiny_dir, tmp_path):
+def test_cli_overrides_reach_the_quantizer_and_the_manifest(tiny_dir, tmp_path):
     from click.testing import CliRunner
 
     from edgeq.cli import main
