@@ -204,7 +204,7 @@ def build_fused(model_dir: Path, out: Path, *, gguf_file: str | None = None, pre
         write_package_tokenizer(folder, out)
     graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
     nbits = sum(n.op_type == "MatMulNBits" for n in graph.node)
-    return f"{spec.num_layers} layers built fused in FP32, {nbits} MatMulNBits after ORT's RTN"
+    return f"{spec.num_layers} layers built fused in FP32" + (f", {nbits} MatMulNBits after ORT's RTN" if nbits else "")
 
 
 def build_fp32(src: Path, out: Path, tokenizer_dir: Path | None = None, context_length: int | None = None):
