@@ -48,12 +48,12 @@ def int4_setting(method: str, clip: bool, refit: bool, with_stats: bool, block_s
 class LinearFacts:
     """What was measured about one linear layer (a MatMul with a constant weight) before any decision."""
 
-    node: str
-    weight: str  # the initializer (the embedding table itself when read through ``transpose``)
-    transpose: str | None
+    node: str  # the linear's name (edgeq.decoder.layerwise.linear_name)
+    weight: str  # the tensor it reads (the embedding table itself for a tied head, through ``transpose``)
+    transpose: str | None  # how a tied head reads the table, else None
     k: int
     n: int
-    tied_to: str | None  # the embedding Gather whose table this weight is (shared, or an equal copy)
+    tied_to: str | None  # the embedding table a tied head shares, else None
     weight_type: str  # TensorProto type name
     kv_cache: str | None  # the present.* output this projection writes, if any
     sensitivity: float | None  # INT4 RTN relative output error tr(E^T H E) / tr(W^T H W); None without statistics
@@ -88,7 +88,6 @@ class Int4Rules:
     setting: str  # int4_setting(...), named in the reasons
     block_size: int = 32
     symmetric: bool = False
-    nodes: frozenset[str] | None = None  # the layers to quantize; None: every one
     quantize_tied: bool = False  # quantize a head tied to the embedding table (stores a second copy)
     tied_bits: int = BITS
     int8_nodes: frozenset[str] | None = None  # the 8-bit layers outright (no K/V or sensitivity rule then)
@@ -114,7 +113,7 @@ def int4_rules(spec: LLMSpec, tables: frozenset[str] = frozenset(), with_stats: 
 
 
 def decide_int4(facts: Int4Facts, rules: Int4Rules) -> tuple[Int4Decision, ...]:
-    """Bits per linear layer, in order: kept (not selected, not float, tied) -> 8 bits wanted (the named layers; or a
+    """Bits per linear layer, in order: kept (not float, tied) -> 8 bits wanted (the named layers; or a
     separate head, K/V projections, then sensitivity above ``promote`` x the median, highest first) -> taken in that
     order while the model stays within ``max_model_bytes`` -> INT4."""
     keep = {layer.node: why for layer in facts.layers if (why := _kept(layer, rules))}
@@ -150,16 +149,12 @@ def decide_int4(facts: Int4Facts, rules: Int4Rules) -> tuple[Int4Decision, ...]:
 
 
 def _kept(layer: LinearFacts, rules: Int4Rules) -> str:
-    if rules.nodes is not None and layer.node not in rules.nodes:
-        return "not selected for INT4"
     if layer.weight_type not in FLOAT_WEIGHTS:
         return f"weight type {layer.weight_type} is not float32/float16"
     if layer.tied_to and not rules.quantize_tied:
         return (f"tied to the embedding table of '{layer.tied_to}' (read through '{layer.transpose}'): "
                 f"INT4 would store a second copy of its {layer.k * layer.n / 1e6:.1f}M weights beside it; "
-                "quantize_tied=True to do it anyway" if layer.transpose else
-                f"a copy of the embedding table of '{layer.tied_to}' (tied lm_head), kept like the table; "
-                "quantize_tied=True to quantize it")
+                "quantize_tied=True to do it anyway")
     return ""
 
 
