@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 
 from edgeq.errors import ModelFolderError
-
 from edgeq.llm.evaluate import lm_session, window_logits
 
 # A fixed chat prompt whose greedy continuation is stored for `edgeq verify` and compared across devices. Counting
