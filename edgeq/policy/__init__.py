@@ -8,10 +8,12 @@ why) from measurements, before any pass runs; the passes carry the plan out and 
 
 from edgeq.policy.causal_lm import (Int4Decision, Int4Facts, Int4Rules, LinearFacts, LLMPlan, decide_causal_lm,
                                     decide_int4, decide_llm_precision, int4_rules, int4_setting)
-from edgeq.policy.encoder import HARD_RULES, decide_precision, selection_met
+from edgeq.policy.encoder import (HARD_RULES, SelectionStep, SelectionTarget, decide_precision, promotion_count,
+                                  selection_met, selection_targets)
 from edgeq.policy.plan import NodeDecision, PrecisionPlan, Sensitivity
 from edgeq.policy.qnn import decide_qnn_precision
 
 __all__ = ["HARD_RULES", "Int4Decision", "Int4Facts", "Int4Rules", "LLMPlan", "LinearFacts", "NodeDecision",
-           "PrecisionPlan", "Sensitivity", "decide_causal_lm", "decide_int4", "decide_llm_precision",
-           "decide_precision", "decide_qnn_precision", "int4_rules", "int4_setting", "selection_met"]
+           "PrecisionPlan", "SelectionStep", "SelectionTarget", "Sensitivity", "decide_causal_lm", "decide_int4", "decide_llm_precision",
+           "decide_precision", "decide_qnn_precision", "int4_rules", "int4_setting", "promotion_count", "selection_met",
+           "selection_targets"]

@@ -3,6 +3,7 @@ evaluate against FP32 -> manifest with a stored verification run."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from edgeq.manifest import ENCODER_CPU, SCHEMA_VERSION, stored_rows, tool_versions
@@ -13,13 +14,14 @@ from edgeq.recipes.base import Built, failed
 from edgeq.request import ExportRequest, Inputs
 from edgeq.runtime import encode, pool, session
 from edgeq.safe_load import load_tokenizer
-from edgeq.stages.budget import encoder_accuracy_error, encoder_size_error
+from edgeq.stages.budget import encoder_accuracy_error, encoder_size_error, measured
 from edgeq.stages.calibrate import calibrate
 from edgeq.stages.evaluate import evaluate
 from edgeq.stages.export import export
 from edgeq.stages.optimize import optimize
 from edgeq.stages.package import MODEL_FILE, OPS_CONFIG, convert_to_ort, copy_encoder_tokenizer
 from edgeq.stages.quantize import QuantizedModel, quantize
+from edgeq.stages.remedy import Measured, closest_fix
 from edgeq.stages.record import (budget_section, model_io, precision_section, provenance, size_report,
                                  text_file_record)
 
@@ -47,8 +49,28 @@ class EncoderCpu:
         progress.stage("evaluate", f"{min(profile.accuracy.eval_samples, len(inputs.evaluation.texts))} held-back texts vs FP32")
         accuracy = evaluate(folder / MODEL_FILE, exported.onnx_path, tokenizer, inputs.evaluation, profile, src.pooling)
         manifest = _manifest(inputs, req, quantized, accuracy, folder, tokenizer)
-        return Built(manifest, failed(encoder_accuracy_error(profile, accuracy, quantized),
-                                      encoder_size_error(manifest["size"], quantized)))
+        base = measured(quantized.promoted, accuracy, manifest["size"], profile)
+        fix = None
+        if not base.passes:
+            def measure(k: int) -> Measured:  # the package the export builds with k promoted, as the gate measures it
+                return _candidate(inputs, quantized, k, exported.onnx_path, tokenizer, work / f"candidate-{k}", progress)
+
+            fix = closest_fix(quantized.candidates, base, measure, profile)
+        return Built(manifest, failed(encoder_accuracy_error(profile, base, quantized, fix),
+                                      encoder_size_error(profile, base, quantized, fix)))
+
+
+def _candidate(inputs: Inputs, quantized: QuantizedModel, k: int, fp32: Path, tokenizer, work: Path,
+               progress: Progress) -> Measured:
+    profile = inputs.profile
+    progress.stage("closest fix", f"{k} of {quantized.candidates.n} linear layers promoted: ORT format, then "
+                                  f"{min(profile.accuracy.eval_samples, len(inputs.evaluation.texts))} held-back texts")
+    onnx_path = quantized.candidates.save(k, work / "quantized.onnx")
+    model = convert_to_ort(onnx_path, work, profile.package.target_platform, profile.package.matmulnbits_accuracy_level)
+    acc = evaluate(model, fp32, tokenizer, inputs.evaluation, profile, inputs.source.pooling)
+    result = measured(k, acc, size_report(model, fp32, profile), profile)
+    shutil.rmtree(work)
+    return result
 
 
 def _manifest(inputs: Inputs, req: ExportRequest, quantized: QuantizedModel, accuracy: EncoderAccuracy,
@@ -77,7 +99,8 @@ def _manifest(inputs: Inputs, req: ExportRequest, quantized: QuantizedModel, acc
                         "seq_len": profile.quantization.calibration_seq_len,
                         "method": profile.quantization.calibration_method,
                         "sensitivity_samples": quantized.sensitivity.samples},
-        "precision": precision_section(plan, quantized.promoted, quantized.calibration_accuracy),
+        "precision": precision_section(plan, quantized.promoted, quantized.calibration_accuracy,
+                                       steps=quantized.selection),
         "accuracy": {
             "reference": "FP32 ONNX export of the source, same tokenizer and pooling",
             "evaluation_file": inputs.evaluation.path.name, "evaluation_sha256": inputs.evaluation.sha256,

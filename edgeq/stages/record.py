@@ -8,7 +8,7 @@ from pathlib import Path
 import onnxruntime as ort
 
 from edgeq.metrics import EncoderAccuracy
-from edgeq.policy import PrecisionPlan
+from edgeq.policy import PrecisionPlan, SelectionStep
 from edgeq.profiles import Profile
 from edgeq.request import ExportRequest, Inputs
 from edgeq.textdata import TextSet
@@ -45,12 +45,14 @@ def text_file_record(texts: TextSet) -> dict:
 
 
 def precision_section(plan: PrecisionPlan, promoted: int, selection: EncoderAccuracy, measure: str = "sensitivity",
-                      digits: int = 7) -> dict:
-    """The manifest's per-node precision record; ``measure`` names what NodeDecision.sensitivity holds."""
+                      digits: int = 7, steps: tuple[SelectionStep, ...] = ()) -> dict:
+    """The manifest's per-node precision record; ``measure`` names what NodeDecision.sensitivity holds;
+    ``steps``: the promotion counts the search tried on calibration text, and what each left unmet."""
     return {
         "summary": plan.summary(),
         "promoted_sensitive_layers": promoted,
         "selection_accuracy_on_calibration_text": selection.to_dict(),
+        **({"selection_steps": [s.to_dict() for s in steps]} if steps else {}),
         "nodes": [{"name": d.name, "op": d.op_type, "category": d.category, "role": d.role,
                    "precision": d.precision, "reason": d.reason,
                    **({measure: round(d.sensitivity, digits)} if d.sensitivity is not None else {})}
