@@ -14,6 +14,6 @@ from edgeq.policy.plan import NodeDecision, PrecisionPlan, Sensitivity
 from edgeq.policy.qnn import decide_qnn_precision
 
 __all__ = ["HARD_RULES", "Int4Decision", "Int4Facts", "Int4Rules", "LLMPlan", "LinearFacts", "NodeDecision",
-           "PrecisionPlan", "SelectionStep", "SelectionTarget", "Sensitivity", "decide_causal_lm", "decide_int4", "decide_llm_precision",
-           "decide_precision", "decide_qnn_precision", "int4_rules", "int4_setting", "promotion_count", "selection_met",
-           "selection_targets"]
+           "PrecisionPlan", "SelectionStep", "SelectionTarget", "Sensitivity", "decide_causal_lm", "decide_int4",
+           "decide_llm_precision", "decide_precision", "decide_qnn_precision", "int4_rules", "int4_setting",
+           "promotion_count", "selection_met", "selection_targets"]

@@ -53,7 +53,8 @@ class EncoderCpu:
         fix = None
         if not base.passes:
             def measure(k: int) -> Measured:  # the package the export builds with k promoted, as the gate measures it
-                return _candidate(inputs, quantized, k, exported.onnx_path, tokenizer, work / f"candidate-{k}", progress)
+                return _candidate(inputs, quantized, k, exported.onnx_path, tokenizer, work / f"candidate-{k}",
+                                  progress)
 
             fix = closest_fix(quantized.candidates, base, measure, profile)
         return Built(manifest, failed(encoder_accuracy_error(profile, base, quantized, fix),

@@ -32,8 +32,8 @@ def gated_metrics(acc: EncoderAccuracy, bars: AccuracyBudget) -> str:
     top1 = (f"{shown(acc.retrieval_top1, bars.min_retrieval_top1)} = {round(acc.retrieval_top1 * acc.samples)} of "
             f"{acc.samples}")
     return (f"mean cosine {shown(acc.mean_cosine, bars.min_mean_cosine)} (bar {bars.min_mean_cosine}), min cosine "
-            f"{shown(acc.min_cosine, bars.min_min_cosine)} (bar {bars.min_min_cosine}), retrieval top-1 agreement {top1} "
-            f"(bar {bars.min_retrieval_top1})")
+            f"{shown(acc.min_cosine, bars.min_min_cosine)} (bar {bars.min_min_cosine}), retrieval top-1 agreement "
+            f"{top1} (bar {bars.min_retrieval_top1})")
 
 
 def over_size_ratio(size: dict) -> bool:
@@ -93,8 +93,8 @@ def encoder_accuracy_error(profile: Profile, base: Measured, quantized: Quantize
     named = ", ".join(f"{n} ({quantized.sensitivity.drops[n]:.2e})" for n in worst)
     return AccuracyBudgetError(
         f"accuracy over budget on {acc.samples} held-back texts: {'; '.join(failed)}. All gated metrics: "
-        f"{gated_metrics(acc, profile.accuracy)}; {size_text(base.size)}. {_selection(quantized, profile)}. Most sensitive "
-        f"layers (mean-cosine drop alone at int8): {named}",
+        f"{gated_metrics(acc, profile.accuracy)}; {size_text(base.size)}. {_selection(quantized, profile)}. "
+        f"Most sensitive layers (mean-cosine drop alone at int8): {named}",
         _fix_hint(fix, base, profile.accuracy))
 
 

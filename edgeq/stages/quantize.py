@@ -91,7 +91,8 @@ class Candidates:
     def score(self, k: int) -> EncoderAccuracy:
         if k not in self._scores:
             acc = self._scores[k] = _score(self.model(k), self.feeds, self.stats.reference, self.pooling)
-            self.progress.stage("select", f"{k} of {self.n} linear layers at {self.profile.quantization.sensitive_precision}: "
+            precision = self.profile.quantization.sensitive_precision
+            self.progress.stage("select", f"{k} of {self.n} linear layers at {precision}: "
                                           f"mean cosine {acc.mean_cosine:.5f}, min {acc.min_cosine:.5f}, "
                                           f"retrieval top-1 {acc.retrieval_top1:.4f} on calibration text")
         return self._scores[k]
