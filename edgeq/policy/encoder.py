@@ -8,13 +8,14 @@ Order (first rule that applies wins), as llama.cpp's ``llama_tensor_get_type``:
 Nothing depends on visiting order: the sensitivity ranking is passed in, sorted. How many to promote is chosen by
 ``promotion_count``: candidate plans are measured on calibration text in ``promotion_steps`` order, and the first
 that meets every target (``selection_targets``: one per gated metric, each at least its accuracy-budget bar) is
-kept; the steps and what each left unmet go into the manifest.
+kept, unless its package is over the size budget (``within_size_budget``: then the most promoted count that fits);
+the steps, what each left unmet and why the count was cut go into the manifest.
 """
 
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable
 
 from edgeq.categories import NodeInfo
@@ -154,7 +155,16 @@ def promotion_count(n: int, score: Callable[[int], EncoderAccuracy], profile: Pr
     return tuple(steps)
 
 
-def with_target(profile: Profile, target: SelectionTarget, value: float) -> Profile:
-    """``profile`` with one selection target set, as ``--set {target.key}=value`` would."""
-    field = target.key.removeprefix("quantization.")
-    return replace(profile, quantization=replace(profile.quantization, **{field: value}))
+def within_size_budget(wanted: int, n: int, fits: Callable[[int], bool]) -> tuple[int, str]:
+    """The count to package, and why when it is not ``wanted`` (what the targets asked for). Every promotion costs
+    bytes (an int8 weight-only layer stores a float scale per 32 weights: +12.5% of its weights), so the search
+    never goes past the size budget: when ``wanted``'s package does not fit (``fits(k)``: measured, the package
+    with ``k`` promoted is within the budget), the most promoted count below it that fits is packaged, for the gate
+    to judge; ``wanted`` itself when none does, for the size check to report."""
+    if fits(wanted):
+        return wanted, ""
+    for k in reversed([s for s in promotion_steps(n) if s < wanted]):
+        if fits(k):
+            return k, (f"the targets need {wanted} layers promoted, over the size budget: {k} is the most "
+                       "promoted count that fits")
+    return wanted, "no promotion count fits the size budget"

@@ -11,8 +11,10 @@ from edgeq.errors import AccuracyBudgetError, SizeBudgetError
 from edgeq.llm.evaluate import LMAccuracy
 from edgeq.metrics import EncoderAccuracy, shown
 from edgeq.policy import selection_targets
+from edgeq.policy.encoder import unmet_targets
 from edgeq.profiles import AccuracyBudget, LLMSpec, Profile
 from edgeq.stages.quantize import QuantizedModel
+from edgeq.stages.record import over_size_ratio
 from edgeq.stages.remedy import Fix, Measured, size_limit_setting
 
 Row = tuple[str, float, float]  # (what, measured, the least it may be)
@@ -36,12 +38,6 @@ def gated_metrics(acc: EncoderAccuracy, bars: AccuracyBudget) -> str:
             f"{top1} (bar {bars.min_retrieval_top1})")
 
 
-def over_size_ratio(size: dict) -> bool:
-    """``size`` is a manifest size section (``stages.record.size_report``); compared in bytes, not the rounded
-    ratio the manifest shows (36,212,345 B of 90,510,000 B is over 40% though it rounds to 40.0%)."""
-    return size["checked"] and size["model_bytes"] > size["max_ratio"] * size["fp32_onnx_bytes"]
-
-
 def size_text(size: dict, name: str = "model") -> str:
     """The numbers a size check compares, unrounded: bytes, the exact ratio, and the limit in bytes."""
     model, fp32 = size["model_bytes"], size["fp32_onnx_bytes"]
@@ -58,6 +54,10 @@ def measured(promoted: int, acc: EncoderAccuracy, size: dict, profile: Profile) 
 def _selection(quantized: QuantizedModel, profile: Profile) -> str:
     last = quantized.selection[-1]
     n, precision = len(quantized.sensitivity.drops), profile.quantization.sensitive_precision
+    if quantized.size_note:
+        unmet = unmet_targets(quantized.calibration_accuracy, profile)
+        return (f"Size budget: {quantized.size_note} ({quantized.promoted} of {n} linear layers at {precision}; on "
+                f"calibration text {', '.join(unmet) or 'every target is met'})")
     if not last.unmet:
         met = ", ".join(f"{t.label} {shown(getattr(last.accuracy, t.metric), t.target)} >= {t.target}"
                         for t in selection_targets(profile))

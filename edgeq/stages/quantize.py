@@ -106,12 +106,19 @@ class QuantizedModel:
     sensitivity: Sensitivity
     promoted: int
     calibration_accuracy: EncoderAccuracy  # of the chosen plan, on calibration text (selection, not the gate)
-    selection: tuple[SelectionStep, ...] = ()  # the counts tried, the chosen one last
+    selection: tuple[SelectionStep, ...] = ()  # the counts tried, the one the targets chose last
     candidates: Candidates | None = None
+    size_note: str = ""  # why fewer layers were promoted than the targets chose (policy.encoder.within_size_budget)
 
     @property
     def targets_met(self) -> bool:
-        return bool(self.selection) and not self.selection[-1].unmet
+        return bool(self.selection) and not self.selection[-1].unmet and not self.size_note
+
+    def at(self, k: int, note: str, path: Path) -> QuantizedModel:
+        """The same search with ``k`` layers promoted instead (``note``: why), its QDQ model written to ``path``."""
+        c = self.candidates
+        return replace(self, onnx_path=c.save(k, path), plan=c.plan(k), promoted=k, calibration_accuracy=c.score(k),
+                       size_note=note)
 
 
 def quantize(optimized: OptimizedModel, stats: CalibrationStats, tokenizer, texts: tuple[str, ...], profile: Profile,

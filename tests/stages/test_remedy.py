@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 
 from edgeq.metrics import EncoderAccuracy
-from edgeq.policy import promotion_count, selection_targets
-from edgeq.policy.encoder import promotion_steps, with_target
+from edgeq.policy import promotion_count
+from edgeq.policy.encoder import promotion_steps, within_size_budget
 from edgeq.profiles import load_profile
 from edgeq.stages.budget import measured
-from edgeq.stages.remedy import closest_fix, floored, size_limit_setting, target_setting
+from edgeq.stages.remedy import closest_fix, floored, landing, settings_for, size_limit_setting, with_setting
 
 N = 36
 STEPS = promotion_steps(N)  # 0 1 2 3 4 6 8 10 12 16 20 24 32 36
@@ -41,33 +41,45 @@ def profile():
     return load_profile("android-arm64")
 
 
-def size(k: int) -> dict:
-    model = 35_000_000 + 70_000 * k  # each promoted layer adds its block scales
+def size(k: int, over: frozenset[int] = frozenset()) -> dict:
+    """Each promoted layer adds its block scales; the counts in ``over`` are made 36,500,000 B (over 40%)."""
+    model = 36_500_000 if k in over else 35_000_000 + 70_000 * k
     return {"model_bytes": model, "fp32_onnx_bytes": FP32_BYTES, "ratio": round(model / FP32_BYTES, 4),
             "max_ratio": 0.4, "checked": True}
 
 
-def held_back(passing: set[int], over_size: set[int] = frozenset()):
-    """measure(k): the package with k promoted passes the accuracy gate iff k in ``passing``."""
-    asked = []
+class Builds:
+    """measure(k) and size_of(k) of the recipe: the package with k promoted passes the accuracy gate iff k in
+    ``passing``; records what was built."""
 
-    def measure(k: int):
-        asked.append(k)
-        acc = EncoderAccuracy(0.998, 0.99, 0.96 if k in passing else 0.946875, 320)
-        s = size(k) if k not in over_size else {**size(k), "model_bytes": 36_500_000}
-        return measured(k, acc, s, load_profile("android-arm64"))
+    def __init__(self, passing: set[int], over: set[int] = frozenset()) -> None:
+        self.passing, self.over = passing, frozenset(over)
+        self.asked: list[int] = []
 
-    measure.asked = asked
-    return measure
+    def size(self, k: int) -> dict:
+        return size(k, self.over)
+
+    def measure(self, k: int):
+        self.asked.append(k)
+        acc = EncoderAccuracy(0.998, 0.99, 0.96 if k in self.passing else 0.946875, 320)
+        return measured(k, acc, self.size(k), load_profile("android-arm64"))
+
+
+def failed_at(k: int, profile, over: set[int] = frozenset()):
+    return measured(k, EncoderAccuracy(0.998, 0.99, 0.946875, 320), size(k, frozenset(over)), profile)
+
+
+def fix_for(table: Table, base, builds: Builds, profile):
+    return closest_fix(table, base, builds.measure, builds.size, profile)
 
 
 def test_a_package_over_size_only_needs_the_limit_its_bytes_take(profile):
     base = measured(8, EncoderAccuracy(0.998, 0.99, 0.97, 320), {**size(8), "model_bytes": 36_212_345}, profile)
     assert base.over_size and not base.accuracy_failures
-    measure = held_back(set())
-    fix = closest_fix(calibration(), base, measure, profile)
+    builds = Builds(set())
+    fix = fix_for(calibration(), base, builds, profile)
     assert fix.settings == ("package.max_size_ratio=0.4024",) and fix.measured is base
-    assert measure.asked == []  # nothing else is built
+    assert builds.asked == []  # nothing else is built
     assert 0.4024 * FP32_BYTES >= 36_212_345 > 0.4023 * FP32_BYTES
 
 
@@ -81,29 +93,41 @@ def test_size_limit_is_rounded_up_never_down():
 def test_accuracy_failure_names_the_target_that_stops_the_search_at_the_first_passing_count(profile):
     table = calibration()
     first = promotion_count(N, table.score, profile)[-1].promoted
-    assert first == 8  # mean cosine 0.99895 is the first over 0.998
-    base = measured(first, EncoderAccuracy(0.998, 0.99, 0.946875, 320), size(first), profile)
+    assert first == 8  # mean cosine 0.99829 is the first over 0.998
+    base = failed_at(first, profile)
     assert base.accuracy_failures == ("retrieval top-1 agreement 0.946875 < 0.95",)
-    measure = held_back(passing={12, 16})
-    fix = closest_fix(table, base, measure, profile)
-    assert measure.asked == [10, 12]  # upward from the failed count, stopping at the first that passes
+    builds = Builds(passing={12, 16})
+    fix = fix_for(table, base, builds, profile)
+    assert builds.asked == [10, 12]  # upward from the failed count, stopping at the first that passes
     assert fix.measured.promoted == 12 and not fix.measured.over_size
     key, value = fix.settings[0].split("=")
     assert len(fix.settings) == 1 and key == "quantization.sensitivity_target_mean_cosine"
     # the fewest decimals that land the search exactly on 12
     assert value == "0.999" and float(value) == floored(table.rows[12][0], 3)
     assert table.rows[10][0] < 0.999 <= table.rows[12][0]
-    mean = selection_targets(profile)[0]
-    assert promotion_count(N, table.score, with_target(profile, mean, 0.999))[-1].promoted == 12
+    raised = with_setting(profile, key, 0.999)
+    assert promotion_count(N, table.score, raised)[-1].promoted == 12
+    assert landing(table, builds.size, raised) == 12 and landing(table, builds.size, profile) == 8
 
 
 def test_the_passing_count_over_the_size_budget_needs_the_limit_too(profile):
     table = calibration()
-    base = measured(8, EncoderAccuracy(0.998, 0.99, 0.946875, 320), size(8), profile)
-    fix = closest_fix(table, base, held_back(passing={16}, over_size={16}), profile)
+    fix = fix_for(table, failed_at(8, profile), Builds(passing={16}, over={16}), profile)
     assert fix.measured.promoted == 16 and fix.measured.over_size
-    assert fix.settings[0] == "quantization.sensitivity_target_mean_cosine=0.9995"  # 0.999 would stop at 12
-    assert fix.settings[1] == "package.max_size_ratio=0.4056"  # 36,500,000 B of 90,000,000 B
+    # 0.999 would stop at 12; 36,500,000 B of 90,000,000 B
+    assert fix.settings == ("quantization.sensitivity_target_mean_cosine=0.9995", "package.max_size_ratio=0.4056")
+
+
+def test_the_size_budget_cuts_the_search_short_and_the_limit_alone_undoes_it(profile):
+    """The targets ask for 8, over the budget: the export packages 6 (the most that fits), which fails held back;
+    8 passes, and a size limit that admits it is the one setting needed."""
+    table = calibration()
+    builds = Builds(passing={8}, over={8, 10, 12, 16, 20, 24, 32, 36})
+    assert within_size_budget(8, N, lambda k: not builds.size(k)["model_bytes"] > 0.4 * FP32_BYTES)[0] == 6
+    base = failed_at(6, profile)
+    fix = fix_for(table, base, builds, profile)
+    assert fix.settings == ("package.max_size_ratio=0.4056",) and fix.measured.promoted == 8
+    assert landing(table, builds.size, with_setting(profile, "package.max_size_ratio", 0.4056)) == 8
 
 
 def test_when_mean_cosine_cannot_land_there_another_target_does(profile):
@@ -111,27 +135,23 @@ def test_when_mean_cosine_cannot_land_there_another_target_does(profile):
     target that only 12 meets lands on 12."""
     table = calibration(top1={10: 0.9609, 12: 0.984375})
     table.rows[12] = (table.rows[10][0], 0.995, 0.984375)
-    base = measured(8, EncoderAccuracy(0.998, 0.99, 0.946875, 320), size(8), profile)
-    fix = closest_fix(table, base, held_back(passing={12}), profile)
+    fix = fix_for(table, failed_at(8, profile), Builds(passing={12}), profile)
     assert fix.settings == ("quantization.sensitivity_target_retrieval_top1=0.984",)
     assert fix.measured.promoted == 12
 
 
-def test_no_target_reaches_a_count_whose_calibration_scores_fall_behind(profile):
+def test_no_setting_reaches_a_count_whose_calibration_scores_fall_behind(profile):
     table = calibration(top1={12: 0.96})
     table.rows[12] = (table.rows[10][0] - 1e-5, 0.995, 0.96)  # nothing at 12 beats 10: no target stops there
-    assert target_setting(table, 12, profile) is None
-    base = measured(8, EncoderAccuracy(0.998, 0.99, 0.946875, 320), size(8), profile)
-    measure = held_back(passing={12, 16})
-    fix = closest_fix(table, base, measure, profile)
-    assert fix.measured.promoted == 16 and measure.asked == [10, 12, 16]
+    builds = Builds(passing={12, 16})
+    assert settings_for(table, 12, builds.size, profile) is None
+    fix = fix_for(table, failed_at(8, profile), builds, profile)
+    assert fix.measured.promoted == 16 and builds.asked == [10, 12, 16]
 
 
 def test_no_fix_when_no_count_passes(profile):
-    base = measured(8, EncoderAccuracy(0.998, 0.99, 0.946875, 320), size(8), profile)
-    measure = held_back(passing=set())
-    assert closest_fix(calibration(), base, measure, profile) is None
-    assert measure.asked == [k for k in STEPS if k > 8]
+    builds = Builds(passing=set())
+    assert fix_for(calibration(), failed_at(8, profile), builds, profile) is None
+    assert builds.asked == [k for k in STEPS if k > 8]
     # with every layer promoted already, there is nothing to try
-    last = measured(N, EncoderAccuracy(0.998, 0.99, 0.946875, 320), size(N), profile)
-    assert closest_fix(calibration(), last, held_back(set()), profile) is None
+    assert fix_for(calibration(), failed_at(N, profile), Builds(set()), profile) is None
