@@ -18,6 +18,19 @@ class EncoderAccuracy:
         return asdict(self)
 
 
+def shown(value: float, bar: float, digits: int = 6) -> str:
+    """``value`` for a message that compares it with ``bar``: at least ``digits`` decimals, and as many more as it
+    takes for the printed number to stand on the same side of ``bar`` as the value does, and not to read as a
+    perfect 1 it is not (a min cosine of 0.99999968 against a bar of 0.9999997 must not print as 1.000000 or
+    0.9999997)."""
+    for d in range(digits, 18):
+        text = f"{value:.{d}f}"
+        printed = float(text)
+        if (printed < bar) == (value < bar) and (printed == bar) == (value == bar) and (printed == 1) == (value == 1):
+            return text
+    return repr(value)
+
+
 def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 

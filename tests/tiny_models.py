@@ -48,6 +48,26 @@ def tiny_bert(folder: Path, seed: int = 0, layers: int = 2, hidden: int = 64) ->
     return folder
 
 
+def tiny_bert_with_outliers(folder: Path, scale: float = 100.0, channels: int = 2, seed: int = 0) -> Path:
+    """``tiny_bert`` with outlier channels, as trained encoders have: in every layer ``channels`` value-projection
+    outputs are scaled up by ``scale`` and the attention output projection's matching inputs down by it. The FP32
+    model computes the same function, but the output projection's int8 input range is ``scale`` times wider, so its
+    static int8 activations lose most of their resolution: the search has something to promote."""
+    import torch
+    from transformers import BertModel
+
+    tiny_bert(folder, seed=seed)
+    model = BertModel.from_pretrained(str(folder)).eval()
+    with torch.no_grad():
+        for i, layer in enumerate(model.encoder.layer):
+            ch = torch.arange(channels) * 7 + i  # different channels per layer
+            layer.attention.self.value.weight[ch, :] *= scale
+            layer.attention.self.value.bias[ch] *= scale
+            layer.attention.output.dense.weight[:, ch] /= scale
+    model.save_pretrained(str(folder), safe_serialization=True)
+    return folder
+
+
 def tiny_onnx_encoder(path: Path, seed: int = 0, vocab: int = 50, hidden: int = 16) -> Path:
     """input_ids, attention_mask -> last_hidden_state = (table[input_ids] @ W) * mask: a 5-node stand-in encoder
     for stage tests that need a package-shaped model without an export."""

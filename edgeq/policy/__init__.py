@@ -9,10 +9,12 @@ why) from measurements, before any pass runs; the passes carry the plan out and 
 
 from edgeq.policy.causal_lm import (Int4Decision, Int4Facts, Int4Rules, LinearFacts, decide_decoder_precision,
                                     decide_int4, int4_rules, int4_setting)
-from edgeq.policy.encoder import HARD_RULES, decide_precision, selection_met
+from edgeq.policy.encoder import (HARD_RULES, SelectionStep, SelectionTarget, decide_precision, promotion_count,
+                                  selection_met, selection_targets)
 from edgeq.policy.plan import NodeDecision, PrecisionPlan, Sensitivity
 from edgeq.policy.qnn import decide_qnn_precision
 
 __all__ = ["HARD_RULES", "Int4Decision", "Int4Facts", "Int4Rules", "LinearFacts", "NodeDecision", "PrecisionPlan",
-           "Sensitivity", "decide_decoder_precision", "decide_int4", "decide_precision", "decide_qnn_precision",
-           "int4_rules", "int4_setting", "selection_met"]
+           "SelectionStep", "SelectionTarget", "Sensitivity", "decide_decoder_precision", "decide_int4",
+           "decide_precision", "decide_qnn_precision", "int4_rules", "int4_setting", "promotion_count",
+           "selection_met", "selection_targets"]

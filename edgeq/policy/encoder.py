@@ -6,15 +6,20 @@ Order (first rule that applies wins), as llama.cpp's ``llama_tensor_get_type``:
   3. measured sensitivity: the ``promote`` most sensitive linear layers get ``sensitive_precision``;
   4. the default: linear layers get static INT8 (int8 weights and activations).
 Nothing depends on visiting order: the sensitivity ranking is passed in, sorted. How many to promote is chosen by
-measuring candidate plans on calibration text (``promotion_steps``, stopping at the first that ``selection_met``).
+``promotion_count``: candidate plans are measured on calibration text in ``promotion_steps`` order, and the first
+that meets every target (``selection_targets``: one per gated metric, each at least its accuracy-budget bar) is
+kept, unless its package is over the size budget (``within_size_budget``: then the most promoted count that fits);
+the steps, what each left unmet and why the count was cut go into the manifest.
 """
 
 from __future__ import annotations
 
 import fnmatch
+from dataclasses import dataclass
+from typing import Callable
 
 from edgeq.categories import NodeInfo
-from edgeq.metrics import EncoderAccuracy
+from edgeq.metrics import EncoderAccuracy, shown
 from edgeq.policy.plan import NodeDecision, PrecisionPlan, Sensitivity
 from edgeq.precision import ENCODER_CPU, check_implemented
 from edgeq.profiles import Profile
@@ -90,9 +95,76 @@ def promotion_steps(n: int) -> list[int]:
     return sorted(k for k in {*PROMOTION_STEPS, n} if k <= n)
 
 
+@dataclass(frozen=True)
+class SelectionTarget:
+    """One gated metric: the bar the promotion search holds calibration text to (the profile's target, never below
+    the budget's bar) and the budget's bar, which the held-back text is gated on."""
+
+    label: str   # as messages print it
+    metric: str  # the EncoderAccuracy field
+    key: str     # the profile key of the target: --set KEY=VALUE
+    target: float
+    gate: float
+
+
+def selection_targets(profile: Profile) -> tuple[SelectionTarget, ...]:
+    """Every metric the accuracy gate checks, in the order messages list them. Mean cosine alone is not enough: it
+    does not imply the worst text's cosine, nor that nearest neighbours stay the same (issue 17: a MiniLM fine-tune
+    met the mean-cosine target on calibration text and failed retrieval top-1 held back, 0.9469 < 0.95)."""
+    q, b = profile.quantization, profile.accuracy
+    rows = (("mean cosine", "mean_cosine", q.sensitivity_target_mean_cosine, b.min_mean_cosine),
+            ("min cosine", "min_cosine", q.sensitivity_target_min_cosine, b.min_min_cosine),
+            ("retrieval top-1", "retrieval_top1", q.sensitivity_target_retrieval_top1, b.min_retrieval_top1))
+    return tuple(SelectionTarget(label, metric, f"quantization.sensitivity_target_{metric}", max(target, gate), gate)
+                 for label, metric, target, gate in rows)
+
+
+def unmet_targets(acc: EncoderAccuracy, profile: Profile) -> tuple[str, ...]:
+    """What ``acc`` (on calibration text) leaves unmet, one phrase per target; NaN is unmet."""
+    return tuple(f"{t.label} {shown(getattr(acc, t.metric), t.target)} < {t.target}" for t in selection_targets(profile)
+                 if not getattr(acc, t.metric) >= t.target)
+
+
 def selection_met(acc: EncoderAccuracy, profile: Profile) -> bool:
-    """The bar on calibration text: the profile's target mean cosine (above the budget, for a margin on unseen
-    text) and the budget's min-cosine and retrieval floors, which mean cosine alone does not imply."""
-    b = profile.accuracy
-    return (acc.mean_cosine >= profile.quantization.sensitivity_target_mean_cosine
-            and acc.min_cosine >= b.min_min_cosine and acc.retrieval_top1 >= b.min_retrieval_top1)
+    """Every gated metric meets its target on calibration text."""
+    return not unmet_targets(acc, profile)
+
+
+@dataclass(frozen=True)
+class SelectionStep:
+    """One candidate promotion count as the search measured it on calibration text."""
+
+    promoted: int
+    accuracy: EncoderAccuracy
+    unmet: tuple[str, ...]
+
+    def to_dict(self) -> dict:
+        return {"promoted": self.promoted, **self.accuracy.to_dict(), "unmet": list(self.unmet)}
+
+
+def promotion_count(n: int, score: Callable[[int], EncoderAccuracy], profile: Profile) -> tuple[SelectionStep, ...]:
+    """The steps of the search over ``n`` linear layers: ``score(k)`` is the calibration-text accuracy with the
+    ``k`` most sensitive promoted. It stops at the first count that meets every target; the last step is the one
+    chosen (all ``n`` when none meets them: the most accurate plan there is, for the gate to judge)."""
+    steps = []
+    for k in promotion_steps(n):
+        acc = score(k)
+        steps.append(SelectionStep(k, acc, unmet_targets(acc, profile)))
+        if not steps[-1].unmet:
+            break
+    return tuple(steps)
+
+
+def within_size_budget(wanted: int, n: int, fits: Callable[[int], bool]) -> tuple[int, str]:
+    """The count to package, and why when it is not ``wanted`` (what the targets asked for). Every promotion costs
+    bytes (an int8 weight-only layer stores a float scale per 32 weights: +12.5% of its weights), so the search
+    never goes past the size budget: when ``wanted``'s package does not fit (``fits(k)``: measured, the package
+    with ``k`` promoted is within the budget), the most promoted count below it that fits is packaged, for the gate
+    to judge; ``wanted`` itself when none does, for the size check to report."""
+    if fits(wanted):
+        return wanted, ""
+    for k in reversed([s for s in promotion_steps(n) if s < wanted]):
+        if fits(k):
+            return k, (f"the targets need {wanted} layers promoted, over the size budget: {k} is the most "
+                       "promoted count that fits")
+    return wanted, "no promotion count fits the size budget"

@@ -138,7 +138,7 @@ class CausalLM:
                              "logit_margins": margins},
         }
         # accuracy first: a model over both budgets is reported for its accuracy
-        return Built(manifest, failed(lm_accuracy_error(accuracy, spec), lm_size_error(size, bits, spec)))
+        return Built(manifest, failed(lm_accuracy_error(accuracy, spec, size, bits), lm_size_error(size, bits, spec)))
 
 
 def op_counts(model: onnx.ModelProto) -> str:

@@ -3,24 +3,29 @@ evaluate against FP32 -> manifest with a stored verification run."""
 
 from __future__ import annotations
 
+import shutil
+from dataclasses import replace
 from pathlib import Path
 
 from edgeq.manifest import ENCODER_CPU, SCHEMA_VERSION, stored_rows, tool_versions
 from edgeq.metrics import EncoderAccuracy
 from edgeq.partitions import partition_report
+from edgeq.policy.encoder import within_size_budget
+from edgeq.profiles import Profile
 from edgeq.progress import Progress
 from edgeq.recipes.base import Built, failed
 from edgeq.request import ExportRequest, Inputs
 from edgeq.runtime import encode, pool, session
 from edgeq.safe_load import load_tokenizer
-from edgeq.stages.budget import encoder_accuracy_error, encoder_size_error
+from edgeq.stages.budget import encoder_accuracy_error, encoder_size_error, measured
 from edgeq.stages.calibrate import calibrate
 from edgeq.stages.evaluate import evaluate
 from edgeq.stages.export import export
 from edgeq.stages.optimize import optimize
 from edgeq.stages.package import MODEL_FILE, OPS_CONFIG, convert_to_ort, copy_encoder_tokenizer
-from edgeq.stages.quantize import QuantizedModel, quantize
-from edgeq.stages.record import (budget_section, model_io, precision_section, provenance, size_report,
+from edgeq.stages.quantize import Candidates, QuantizedModel, quantize
+from edgeq.stages.remedy import Measured, closest_fix
+from edgeq.stages.record import (budget_section, model_io, over_size_ratio, precision_section, provenance, size_report,
                                  text_file_record)
 
 
@@ -41,14 +46,66 @@ class EncoderCpu:
         progress.stage("quantize", f"per-layer sensitivity on {min(q.sensitivity_samples, len(cal_texts))} texts")
         quantized = quantize(optimized, stats, tokenizer, cal_texts, profile, src.pooling, work, progress)
         progress.stage("package", f"ORT format for {profile.package.target_platform}")
-        convert_to_ort(quantized.onnx_path, folder, profile.package.target_platform,
-                       profile.package.matmulnbits_accuracy_level)
+        builds = OrtBuilds(quantized.candidates, work / "ort", exported.onnx_path, profile)
+        k, note = within_size_budget(quantized.promoted, quantized.candidates.n, builds.fits)
+        if note:
+            progress.stage("package", note)
+            quantized = quantized.at(k, note, work / "quantized-within-budget.onnx") if k != quantized.promoted \
+                else replace(quantized, size_note=note)
+        builds.place(k, folder)
         copy_encoder_tokenizer(exported.tokenizer_dir, folder, src.tokenizer_files)
-        progress.stage("evaluate", f"{min(profile.accuracy.eval_samples, len(inputs.evaluation.texts))} held-back texts vs FP32")
+        evaluated = min(profile.accuracy.eval_samples, len(inputs.evaluation.texts))
+        progress.stage("evaluate", f"{evaluated} held-back texts vs FP32")
         accuracy = evaluate(folder / MODEL_FILE, exported.onnx_path, tokenizer, inputs.evaluation, profile, src.pooling)
         manifest = _manifest(inputs, req, quantized, accuracy, folder, tokenizer)
-        return Built(manifest, failed(encoder_accuracy_error(profile, accuracy, quantized),
-                                      encoder_size_error(manifest["size"], quantized)))
+        base = measured(quantized.promoted, accuracy, manifest["size"], profile)
+        fix = None
+        if not base.passes:
+            def measure(k: int) -> Measured:  # the package the export builds with k promoted, as the gate measures it
+                progress.stage("closest fix", f"{k} of {quantized.candidates.n} linear layers promoted: ORT format, "
+                                              f"then {evaluated} held-back texts")
+                model = builds.model(k)
+                acc = evaluate(model, exported.onnx_path, tokenizer, inputs.evaluation, profile, src.pooling)
+                model.unlink()  # its size is kept
+                return measured(k, acc, builds.size(k), profile)
+
+            fix = closest_fix(quantized.candidates, base, measure, builds.size, profile)
+        return Built(manifest, failed(encoder_accuracy_error(profile, base, quantized, fix),
+                                      encoder_size_error(profile, base, quantized, fix)))
+
+
+class OrtBuilds:
+    """The ORT-format model of each promotion count, converted once: the size budget (``fits``), the package and the
+    closest-fix search ask for the same counts. Each is exactly what the export packages for that count."""
+
+    def __init__(self, candidates: Candidates, work: Path, fp32: Path, profile: Profile) -> None:
+        self.candidates, self.work, self.fp32, self.profile = candidates, work, fp32, profile
+        self._sizes: dict[int, dict] = {}
+
+    def model(self, k: int) -> Path:
+        folder = self.work / str(k)
+        if not (folder / MODEL_FILE).is_file():
+            onnx_path = self.candidates.save(k, self.work / f"{k}.onnx")
+            convert_to_ort(onnx_path, folder, self.profile.package.target_platform,
+                           self.profile.package.matmulnbits_accuracy_level)
+            onnx_path.unlink()
+            self._sizes[k] = size_report(folder / MODEL_FILE, self.fp32, self.profile)
+        return folder / MODEL_FILE
+
+    def size(self, k: int) -> dict:
+        if k not in self._sizes:
+            self.model(k)
+        return self._sizes[k]
+
+    def fits(self, k: int) -> bool:
+        return not over_size_ratio(self.size(k))
+
+    def place(self, k: int, folder: Path) -> None:
+        """The package's model.ort and ops config: count ``k``'s, byte for byte."""
+        model = self.model(k)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in (MODEL_FILE, OPS_CONFIG):
+            shutil.copy(model.parent / name, folder / name)
 
 
 def _manifest(inputs: Inputs, req: ExportRequest, quantized: QuantizedModel, accuracy: EncoderAccuracy,
@@ -77,7 +134,8 @@ def _manifest(inputs: Inputs, req: ExportRequest, quantized: QuantizedModel, acc
                         "seq_len": profile.quantization.calibration_seq_len,
                         "method": profile.quantization.calibration_method,
                         "sensitivity_samples": quantized.sensitivity.samples},
-        "precision": precision_section(plan, quantized.promoted, quantized.calibration_accuracy),
+        "precision": precision_section(plan, quantized.promoted, quantized.calibration_accuracy,
+                                       steps=quantized.selection, size_note=quantized.size_note),
         "accuracy": {
             "reference": "FP32 ONNX export of the source, same tokenizer and pooling",
             "evaluation_file": inputs.evaluation.path.name, "evaluation_sha256": inputs.evaluation.sha256,

@@ -80,7 +80,7 @@ class EncoderQnn:
         manifest = _manifest(inputs, req, folder, tokenizer, quantized, accuracy, htp, compile_placement.to_dict(),
                              static, {"calibration_samples": len(cal_texts), "htp_texts": len(htp_texts)}, fp32)
         manifest["size"] = size_report(folder / MODEL_FILE, exported.onnx_path, profile)
-        return Built(manifest, failed(qnn_accuracy_error(profile, accuracy, htp, quantized.promoted),
+        return Built(manifest, failed(qnn_accuracy_error(profile, accuracy, htp, quantized.promoted, manifest["size"]),
                                       qnn_size_error(manifest["size"])))
 
 

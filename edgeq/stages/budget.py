@@ -5,11 +5,17 @@ pipeline, which raises the first after the manifest is written and before anythi
 
 from __future__ import annotations
 
+import math
+
 from edgeq.errors import AccuracyBudgetError, SizeBudgetError
 from edgeq.llm.evaluate import LMAccuracy
-from edgeq.metrics import EncoderAccuracy
+from edgeq.metrics import EncoderAccuracy, shown
+from edgeq.policy import selection_targets
+from edgeq.policy.encoder import unmet_targets
 from edgeq.profiles import AccuracyBudget, LLMSpec, Profile
 from edgeq.stages.quantize import QuantizedModel
+from edgeq.stages.record import over_size_ratio
+from edgeq.stages.remedy import Fix, Measured, size_limit_setting
 
 Row = tuple[str, float, float]  # (what, measured, the least it may be)
 
@@ -20,42 +26,90 @@ def encoder_rows(acc: EncoderAccuracy, bars: AccuracyBudget) -> list[Row]:
 
 
 def failures(rows: list[Row]) -> list[str]:
-    return [f"{name} {got:.4f} < {need}" for name, got, need in rows if not got >= need]  # NaN fails too
+    return [f"{name} {shown(got, need)} < {need}" for name, got, need in rows if not got >= need]  # NaN fails too
 
 
-def encoder_accuracy_error(profile: Profile, acc: EncoderAccuracy, quantized: QuantizedModel) -> AccuracyBudgetError | None:
-    failed = failures(encoder_rows(acc, profile.accuracy))
+def gated_metrics(acc: EncoderAccuracy, bars: AccuracyBudget) -> str:
+    """Every gated metric with its bar, unrounded enough to show why it passed or failed (top-1 as a count)."""
+    top1 = (f"{shown(acc.retrieval_top1, bars.min_retrieval_top1)} = {round(acc.retrieval_top1 * acc.samples)} of "
+            f"{acc.samples}")
+    return (f"mean cosine {shown(acc.mean_cosine, bars.min_mean_cosine)} (bar {bars.min_mean_cosine}), min cosine "
+            f"{shown(acc.min_cosine, bars.min_min_cosine)} (bar {bars.min_min_cosine}), retrieval top-1 agreement "
+            f"{top1} (bar {bars.min_retrieval_top1})")
+
+
+def size_text(size: dict, name: str = "model") -> str:
+    """The numbers a size check compares, unrounded: bytes, the exact ratio, and the limit in bytes."""
+    model, fp32 = size["model_bytes"], size["fp32_onnx_bytes"]
+    limit = (f"package.max_size_ratio = {size['max_ratio']:g}: at most {math.floor(size['max_ratio'] * fp32):,} B"
+             if size["checked"] else "not checked: the FP32 export is under 8 MB")
+    return f"{name} {model:,} B = {100 * model / fp32:.4f}% of the FP32 export's {fp32:,} B ({limit})"
+
+
+def measured(promoted: int, acc: EncoderAccuracy, size: dict, profile: Profile) -> Measured:
+    """A built encoder package's verdict: what fails the accuracy budget, and whether it is over the size budget."""
+    return Measured(promoted, acc, size, tuple(failures(encoder_rows(acc, profile.accuracy))), over_size_ratio(size))
+
+
+def _selection(quantized: QuantizedModel, profile: Profile) -> str:
+    last = quantized.selection[-1]
+    n, precision = len(quantized.sensitivity.drops), profile.quantization.sensitive_precision
+    if quantized.size_note:
+        unmet = unmet_targets(quantized.calibration_accuracy, profile)
+        return (f"Size budget: {quantized.size_note} ({quantized.promoted} of {n} linear layers at {precision}; on "
+                f"calibration text {', '.join(unmet) or 'every target is met'})")
+    if not last.unmet:
+        met = ", ".join(f"{t.label} {shown(getattr(last.accuracy, t.metric), t.target)} >= {t.target}"
+                        for t in selection_targets(profile))
+        return (f"The search promoted {last.promoted} of {n} linear layers to {precision}, the first count whose "
+                f"calibration-text accuracy met every target ({met})")
+    return (f"No promotion count met every target on calibration text; with all {n} linear layers at {precision}: "
+            f"{', '.join(last.unmet)}")
+
+
+def _fix_hint(fix: Fix | None, base: Measured, bars: AccuracyBudget) -> str:
+    if fix is None:
+        return ("no promotion count passes the gate, all layers promoted included: calibrate on text closer to your "
+                "use (--calibration FILE), or keep the promoted layers in float with "
+                "--set quantization.sensitive_precision=fp32 (larger)")
+    m = fix.measured
+    sets = " ".join(f"--set {s}" for s in fix.settings)
+    what = "passes" if len(fix.settings) == 1 else "pass together (no single setting does)"
+    if m is base:
+        done = f"this package is within the accuracy budget ({gated_metrics(m.accuracy, bars)})"
+    else:
+        done = (f"measured, the export then promotes {m.promoted} layers: held-back {gated_metrics(m.accuracy, bars)}; "
+                f"{size_text(m.size)}, {m.size['model_bytes'] - base.size['model_bytes']:+,} B")
+    return f"{sets} {what}: {done}"
+
+
+def encoder_accuracy_error(profile: Profile, base: Measured, quantized: QuantizedModel,
+                           fix: Fix | None) -> AccuracyBudgetError | None:
+    """All gated metrics and the size, how the search chose the plan, and the measured closest fix."""
+    acc, failed = base.accuracy, base.accuracy_failures
     if not failed:
         return None
     worst = quantized.sensitivity.ranking()[:5]
     named = ", ".join(f"{n} ({quantized.sensitivity.drops[n]:.2e})" for n in worst)
     return AccuracyBudgetError(
-        f"accuracy over budget on {acc.samples} held-back texts: {'; '.join(failed)}. "
+        f"accuracy over budget on {acc.samples} held-back texts: {'; '.join(failed)}. All gated metrics: "
+        f"{gated_metrics(acc, profile.accuracy)}; {size_text(base.size)}. {_selection(quantized, profile)}. "
         f"Most sensitive layers (mean-cosine drop alone at int8): {named}",
-        "raise quantization.sensitivity_target_mean_cosine in the profile, list layers in keep_fp32_nodes, or "
-        "calibrate on text closer to your use (--calibration)",
-    )
+        _fix_hint(fix, base, profile.accuracy))
 
 
-def over_size_ratio(size: dict) -> bool:
-    """``size`` is a manifest size section (``stages.record.size_report``)."""
-    return size["checked"] and size["ratio"] > size["max_ratio"]
-
-
-def encoder_size_error(size: dict, quantized: QuantizedModel) -> SizeBudgetError | None:
-    if not over_size_ratio(size):
+def encoder_size_error(profile: Profile, base: Measured, quantized: QuantizedModel,
+                       fix: Fix | None) -> SizeBudgetError | None:
+    if not base.over_size:
         return None
-    return SizeBudgetError(
-        f"model is {size['model_bytes'] / 1e6:.1f} MB, {size['ratio']:.1%} of the FP32 export "
-        f"({size['fp32_onnx_bytes'] / 1e6:.1f} MB); the profile allows {size['max_ratio']:.0%} "
-        f"({quantized.promoted} layers were promoted to the sensitive precision)",
-        "raise package.max_size_ratio in the profile, or lower quantization.sensitivity_target_mean_cosine",
-    )
+    return SizeBudgetError(f"{size_text(base.size)}: over the size budget. {_selection(quantized, profile)}",
+                           _fix_hint(fix, base, profile.accuracy))
 
 
-def qnn_accuracy_error(profile: Profile, acc: EncoderAccuracy, htp: dict, promoted: int) -> AccuracyBudgetError | None:
+def qnn_accuracy_error(profile: Profile, acc: EncoderAccuracy, htp: dict, promoted: int,
+                       size: dict) -> AccuracyBudgetError | None:
     """``htp``: the manifest's qnn.simulator.runs (per model file: placement and accuracy on the HTP simulator)."""
-    b = profile.accuracy
+    b, spec = profile.accuracy, profile.qnn
     rows = encoder_rows(acc, b)
     for name, run in htp.items():
         rows.append((f"mean cosine on the HTP simulator ({name})", run["accuracy_vs_fp32"]["mean_cosine"], b.min_mean_cosine))
@@ -63,31 +117,47 @@ def qnn_accuracy_error(profile: Profile, acc: EncoderAccuracy, htp: dict, promot
     failed = failures(rows)
     if not failed:
         return None
+    target = raised_target(spec.sensitivity_target_mean_cosine)
+    longer = f" or --set qnn.seq_len={min(2 * spec.seq_len, 512)} (texts cut at {spec.seq_len} tokens)" \
+        if spec.seq_len < 512 else ""
     return AccuracyBudgetError(
-        f"over budget ({acc.samples} held-back texts on the CPU EP): {'; '.join(failed)}; "
-        f"{promoted} linear layers had {profile.qnn.sensitive_weight_bits}-bit weights",
-        "raise qnn.sensitivity_target_mean_cosine or qnn.seq_len in the profile, or calibrate on text closer to "
-        "your use (--calibration)")
+        f"over budget ({acc.samples} held-back texts on the CPU EP): {'; '.join(failed)}. All gated metrics: "
+        f"{gated_metrics(acc, b)}; {size_text(size, 'model.onnx')}; {promoted} linear layers had "
+        f"{spec.sensitive_weight_bits}-bit weights",
+        f"--set qnn.sensitivity_target_mean_cosine={target} (more {spec.sensitive_weight_bits}-bit layers, larger)"
+        f"{longer}, or calibrate on text closer to your use (--calibration FILE)")
+
+
+def raised_target(target: float) -> str:
+    """A cosine target halfway from ``target`` to 1 (0.998 -> 0.999): one step stricter, printed as typed."""
+    return f"{1 - (1 - target) / 2:.6g}"
 
 
 def qnn_size_error(size: dict) -> SizeBudgetError | None:
     if not over_size_ratio(size):
         return None
-    return SizeBudgetError(f"model.onnx is {size['ratio']:.1%} of the FP32 export; the profile allows {size['max_ratio']:.0%}",
-                           "raise package.max_size_ratio, or lower qnn.sensitivity_target_mean_cosine")
+    return SizeBudgetError(f"{size_text(size, 'model.onnx')}: over the size budget",
+                           f"--set {size_limit_setting(size)} admits this model; or fewer 16-bit layers with a lower "
+                           "--set qnn.sensitivity_target_mean_cosine=...")
 
 
-def lm_accuracy_error(acc: LMAccuracy, spec: LLMSpec) -> AccuracyBudgetError | None:
+def lm_accuracy_error(acc: LMAccuracy, spec: LLMSpec, size: int | None = None,
+                      bits_per_weight: float | None = None) -> AccuracyBudgetError | None:
     failed = []
     if not acc.ppl_increase <= spec.max_ppl_increase:
-        failed.append(f"perplexity {acc.perplexity:.2f} vs FP32 {acc.ref_perplexity:.2f} "
-                      f"(+{acc.ppl_increase:.1%} > +{spec.max_ppl_increase:.0%})")
+        failed.append(f"perplexity increase +{acc.ppl_increase:.4%} > +{spec.max_ppl_increase:.4%}")
     if not acc.top1_agreement >= spec.min_top1_agreement:
-        failed.append(f"top-1 agreement {acc.top1_agreement:.3f} < {spec.min_top1_agreement}")
+        failed.append(f"top-1 agreement {acc.top1_agreement:.6f} < {spec.min_top1_agreement}")
     if not failed:
         return None
-    return AccuracyBudgetError(f"accuracy over budget on {acc.tokens} held-back tokens: {'; '.join(failed)}",
-                               "try " + ", ".join(_more_accurate(spec)) + " (--set KEY=VALUE)")
+    return AccuracyBudgetError(
+        f"accuracy over budget on {acc.tokens} held-back tokens: {'; '.join(failed)}. All gated metrics: perplexity "
+        f"{acc.perplexity:.4f} vs FP32 {acc.ref_perplexity:.4f} (+{acc.ppl_increase:.4%}, bar "
+        f"+{spec.max_ppl_increase:.4%}), top-1 agreement {acc.top1_agreement:.6f} (bar {spec.min_top1_agreement}), "
+        f"mean KL {acc.mean_kl:.6f}"
+        + (f"; the model is {size:,} B, its linear layers {bits_per_weight:.4f} bits per weight (bar "
+           f"{spec.max_bits_per_weight:g})" if size is not None and bits_per_weight is not None else ""),
+        "try " + ", or ".join(f"--set {s}" for s in _more_accurate(spec)))
 
 
 def lm_size_error(size: int, bits_per_weight: float, spec: LLMSpec) -> SizeBudgetError | None:
@@ -95,15 +165,20 @@ def lm_size_error(size: int, bits_per_weight: float, spec: LLMSpec) -> SizeBudge
     has a sensible default) and, when the profile sets one, the whole model against ``max_size_mb``."""
     over = []
     if not bits_per_weight <= spec.max_bits_per_weight:
-        over.append(f"the linear layers store {bits_per_weight:.4f} bits per weight, over the profile's "
-                    f"{spec.max_bits_per_weight:g}")
+        over.append(f"the linear layers store {bits_per_weight:.6f} bits per weight, over the profile's "
+                    f"{spec.max_bits_per_weight:g} (llm.max_bits_per_weight)")
     if spec.max_size_mb and not size <= spec.max_size_mb * 1e6:
-        over.append(f"the model is {size} bytes ({size / 1e6:.3f} MB), over the profile's {spec.max_size_mb:g} MB")
+        over.append(f"the model is {size:,} B ({size / 1e6:.6f} MB), over the profile's {spec.max_size_mb:g} MB "
+                    f"({round(spec.max_size_mb * 1e6):,} B, llm.max_size_mb)")
     if not over:
         return None
+    need_bits = math.ceil(bits_per_weight * 100) / 100
+    need_mb = math.ceil(size / 1e4) / 100
     return SizeBudgetError("; ".join(over),
-                           "use --set llm.promote=0 (no 8-bit promotions), or raise --set llm.max_bits_per_weight=... "
-                           "/ --max-size-mb, or --set llm.block_size=64")
+                           f"use --set llm.promote=0 (no 8-bit promotions), or --set llm.max_bits_per_weight="
+                           f"{max(need_bits, spec.max_bits_per_weight):g}"
+                           + (f" --max-size-mb {need_mb:g}" if spec.max_size_mb else "")
+                           + " (admits this model), or --set llm.block_size=64")
 
 
 def _more_accurate(spec: LLMSpec) -> list[str]:
@@ -117,5 +192,5 @@ def _more_accurate(spec: LLMSpec) -> list[str]:
         tips.append(f"llm.block_size={spec.block_size // 2}")
     if not spec.int8_kv:
         tips.append("llm.int8_kv=true")
-    tips.append(f"llm.promote={max(spec.promote / 2, 1.0) if spec.promote else 2.0:g} with a larger llm.max_size_mb")
+    tips.append(f"llm.promote={max(spec.promote / 2, 1.0) if spec.promote else 2.0:g} (more 8-bit layers, larger)")
     return tips

@@ -2,10 +2,10 @@
 
 Sensitivity of a linear layer = mean-cosine drop of the pooled embeddings against FP32 when that layer alone is
 static INT8 (measured on calibration text). The policy (edgeq/policy/encoder.py) then promotes the most sensitive
-layers to the profile's ``sensitive_precision``: each candidate count from ``promotion_steps`` is planned, carried out
-and measured here, and the first whose measurement ``selection_met`` is kept. The MiniLM probe behind this: see
-docs/decisions/encoder-quantization.md.
-"""
+layers to the profile's ``sensitive_precision``: ``Candidates`` plans, carries out and scores each count that
+``promotion_count`` asks for, which keeps the first that meets every target (mean and min cosine, retrieval top-1).
+The same candidates serve the search for the closest passing setting after a failed gate (edgeq/stages/remedy.py).
+The MiniLM probe behind this: see docs/decisions/encoder-quantization.md."""
 
 from __future__ import annotations
 
@@ -19,23 +19,12 @@ from edgeq.metrics import EncoderAccuracy, compare
 from edgeq.passes.base import run_passes
 from edgeq.passes.keep_fp16 import KeepFp16
 from edgeq.passes.quantize_linear import QuantizeLinearLayers
-from edgeq.policy import PrecisionPlan, Sensitivity, decide_precision
-from edgeq.policy.encoder import promotion_steps, selection_met
+from edgeq.policy import PrecisionPlan, SelectionStep, Sensitivity, decide_precision, promotion_count
 from edgeq.profiles import Profile
 from edgeq.progress import QUIET, Progress
 from edgeq.runtime import batches, embed_feeds, session
 from edgeq.stages.calibrate import CalibrationStats
 from edgeq.stages.optimize import OptimizedModel
-
-
-@dataclass(frozen=True)
-class QuantizedModel:
-    optimized: OptimizedModel
-    onnx_path: Path
-    plan: PrecisionPlan
-    sensitivity: Sensitivity
-    promoted: int
-    calibration_accuracy: EncoderAccuracy  # of the chosen plan, on calibration text (selection, not the gate)
 
 
 def apply_plan(model: onnx.ModelProto, plan: PrecisionPlan, stats: CalibrationStats, profile: Profile) -> onnx.ModelProto:
@@ -75,21 +64,70 @@ def measure_sensitivity(optimized: OptimizedModel, model: onnx.ModelProto, stats
     return Sensitivity(drops, len(texts))
 
 
+class Candidates:
+    """The plans the promotion search chooses among, one per promotion count: planned, carried out and scored on
+    calibration text on demand, each count scored once (the closest-fix search asks for the same counts again).
+    Models are not kept: a MiniLM QDQ model is ~90 MB, and rebuilding one costs less than scoring it."""
+
+    def __init__(self, optimized: OptimizedModel, model: onnx.ModelProto, stats: CalibrationStats,
+                 feeds: list[dict[str, np.ndarray]], profile: Profile, sensitivity: Sensitivity, pooling: str,
+                 progress: Progress = QUIET) -> None:
+        self.optimized, self.source, self.stats, self.feeds = optimized, model, stats, feeds
+        self.profile, self.sensitivity, self.pooling, self.progress = profile, sensitivity, pooling, progress
+        self.n = len(sensitivity.drops)
+        self._scores: dict[int, EncoderAccuracy] = {}
+
+    def plan(self, k: int) -> PrecisionPlan:
+        return decide_precision(self.optimized.nodes, self.profile, self.sensitivity, promote=k)
+
+    def model(self, k: int) -> onnx.ModelProto:
+        return apply_plan(self.source, self.plan(k), self.stats, self.profile)
+
+    def save(self, k: int, path: Path) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        onnx.save(self.model(k), str(path))
+        return path
+
+    def score(self, k: int) -> EncoderAccuracy:
+        if k not in self._scores:
+            acc = self._scores[k] = _score(self.model(k), self.feeds, self.stats.reference, self.pooling)
+            precision = self.profile.quantization.sensitive_precision
+            self.progress.stage("select", f"{k} of {self.n} linear layers at {precision}: "
+                                          f"mean cosine {acc.mean_cosine:.5f}, min {acc.min_cosine:.5f}, "
+                                          f"retrieval top-1 {acc.retrieval_top1:.4f} on calibration text")
+        return self._scores[k]
+
+
+@dataclass(frozen=True)
+class QuantizedModel:
+    optimized: OptimizedModel
+    onnx_path: Path
+    plan: PrecisionPlan
+    sensitivity: Sensitivity
+    promoted: int
+    calibration_accuracy: EncoderAccuracy  # of the chosen plan, on calibration text (selection, not the gate)
+    selection: tuple[SelectionStep, ...] = ()  # the counts tried, the one the targets chose last
+    candidates: Candidates | None = None
+    size_note: str = ""  # why fewer layers were promoted than the targets chose (policy.encoder.within_size_budget)
+
+    @property
+    def targets_met(self) -> bool:
+        return bool(self.selection) and not self.selection[-1].unmet and not self.size_note
+
+    def at(self, k: int, note: str, path: Path) -> QuantizedModel:
+        """The same search with ``k`` layers promoted instead (``note``: why), its QDQ model written to ``path``."""
+        c = self.candidates
+        return replace(self, onnx_path=c.save(k, path), plan=c.plan(k), promoted=k, calibration_accuracy=c.score(k),
+                       size_note=note)
+
+
 def quantize(optimized: OptimizedModel, stats: CalibrationStats, tokenizer, texts: tuple[str, ...], profile: Profile,
              pooling: str, workdir: Path, progress: Progress = QUIET) -> QuantizedModel:
     model = optimized.load()
     sens = measure_sensitivity(optimized, model, stats, tokenizer, texts, profile, pooling, progress)
-    n = len(sens.drops)
-    feeds = encode_texts(model, tokenizer, texts, profile)
-    for k in promotion_steps(n):
-        plan = decide_precision(optimized.nodes, profile, sens, promote=k)
-        qmodel = apply_plan(model, plan, stats, profile)
-        acc = _score(qmodel, feeds, stats.reference, pooling)
-        progress.stage("select", f"{k} of {n} linear layers at {profile.quantization.sensitive_precision}: "
-                                 f"mean cosine {acc.mean_cosine:.5f}, min {acc.min_cosine:.5f}, "
-                                 f"retrieval top-1 {acc.retrieval_top1:.3f} on calibration text")
-        if selection_met(acc, profile):
-            break
-    path = workdir / "quantized.onnx"
-    onnx.save(qmodel, str(path))
-    return QuantizedModel(optimized, path, plan, sens, k, acc)
+    candidates = Candidates(optimized, model, stats, encode_texts(model, tokenizer, texts, profile), profile, sens,
+                            pooling, progress)
+    steps = promotion_count(candidates.n, candidates.score, profile)
+    k = steps[-1].promoted
+    path = candidates.save(k, workdir / "quantized.onnx")
+    return QuantizedModel(optimized, path, candidates.plan(k), sens, k, steps[-1].accuracy, steps, candidates)

@@ -8,7 +8,7 @@ from pathlib import Path
 import onnxruntime as ort
 
 from edgeq.metrics import EncoderAccuracy
-from edgeq.policy import PrecisionPlan
+from edgeq.policy import PrecisionPlan, SelectionStep
 from edgeq.profiles import Profile
 from edgeq.request import ExportRequest, Inputs
 from edgeq.textdata import TextSet
@@ -46,12 +46,16 @@ def text_file_record(texts: TextSet) -> dict:
 
 
 def precision_section(plan: PrecisionPlan, promoted: int, selection: EncoderAccuracy, measure: str = "sensitivity",
-                      digits: int = 7) -> dict:
-    """The manifest's per-node precision record; ``measure`` names what NodeDecision.sensitivity holds."""
+                      digits: int = 7, steps: tuple[SelectionStep, ...] = (), size_note: str = "") -> dict:
+    """The manifest's per-node precision record; ``measure`` names what NodeDecision.sensitivity holds;
+    ``steps``: the promotion counts the search tried on calibration text, and what each left unmet; ``size_note``:
+    why fewer were promoted than the targets chose."""
     return {
         "summary": plan.summary(),
         "promoted_sensitive_layers": promoted,
         "selection_accuracy_on_calibration_text": selection.to_dict(),
+        **({"selection_steps": [s.to_dict() for s in steps]} if steps else {}),
+        **({"selection_size_note": size_note} if size_note else {}),
         "nodes": [{"name": d.name, "op": d.op_type, "category": d.category, "role": d.role,
                    "precision": d.precision, "reason": d.reason,
                    **({measure: round(d.sensitivity, digits)} if d.sensitivity is not None else {})}
@@ -70,6 +74,12 @@ def size_report(model_path: Path, fp32_path: Path, profile: Profile) -> dict:
     fp32 = sum(p.stat().st_size for p in fp32_path.parent.glob(fp32_path.name + "*"))  # with external data
     return {"model_bytes": model, "fp32_onnx_bytes": fp32, "ratio": round(model / fp32, 4),
             "max_ratio": profile.package.max_size_ratio, "checked": fp32 >= SIZE_CHECK_MIN_BYTES}
+
+
+def over_size_ratio(size: dict) -> bool:
+    """``size`` is a size section (``size_report``); compared in bytes, not the rounded ratio the manifest shows
+    (36,212,345 B of 90,510,000 B is over 40% though it rounds to 40.0%)."""
+    return size["checked"] and size["model_bytes"] > size["max_ratio"] * size["fp32_onnx_bytes"]
 
 
 def model_io(sess: ort.InferenceSession) -> dict:

@@ -9,6 +9,7 @@ import pytest
 
 from edgeq.categories import NodeInfo
 from edgeq.policy import NodeDecision, PrecisionPlan, Sensitivity, decide_precision
+from edgeq.policy.encoder import within_size_budget
 from edgeq.precision import Precision
 from edgeq.profiles import load_profile
 
@@ -215,3 +216,15 @@ def test_plan_helpers():
     assert plan.by_name() == {"a": d1, "b": d2}
     assert plan.of("fp16") == [d2]
     assert plan.summary() == {"embedding": {"fp16": 1}, "linear": {"int8": 1}}
+
+
+def test_within_size_budget_packages_the_most_promoted_count_that_fits():
+    assert within_size_budget(12, 36, lambda k: True) == (12, "")
+    k, why = within_size_budget(12, 36, lambda k: k <= 6)  # 8, 10 and 12 do not fit
+    assert k == 6 and why == ("the targets need 12 layers promoted, over the size budget: 6 is the most promoted count "
+                              "that fits")
+    # nothing fits: the targets' count, for the size check to report
+    assert within_size_budget(12, 36, lambda k: False) == (12, "no promotion count fits the size budget")
+    asked = []
+    within_size_budget(12, 36, lambda k: asked.append(k) or k <= 8)
+    assert asked == [12, 10, 8]  # downward from the targets' count, stopping at the first that fits
