@@ -44,7 +44,9 @@ class LocalExecutor:
 
     def run(self, cells: list[Cell], store: Store, events: Events) -> None:
         budget = self.memory_mb or available_memory_mb() - RESERVE_MB
-        events.note(f"memory budget {budget} MB; cells declare {', '.join(f'{c.memory_mb}' for c in cells)} MB")
+        declared = sorted(c.memory_mb for c in cells)
+        events.note(f"memory budget {budget} MB; the cells declare {declared[0]}" +
+                    (f" to {declared[-1]}" if declared[-1] != declared[0] else "") + " MB each")
         waiting: list[Cell] = []
         for cell in cells:
             if cell.memory_mb > budget:

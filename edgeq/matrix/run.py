@@ -42,9 +42,10 @@ def run_matrix(matrix_file: Path, out: Path, executor, retry_failed: bool = Fals
     todo = [c for c in cells if states[c.key][0] == TODO or (retry_failed and states[c.key][0] == FAILED)]
     run = MatrixRun(cells, skipped, {k: r for k, (_, r) in states.items() if r is not None}, hits,
                     {c.key for c in todo})
-    again = "built again (--retry-failed)" if retry_failed else "kept (--retry-failed builds them again)"
-    progress.stage("matrix", f"{len(cells)} cells, {len(skipped)} combinations skipped: {len(hits)} cache hits, "
-                             f"{len(failed)} failed before and {again}, {len(todo)} to build on {executor.describe()}")
+    again = "built again: --retry-failed" if retry_failed else "kept: --retry-failed builds them again"
+    progress.stage("matrix", f"{len(cells)} cells ({len(skipped)} combinations skipped): {len(hits)} cache hits, "
+                             f"{len(failed)} failed before" + (f" ({again})" if failed else "")
+                             + f", {len(todo)} to build on {executor.describe()}")
     events = Events(progress, len(todo))
     try:
         if todo:

@@ -11,6 +11,7 @@ always go on SIGTERM). Usage statistics are off (RAY_USAGE_STATS_ENABLED=0, --di
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -58,7 +59,7 @@ class RayCluster:
     def _start(self, name: str, args: list[str]) -> None:
         folder = self.root / name
         folder.mkdir()
-        extra = [f"--resources={__import__('json').dumps(self.resources[name])}"] if name in self.resources else []
+        extra = [f"--resources={json.dumps(self.resources[name])}"] if name in self.resources else []
         with open(self.root / f"{name}.log", "w") as log:
             p = subprocess.Popen([str(ray_cli()), "start", *args, f"--temp-dir={folder}", "--num-cpus=1",
                                   f"--object-store-memory={OBJECT_STORE_BYTES}", "--disable-usage-stats", *extra],

@@ -20,10 +20,13 @@ import pytest
 from click.testing import CliRunner
 
 from edgeq.cli import main
+from edgeq.devices.arm64 import DEFAULT_CACHE, ensure_runtime
+from edgeq.errors import DeviceUnavailableError
 from edgeq.manifest import read_manifest
 from edgeq.matrix.local import LocalExecutor, available_memory_mb
 from edgeq.matrix.run import run_matrix
 from edgeq.matrix.store import RUNNING_FILE
+from edgeq.matrix.worker import run_cell
 from edgeq.progress import Progress
 from edgeq.stages.verify import verify
 from matrix.conftest import matrix_file, snapshot
@@ -151,7 +154,7 @@ def test_the_summary_has_a_row_per_cell(first, matrix):
 
 def test_a_second_run_does_no_work_and_changes_nothing(second):
     run_, log, before, after = second
-    assert run_.built == set() and len(run_.hits) == 1 and "1 cache hits, 3 failed before and kept" in log
+    assert run_.built == set() and len(run_.hits) == 1 and "1 cache hits, 3 failed before (kept: " in log
     assert after == before  # every file of the store, bytes and mtimes
     assert "started" not in log
 
@@ -177,6 +180,42 @@ def test_a_last_run_does_no_work_and_the_command_exits_1_for_the_failed_cells(la
     assert result.exit_code == 1
     assert "error: 2 of 4 cells are not ok: bert-nan-android-arm64, bert-nan-ios-arm64" in result.output
     assert "hint: their errors are in" in result.output
+
+
+@pytest.fixture(scope="module")
+def device_only(last, matrix):
+    """The built cell asked for a device check afterwards (the host target: the device stage as arm64 runs it, in
+    seconds): its worker checks the package in place."""
+    folder = cell_dirs(matrix[1])["bert-a-android-arm64"]
+    cell = json.loads((folder / "cell.json").read_text())
+    (folder / "cell.json").write_text(json.dumps({**cell, "device": "host"}))
+    before = snapshot(folder / "bert-a-android-arm64")
+    result = run_cell(str(folder))
+    return result, before, snapshot(folder / "bert-a-android-arm64"), (folder / "worker.log").read_text()
+
+
+def test_a_device_check_on_a_built_package_does_not_export_it_again(device_only):
+    result, before, after, log = device_only
+    assert result["status"] == "ok" and result["attempts"] == 2
+    assert result["device"]["target"] == "host" and result["device"]["ok"]
+    assert after == before and "export:" not in log  # the package as it was: checked, not rebuilt
+
+
+@pytest.mark.device
+def test_a_device_check_runs_the_package_on_its_profiles_device(matrix_models, tmp_path):
+    try:
+        ensure_runtime(DEFAULT_CACHE)
+    except DeviceUnavailableError as exc:
+        pytest.skip(f"arm64 runtime cannot be built here, apt is unavailable: {exc.message} ({exc.hint})")
+    path = matrix_file(tmp_path / "m.toml", [str(matrix_models / "bert-a")], ("android-arm64",),
+                       top="device_check = true\n")
+    run_, log = run(path, tmp_path / "out")
+    (c,) = run_.cells
+    r = run_.results[c.key]
+    assert c.device == "arm64" and dict(c.resources) == {"qemu_arm64": 1.0}  # what a Ray node must offer
+    assert r["status"] == "ok" and r["device"]["target"] == "arm64" and r["device"]["ok"], r
+    assert any("within the accuracy budget" in name for name, _, _ in r["device"]["checks"])
+    assert "checked on arm64" in log
 
 
 def concurrency(log: str) -> int:
