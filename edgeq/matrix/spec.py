@@ -81,9 +81,9 @@ def _table(path: Path, data: object, keys: dict[str, type], where: str) -> dict:
         if key not in keys:
             close = difflib.get_close_matches(key, list(keys), n=1, cutoff=0.8)
             if key in TOP_KEYS and keys is not TOP_KEYS:  # TOML puts a key written after [[model]] in that table
+                top = ", ".join(k for k in TOP_KEYS if k not in ("model", "cell"))
                 raise _fail(path, f"'{key}' is inside {where}",
-                            f"write the top-level keys ({', '.join(k for k in TOP_KEYS if k not in ('model', 'cell'))}) "
-                            "before the first [[model]] or [[cell]] table")
+                            f"write the top-level keys ({top}) before the first [[model]] or [[cell]] table")
             raise _fail(path, f"unknown key '{key}' in {where}",
                         f"did you mean '{close[0]}'?" if close else f"keys there: {', '.join(keys)}")
         want = keys[key]
@@ -110,7 +110,8 @@ def _model(path: Path, data: object, index: int) -> ModelEntry:
     where = f"[[model]] {index + 1}"
     t = _table(path, data, MODEL_KEYS, where)
     if "path" not in t:
-        raise _fail(path, f"{where} has no 'path'", "path = a model folder, or a .gguf file (relative to the matrix file)")
+        raise _fail(path, f"{where} has no 'path'",
+                    "path = a model folder, or a .gguf file (relative to the matrix file)")
     source = (path.parent / t["path"]).absolute()
     gguf = t.get("gguf_file")
     if source.suffix == ".gguf":
@@ -161,5 +162,6 @@ def load_matrix(path: Path) -> MatrixSpec:
         raise _fail(path, "a profile is listed twice in 'profiles'")
     calibration = t.get("calibration")
     return MatrixSpec(path.absolute(), models, profiles, _settings(path, t.get("set", []), "the top level"),
-                      t.get("device_check", False), None if calibration is None else (path.parent / calibration).absolute(),
+                      t.get("device_check", False),
+                      None if calibration is None else (path.parent / calibration).absolute(),
                       tuple(_override(path, c, i) for i, c in enumerate(t.get("cell", []))))

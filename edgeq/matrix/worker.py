@@ -44,7 +44,7 @@ def _error(exc: BaseException, stage: str) -> dict:
 
 def _peak_rss_mb() -> float:
     """This process's peak RSS, or its largest child's (the ORT converter) when larger; Linux reports KiB."""
-    kib = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+    kib = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
     return round(kib * 1024 / 1e6, 1)
 
 
@@ -79,9 +79,10 @@ def build(store: Store, key: str, previous: dict | None, node: str) -> dict:
     mine = identity(inputs, req)
     if cell_key(mine) != key:
         changed = differences(cell["inputs"], mine)
-        raise EdgeqError(f"this worker ({node or socket.gethostname()}) sees other inputs than the matrix's driver did: "
-                         f"{'; '.join(changed[:4])}", "install the same edgeq and tool versions on every node, and "
-                         "give every node the same model files at the same path")
+        raise EdgeqError(f"this worker ({node or socket.gethostname()}) sees other inputs than the matrix's driver "
+                         f"did: {'; '.join(changed[:4])}",
+                         "install the same edgeq and tool versions on every node, and give every node the same model "
+                         "files at the same path")
     if previous and store.package_intact(key, previous):  # only the device check is left to do
         record = previous["package"]
     else:
@@ -102,30 +103,29 @@ def build(store: Store, key: str, previous: dict | None, node: str) -> dict:
 def run(cell_dir: Path, run_id: str, started: float, node: str) -> int:
     store, key = Store(cell_dir.parent.parent), cell_dir.name
     try:
-        lock = store.lock(key)
-        lock.__enter__()
-    except DestinationBusyError as exc:
+        with store.lock(key):
+            return run_locked(store, key, run_id, started, node)
+    except DestinationBusyError as exc:  # the cell's lock only: every error of the build is the cell's result
         print(f"error: {exc.message}", file=sys.stderr)
         return BUSY
+
+
+def run_locked(store: Store, key: str, run_id: str, started: float, node: str) -> int:
+    store.mark_running(key, {"pid": os.getpid(), "parent_pid": os.getppid(), "node": node, "run": run_id})
+    previous = store.result(key)
     try:
-        store.mark_running(key, {"pid": os.getpid(), "parent_pid": os.getppid(), "node": node, "run": run_id})
-        previous = store.result(key)
-        try:
-            result = build(store, key, previous, node)
-        except EdgeqError as exc:
-            result = {"status": "failed", "error": _error(exc, "export")}
-            print(f"error: {exc.message}\nhint: {exc.hint}", file=sys.stderr)
-        except Exception as exc:  # noqa: BLE001 - the cell's error, recorded; the traceback goes to worker.log
-            traceback.print_exc()
-            result = {"status": "failed", "error": _error(exc, "export")}
-        if result["status"] == "failed" and previous and "package" not in result and \
-                store.package_intact(key, previous):
-            result["package"] = previous["package"]  # a failed device check leaves the verified package as it was
-        result.update(pid=os.getpid(), parent_pid=os.getppid())  # the parent: a Ray worker, or the local driver
-        finish(store, key, run_id, result, previous, started, _peak_rss_mb(), node)
-        return 0 if result["status"] == "ok" else 1
-    finally:
-        lock.__exit__(None, None, None)
+        result = build(store, key, previous, node)
+    except EdgeqError as exc:
+        result = {"status": "failed", "error": _error(exc, "export")}
+        print(f"error: {exc.message}\nhint: {exc.hint}", file=sys.stderr)
+    except Exception as exc:  # noqa: BLE001 - the cell's error, recorded; the traceback goes to worker.log
+        traceback.print_exc()
+        result = {"status": "failed", "error": _error(exc, "export")}
+    if result["status"] == "failed" and "package" not in result and store.package_intact(key, previous):
+        result["package"] = previous["package"]  # a failed device check leaves the verified package as it was
+    result.update(pid=os.getpid(), parent_pid=os.getppid())  # the parent: a Ray worker, or the local driver
+    finish(store, key, run_id, result, previous, started, _peak_rss_mb(), node)
+    return 0 if result["status"] == "ok" else 1
 
 
 def finish(store: Store, key: str, run_id: str, result: dict, previous: dict | None, started: float,

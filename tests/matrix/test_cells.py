@@ -44,7 +44,8 @@ def test_the_key_hashes_the_manifests_provenance_and_the_tool_versions(tmp_path,
     assert files["model.safetensors"] == hashlib.sha256((tiny_dir / "model.safetensors").read_bytes()).hexdigest()
     assert inputs["profile"]["overrides"]["quantization.calibration_samples"] == 16  # the file's set, in order
     assert inputs["profile"]["values"]["quantization"]["calibration_samples"] == 16  # the profile as applied
-    assert inputs["tools"] == tool_versions() and {"edgeq", "onnx", "onnxruntime", "transformers"} <= set(inputs["tools"])
+    assert inputs["tools"] == tool_versions()
+    assert {"edgeq", "onnx", "onnxruntime", "transformers"} <= set(inputs["tools"])
     assert inputs["package"] == cell.name and inputs["calibration"]["file"] == "calibration.jsonl"
     # the same file planned again: the same key; the request a worker reads back is the one planned
     assert plan(tmp_path, [tiny_dir])[0][0].key == cell.key
@@ -62,13 +63,14 @@ def test_every_input_that_changes_the_bytes_changes_the_key(tmp_path, tiny_dir):
     newer = {**base.inputs, "tools": {**base.inputs["tools"], "onnxruntime": "99.0"}}
     keys = [base.key, other_setting.key, reordered.key, edited_source.key, cell_key(newer)]
     assert len(set(keys)) == len(keys)
-    assert differences(base.inputs, newer) == ['tools.onnxruntime: "%s" != "99.0"' % base.inputs["tools"]["onnxruntime"]]
+    ours = base.inputs["tools"]["onnxruntime"]
+    assert differences(base.inputs, newer) == [f'tools.onnxruntime: "{ours}" != "99.0"']
 
 
 def test_later_overrides_win_and_a_cell_table_picks_its_cells(tmp_path, tiny_dir):
     model = f'path = {str(tiny_dir)!r}\nset = ["quantization.calibration_samples=20"]'
-    extra = ('\n[[cell]]\nprofile = "android-arm64"\nset = ["quantization.calibration_samples=24", "llm.symmetric=true"]'
-             '\ndevice_check = true\n')
+    extra = ('\n[[cell]]\nprofile = "android-arm64"\n'
+             'set = ["quantization.calibration_samples=24", "llm.symmetric=true"]\ndevice_check = true\n')
     (cell,), _ = plan(tmp_path, [model], extra=extra)
     assert cell.request.settings == (("quantization.calibration_samples", 24), ("quantization.sensitivity_samples", 16),
                                      ("llm.window_tokens", 128), ("llm.context_length", 128), ("llm.symmetric", True))

@@ -70,10 +70,20 @@ def cluster():
         shutil.rmtree(c.root, ignore_errors=True)
 
 
-def matrix_command(path: Path, out: Path, address: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", "from edgeq.cli import main; main()", "matrix", str(path), "-o",
-                             str(out), "--ray", address], env=ray_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+def matrix_command(path: Path, out: Path, address: str, during=lambda: None) -> tuple[int, str, object]:
+    """``edgeq matrix PATH -o OUT --ray ADDRESS`` as a user runs it: (exit status, output, what ``during`` returned
+    while it ran). A failed step never leaves the driver running."""
+    command = subprocess.Popen([sys.executable, "-c", "from edgeq.cli import main; main()", "matrix", str(path), "-o",
+                                str(out), "--ray", address], env=ray_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    try:
+        seen = during()
+        output, _ = command.communicate(timeout=RUN_TIMEOUT_S)
+    finally:
+        if command.poll() is None:
+            command.kill()
+            command.wait()
+    return command.returncode, output, seen
 
 
 def kill_a_ray_worker(out: Path, deadline: float) -> tuple[str, int]:
@@ -102,11 +112,10 @@ def test_a_two_node_cluster_builds_the_local_executors_bytes_survives_a_killed_w
     assert not local.not_ok
 
     t0 = time.monotonic()
-    command = matrix_command(path, tmp_path / "ray", ray_cluster.address)
-    key, killed = kill_a_ray_worker(tmp_path / "ray", t0 + RUN_TIMEOUT_S)
-    output, _ = command.communicate(timeout=RUN_TIMEOUT_S)
+    code, output, (key, killed) = matrix_command(path, tmp_path / "ray", ray_cluster.address,
+                                                 lambda: kill_a_ray_worker(tmp_path / "ray", t0 + RUN_TIMEOUT_S))
     timings["ray, 6 cells, one worker killed"] = time.monotonic() - t0
-    assert command.returncode == 0, output
+    assert code == 0, output
     assert "0 cache hits" in output and "6 to build on the Ray cluster" in output
 
     results = {d.name: json.loads((d / "result.json").read_text()) for d in (tmp_path / "ray" / "cells").iterdir()}
@@ -121,10 +130,9 @@ def test_a_two_node_cluster_builds_the_local_executors_bytes_survives_a_killed_w
 
     before = snapshot(tmp_path / "ray" / "cells")
     t0 = time.monotonic()
-    again = matrix_command(path, tmp_path / "ray", ray_cluster.address)
-    output, _ = again.communicate(timeout=RUN_TIMEOUT_S)
+    code, output, _ = matrix_command(path, tmp_path / "ray", ray_cluster.address)
     timings["ray rerun"] = time.monotonic() - t0
-    assert again.returncode == 0, output
+    assert code == 0, output
     assert "6 cache hits" in output and "0 to build" in output and "started" not in output
     assert snapshot(tmp_path / "ray" / "cells") == before
     print("timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))

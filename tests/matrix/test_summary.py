@@ -22,8 +22,8 @@ def test_failed_interrupted_and_skipped_cells_say_what_happened(tmp_path):
     md = summary_markdown(cells, [Skipped("llm", "ios-arm64", "profile 'ios-arm64' takes encoder models")],
                           {"a" * 64: FAILED}, set(), tmp_path)
     assert md.startswith("2 cells: 0 ok, 2 not ok, 0 cache hits")
-    assert ("| m-android-arm64 | FAILED, device: VerificationError: a / b c (hint: rerun it) | — | — | arm64: FAILED | "
-            "3 | — | no | aaaaaaaaaaaa |") in md  # one line, no pipe inside a cell
+    assert ("| m-android-arm64 | FAILED, device: VerificationError: a / b c (hint: rerun it) | — | — | "
+            "arm64: FAILED | 3 | — | no | aaaaaaaaaaaa |") in md  # one line, no pipe inside a cell
     assert "| n-android-arm64 | not built (interrupted) | — |" in md
     assert "Skipped: llm x ios-arm64 (profile 'ios-arm64' takes encoder models)" in md
     assert "Packages" not in md  # edgeq report's table only lists built packages
