@@ -395,9 +395,10 @@ def report_cmd(packages, out_dir, as_html, no_speed, no_plots) -> None:
 def matrix_cmd(matrix_file, out_dir, jobs, ray_address, retry_failed, quiet) -> None:
     """Export and verify every model x profile of MATRIX_FILE, each cell once per distinct input.
 
-    MATRIX_FILE (TOML): profiles = [...] and set = ["KEY=VALUE", ...] at the top, then one [[model]] table per model
-    (path = a model folder or .gguf file; optional name, gguf_file, set, memory_mb, allow_pickle) and optional
-    [[cell]] tables (model and/or profile, set, device_check) overriding the cells they match. A cell whose inputs
+    MATRIX_FILE (TOML): at the top profiles = [...] and optional set = ["KEY=VALUE", ...], device_check = true and
+    calibration = FILE; then one [[model]] table per model (path = a model folder or .gguf file; optional name,
+    gguf_file, set, memory_mb, allow_pickle) and optional [[cell]] tables (model and/or profile, set, device_check)
+    overriding the cells they match. A cell whose inputs
     hash to a key the store holds a verified package for is not built again; a failed cell records its error and the
     others go on."""
     from edgeq.progress import Progress
