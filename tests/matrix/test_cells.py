@@ -126,3 +126,16 @@ def test_a_model_declares_the_estimate_unless_its_table_says(tmp_path, tiny_dir)
     assert cell.memory_mb == peak_memory_mb(inspect_model_dir(tiny_dir)) == estimate_mb(DECODER, parameters)
     (declared,), _ = plan(tmp_path, [f'path = {str(tiny_dir)!r}\nmemory_mb = 333'])
     assert declared.memory_mb == 333 and declared.key == cell.key  # memory is not an input of the package
+
+
+def test_a_gguf_file_is_a_model_of_its_architectures_family(tmp_path):
+    from tiny_gguf import tiny_gguf
+
+    (tmp_path / "g").mkdir()
+    tiny_gguf(tmp_path / "g" / "m.gguf", "llama", context_length=256)
+    (cell,), (skipped,) = plan(tmp_path, [tmp_path / "g" / "m.gguf"], ("android-arm64", "ios-arm64"))
+    assert (cell.name, cell.request.model_dir, cell.request.gguf_file) == ("m-android-arm64", tmp_path / "g", "m.gguf")
+    assert cell.inputs["source"]["files"] == {"m.gguf": hashlib.sha256((tmp_path / "g" / "m.gguf").read_bytes())
+                                              .hexdigest()}  # the one file a GGUF export reads
+    assert cell.memory_mb == estimate_mb(DECODER, 32)  # llama: edgeq's streamed decoder; its 4 x 8 table
+    assert skipped.profile == "ios-arm64"
