@@ -18,7 +18,7 @@ setup: $(BIN)/edgeq
 $(BIN)/edgeq: pyproject.toml setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[test,demo,qnn,bench,encoders]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[test,demo,qnn,bench,encoders,ray]'
 	touch $@
 
 demo: setup
@@ -28,6 +28,7 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
+# the real-model tests and the matrix on a 2-node Ray cluster on loopback (tests/matrix/test_ray_exec.py)
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
 

@@ -377,3 +377,51 @@ def report_cmd(packages, out_dir, as_html, no_speed, no_plots) -> None:
     out_dir = out_dir or default_report_dir(packages)
     for path in report_packages(packages, out_dir, speed=not no_speed, as_html=as_html, plots=not no_plots):
         click.echo(f"wrote {path}")
+
+
+@main.command("matrix")
+@click.argument("matrix_file", type=click.Path(path_type=Path))
+@click.option("-o", "--out", "out_dir", type=click.Path(path_type=Path), default=Path("build/matrix"),
+              show_default=True, help="The store: OUT/cells/<key>/ per cell, OUT/matrix.md, .html and .json. With "
+              "--ray, a folder every node reaches at the same path.")
+@click.option("--jobs", type=click.IntRange(min=1), help="Cells built at once on this machine (default 1; each "
+              "export already uses every core), as long as their declared memory fits what is available.")
+@click.option("--ray", "ray_address", metavar="ADDRESS|auto", help="Build the cells as tasks on the Ray cluster at "
+              "ADDRESS (or the one this machine belongs to: auto) instead of on this machine; needs the 'ray' extra.")
+@click.option("--retry-failed", is_flag=True, help="Build the cells whose failure the store records again (a lost "
+              "worker, memory, a device); without it they are reported as they are.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
+@handle_errors
+def matrix_cmd(matrix_file, out_dir, jobs, ray_address, retry_failed, quiet) -> None:
+    """Export and verify every model x profile of MATRIX_FILE, each cell once per distinct input.
+
+    MATRIX_FILE (TOML): at the top profiles = [...] and optional set = ["KEY=VALUE", ...], device_check = true and
+    calibration = FILE; then one [[model]] table per model (path = a model folder or .gguf file; optional name,
+    gguf_file, set, memory_mb, allow_pickle) and optional [[cell]] tables (model and/or profile, set, device_check)
+    overriding the cells they match. A cell whose inputs
+    hash to a key the store holds a verified package for is not built again; a failed cell records its error and the
+    others go on."""
+    from edgeq.progress import Progress
+
+    if ray_address and jobs:
+        raise click.UsageError("--jobs sizes the local pool; with --ray the cluster's resources decide")
+    with Progress(not quiet) as progress:
+        progress.stage("check", f"matrix {matrix_file}, store {out_dir}")
+        from edgeq.matrix.run import run_matrix
+
+        if ray_address:
+            from edgeq.matrix.ray_exec import RayExecutor
+
+            executor = RayExecutor(ray_address)
+        else:
+            from edgeq.matrix.local import LocalExecutor
+
+            executor = LocalExecutor(jobs or 1)
+        run = run_matrix(matrix_file, out_dir, executor, retry_failed, progress)
+    for path in run.summary:
+        click.echo(f"wrote {path}")
+    if run.not_ok:
+        raise EdgeqError(f"{len(run.not_ok)} of {len(run.cells)} cells are not ok: "
+                         f"{', '.join(c.name for c in run.not_ok[:8])}{' ...' if len(run.not_ok) > 8 else ''}",
+                         f"their errors are in {run.summary[0]}; fix what they say and run again "
+                         "(--retry-failed builds failed cells again)")

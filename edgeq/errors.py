@@ -41,6 +41,10 @@ class ProfileError(UserInputError):
     """Unknown profile, or a profile file that does not parse into a valid profile."""
 
 
+class MatrixFileError(UserInputError):
+    """The matrix file (``edgeq matrix``) does not parse into a valid matrix of models and profiles."""
+
+
 class CalibrationDataError(UserInputError):
     """The calibration file is missing, empty, not text, or overlaps the evaluation split."""
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from edgeq.errors import ModelFolderError, OutputExistsError, UnsupportedModelError, UserInputError, VerificationError
 from edgeq.families import OPTIMUM, by_model_type
-from edgeq.modelsource import inspect_model_dir
+from edgeq.modelsource import ModelSource, inspect_model_dir
 from edgeq.profiles import QNN_EP, load_profile
 from edgeq.progress import QUIET, Progress
 from edgeq.recipes import recipe_for
@@ -37,12 +37,13 @@ def check_package_name(name: str) -> str:
     return name
 
 
-def check_inputs(req: ExportRequest) -> Inputs:
-    """Every user mistake is caught here, before minutes of work."""
+def check_inputs(req: ExportRequest, source: ModelSource | None = None) -> Inputs:
+    """Every user mistake is caught here, before minutes of work. ``source``: ``req.model_dir`` as
+    ``inspect_model_dir`` already read it (a matrix checks one model against many profiles and hashes it once)."""
     if req.name is not None:
         check_package_name(req.name)
     profile = load_profile(req.profile, overrides=dict(req.settings))
-    source = inspect_model_dir(req.model_dir, req.gguf_file, req.allow_pickle)
+    source = source or inspect_model_dir(req.model_dir, req.gguf_file, req.allow_pickle)
     if source.kind not in profile.model_kinds:
         raise UnsupportedModelError(f"profile '{profile.name}' does not take {source.kind} models",
                                     f"it takes: {', '.join(profile.model_kinds)}")
@@ -87,8 +88,9 @@ def check_inputs(req: ExportRequest) -> Inputs:
     return Inputs(source, profile, calibration, evaluation, dest)
 
 
-def export_package(req: ExportRequest, progress: Progress = QUIET) -> Package:
-    inputs = check_inputs(req)
+def export_package(req: ExportRequest, progress: Progress = QUIET, inputs: Inputs | None = None) -> Package:
+    """``inputs``: what ``check_inputs(req)`` returned, when the caller has checked them already."""
+    inputs = inputs or check_inputs(req)
     recipe = recipe_for(inputs.source.kind, inputs.profile)
     with staged(inputs.dest, req.force, space_needed(inputs.source, inputs.profile)) as stage:
         built = recipe.build(inputs, req, stage.folder, stage.work, progress)

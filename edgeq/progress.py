@@ -47,6 +47,11 @@ class Progress:
             self._last_step = (what, now)
             self._print(f"[{now - self.t0:6.1f}s]   {what} {i}/{n}", now)
 
+    def line(self, text: str) -> None:
+        """An indented line under the current stage, always printed (events, not counters: a matrix's cells)."""
+        now = time.monotonic()
+        self._print(f"[{now - self.t0:6.1f}s]   {text}", now)
+
     def close(self) -> None:
         """Stop the heartbeat thread (a no-op without one)."""
         self._stop.set()

@@ -219,8 +219,14 @@ def plot(rows: Sequence[Row], out_dir: Path, prefix: str = "") -> list[Path]:
 # ---------------------------------------------------------------------------------------------------- HTML / files
 def render_html(rows: Sequence[Row], pngs: Sequence[Path], bandwidth_gbs: float | None, title: str) -> str:
     """One self-contained file: the table (Markdown pipes turned into an HTML table) and the plots inlined."""
+    return html_page(markdown_table(rows, bandwidth_gbs), pngs, title)
+
+
+def html_page(markdown: str, pngs: Sequence[Path], title: str) -> str:
+    """Markdown of tables and plain lines (what ``markdown_table`` writes) as one self-contained HTML page: each
+    block of pipe rows an HTML table, every other line a paragraph, the PNGs inlined."""
     body = []
-    for block in markdown_table(rows, bandwidth_gbs).split("\n\n"):
+    for block in markdown.split("\n\n"):
         lines = [ln for ln in block.splitlines() if ln.strip()]
         table = [ln for ln in lines if ln.startswith("|") and not ln.startswith("|---")]
         cells = [[html.escape(c.strip()) for c in ln.strip("|").split("|")] for ln in table]

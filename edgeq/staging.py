@@ -175,11 +175,17 @@ def _pickle_parameters(path: Path) -> tuple[int, int]:
 PARAMETER_COUNTERS = {"safetensors": _safetensors_parameters, "gguf": _gguf_parameters, "pickle": _pickle_parameters}
 
 
-def space_needed(source, profile) -> int:
-    """Bytes an export of ``source`` (a ModelSource) with ``profile`` needs free in OUT, at the most."""
+def parameter_count(source) -> tuple[int, int]:
+    """(parameters, vocabulary rows of the largest 2-D table) of ``source`` (a ModelSource), from its weight files'
+    headers: no tensor is read."""
     count = PARAMETER_COUNTERS[source.weight_format]
     counts = [count(source.path / name) for name in source.weight_files]
-    parameters, vocab = sum(c[0] for c in counts), max((c[1] for c in counts), default=0)
+    return sum(c[0] for c in counts), max((c[1] for c in counts), default=0)
+
+
+def space_needed(source, profile) -> int:
+    """Bytes an export of ``source`` (a ModelSource) with ``profile`` needs free in OUT, at the most."""
+    parameters, vocab = parameter_count(source)
     if source.kind != "causal-lm":
         return int(ENCODER_FACTOR * 4 * parameters)
     llm = profile.llm  # the largest 2-D table of a causal LM is its embedding: vocabulary x hidden
