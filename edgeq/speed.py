@@ -99,13 +99,28 @@ def _tensor_bytes(t) -> int:
     return onnx.numpy_helper.to_array(t).nbytes
 
 
-def graph_decode_bytes(graph) -> int:
-    """Bytes of initializers one decode step of ``graph`` (an onnx GraphProto) reads: all of each weight a
-    MatMul/MatMulNBits/... consumes, one row of a table that only Gather-like ops read (the embedding lookup). A
-    tied table that the LM head also reads counts in full, as the head streams it every token. A Cast of an
-    initializer left in the graph runs every token: its output counts too, at the type it casts to."""
+def _copy_itemsize(node, inits: dict) -> int | None:
+    """Bytes per value of the tensor a Cast or DequantizeLinear of a weight writes, None for other nodes."""
     import onnx
 
+    if not node.input or node.input[0] not in inits:
+        return None
+    if node.op_type == "Cast":
+        to = next(a.i for a in node.attribute if a.name == "to")
+        return onnx.helper.tensor_dtype_to_np_dtype(to).itemsize
+    if node.op_type == "DequantizeLinear":  # the output has the scale's type
+        scale = inits.get(node.input[1]) if len(node.input) > 1 else None
+        return onnx.helper.tensor_dtype_to_np_dtype(scale.data_type).itemsize if scale is not None else 4
+    return None
+
+
+def graph_decode_bytes(graph, run_copies: bool = False) -> int:
+    """Bytes of initializers one decode step of ``graph`` (an onnx GraphProto) reads: all of each weight a
+    MatMul/MatMulNBits/... consumes, one row of a table that only Gather-like ops read (the embedding lookup). A
+    tied table that the LM head also reads counts in full, as the head streams it every token.
+
+    ``run_copies`` (a graph as ONNX Runtime runs it): a Cast or DequantizeLinear of a weight left in the graph
+    writes a full copy every token, which the consumer then reads: its output counts too, at its own type."""
     inits = {t.name: t for t in graph.initializer}
     lookup_only = {name: True for name in inits}
     total = 0
@@ -113,9 +128,9 @@ def graph_decode_bytes(graph) -> int:
         for k, name in enumerate(node.input):
             if name in inits and _LOOKUP_OPS.get(node.op_type) != k:
                 lookup_only[name] = False
-        if node.op_type == "Cast" and node.input[0] in inits:
-            to = next(a.i for a in node.attribute if a.name == "to")
-            total += int(np.prod(inits[node.input[0]].dims)) * onnx.helper.tensor_dtype_to_np_dtype(to).itemsize
+        itemsize = _copy_itemsize(node, inits) if run_copies else None
+        if itemsize:
+            total += int(np.prod(inits[node.input[0]].dims)) * itemsize
     for name, t in inits.items():
         size = _tensor_bytes(t)
         total += size // t.dims[0] if lookup_only[name] and t.dims else size
@@ -136,7 +151,8 @@ def onnx_decode_bytes_as_run(model_path: Path) -> int:
     It differs from the stored count where ONNX Runtime changes the weights at load: an FP16 initializer consumed
     by an op with no FP16 kernel on this CPU's execution provider is cast to FP32 once and read at 4 bytes per value
     every token (on x86 a tied FP16 embedding table feeding the LM head's MatMul becomes an FP32 copy of the whole
-    table, while the Gather still reads FP16 rows); transposes of weights are folded in, at the same size."""
+    table, while the Gather still reads FP16 rows); transposes of weights are folded in, at the same size; a Cast or
+    DequantizeLinear of a weight that stays in the graph runs every token and its output counts as well."""
     import onnx
     import onnxruntime as ort
 
@@ -148,7 +164,8 @@ def onnx_decode_bytes_as_run(model_path: Path) -> int:
         so.add_session_config_entry("session.optimized_model_external_initializers_file_name", "run.onnx.data")
         so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
         ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
-        return graph_decode_bytes(onnx.load(str(Path(tmp) / "run.onnx"), load_external_data=False).graph)
+        return graph_decode_bytes(onnx.load(str(Path(tmp) / "run.onnx"), load_external_data=False).graph,
+                                  run_copies=True)
 
 
 def gguf_decode_bytes(path: Path) -> int:

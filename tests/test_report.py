@@ -192,13 +192,21 @@ def test_decode_bytes_as_run_count_the_fp32_copy_of_an_fp16_head(tmp_path):
     assert onnx_decode_bytes_as_run(path) == 3200 + 16
 
 
-def test_decode_bytes_count_a_cast_of_a_weight_left_in_the_graph_at_its_output_type():
-    w = numpy_helper.from_array(np.ones((8, 8), np.float16), "w")  # 128 bytes; 256 once cast to FP32, every token
-    graph = helper.make_graph([helper.make_node("Cast", ["w"], ["w32"], to=TensorProto.FLOAT),
-                               helper.make_node("MatMul", ["x", "w32"], ["y"])], "g",
+@pytest.mark.parametrize("op, inits, stored, copy", [
+    # FP16 [8, 8]: 128 bytes; an FP32 copy of 256 bytes every token
+    ("Cast", [numpy_helper.from_array(np.ones((8, 8), np.float16), "w")], 128, 256),
+    # int8 [8, 8] + an FP32 scale: 64 + 4 bytes; the dequantized FP32 copy 256
+    ("DequantizeLinear", [numpy_helper.from_array(np.ones((8, 8), np.int8), "w"),
+                          numpy_helper.from_array(np.array(0.1, np.float32), "s")], 68, 256),
+])
+def test_decode_bytes_as_run_count_a_per_token_copy_of_a_weight_at_its_output_type(op, inits, stored, copy):
+    node = (helper.make_node("Cast", ["w"], ["w32"], to=TensorProto.FLOAT) if op == "Cast" else
+            helper.make_node("DequantizeLinear", ["w", "s"], ["w32"]))
+    graph = helper.make_graph([node, helper.make_node("MatMul", ["x", "w32"], ["y"])], "g",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])], [w])
-    assert graph_decode_bytes(graph) == 128 + 256
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])], inits)
+    assert graph_decode_bytes(graph) == stored  # as stored: the file's bytes
+    assert graph_decode_bytes(graph, run_copies=True) == stored + copy  # as run: the copy is written and read
 
 
 def test_bandwidth_is_positive_and_says_how_it_was_measured():
