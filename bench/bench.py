@@ -3,14 +3,17 @@
     python bench/bench.py --model DIR [--gguf FILE] [--out bench/results] [--windows 16] [--sentences 320]
     python bench/bench.py --demo          # all-MiniLM-L6-v2 and SmolLM2-135M-Instruct, both from PyPI wheels
 
-Steps, each variant (bench/variants.py) in its own child process so its wall time and peak RSS are its own:
-1. memory bandwidth (``edgeq.speed.measure_bandwidth``);
+Steps, each variant (bench/variants.py) in its own child process, started through bench/measure.py's launcher so
+that its wall time and peak RSS are its own and not the bench's (a child started straight from a large parent
+inherits the parent's peak in ``ru_maxrss``):
+1. memory bandwidth (``edgeq.speed.measure_bandwidth``) on ``--threads`` threads, the count every engine runs on;
 2. build: the FP32 export every ORT peer shares, edgeq's package, each peer (rows whose extra is missing are skipped
    with the reason);
 3. accuracy, here, on the same held-back text for every row against the FP32 export (encoders: ``edgeq.metrics``
    over ``--sentences`` texts; LLMs: ``edgeq.llm.evaluate`` over ``--windows`` x 512 tokens);
-4. speed, one child per variant, one after another (encoders: ms/sentence at batch 1; LLMs: prefill and decode
-   tokens/s through onnxruntime-genai or llama.cpp), and decode bytes per token -> the bandwidth ceiling;
+4. speed, one child per run, interleaved and with the outlier rule of bench/runs.py (encoders: ms/sentence at batch
+   1; LLMs: prefill and decode tokens/s through onnxruntime-genai or llama.cpp, all on ``--threads`` threads), and
+   decode bytes per token as run and as stored -> the bandwidth ceiling (from the bytes as run);
 5. ``bench.json``, ``bench.md`` and PNG plots in OUT/<model>/, and BENCHMARKS.md's section for the model kind.
 """
 
@@ -20,9 +23,7 @@ import argparse
 import json
 import os
 import platform
-import resource
-import statistics
-import subprocess
+import re
 import sys
 import time
 from dataclasses import asdict
@@ -32,6 +33,8 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 sys.path[:0] = [str(ROOT), str(BENCH)]
 
+import measure  # noqa: E402
+import runs  # noqa: E402
 from edgeq.report import ENCODER, LLM, Row, markdown_table, plot, write_atomic, write_json  # noqa: E402
 from variants import BuildContext, Built, Variant, variants_for  # noqa: E402
 
@@ -40,17 +43,15 @@ SPEED_SENTENCES = 64
 
 
 # ---------------------------------------------------------------------------------------------------- children
-def _peak_rss_mb() -> float:
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # e.g. the ORT-format converter edgeq runs
-    return max(own, kids) / 1024
+CHILD_TIMEOUT_S = 6 * 3600.0
+NO_CAP_GB = 1e9  # the bench records memory, it does not police it (bench/scale.py does)
 
 
 def child_build(ctx: BuildContext, variant: Variant) -> dict:
     t = time.perf_counter()
     built = variant.build(ctx)
     return {"model_file": str(built.model_file), "runtime_dir": str(built.runtime_dir), "note": built.note,
-            "build_s": time.perf_counter() - t, "peak_rss_mb": _peak_rss_mb()}
+            "build_s": time.perf_counter() - t}
 
 
 def child_speed(ctx: BuildContext, built: Built) -> dict:
@@ -63,28 +64,36 @@ def child_speed(ctx: BuildContext, built: Built) -> dict:
     if ctx.kind == ENCODER:
         from edgeq.speed import encoder_ms_per_sentence
 
-        return {"ms_per_sentence": encoder_ms_per_sentence(built.model_file, tokenizer, texts[:SPEED_SENTENCES], 128)}
+        return {"ms_per_sentence": encoder_ms_per_sentence(built.model_file, tokenizer, texts[:SPEED_SENTENCES], 128,
+                                                           threads=ctx.threads)}
     ids = tokenizer("\n\n".join(texts), add_special_tokens=False, verbose=False)["input_ids"][:PROMPT_TOKENS]
     if built.model_file.suffix == ".gguf":
         import llamacpp
 
-        s = llamacpp.speed(built.model_file, ids, NEW_TOKENS)
+        s = llamacpp.speed(built.model_file, ids, NEW_TOKENS, threads=ctx.threads)
     else:
         from edgeq.speed import llm_speed
 
-        s = llm_speed(built.runtime_dir, ids, NEW_TOKENS)
+        s = llm_speed(built.runtime_dir, ids, NEW_TOKENS, threads=ctx.threads)
     return {"prefill_tok_s": s.prefill_tok_s, "decode_tok_s": s.decode_tok_s}
 
 
-def run_child(mode: str, ctx: BuildContext, variant: Variant, built: Built | None = None) -> dict:
-    """Run ``mode`` for ``variant`` in a fresh interpreter; its last stdout line is the JSON result."""
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-")
+
+
+def run_child(mode: str, ctx: BuildContext, variant: Variant, built: Built | None = None,
+              tag: str = "") -> tuple[dict, measure.Measurement]:
+    """Run ``mode`` for ``variant`` in a fresh interpreter started through bench/measure.py's launcher: (the JSON
+    result, its last stdout line; its wall time and its own peak RSS). Its output goes to work/logs/<mode>-<variant>."""
     args = {"mode": mode, "ctx": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(ctx).items()},
             "variant": variant.name, "built": {k: str(v) for k, v in asdict(built).items()} if built else None}
-    proc = subprocess.run([sys.executable, __file__, "--_child", json.dumps(args)], text=True,
-                          stdout=subprocess.PIPE, env=os.environ | {"PYTHONUNBUFFERED": "1"})
-    if proc.returncode != 0:
-        raise RuntimeError(f"{mode} of {variant.name} failed (status {proc.returncode}; its stderr is above)")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    logs = ctx.work / "logs" / _slug(f"{mode}-{variant.name}{tag}")
+    m = measure.run([sys.executable, __file__, "--_child", json.dumps(args)], log_dir=logs, cap_gb=NO_CAP_GB,
+                    timeout_s=CHILD_TIMEOUT_S, env=os.environ | {"PYTHONUNBUFFERED": "1"})
+    if m.status != "ok":
+        raise RuntimeError(f"{mode} of {variant.name}: {m.status}; the end of its stderr ({logs}):\n{m.stderr_tail}")
+    return json.loads((logs / "stdout.txt").read_text().strip().splitlines()[-1]), m
 
 
 def _child_main(spec: str) -> None:
@@ -135,7 +144,7 @@ def llm_accuracy(ctx: BuildContext, built: dict[str, Built]) -> dict[str, dict]:
             if b.model_file.suffix == ".gguf":
                 import llamacpp
 
-                model = llamacpp.window_logits_fn(b.model_file, ctx.window_tokens)
+                model = llamacpp.window_logits_fn(b.model_file, ctx.window_tokens, ctx.threads)
             else:
                 model = b.model_file
             out[name] = asdict(evaluate_lm(model, ref, windows))
@@ -150,11 +159,11 @@ def _size(model_file: Path) -> int:
 
 
 def bench_model(ctx: BuildContext, sentences: int, only: list[str] | None, repeats: int) -> tuple[list[Row], dict]:
-    from edgeq.speed import decode_bytes_per_token, measure_bandwidth
+    from edgeq.speed import decode_bytes_as_run, decode_bytes_per_token, measure_bandwidth
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    bw = measure_bandwidth()
+    bw = measure_bandwidth(threads=ctx.threads)
     print(f"[bench] memory bandwidth {bw.gbs:.1f} GB/s ({bw.method})", flush=True)
     rows: dict[str, Row] = {}
     built: dict[str, Built] = {}
@@ -169,12 +178,13 @@ def bench_model(ctx: BuildContext, sentences: int, only: list[str] | None, repea
             print(f"[bench] skip {v.name}: {reason}", flush=True)
             continue
         print(f"[bench] build {v.name}", flush=True)
-        r = run_child("build", ctx, v)
+        r, m = run_child("build", ctx, v)
         b = built[v.name] = Built(Path(r["model_file"]), Path(r["runtime_dir"]), r["note"])
-        row.build_s, row.peak_rss_mb, row.note = r["build_s"], r["peak_rss_mb"], r["note"]
-        row.size_bytes, row.path = _size(b.model_file), str(b.model_file)
+        row.build_s, row.peak_rss_mb, row.note = r["build_s"], m.peak_rss_gb * 1e3, r["note"]
+        row.size_bytes, row.path, row.threads = _size(b.model_file), str(b.model_file), ctx.threads
         if ctx.kind == LLM:
             row.decode_bytes_per_token = decode_bytes_per_token(b.model_file)
+            row.decode_bytes_as_run = decode_bytes_as_run(b.model_file)
         print(f"[bench]   {row.size_bytes / 1e6:.1f} MB in {row.build_s:.0f} s, peak RSS {row.peak_rss_mb:.0f} MB",
               flush=True)
     timings["build_s"] = time.perf_counter() - t0
@@ -186,28 +196,34 @@ def bench_model(ctx: BuildContext, sentences: int, only: list[str] | None, repea
     timings["accuracy_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    runs = measure_speeds(ctx, built, repeats)
-    for name, per_key in runs.items():
-        for k, values in per_key.items():
-            setattr(rows[name], k, statistics.median(values))
+    speed_runs, run_rss = measure_speeds(ctx, built, repeats)
+    for name, per_key in speed_runs.items():
+        spread = runs.spreads(per_key)
+        for k, s in spread.items():
+            setattr(rows[name], k, s.median)
+        rows[name].spread = {k: s.to_dict() for k, s in spread.items()}
+        rows[name].run_peak_rss_mb = max(run_rss[name])
     timings["speed_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0
-    return list(rows.values()), {"bandwidth": bw.to_dict(), "timings": timings, "speed_runs": runs,
-                                 "speed_repeats": repeats}
+    return list(rows.values()), {"bandwidth": bw.to_dict(), "timings": timings, "speed_runs": speed_runs,
+                                 "speed_repeats": repeats, "threads": ctx.threads, "outlier_rule": runs.RULE}
 
 
-def measure_speeds(ctx: BuildContext, built: dict[str, Built], repeats: int) -> dict[str, dict[str, list[float]]]:
-    """``repeats`` rounds, each variant once per round in a fresh process: drift in the machine's background load
-    (2 shared cores) then spreads over every variant alike; rows take the median."""
+def measure_speeds(ctx: BuildContext, built: dict[str, Built],
+                   repeats: int) -> tuple[dict[str, dict[str, list[float]]], dict[str, list[float]]]:
+    """``repeats`` interleaved rounds (bench/runs.py), each run a fresh process, and reruns of the variants whose
+    runs the outlier rule dropped -> (every run's figures, every run's own peak RSS in MB) per variant."""
     by_name = {v.name: v for v in variants_for(ctx.kind)}
-    runs: dict[str, dict[str, list[float]]] = {name: {} for name in built}
-    for r in range(repeats):
-        for name, b in built.items():
-            for k, val in run_child("speed", ctx, by_name[name], b).items():
-                runs[name].setdefault(k, []).append(val)
-            print(f"[bench] speed {r + 1}/{repeats} {name}: "
-                  + ", ".join(f"{k} {v[-1]:.2f}" for k, v in runs[name].items()), flush=True)
-    return runs
+    rss: dict[str, list[float]] = {name: [] for name in built}
+
+    def run_one(r: int, name: str) -> dict[str, float]:
+        result, m = run_child("speed", ctx, by_name[name], built[name], tag=f"-{r + 1}")
+        rss[name].append(m.peak_rss_gb * 1e3)
+        print(f"[bench] speed round {r + 1} {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in result.items()),
+              flush=True)
+        return result
+
+    return runs.run_interleaved(list(built), repeats, run_one), rss
 
 
 # ---------------------------------------------------------------------------------------------------- output
@@ -236,12 +252,18 @@ def section(model_name: str, kind: str, rows: list[Row], meta: dict, pngs: list[
     bw = meta["bandwidth"]
     t = meta["timings"]
     load = meta.get("load_average")
+    threads = meta.get("threads")
+    rule = meta.get("outlier_rule")
     text = [f"## {model_name} ({kind})", "",
             f"Command: `{meta.get('command', 'make bench')}` — total {t['total_s'] / 60:.1f} min (builds "
             f"{t['build_s'] / 60:.1f}, accuracy {t['accuracy_s'] / 60:.1f}, speed {t['speed_s'] / 60:.1f}), run "
-            f"{meta['date']}. Speeds: median of {meta['speed_repeats']} interleaved rounds, one process per run (all "
-            "runs in bench.json)." + (f" Load average (1 min) {load['start'][0]:.1f} at the start, {load['end'][0]:.1f} "
-                                      f"at the end, on {meta['machine']['cores']} cores." if load else ""), "",
+            f"{meta['date']}. Speeds: {meta['speed_repeats']} rounds, each running every variant once in a fresh "
+            "process, each round starting one variant later than the last (all runs in bench.json)"
+            + (f"; {rule}, at most {meta['speed_repeats']} reruns per variant" if rule else "") + "."
+            + (f" Every engine (ONNX Runtime, onnxruntime-genai, llama.cpp) on {threads} intra-op threads."
+               if threads else "")
+            + (f" Load average (1 min) {load['start'][0]:.1f} at the start, {load['end'][0]:.1f} "
+               f"at the end, on {meta['machine']['cores']} cores." if load else ""), "",
             f"Memory bandwidth {bw['gbs']:.1f} GB/s ({bw['method']}: read {bw['read_gbs']:.1f}, copy "
             f"{bw['copy_gbs']:.1f}). {meta['accuracy_text']}", "",
             markdown_table(rows, bw["gbs"])]
@@ -321,7 +343,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--windows", type=int, default=16, help="LLM evaluation windows of 512 tokens")
     ap.add_argument("--calibration-windows", type=int, default=8, help="LLM calibration windows (edgeq, static QDQ)")
     ap.add_argument("--sentences", type=int, default=320, help="encoder evaluation texts")
-    ap.add_argument("--repeats", type=int, default=3, help="speed rounds (median reported)")
+    ap.add_argument("--repeats", type=int, default=3, help="speed rounds (median of the kept runs reported)")
+    ap.add_argument("--threads", type=int, help="intra-op threads of every engine (default: the CPUs this process "
+                    "may use)")
     ap.add_argument("--only", nargs="*", help="only variants whose name contains one of these (FP32 always runs)")
     ap.add_argument("--no-benchmarks-md", action="store_true", help="do not update BENCHMARKS.md")
     ap.add_argument("--no-text-spread", action="store_true",
@@ -348,7 +372,10 @@ def main(argv: list[str] | None = None) -> int:
         name = name or src.name
         work = args.out / name
         work.mkdir(parents=True, exist_ok=True)
-        ctx = BuildContext(model_dir=model_dir.resolve(), kind=src.kind, work=(work / "build").resolve(),
+        from edgeq.speed import default_threads
+
+        ctx = BuildContext(threads=args.threads or default_threads(), model_dir=model_dir.resolve(), kind=src.kind,
+                           work=(work / "build").resolve(),
                            fp32_dir=(work / "build" / "fp32").resolve(), gguf=gguf.resolve() if gguf else None,
                            calibration_windows=args.calibration_windows, eval_windows=args.windows)
         ctx.work.mkdir(parents=True, exist_ok=True)
@@ -360,9 +387,11 @@ def main(argv: list[str] | None = None) -> int:
                     f"Accuracy vs the FP32 export on {args.sentences} held-back texts of "
                     "calibration_data/evaluation.jsonl (edgeq.metrics), speed over 64 of them at batch 1")
         meta |= {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": mach, "model": str(model_dir),
-                 "accuracy_text": acc_text + "; build s and peak RSS are each variant's own process (peers exclude "
-                 "the shared FP32 export, its own row). Ratios are this row over edgeq's, measured in the same run; "
-                 "a speed ratio above 1x is faster than edgeq."}
+                 "accuracy_text": acc_text + "; build s and build peak RSS are each variant's own build process "
+                 "(peers exclude the shared FP32 export, its own row), run peak RSS the largest of its speed runs' "
+                 "own: each measured through a small launcher and wait4, with the process session's sampled RSS, "
+                 "so no row inherits the bench's own memory (bench/measure.py). Ratios are this row over edgeq's, "
+                 "measured in the same run; a speed ratio above 1x is faster than edgeq."}
         meta["command"] = "make bench" if args.demo else "python bench/bench.py " + " ".join(
             sys.argv[1:] if argv is None else argv)
         meta["name"] = name

@@ -7,8 +7,9 @@ package under edgeq/ and the peer variants. The script exports the model once mo
 only in ``package.matmulnbits_accuracy_level = 4``, then for FP32, edgeq as bundled (level 0), edgeq at level 4 and
 ORT's per-channel dynamic INT8 prints
 
-* the median ms per sentence at batch 1 (edgeq/speed.py, as the bench measures it), in rounds interleaved so that
-  other work on the machine touches every model alike. The two edgeq packages differ in nothing but the weight-only
+* the median ms per sentence at batch 1 (edgeq/speed.py, as the bench measures it, every model on the same
+  intra-op thread count), in rounds interleaved so that other work on the machine touches every model alike, with
+  the range of the runs and the bench's outlier rule (bench/runs.py). The two edgeq packages differ in nothing but the weight-only
   layers' accuracy_level, so their difference is those layers' cost. (ONNX Runtime's profiler is no help here: with
   profiling on, the level-0 package ran 15 ms instead of 5.8.)
 * with ``--arm64-texts N``, how far each edgeq package's outputs on emulated arm64 are from x86's on N texts
@@ -26,13 +27,13 @@ import datetime
 import json
 import os
 import re
-import statistics
 import sys
 import tempfile
-from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import runs  # noqa: E402
 
 ROUNDS = 3
 LEVEL0 = "edgeq, weight-only layers at accuracy_level 0 (bundled)"
@@ -59,14 +60,15 @@ def export_at_level(build: Path, level: int, work: Path) -> Path:
     return pkg.path
 
 
-def median_ms(models: dict[str, Path], tokenizer, texts: list[str], seq_len: int) -> dict[str, float]:
+def median_ms(models: dict[str, Path], tokenizer, texts: list[str], seq_len: int,
+              threads: int) -> dict[str, runs.Spread]:
     from edgeq.speed import encoder_ms_per_sentence
 
-    rounds: dict[str, list[float]] = defaultdict(list)
-    for _ in range(ROUNDS):
-        for name, path in models.items():
-            rounds[name].append(encoder_ms_per_sentence(path, tokenizer, texts, seq_len))
-    return {name: statistics.median(v) for name, v in rounds.items()}
+    def run_one(_: int, name: str) -> dict[str, float]:
+        return {"ms_per_sentence": encoder_ms_per_sentence(models[name], tokenizer, texts, seq_len, threads=threads)}
+
+    return {name: runs.summarize(v["ms_per_sentence"], rate=False)
+            for name, v in runs.run_interleaved(list(models), ROUNDS, run_one).items()}
 
 
 def bundled_package(build: Path) -> Path:
@@ -80,11 +82,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sentences", type=int, default=96)
     ap.add_argument("--arm64-texts", type=int, default=0, help="also measure arm64-vs-x86 agreement on N texts")
     ap.add_argument("--out", type=Path, help="also write the Markdown here")
+    ap.add_argument("--threads", type=int, help="intra-op threads (default: the CPUs this process may use)")
     args = ap.parse_args(argv)
 
     from transformers import AutoTokenizer
 
     from edgeq.manifest import read_manifest
+    from edgeq.speed import default_threads
     from edgeq.textdata import EVALUATION_FILE, load_texts
 
     build = args.build.resolve()
@@ -99,17 +103,21 @@ def main(argv: list[str] | None = None) -> int:
     seq_len = manifest.profile.values.accuracy.eval_seq_len
     tokenizer = AutoTokenizer.from_pretrained(str(build / "fp32"))
     texts = list(load_texts(EVALUATION_FILE).head(args.sentences))
-    ms = median_ms(models, tokenizer, texts, seq_len)
+    threads = args.threads or default_threads()
+    spread = median_ms(models, tokenizer, texts, seq_len, threads)
+    ms = {name: s.median for name, s in spread.items()}
     layers = sum(n.precision == "int8-weight-only" for n in manifest.precision.nodes)
 
     arm = f" --arm64-texts {args.arm64_texts}" if args.arm64_texts else ""
-    lines = [f"Batch 1, {len(texts)} texts of {EVALUATION_FILE.name}, median of {ROUNDS} interleaved rounds, "
-             f"{datetime.date.today()}, load average {os.getloadavg()[0]:.2f} at the end "
-             f"(`python bench/encoder_speed.py bench/results/<model>/build{arm}` after `make bench`).", "",
-             "| model | size MB | ms/sentence | vs FP32 |", "|---|---|---|---|"]
+    lines = [f"Batch 1, {len(texts)} texts of {EVALUATION_FILE.name}, {ROUNDS} interleaved rounds on {threads} "
+             f"intra-op threads ({runs.RULE}), {datetime.date.today()}, load average {os.getloadavg()[0]:.2f} at the "
+             f"end (`python bench/encoder_speed.py bench/results/<model>/build{arm}` after `make bench`).", "",
+             "| model | size MB | ms/sentence: median (lowest to highest kept run, dropped) | vs FP32 |",
+             "|---|---|---|---|"]
     for name, path in models.items():
-        lines.append(f"| {name} | {path.stat().st_size / 1e6:.1f} | {ms[name]:.2f} | "
-                     f"{ms['FP32'] / ms[name]:.2f}x |")
+        s = spread[name]
+        lines.append(f"| {name} | {path.stat().st_size / 1e6:.1f} | {s.median:.2f} ({s.low:.2f} to {s.high:.2f}, "
+                     f"{s.dropped} dropped) | {ms['FP32'] / ms[name]:.2f}x |")
     ms0, ms4 = ms[LEVEL0], ms[LEVEL4]
     lines += ["", f"The {layers} weight-only layers cost {(ms0 - ms4) / layers * 1000:.0f} µs more per call at "
                   f"level 0 than at level 4 ({ms0 - ms4:.2f} ms per sentence). Accuracy against FP32 on "

@@ -12,20 +12,21 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from edgeq.speed import LLMSpeed
-
-THREADS = 2  # the ONNX rows' onnxruntime uses every core; so does llama.cpp here
+from edgeq.speed import LLMSpeed, default_threads
 
 
-def _load(gguf: Path, n_ctx: int):
+def _load(gguf: Path, n_ctx: int, threads: int | None):
+    """``threads`` for both decode and batch (prompt) evaluation: the count the ONNX rows' sessions get."""
     from llama_cpp import Llama
 
-    return Llama(model_path=str(gguf), n_ctx=n_ctx, n_batch=n_ctx, n_threads=THREADS, logits_all=True, verbose=False)
+    n = threads or default_threads()
+    return Llama(model_path=str(gguf), n_ctx=n_ctx, n_batch=n_ctx, n_threads=n, n_threads_batch=n, logits_all=True,
+                 verbose=False)
 
 
-def window_logits_fn(gguf: Path, window_tokens: int) -> Callable[[np.ndarray], np.ndarray]:
+def window_logits_fn(gguf: Path, window_tokens: int, threads: int | None = None) -> Callable[[np.ndarray], np.ndarray]:
     """ids [S] -> logits [S, V], each window from an empty KV cache (as the ONNX rows)."""
-    llm = _load(gguf, window_tokens)
+    llm = _load(gguf, window_tokens, threads)
 
     def logits(ids: np.ndarray) -> np.ndarray:
         llm.reset()
@@ -35,9 +36,9 @@ def window_logits_fn(gguf: Path, window_tokens: int) -> Callable[[np.ndarray], n
     return logits
 
 
-def speed(gguf: Path, prompt_ids: Sequence[int], new_tokens: int) -> LLMSpeed:
+def speed(gguf: Path, prompt_ids: Sequence[int], new_tokens: int, threads: int | None = None) -> LLMSpeed:
     """Greedy, batch 1: the prompt in one eval (prefill), then one eval per new token (decode); one warm-up first."""
-    llm = _load(gguf, len(prompt_ids) + new_tokens + 8)
+    llm = _load(gguf, len(prompt_ids) + new_tokens + 8, threads)
 
     def run(n: int) -> tuple[float, list[float]]:
         llm.reset()

@@ -6,8 +6,10 @@
 Each (package, repeat) runs in a fresh child process that loads the package with onnxruntime-genai, does one short
 warm-up generation (same prompt, 4 tokens), then appends ``--prompt-tokens`` prompt ids (prefill, timed) and greedily generates
 ``--new-tokens`` tokens (decode, timed per token; EOS is held off with min_length so every run decodes the same
-count). Runs are interleaved (repeat 1 of every package, then repeat 2, ...) so drift in background load spreads
-over all packages, and the table reports medians. Peak RSS is the child's own ``ru_maxrss``. The prompt is token
+count), on ``--threads`` intra-op threads. Runs are interleaved (bench/runs.py: round-robin, each round starting one
+package later) so drift in background load spreads over all packages; the table reports the median of the runs the
+outlier rule keeps (bench/runs.py, dropped runs rerun) with their range. Peak RSS is the child's own, measured
+through bench/measure.py's launcher (not inherited from this process, which may have built packages). The prompt is token
 ids (from the package's tokenizer.json via the ``tokenizers`` library when available), fed with ``append_tokens``:
 onnxruntime-genai's tokenizer can map spaces to -1 with GGUF-derived tokenizers.
 
@@ -29,16 +31,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import statistics
-import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+
+import runs  # noqa: E402
+from measure import run as run_measured  # noqa: E402  (this module's own measure() is the comparison)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json")
@@ -228,11 +232,13 @@ def prompt_ids(package: Path, n: int) -> list[int]:
     return (ids * (n // len(ids) + 1))[:n]
 
 
-def _worker(package: Path, ids: list[int], new_tokens: int) -> dict:
+def _worker(package: Path, ids: list[int], new_tokens: int, threads: int) -> dict:
     import onnxruntime_genai as og
 
+    from edgeq.speed import genai_model
+
     t0 = time.perf_counter()
-    model = og.Model(str(package))
+    model = genai_model(package, threads)
     load_s = time.perf_counter() - t0
 
     def run(prompt: list[int], n: int):
@@ -263,17 +269,17 @@ def _worker(package: Path, ids: list[int], new_tokens: int) -> dict:
         "decode_ms_median": 1000 * statistics.median(decode_steps),
         "new_tokens": len(out),
         "tokens": out,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
 
 
-def _run_child(package: Path, ids: list[int], new_tokens: int) -> dict:
+def _run_child(package: Path, ids: list[int], new_tokens: int, threads: int, log_dir: Path) -> dict:
+    """One run in a fresh process started through bench/measure.py's launcher: its result and its own peak RSS."""
     cmd = [sys.executable, __file__, "--_worker", str(package), "--new-tokens", str(new_tokens),
-           "--_ids", ",".join(map(str, ids))]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ | {"PYTHONUNBUFFERED": "1"})
-    if proc.returncode != 0:
-        raise SystemExit(f"error: the benchmark child for {package} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+           "--threads", str(threads), "--_ids", ",".join(map(str, ids))]
+    m = run_measured(cmd, log_dir=log_dir, cap_gb=1e9, timeout_s=3600.0, env=os.environ | {"PYTHONUNBUFFERED": "1"})
+    if m.status != "ok":
+        raise SystemExit(f"error: the benchmark child for {package}: {m.status}\n{m.stderr_tail}")
+    return json.loads((log_dir / "stdout.txt").read_text().strip().splitlines()[-1]) | {"peak_rss_mb": m.peak_rss_gb * 1e3}
 
 
 def _package_size_mb(package: Path) -> float:
@@ -281,64 +287,85 @@ def _package_size_mb(package: Path) -> float:
 
 
 def measure(packages: list[Path], baseline: Path | None, prompt_tokens: int, new_tokens: int,
-            repeats: int) -> dict:
+            repeats: int, threads: int) -> dict:
     order = ([baseline] if baseline else []) + [p for p in packages if p != baseline]
+    names = [str(p) for p in order]
     ids = prompt_ids(order[0], prompt_tokens)
-    runs: dict[str, list[dict]] = {str(p): [] for p in order}
-    for r in range(repeats):
-        for p in order:  # interleaved: background load drift hits every package alike
-            res = _run_child(p, ids, new_tokens)
-            runs[str(p)].append(res)
-            print(f"  repeat {r + 1}/{repeats} {p.name}: decode {res['decode_tok_s']:.1f} tok/s, "
+    results: dict[str, list[dict]] = {name: [] for name in names}
+    with tempfile.TemporaryDirectory(prefix="llm-decode-runs-") as logs:
+        def run_one(r: int, name: str) -> dict[str, float]:
+            res = _run_child(Path(name), ids, new_tokens, threads, Path(logs) / f"{len(results[name])}-{r}")
+            results[name].append(res | {"round": r})
+            print(f"  round {r + 1} {Path(name).name}: decode {res['decode_tok_s']:.1f} tok/s, "
                   f"prefill {res['prefill_tok_s']:.0f} tok/s", file=sys.stderr, flush=True)
+            return {"decode_tok_s": res["decode_tok_s"], "prefill_tok_s": res["prefill_tok_s"]}
+
+        values = runs.run_interleaved(names, repeats, run_one)
     rows = []
-    reference_tokens = runs[str(order[0])][0]["tokens"]
+    reference_tokens = results[names[0]][0]["tokens"]
     for p in order:
-        rs = runs[str(p)]
+        rs = results[str(p)]
+        spread = runs.spreads(values[str(p)])
         toks = rs[0]["tokens"]
         agree = next((k for k, (a, b) in enumerate(zip(toks, reference_tokens)) if a != b), min(len(toks),
                                                                                              len(reference_tokens)))
         rows.append({
             "package": str(p), "name": p.name,
-            "decode_tok_s": statistics.median(x["decode_tok_s"] for x in rs),
+            "decode_tok_s": spread["decode_tok_s"].median,
+            "decode_spread": spread["decode_tok_s"].to_dict(),
             "decode_tok_s_runs": [round(x["decode_tok_s"], 2) for x in rs],
-            "decode_tok_s_best": max(x["decode_tok_s"] for x in rs),
-            "prefill_tok_s": statistics.median(x["prefill_tok_s"] for x in rs),
+            "prefill_tok_s": spread["prefill_tok_s"].median,
+            "prefill_spread": spread["prefill_tok_s"].to_dict(),
             "prefill_tok_s_runs": [round(x["prefill_tok_s"], 1) for x in rs],
-            "peak_rss_mb": statistics.median(x["peak_rss_mb"] for x in rs),
+            "peak_rss_mb": max(x["peak_rss_mb"] for x in rs),
             "load_s": statistics.median(x["load_s"] for x in rs),
             "size_mb": _package_size_mb(p),
             "greedy_prefix_agreement_with_first": agree,
             "tokens": toks,
         })
-    # Ratios: the median over repeats of the ratio within each round (package and baseline ran back to back), which
-    # cancels slow drift in background load better than a ratio of medians; both are in the JSON.
-    base_runs = runs[str(order[0])] if baseline else None
+    # Ratios: the median over rounds of the ratio within each round (package and baseline ran in the same round),
+    # which cancels slow drift in background load better than a ratio of medians; both are in the JSON. Only rounds
+    # where neither run was dropped by the outlier rule pair up.
     for row, p in zip(rows, order):
         for key in ("decode_tok_s", "prefill_tok_s"):
             short = key.split("_")[0]
-            if base_runs is None:
+            if baseline is None:
                 row[f"{short}_vs_baseline"] = row[f"{short}_vs_baseline_of_medians"] = None
                 continue
-            paired = [x[key] / b[key] for x, b in zip(runs[str(p)], base_runs)]
-            row[f"{short}_vs_baseline"] = statistics.median(paired)
+            mine, base = _kept_by_round(results[str(p)], key), _kept_by_round(results[names[0]], key)
+            paired = [mine[r] / base[r] for r in sorted(mine.keys() & base.keys())]
+            row[f"{short}_vs_baseline"] = statistics.median(paired) if paired else None
             row[f"{short}_vs_baseline_runs"] = [round(v, 3) for v in paired]
             row[f"{short}_vs_baseline_of_medians"] = row[key] / rows[0][key]
-    return {"prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "repeats": repeats,
-            "baseline": str(baseline) if baseline else None, "cpu_count": os.cpu_count(), "rows": rows}
+    return {"prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "repeats": repeats, "threads": threads,
+            "outlier_rule": runs.RULE, "baseline": str(baseline) if baseline else None, "cpu_count": os.cpu_count(),
+            "rows": rows}
+
+
+def _kept_by_round(results: list[dict], key: str) -> dict[int, float]:
+    """round -> the run's ``key`` for the runs the outlier rule keeps (a rerun round counts as its own round)."""
+    values = [x[key] for x in results]
+    return {x["round"]: x[key] for x, d in zip(results, runs.dropped(values, runs.is_rate(key))) if not d}
 
 
 def markdown(result: dict) -> str:
-    lines = [f"prompt {result['prompt_tokens']} tokens, {result['new_tokens']} new tokens, median of "
-             f"{result['repeats']} interleaved runs (one process each), onnxruntime-genai CPU EP", "",
-             "ratios: median of per-round ratios to the baseline run of the same round", "",
-             "| package | decode tok/s | vs baseline | best decode tok/s | prefill tok/s | vs baseline | peak RSS MB | "
+    lines = [f"prompt {result['prompt_tokens']} tokens, {result['new_tokens']} new tokens, "
+             f"{result['repeats']} interleaved rounds (one process per run), onnxruntime-genai CPU EP on "
+             f"{result['threads']} intra-op threads; {result['outlier_rule']}", "",
+             "speeds: median of the kept runs (lowest to highest kept run, runs dropped); ratios: median of "
+             "per-round ratios to the baseline run of the same round", "",
+             "| package | decode tok/s | vs baseline | prefill tok/s | vs baseline | peak RSS MB | "
              "size MB | greedy tokens = first row |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|"]
+
+    def cell(value: float, s: dict, fmt: str) -> str:
+        return f"{value:{fmt}} ({s['low']:{fmt}} to {s['high']:{fmt}}, {s['dropped']} dropped)"
+
     for r in result["rows"]:
         ratio = (lambda v: f"{v:.2f}x" if v is not None else "")
-        lines.append(f"| {r['name']} | {r['decode_tok_s']:.1f} | {ratio(r['decode_vs_baseline'])} | "
-                     f"{r['decode_tok_s_best']:.1f} | {r['prefill_tok_s']:.0f} | {ratio(r['prefill_vs_baseline'])} | {r['peak_rss_mb']:.0f} | "
+        lines.append(f"| {r['name']} | {cell(r['decode_tok_s'], r['decode_spread'], '.1f')} | "
+                     f"{ratio(r['decode_vs_baseline'])} | {cell(r['prefill_tok_s'], r['prefill_spread'], '.0f')} | "
+                     f"{ratio(r['prefill_vs_baseline'])} | {r['peak_rss_mb']:.0f} | "
                      f"{r['size_mb']:.0f} | {r['greedy_prefix_agreement_with_first']}/{len(r['tokens'])} |")
     return "\n".join(lines)
 
@@ -350,6 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, help="intra-op threads (default: the CPUs this process may use)")
     ap.add_argument("--json", type=Path, default=Path("llm_decode.json"), help="where to write the results")
     ap.add_argument("--build-baseline", nargs=2, type=Path, metavar=("SRC_ONNX_DIR", "OUT_DIR"))
     ap.add_argument("--build-fused", nargs=2, type=Path, metavar=("MODEL_DIR", "OUT_DIR"))
@@ -364,8 +392,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--_ids", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
+    from edgeq.speed import default_threads
+
+    threads = args.threads or default_threads()
     if args._worker:
-        print(json.dumps(_worker(args._worker, [int(x) for x in args._ids.split(",")], args.new_tokens)))
+        print(json.dumps(_worker(args._worker, [int(x) for x in args._ids.split(",")], args.new_tokens, threads)))
         return 0
     built = False
     for flag, fn in (("build_baseline", build_baseline), ("build_fp32", build_fp32)):
@@ -389,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     for p in args.package + ([args.baseline] if args.baseline else []):
         if not (p / "genai_config.json").is_file():
             ap.error(f"{p} has no genai_config.json (not an onnxruntime-genai package)")
-    result = measure(args.package, args.baseline, args.prompt_tokens, args.new_tokens, args.repeats)
+    result = measure(args.package, args.baseline, args.prompt_tokens, args.new_tokens, args.repeats, threads)
     table = markdown(result)
     print(table)
     result["markdown"] = table

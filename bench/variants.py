@@ -14,6 +14,10 @@ Peers quantize the FP32 export that every ORT row shares (``build_fp32``), with 
   ``datasets.Dataset``, which edgeq does not depend on).
 * ``ort-rtn-int4``: ``MatMulNBitsQuantizer`` RTN, block 32, symmetric, accuracy_level 4 (onnxruntime-genai's model
   builder CPU defaults), every constant MatMul.
+* ``fused-rtn-int4`` (LLMs): the same RTN over edgeq.decoder's fused FP32 graph, the graph edgeq's package is built
+  on (GroupQueryAttention, packed QKV, SkipSimplifiedLayerNorm), its tied head kept FP32 as in the row above. Against
+  ``ort-rtn-int4`` it differs in the graph alone, against edgeq in the quantization alone (and edgeq's FP16 table,
+  read as FP32 on x86 all the same), so "edgeq vs RTN" splits into fusion and quantization.
 * ``llama.cpp Q4_0 / Q4_K_M / Q8_0`` (LLMs, extra ``llamacpp``): ``llama_model_quantize`` from the source GGUF with
   ``allow_requantize``. llama.cpp dequantizes each tensor to FP32 before quantizing it again, and the FP32 reference
   here is transformers' dequantization of that same GGUF, so every row starts from the same weights.
@@ -39,6 +43,7 @@ BUNDLED_PROFILE = ROOT / "export_profiles" / "android-arm64.toml"
 
 @dataclass(frozen=True)
 class BuildContext:
+    threads: int  # intra-op threads of every engine (ONNX Runtime, onnxruntime-genai, llama.cpp)
     model_dir: Path
     kind: str  # ENCODER or LLM
     work: Path  # this model's bench folder; every variant writes into work/<variant>
@@ -238,6 +243,20 @@ def build_ort_rtn(ctx: BuildContext) -> Built:
                       "embedding and a tied head stay FP32")
 
 
+def build_fused_rtn(ctx: BuildContext) -> Built:
+    from llm_decode import build_fused  # bench/ is on sys.path (bench.py runs from it)
+
+    out = ctx.work / "fused-rtn-int4"
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    summary = build_fused(ctx.model_dir, out, precision="int4", head="fp32")
+    return Built(out / "model.onnx", out,
+                 f"edgeq.decoder's fused FP32 graph ({summary}), quantized with the MatMulNBitsQuantizer settings "
+                 "of 'ORT MatMulNBits RTN b32 sym acc4'; the tied head stays FP32 as there. Against that row: the "
+                 "fused graph alone; against edgeq: the quantization alone")
+
+
 # ---------------------------------------------------------------------------------------------------- llama.cpp
 # llama.h's llama_ftype values (llama_cpp.LLAMA_FTYPE_MOSTLY_*), written out in case a binding drops a name
 LLAMA_FTYPES = {"Q4_0": 2, "Q8_0": 7, "Q4_K_M": 15}
@@ -257,7 +276,7 @@ def llamacpp_builder(qtype: str) -> Callable[[BuildContext], Built]:
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype}", LLAMA_FTYPES[qtype])
         params.allow_requantize = True
-        params.nthread = 2
+        params.nthread = ctx.threads
         rc = llama_cpp.llama_model_quantize(str(ctx.gguf).encode(), str(dst).encode(), ctypes.byref(params))
         if rc != 0:
             raise RuntimeError(f"llama_model_quantize to {qtype} failed with status {rc}")
@@ -274,6 +293,7 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("ORT quantize_dynamic INT8 per-channel", (ENCODER, LLM), build_ort_quantize_dynamic),
     Variant("ORT static QDQ (Optimum arm64)", (ENCODER, LLM), build_ort_static),
     Variant("ORT MatMulNBits RTN b32 sym acc4", (ENCODER, LLM), build_ort_rtn),
+    Variant("ORT MatMulNBits RTN b32 sym acc4, edgeq's fused graph", (LLM,), build_fused_rtn),
     *(Variant(f"llama.cpp {q}", (LLM,), llamacpp_builder(q), requires="llama_cpp") for q in ("Q4_0", "Q4_K_M", "Q8_0")),
 )
 

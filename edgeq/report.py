@@ -33,20 +33,25 @@ class Row:
     size_bytes: int | None = None
     accuracy: dict[str, float] = field(default_factory=dict)  # EncoderAccuracy or LMAccuracy fields
     build_s: float | None = None
-    peak_rss_mb: float | None = None
+    peak_rss_mb: float | None = None  # the build's own process (bench/measure.py), not its parent's
     ms_per_sentence: float | None = None  # encoders, batch 1
     prefill_tok_s: float | None = None  # LLMs
     decode_tok_s: float | None = None
-    decode_bytes_per_token: int | None = None
+    decode_bytes_per_token: int | None = None  # as stored
     path: str | None = None
     note: str = ""
     skipped: str | None = None
     edgeq: bool = False  # the row other rows' ratios are taken against
+    decode_bytes_as_run: int | None = None  # as this CPU runs the model (edgeq.speed.decode_bytes_as_run)
+    threads: int | None = None  # intra-op threads of the speed runs
+    spread: dict[str, dict] = field(default_factory=dict)  # speed key -> bench/runs.py Spread: median, low, high, kept, dropped
+    run_peak_rss_mb: float | None = None  # the largest of the speed runs' own peaks
 
     def ceiling_tok_s(self, bandwidth_gbs: float | None) -> float | None:
-        if not (bandwidth_gbs and self.decode_bytes_per_token):
+        """Bandwidth over the bytes read per token as run (a stored count can be far below what the CPU reads)."""
+        if not (bandwidth_gbs and self.decode_bytes_as_run):
             return None
-        return bandwidth_gbs * 1e9 / self.decode_bytes_per_token
+        return bandwidth_gbs * 1e9 / self.decode_bytes_as_run
 
     def to_dict(self, bandwidth_gbs: float | None = None) -> dict:
         ceiling = self.ceiling_tok_s(bandwidth_gbs)
@@ -82,11 +87,12 @@ def _table(columns: Sequence[str], rows: Sequence[Row], cells: Callable[[Row], l
     return out
 
 
+COST_COLUMNS = ("threads", "build s", "build peak RSS MB", "run peak RSS MB")
 ENCODER_COLUMNS = ("variant", "size MB", "size vs edgeq", "mean cosine", "min cosine", "top-1 retrieval",
-                   "ms/sentence (batch 1)", "speed vs edgeq", "build s", "peak RSS MB")
-LLM_COLUMNS = ("variant", "size MB", "size vs edgeq", "perplexity", "vs FP32", "95% interval", "KL", "top-1", "prefill tok/s",
-               "decode tok/s", "decode vs edgeq", "decode MB/token", "ceiling tok/s", "of ceiling", "build s",
-               "peak RSS MB")
+                   "ms/sentence (batch 1)", "speed vs edgeq", *COST_COLUMNS)
+LLM_COLUMNS = ("variant", "size MB", "size vs edgeq", "perplexity", "vs FP32", "95% interval", "KL", "top-1",
+               "prefill tok/s", "decode tok/s", "decode vs edgeq",
+               "MB/token as run", "MB/token as stored", "ceiling tok/s", "of ceiling", *COST_COLUMNS)
 
 
 def _size_cells(r: Row, ref: Row | None) -> list[str]:
@@ -94,7 +100,16 @@ def _size_cells(r: Row, ref: Row | None) -> list[str]:
 
 
 def _cost_cells(r: Row) -> list[str]:
-    return [_f(r.build_s, ".0f"), _f(r.peak_rss_mb, ".0f")]
+    return [_f(r.threads, "d"), _f(r.build_s, ".0f"), _f(r.peak_rss_mb, ".0f"), _f(r.run_peak_rss_mb, ".0f")]
+
+
+def _speed(r: Row, key: str, fmt: str) -> str:
+    """The median with the kept runs' range and how many runs the outlier rule dropped: "120.9 (114.9 to 121.6)"."""
+    value, s = getattr(r, key), r.spread.get(key)
+    if value is None or not s:
+        return _f(value, fmt)
+    dropped = f", {s['dropped']} dropped" if s["dropped"] else ""
+    return f"{value:{fmt}} ({s['low']:{fmt}} to {s['high']:{fmt}}{dropped})"
 
 
 def _encoder_table(rows: Sequence[Row]) -> list[str]:
@@ -104,7 +119,7 @@ def _encoder_table(rows: Sequence[Row]) -> list[str]:
         a = r.accuracy
         speed = _ratio(ref.ms_per_sentence, r.ms_per_sentence) if ref else "—"  # >1x: faster than edgeq
         return (_size_cells(r, ref) + [_f(a.get("mean_cosine"), ".5f"), _f(a.get("min_cosine"), ".4f"),
-                                       _f(a.get("retrieval_top1"), ".3f"), _f(r.ms_per_sentence, ".2f"), speed]
+                                       _f(a.get("retrieval_top1"), ".3f"), _speed(r, "ms_per_sentence", ".2f"), speed]
                 + _cost_cells(r))
 
     return _table(ENCODER_COLUMNS, rows, cells)
@@ -130,12 +145,21 @@ def _llm_table(rows: Sequence[Row], bandwidth_gbs: float | None) -> list[str]:
         return (_size_cells(r, ref) + [
             _f(a.get("perplexity"), ".2f"), _f(pct, "+.1f") + ("%" if pct is not None else ""),
             _interval(a.get("ppl_increase_interval")),
-            _f(a.get("mean_kl"), ".4f"), _f(a.get("top1_agreement"), ".3f"), _f(r.prefill_tok_s, ".0f"),
-            _f(r.decode_tok_s, ".1f"), _ratio(r.decode_tok_s, ref.decode_tok_s if ref else None),
+            _f(a.get("mean_kl"), ".4f"), _f(a.get("top1_agreement"), ".3f"), _speed(r, "prefill_tok_s", ".0f"),
+            _speed(r, "decode_tok_s", ".1f"), _ratio(r.decode_tok_s, ref.decode_tok_s if ref else None),
+            _f(r.decode_bytes_as_run and r.decode_bytes_as_run / 1e6, ".1f"),
             _f(r.decode_bytes_per_token and r.decode_bytes_per_token / 1e6, ".1f"), _f(ceiling, ".0f"),
             _f(frac and 100 * frac, ".0f") + ("%" if frac else "")] + _cost_cells(r))
 
     return _table(LLM_COLUMNS, rows, cells)
+
+
+SPREAD_NOTE = ("Speeds: the median of a row's runs, then in brackets the lowest and highest of them and how many "
+               "runs the outlier rule dropped (the rule is stated above the table).")
+BYTES_RULE = ("MB/token: the weight bytes one decode step reads, every weight in full except a table only a Gather "
+              "reads (one row per token). As run: counted over the graph ONNX Runtime runs on this CPU (its optimized "
+              "model), where an FP16 weight feeding an op with no FP16 kernel here is an FP32 copy at 4 bytes per "
+              "value; a GGUF as stored. As stored: counted over the file. The ceiling is bandwidth / MB as run.")
 
 
 def markdown_table(rows: Sequence[Row], bandwidth_gbs: float | None = None) -> str:
@@ -146,7 +170,8 @@ def markdown_table(rows: Sequence[Row], bandwidth_gbs: float | None = None) -> s
         if not group:
             continue
         lines = _encoder_table(group) if kind == ENCODER else _llm_table(group, bandwidth_gbs)
-        notes = [f"- {r.name}: {r.note}" for r in group if r.note]
+        notes = ([f"- {SPREAD_NOTE}"] if any(r.spread for r in group) else []) + \
+            ([f"- {BYTES_RULE}"] if kind == LLM else []) + [f"- {r.name}: {r.note}" for r in group if r.note]
         parts.append("\n".join(lines + ([""] + notes if notes else [])))
     return "\n\n".join(parts) + "\n"
 
@@ -264,9 +289,10 @@ def package_row(package: Path, speed: bool = True) -> Row:
     row = Row(name=package.name, kind=m.source.kind, size_bytes=m.model_bytes(), accuracy=m.accuracy.numbers(),
               path=str(package), note=f"profile {m.profile.name}, accuracy from the manifest")
     if m.is_llm:
-        from edgeq.speed import decode_bytes_per_token
+        from edgeq.speed import decode_bytes_as_run, decode_bytes_per_token
 
         row.decode_bytes_per_token = decode_bytes_per_token(model_path(package, m))
+        row.decode_bytes_as_run = decode_bytes_as_run(model_path(package, m))
     if speed:
         measure_speed(row, package, m)
     return row
@@ -276,8 +302,10 @@ def measure_speed(row: Row, package: Path, manifest: Manifest, prompt_tokens: in
                   sentences: int = 64) -> None:
     from edgeq.manifest import model_path
     from edgeq.safe_load import load_tokenizer
+    from edgeq.speed import default_threads
     from edgeq.textdata import EVALUATION_FILE, load_texts
 
+    row.threads = default_threads()
     texts = load_texts(EVALUATION_FILE).texts
     tokenizer = load_tokenizer(package)
     if manifest.is_llm:
@@ -289,7 +317,7 @@ def measure_speed(row: Row, package: Path, manifest: Manifest, prompt_tokens: in
         context = check_genai_config(package)["model"]["context_length"]
         prompt_tokens = min(prompt_tokens, context // 2)
         ids = tokenizer("\n\n".join(texts), add_special_tokens=False, verbose=False)["input_ids"][:prompt_tokens]
-        s = llm_speed(package, ids, min(new_tokens, context - prompt_tokens))
+        s = llm_speed(package, ids, min(new_tokens, context - prompt_tokens), threads=row.threads)
         row.prefill_tok_s, row.decode_tok_s = s.prefill_tok_s, s.decode_tok_s
     else:
         from edgeq.speed import encoder_ms_per_sentence
@@ -297,7 +325,7 @@ def measure_speed(row: Row, package: Path, manifest: Manifest, prompt_tokens: in
 
         shape = input_shape(manifest)  # a static-shape (QNN) model takes exactly its batch x seq_len tokens
         row.ms_per_sentence = encoder_ms_per_sentence(model_path(package, manifest), tokenizer, texts[:sentences],
-                                                      shape.seq_len, batch=shape.batch)
+                                                      shape.seq_len, batch=shape.batch, threads=row.threads)
 
 
 def default_report_dir(packages: Sequence[Path]) -> Path:
@@ -314,11 +342,11 @@ def default_report_dir(packages: Sequence[Path]) -> Path:
 def report_packages(packages: Sequence[Path], out_dir: Path, *, speed: bool = True, as_html: bool = False,
                     plots: bool = True) -> list[Path]:
     """``edgeq report``: REPORT.md (+ PNGs) or report.html in ``out_dir``; the first package is the reference row."""
-    from edgeq.speed import measure_bandwidth
+    from edgeq.speed import default_threads, measure_bandwidth
 
     rows = [package_row(p, speed) for p in packages]
     rows[0].edgeq = True
-    bw = measure_bandwidth() if speed and any(r.kind == LLM for r in rows) else None
+    bw = measure_bandwidth(threads=default_threads()) if speed and any(r.kind == LLM for r in rows) else None
     gbs = bw.gbs if bw else None
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

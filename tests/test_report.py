@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgeq.cli import main
 from edgeq.report import ENCODER, LLM, Row, markdown_table
-from edgeq.speed import measure_bandwidth, onnx_decode_bytes
+from edgeq.speed import graph_decode_bytes, measure_bandwidth, onnx_decode_bytes, onnx_decode_bytes_as_run
 
 
 def edgeq(*args):
@@ -121,20 +121,26 @@ def test_report_on_a_folder_that_is_not_a_package(tmp_path):
 
 def test_llm_table_ratios_ceiling_and_skipped_rows():
     rows = [Row("edgeq", LLM, 100_000_000, {"perplexity": 11.0, "ppl_increase": 0.1, "mean_kl": 0.05,
-                                            "top1_agreement": 0.9}, decode_tok_s=50.0, decode_bytes_per_token=80_000_000,
-                edgeq=True),
+                                            "top1_agreement": 0.9}, decode_tok_s=50.0, decode_bytes_per_token=60_000_000,
+                decode_bytes_as_run=80_000_000, edgeq=True, threads=2, peak_rss_mb=900.0, run_peak_rss_mb=300.0,
+                spread={"decode_tok_s": {"median": 50.0, "low": 48.0, "high": 51.5, "kept": 3, "dropped": 1}}),
             Row("peer", LLM, 200_000_000, {"perplexity": 12.0, "ppl_increase": 0.2, "mean_kl": 0.1,
                                            "top1_agreement": 0.8, "ppl_increase_interval": [0.17, 0.234]},
                 decode_tok_s=25.0, decode_bytes_per_token=160_000_000),
             Row("llama.cpp Q4_0", LLM, skipped="llama-cpp-python is not installed")]
     table = markdown_table(rows, bandwidth_gbs=8.0)
     edgeq_line, peer_line, skipped_line = [ln for ln in table.splitlines() if ln.startswith("| ") and "---" not in ln][1:]
-    assert "| 100 |" in edgeq_line and "| 50% |" in edgeq_line  # 8 GB/s / 80 MB = 100 tok/s; 50 measured
+    # the ceiling is from the bytes as run: 8 GB/s / 80 MB = 100 tok/s; 50 measured. Both byte counts are shown.
+    assert "| 80.0 | 60.0 | 100 | 50% |" in edgeq_line
+    assert "| 50.0 (48.0 to 51.5, 1 dropped) |" in edgeq_line  # the median, the kept runs' range, the dropped runs
+    assert edgeq_line.endswith("| 2 | — | 900 | 300 |")  # threads, build s, build and run peak RSS
     assert "| 2.00x |" in peer_line and "| 0.50x |" in peer_line and "+20.0%" in peer_line
+    assert "| — | 160.0 | — | — |" in peer_line  # stored bytes only: no ceiling is claimed from them
     assert "| +17.0 to +23.4 |" in peer_line and "| — |" in edgeq_line  # the edgeq row has no interval stored
     assert "skipped: llama-cpp-python is not installed" in skipped_line
+    assert "As run: counted over the graph ONNX Runtime runs on this CPU" in table  # the rule, stated under the table
     assert rows[0].to_dict(8.0)["fraction_of_ceiling"] == pytest.approx(0.5)
-    assert Row.from_dict(rows[1].to_dict(8.0)) == rows[1]
+    assert Row.from_dict(rows[0].to_dict(8.0)) == rows[0] and Row.from_dict(rows[1].to_dict(8.0)) == rows[1]
 
 
 def test_encoder_table_without_an_edgeq_row_has_no_ratios():
@@ -164,6 +170,47 @@ def test_decode_bytes_count_one_embedding_row_and_every_weight(tmp_path):
     assert onnx_decode_bytes(_graph(nodes, {"table": table, "w": w}, tmp_path)) == 1600 + 256
 
 
+def _tied_fp16(tmp_path: Path) -> Path:
+    """An FP16 table [100, 8] looked up by Gather and read whole by the head's MatMul (a tied LM head)."""
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["e16"]),
+             helper.make_node("Transpose", ["table"], ["tT"], perm=[1, 0]),
+             helper.make_node("MatMul", ["e16", "tT"], ["y16"]),
+             helper.make_node("Cast", ["y16"], ["y"], to=TensorProto.FLOAT)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 100])],
+                              [numpy_helper.from_array(np.ones((100, 8), np.float16), "table")])
+    path = tmp_path / "tied.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_decode_bytes_as_run_count_the_fp32_copy_of_an_fp16_head(tmp_path):
+    path = _tied_fp16(tmp_path)
+    assert onnx_decode_bytes(path) == 1600  # as stored: the FP16 table, once, in full
+    # As run on x86: the CPU EP has no FP16 MatMul, so ONNX Runtime casts the head's weight to an FP32 [8, 100] copy
+    # at load (3200 bytes read every token) while the Gather keeps reading 16-byte FP16 rows.
+    assert onnx_decode_bytes_as_run(path) == 3200 + 16
+
+
+@pytest.mark.parametrize("op, inits, stored, copy", [
+    # FP16 [8, 8]: 128 bytes; an FP32 copy of 256 bytes every token
+    ("Cast", [numpy_helper.from_array(np.ones((8, 8), np.float16), "w")], 128, 256),
+    # int8 [8, 8] + an FP32 scale: 64 + 4 bytes; the dequantized FP32 copy 256
+    ("DequantizeLinear", [numpy_helper.from_array(np.ones((8, 8), np.int8), "w"),
+                          numpy_helper.from_array(np.array(0.1, np.float32), "s")], 68, 256),
+])
+def test_decode_bytes_as_run_count_a_per_token_copy_of_a_weight_at_its_output_type(op, inits, stored, copy):
+    node = (helper.make_node("Cast", ["w"], ["w32"], to=TensorProto.FLOAT) if op == "Cast" else
+            helper.make_node("DequantizeLinear", ["w", "s"], ["w32"]))
+    graph = helper.make_graph([node, helper.make_node("MatMul", ["x", "w32"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])], inits)
+    assert graph_decode_bytes(graph) == stored  # as stored: the file's bytes
+    assert graph_decode_bytes(graph, run_copies=True) == stored + copy  # as run: the copy is written and read
+
+
 def test_bandwidth_is_positive_and_says_how_it_was_measured():
     bw = measure_bandwidth(mb=8, repeats=2)
-    assert bw.gbs > 0 and "best of 2" in bw.method
+    assert bw.gbs > 0 and "best of 2" in bw.method and "one thread" in bw.method
+    two = measure_bandwidth(mb=8, repeats=2, threads=2)
+    assert two.gbs > 0 and "2 threads" in two.method

@@ -4,9 +4,10 @@ edgeq.decoder, INT4 with the K/V projections at 8 bits, packaged for onnxruntime
 
 The FP32 graph's exactness per family (logits within 1e-5 of max |logit| of transformers', greedy tokens equal
 through onnxruntime-genai) is tests/decoder/test_graph.py's; here the whole export is. A 64-wide random model with
-std 0.2 weights is 4-bit's worst case: rel = max |INT4 - torch| / max |torch| measured 0.27-0.33 with cos
-0.970-0.974 on the families before Gemma-3 and Qwen3 (the whole-graph path measured the same); the bounds below
-catch a broken graph (a wrong KV layout or packing gives rel > 1), SmolLM2's slow test carries the real bar.
+std 0.2 weights is 4-bit's worst case: rel = max |INT4 - torch| / max |torch| measured 0.18-0.33 with mean cosine
+0.970-0.989 over the families (onnxruntime 1.32, x86; gemma3_text the closest, phi3 the farthest); the bounds below
+(rel 0.4, cos 0.96) leave a fifth to a third of that as margin, and a broken graph (a wrong KV layout or packing)
+gives rel > 1. SmolLM2's slow test carries the real bar.
 """
 
 from __future__ import annotations
@@ -100,4 +101,4 @@ def test_int4_package_near_fp32(family):
         ref = model(torch.from_numpy(ids)[None]).logits[0].numpy()
     rel = np.abs(got - ref).max() / np.abs(ref).max()
     cos = ((got * ref).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(ref, axis=1)).mean()
-    assert rel <= 0.6 and cos >= 0.93, (rel, cos)
+    assert rel <= 0.4 and cos >= 0.96, (rel, cos)

@@ -100,14 +100,15 @@ def test_gptq_error_below_rtn_on_correlated_inputs(symmetric, act_order):
     w, h = correlated_layer()
     rtn = hessian_error(w, quantize_rtn(w, 32, symmetric).dequantize(), h)
     gptq = hessian_error(w, quantize_gptq(w, h, 32, symmetric, clip=False, act_order=act_order).dequantize(), h)
-    # with 8 factors behind 64 channels, GPTQ moves most of the rounding error into directions X never takes
-    assert gptq < 0.5 * rtn
+    # with 8 factors behind 64 channels, GPTQ moves most of the rounding error into directions X never takes:
+    # measured 0.022-0.084 of RTN's over the four settings (act_order the lower)
+    assert gptq < 0.15 * rtn
     clip_rtn = hessian_error(w, quantize_rtn(w, 32, symmetric, clip=True, importance=np.diag(h)).dequantize(), h)
     clip_gptq = hessian_error(w, quantize_gptq(w, h, 32, symmetric, clip=True, act_order=act_order).dequantize(), h)
-    assert clip_gptq < clip_rtn
-    # refitting the scales by least squares (codes fixed) can only lower the calibration error
+    assert clip_gptq < 0.15 * clip_rtn  # measured 0.029-0.082
+    # refitting the scales by least squares (codes fixed) can only lower the calibration error: measured to 0.69-0.73
     refit = quantize_gptq(w, h, 32, symmetric, clip=True, act_order=act_order, refit=True)
-    assert hessian_error(w, refit.dequantize(), h) <= clip_gptq
+    assert hessian_error(w, refit.dequantize(), h) < 0.8 * clip_gptq
 
 
 def test_refit_solves_wide_layers_with_more_blocks_than_batched_lu_handles():
@@ -121,4 +122,4 @@ def test_refit_solves_wide_layers_with_more_blocks_than_batched_lu_handles():
     bq = quantize_rtn(w, 32, False, clip=True, importance=np.diag(h))
     refit = refit_scales(bq, w, h)
     assert np.isfinite(refit.scales).all()
-    assert hessian_error(w, refit.dequantize(), h) < 0.9 * hessian_error(w, bq.dequantize(), h)
+    assert hessian_error(w, refit.dequantize(), h) < 0.85 * hessian_error(w, bq.dequantize(), h)  # measured 0.80

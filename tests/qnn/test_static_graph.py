@@ -57,16 +57,17 @@ def test_static_graph_is_fixed_folded_fused_and_htp_clean(exported):
 
 
 def test_static_qdq_model_is_within_the_accuracy_budget(exported):
-    """Tolerance: the profile's 0.99 mean-cosine budget. (That the float32-minimum mask bias ruins 16-bit QDQ shows
-    on MiniLM only, in test_minilm_qnn_slow.py: a random tiny BERT attends almost uniformly, so masking barely moves
-    its output.)"""
+    """Tolerance: mean cosine 0.99999, what 16-bit activations hold on this model (measured 0.9999996; the
+    profile's 0.99 budget would pass a broken scale). (That the float32-minimum mask bias ruins 16-bit QDQ shows on
+    MiniLM only, in test_minilm_qnn_slow.py: a random tiny BERT attends almost uniformly, so masking barely moves its
+    output.)"""
     ex, opt, tok, work = exported
     cal, ev = texts("calibration", 16), texts("evaluation", 16)
     ref = embed(session(ex.onnx_path), tok, ev, SPEC.seq_len)
     sg = static_graph(opt.load(), SPEC, work, "tiny-bert")
     names = [i.name for i in onnx.load(str(sg.onnx_path)).graph.input]
     qdq = write_qdq(sg.onnx_path, work / "qdq.onnx", static_feeds(tok, cal, SPEC.seq_len, 1, names), SPEC, [])
-    assert compare(ref, embed_static(session(qdq), tok, ev, SPEC.seq_len, 1, "mean")).mean_cosine >= 0.99
+    assert compare(ref, embed_static(session(qdq), tok, ev, SPEC.seq_len, 1, "mean")).mean_cosine >= 0.99999
 
 
 def test_weight_sqnr_ranks_an_outlier_weight_lowest(exported):

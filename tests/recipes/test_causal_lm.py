@@ -76,14 +76,27 @@ def test_int4_logits_stay_near_fp32(package, tiny_dir):
     got = sess.run(["logits"], window_feeds(sess, ids))[0][0]
     with torch.no_grad():
         ref = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()(torch.from_numpy(ids)[None]).logits[0].numpy()
-    # A 64-wide random model with std 0.2-0.5 weights is 4-bit's worst case: measured max |diff| / max |ref| of
-    # 0.51 (GPTQ asymmetric) to 0.70 (RTN symmetric), while the unfused and fused FP32 graphs are within 1.5e-6 of
-    # torch. The bound catches a broken graph (wrong KV layout or packing gives > 1); SmolLM2's slow test carries
-    # the real accuracy bar.
+    # A 64-wide random model with std 0.2-0.5 weights is 4-bit's worst case: with the profile's defaults (GPTQ
+    # asymmetric, K/V and 2x-median layers at 8 bits) measured max |diff| / max |ref| 0.266 and mean cosine 0.973
+    # (onnxruntime 1.32, x86), while the unfused and fused FP32 graphs are within 1.5e-6 of torch. A broken graph
+    # (wrong KV layout or packing) gives > 1; SmolLM2's slow test carries the real accuracy bar.
     rel = np.abs(got - ref).max() / np.abs(ref).max()
-    assert rel <= 0.75, rel
+    assert rel <= 0.35, rel
     cos = (got * ref).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(ref, axis=1)
-    assert cos.mean() >= 0.8, cos.mean()  # measured 0.93
+    assert cos.mean() >= 0.96, cos.mean()
+
+
+def test_gptq_beats_rtn_on_the_models_output(package, tiny_dir, tmp_path):
+    """The same export with only llm.int4_method changed to 'rtn' (RTN with the clip search and the scale refit):
+    GPTQ's package is closer to FP32 on the held-back windows. Measured (onnxruntime 1.32, x86): mean KL 0.304
+    against 0.359, top-1 agreement 0.668 against 0.626; with every layer at 4 bits (no K/V or promoted layers) KL
+    0.816 against 0.954, the same 0.85 ratio."""
+    rtn = export_package(llm_request(tiny_dir, tmp_path / "rtn", max_ppl_increase=1.0, min_top1_agreement=0.0,
+                                     int4_method="rtn"))
+    gptq_acc, rtn_acc = package.manifest["accuracy"], rtn.manifest["accuracy"]
+    assert rtn.manifest["precision"]["int4"]["method"] == "rtn" and package.manifest["precision"]["int4"]["method"] == "gptq"
+    assert gptq_acc["mean_kl"] < 0.93 * rtn_acc["mean_kl"], (gptq_acc, rtn_acc)
+    assert gptq_acc["top1_agreement"] > rtn_acc["top1_agreement"], (gptq_acc, rtn_acc)
 
 
 def test_tampered_package_fails_verification(package, tmp_path):

@@ -3,8 +3,9 @@ BERT, on the real HTP simulator (about 10 s).
 
 The accuracy check here is independent of edgeq: the reference is transformers' FP32 BertModel in torch with mean
 pooling, the candidate the package's EPContext model on the HTP simulator, both fed the same static-shape token
-ids. Tolerance: cosine >= 0.99 per text (the profile's mean-cosine budget; 16-bit activations and 8-bit weights
-on a 2-layer model measure > 0.9999).
+ids. Tolerance: cosine >= 0.99999 per text, what 16-bit activations and 8-bit weights on a 2-layer model hold
+(measured 0.9999997 on every text, on the simulator's and on torch's side alike; the profile's budget, 0.99, would
+not notice a wrong scale on one layer).
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def test_manifest_records_every_node_on_htp_with_fallback_disabled(package):
     assert (q["soc_model"], q["htp_arch"]) == (57, 75)
     passes = {p["pass"]: p for p in q["graph_passes"]}
     assert passes["ClampMaskBias"]["modified"] and "-100.0" in passes["ClampMaskBias"]["summary"]
-    assert sim["runs"]["model_ctx.onnx"]["accuracy_vs_fp32"]["mean_cosine"] >= 0.99
+    assert sim["runs"]["model_ctx.onnx"]["accuracy_vs_fp32"]["mean_cosine"] >= 0.99999  # measured 0.9999997
 
 
 def test_every_node_has_a_precision_and_a_reason(package):
@@ -91,7 +92,7 @@ def test_context_model_on_the_simulator_matches_torch_fp32(package, tiny_bert_di
             ref = model(**{k: torch.from_numpy(v) for k, v in f.items()}).last_hidden_state.numpy()
         m = f["attention_mask"][..., None]
         a, b = (ref * m).sum(1)[0], (out * m).sum(1)[0]
-        assert float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)) >= 0.99
+        assert float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)) >= 0.99999  # measured 0.9999997
 
 
 def test_verify_on_qnn_htp_passes_and_catches_a_changed_context(package, tmp_path):
