@@ -157,14 +157,14 @@ class Packages:
                         fp16_embedding=spec.embedding_precision == "fp16", context_length=spec.context_length,
                         generation_config=self.generation_config, store=self.store, progress=self.progress)
 
-    def facts(self, spec: LLMSpec) -> Int4Facts:
+    def facts(self, spec: LLMSpec, stage: str) -> Int4Facts:
         """The facts an export with ``spec`` measures, sensitivities included: pass 1's, or measured again (the
         calibration windows alone) at another block size or symmetry, or when pass 1 measured none."""
         key = (spec.block_size, spec.symmetric)
         if key not in self._facts:
-            self.progress.stage("measure", f"sensitivities at block {spec.block_size}, "
-                                           f"{'symmetric' if spec.symmetric else 'asymmetric'}: {len(self.calibration)} "
-                                           "calibration windows through FP32")
+            self.progress.stage("closest fix", f"{stage}sensitivities at block {spec.block_size}, "
+                                               f"{'symmetric' if spec.symmetric else 'asymmetric'}: "
+                                               f"{len(self.calibration)} calibration windows through FP32")
             self._facts[key] = measure(self.decoder, self.source, self.calibration, None,
                                        context_length=spec.context_length, block_size=spec.block_size,
                                        symmetric=spec.symmetric, progress=self.progress).facts
@@ -172,15 +172,14 @@ class Packages:
 
     def closest_fix(self, spec: LLMSpec, evaluation: np.ndarray) -> Search:
         """The settings ``fix_candidates`` lists, built and measured on the held-back windows until one passes."""
-        candidates = fix_candidates(self.facts(spec), spec, TABLES)
+        candidates = fix_candidates(self.facts(spec, "this export's "), spec, TABLES)
         n = min(len(candidates), MAX_LM_TRIALS)
 
         def measure_one(c: FixCandidate) -> Measured:
-            plan_note = "its sensitivities measured first" if c.remeasure else \
-                f"{_int8(c.plan)} linear layers at 8 bits"
-            self.progress.stage("closest fix", f"{candidates.index(c) + 1}/{n}: --set {c.setting} ({plan_note}): "
-                                               f"pass 2, then {len(evaluation)} held-back windows")
-            plan = decide_int4(self.facts(c.spec), int4_rules(c.spec, TABLES)) if c.remeasure else c.plan
+            step = f"{candidates.index(c) + 1}/{n}: --set {c.setting}"
+            plan = decide_int4(self.facts(c.spec, f"{step}: "), int4_rules(c.spec, TABLES)) if c.remeasure else c.plan
+            self.progress.stage("closest fix", f"{step} ({_int8(plan)} linear layers at 8 bits): pass 2, then "
+                                               f"{len(evaluation)} held-back windows")
             folder = self.work / "closest-fix"
             shutil.rmtree(folder, ignore_errors=True)
             self.write(plan, c.spec, folder)
