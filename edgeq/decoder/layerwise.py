@@ -10,7 +10,10 @@ transformers' own forward):
    log-probabilities on disk. The policy then decides every layer's bits at once (it ranks sensitivities against
    their median and counts the whole model against the size budget).
 2. ``quantized_layers``: the Hessians again (recomputed rather than kept: an 8B model's would take ~60 GB), each
-   linear role quantized as the plan says, yielded to the writer and dropped.
+   linear role quantized as the plan says, yielded to the writer and dropped. With a ``QuantizedStore`` each
+   quantized linear is also kept on disk, and a later pass 2 (the closest-fix search's candidates,
+   edgeq/stages/remedy.py) takes the ones it would compute again from there: only the layers whose bits or
+   settings changed are quantized, and the forward stops after the last of them.
 
 Peak memory is one layer in FP32, its session's copy, one layer's Hessians ([K, K] per distinct input: float64 up
 to FLOAT64_MAX_K wide, float32 above) and the windows' hidden states ([windows, tokens, hidden] float32 for
@@ -21,11 +24,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from edgeq.decoder.graph import embed, embedding_table, final_norm_weight, head_logits, head_weight, layer_model
+from edgeq.decoder.graph import (embed, embedding_table, final_norm_weight, head_logits, head_weight, layer_model,
+                                 write_decoder)
 from edgeq.decoder.layers import ROLES, LayerWeights, QuantizedLinear, layer_weights
 from edgeq.decoder.spec import DecoderSpec
 from edgeq.decoder.weights import TensorSource
@@ -84,11 +88,51 @@ class QuantSettings:
 @dataclass(frozen=True)
 class Measured:
     """What pass 1 measured: the policy's facts and the FP32 reference log-probabilities of the evaluation windows
-    (``head_hessian``: the head's input Hessian, for a head the plan quantizes)."""
+    (None when none were given) (``head_hessian``: the head's input Hessian, for a head the plan quantizes)."""
 
     facts: Int4Facts
-    reference: ReferenceLogits
+    reference: ReferenceLogits | None
     head_hessian: np.ndarray
+
+
+class QuantizedStore:
+    """Quantized linears on disk by (linear, bits, settings), for the passes 2 of one export.
+
+    A linear's quantization depends on its FP32 weight, its FP32 input Hessian (pass 2 carries FP32 hidden states,
+    never quantized ones), its bits and the settings: the same key gives the same bytes, so a stored one is what
+    quantizing again would give. The disk holds what one package's linears take (1B: ~0.7 GB)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._files: dict[tuple[str, int, QuantSettings], Path] = {}
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+    def __contains__(self, key: tuple[str, int, QuantSettings]) -> bool:
+        return key in self._files
+
+    def get(self, key: tuple[str, int, QuantSettings]) -> QuantizedLinear:
+        with np.load(self._files[key]) as f:
+            zp = f["zero_points"] if "zero_points" in f else None
+            return QuantizedLinear(f["b"], f["scales"], zp, *(int(v) for v in f["shape"]))
+
+    def put(self, key: tuple[str, int, QuantSettings], q: QuantizedLinear) -> None:
+        path = self.directory / f"{len(self._files)}.npz"
+        arrays = {"b": q.b, "scales": q.scales, **({} if q.zero_points is None else {"zero_points": q.zero_points})}
+        np.savez(path, shape=np.array([q.k, q.n, q.bits, q.block_size, q.accuracy_level]), **arrays)
+        self._files[key] = path
+
+
+def _stored(store: QuantizedStore | None, key: tuple[str, int, QuantSettings],
+            make: Callable[[], QuantizedLinear]) -> QuantizedLinear:
+    if store is not None and key in store:
+        return store.get(key)
+    q = make()
+    if store is not None:
+        store.put(key, q)
+    return q
 
 
 def _tap_widths(w: LayerWeights) -> dict[str, int]:
@@ -130,18 +174,20 @@ def _rms(x: np.ndarray, gamma: np.ndarray, eps: float) -> np.ndarray:
     return (x64 / np.sqrt((x64 * x64).mean(-1, keepdims=True) + eps) * gamma).astype(np.float32)
 
 
-def measure(spec: DecoderSpec, source: TensorSource, calibration: np.ndarray, evaluation: np.ndarray, *,
+def measure(spec: DecoderSpec, source: TensorSource, calibration: np.ndarray, evaluation: np.ndarray | None, *,
             context_length: int, block_size: int, symmetric: bool, sensitivities: bool = True,
             reference_dir: Path | None = None, progress: Progress = QUIET) -> Measured:
-    """Pass 1: every linear layer's facts (shape, K/V cache, INT4 RTN relative output error) and the reference.
+    """Pass 1: every linear layer's facts (shape, K/V cache, INT4 RTN relative output error) and the reference
+    (``evaluation`` None: the facts alone, as another block size's sensitivities need them).
     ``context_length`` is the package's (it sizes the rotary caches and picks LongRoPE's factors)."""
-    cal, ev = _embedded(spec, source, calibration, evaluation)
+    cal, ev = _embedded(spec, source, calibration, calibration[:0] if evaluation is None else evaluation)
     facts: list[LinearFacts] = []
     sizes: dict[str, tuple[int, int]] = {EMBEDDING: (int(np.prod(source.shape(EMBEDDING))), 4)}
     for i in range(spec.num_layers):
         w = layer_weights(spec, source, i)
         cal, stats = _layer_stats(spec, i, w, cal, context_length)
-        ev = _run_layer(_layer_session(spec, i, w, taps=False, context_length=context_length), ev, None)
+        if evaluation is not None:
+            ev = _run_layer(_layer_session(spec, i, w, taps=False, context_length=context_length), ev, None)
         for role in ROLES:
             weight = w.linears[role]
             s = sensitivity(weight, stats[TAPS[role]].hessian, block_size, symmetric) if sensitivities else None
@@ -166,7 +212,7 @@ def measure(spec: DecoderSpec, source: TensorSource, calibration: np.ndarray, ev
     if not spec.tied:
         sizes[HEAD] = (head.size, 4)
     # numpy, a block of the vocabulary at a time: no session copy of the head (an 8B model's is 2.1 GB in FP32)
-    reference = ReferenceLogits.from_logprobs(
+    reference = None if evaluation is None else ReferenceLogits.from_logprobs(
         evaluation, (log_softmax(head_logits(spec, final_norm, head, ev[k]), np.float32)
                      for k in range(len(ev))), directory=reference_dir, progress=progress)
     del head
@@ -190,30 +236,63 @@ def quantize_linear(weight: np.ndarray, hessian: np.ndarray, bits: int, settings
 
 def quantized_layers(spec: DecoderSpec, source: TensorSource, hidden: np.ndarray,
                      plan: dict[str, Int4Decision], settings: QuantSettings, *, context_length: int,
-                     progress: Progress = QUIET) -> Iterator[LayerWeights]:
+                     store: QuantizedStore | None = None, progress: Progress = QUIET) -> Iterator[LayerWeights]:
     """Pass 2: each layer with its planned roles quantized (the others as float), one at a time, in order.
-    ``hidden``: the calibration windows' embeddings (``embed``; the caller holds the table for the writer anyway)."""
+    ``hidden``: the calibration windows' embeddings (``embed``; the caller holds the table for the writer anyway).
+    A linear ``store`` holds is taken from it: no Hessian for a layer whose quantized linears are all stored, and no
+    forward after the last layer that needs one."""
+    def key(i: int, role: str) -> tuple[str, int, QuantSettings]:
+        return linear_name(i, role), plan[linear_name(i, role)].bits, settings
+
+    todo = {i for i in range(spec.num_layers) for role in ROLES
+            if plan[linear_name(i, role)].quantize and (store is None or key(i, role) not in store)}
+    last = max(todo, default=-1)
     cal = hidden
     for i in range(spec.num_layers):
         w = layer_weights(spec, source, i)
-        nxt, stats = _layer_stats(spec, i, w, cal, context_length)
+        stats: dict = {}
+        if i in todo:
+            cal, stats = _layer_stats(spec, i, w, cal, context_length)
+        elif i < last:  # the same graph as a fresh pass 2 runs (its taps unread): the same hidden states
+            cal = _run_layer(_layer_session(spec, i, w, taps=True, context_length=context_length), cal, None)
         linears = {}
         for role in ROLES:
             d = plan[linear_name(i, role)]
-            linears[role] = (quantize_linear(w.linears[role], stats[TAPS[role]].hessian, d.bits, settings)
-                             if d.quantize else w.linears[role])
+            linears[role] = w.linears[role] if not d.quantize else _stored(
+                store, key(i, role), lambda: quantize_linear(w.linears[role], stats[TAPS[role]].hessian, d.bits,
+                                                             settings))
         del stats
         yield replace(w, linears=linears)
-        cal = nxt
         progress.step("quantized layer", i + 1, spec.num_layers)
 
 
 def quantized_head(spec: DecoderSpec, source: TensorSource, measured: Measured, plan: dict[str, Int4Decision],
-                   settings: QuantSettings) -> QuantizedLinear | np.ndarray | None:
+                   settings: QuantSettings, store: QuantizedStore | None = None) -> QuantizedLinear | np.ndarray | None:
     """The head as the writer takes it: None (kept on the tied embedding table), or a separate head as planned
     (an untied one, or a tied one the profile quantizes: a second, quantized copy of the table)."""
     d = plan[linear_name(None, HEAD)]
     if spec.tied and not d.quantize:
         return None
     head = head_weight(spec, source)
-    return quantize_linear(head, measured.head_hessian, d.bits, settings) if d.quantize else head
+    if not d.quantize:
+        return head
+    return _stored(store, (HEAD, d.bits, settings),
+                   lambda: quantize_linear(head, measured.head_hessian, d.bits, settings))
+
+
+def write_quantized(spec: DecoderSpec, source: TensorSource, calibration: np.ndarray, measured: Measured,
+                    plan: Iterable[Int4Decision], settings: QuantSettings, folder: Path, *, fp16_embedding: bool,
+                    context_length: int, generation_config: dict | None, store: QuantizedStore | None = None,
+                    progress: Progress = QUIET) -> Path:
+    """Pass 2 into ``folder``: the decoder with ``plan``'s layers quantized, written layer by layer (model.onnx,
+    model.onnx.data, genai_config.json); ``calibration``: the windows' token ids."""
+    by_node = {d.node: d for d in plan}
+    head = quantized_head(spec, source, measured, by_node, settings, store)
+    table = embedding_table(source)  # read once: the calibration embeddings, then the package's table
+    hidden = embed(spec, table, calibration)
+    embedding = table.astype(np.float16) if fp16_embedding else table
+    del table
+    layers = quantized_layers(spec, source, hidden, by_node, settings, context_length=context_length, store=store,
+                              progress=progress)
+    return write_decoder(spec, folder, embedding, layers, final_norm_weight(spec, source), head,
+                         context_length=context_length, generation_config=generation_config)

@@ -10,7 +10,8 @@ every node. Why 8 bits for K/V and for layers above ``PROMOTE`` x the median err
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import typing
+from dataclasses import dataclass, replace
 from typing import Collection, Mapping
 
 import numpy as np
@@ -20,7 +21,7 @@ from edgeq.categories import classify, embedding_tables
 from edgeq.policy.encoder import HARD_RULES
 from edgeq.policy.plan import NodeDecision, PrecisionPlan
 from edgeq.precision import CAUSAL_LM, LM_HEAD, Precision, check_implemented
-from edgeq.profiles import LLMSpec, Profile
+from edgeq.profiles import LLMSpec, Profile, parse_setting
 
 BITS = 4
 HEAD_NAME = "lm_head"  # the head's linear name in a decoder written by edgeq.decoder
@@ -173,11 +174,9 @@ def _within_budget(facts: Int4Facts, todo: list[LinearFacts], wanted: dict[str, 
     stored, ``fp16_initializers`` at 2 bytes per value). Every quantized layer starts at 4 bits; each promotion
     adds 8-bit's extra bytes. -> (promoted, refused node -> reason)."""
     layers = {layer.node: layer for layer in todo}
-    quantized = {layer.weight for layer in todo}
     linear = sum(matmulnbits_bytes(layer.k, layer.n, BITS, rules.block_size, rules.symmetric) for layer in todo)
     weights = sum(layer.k * layer.n for layer in todo)
-    other = sum(values * (2 if name in rules.fp16_initializers else size)
-                for name, (values, size) in facts.initializer_bytes.items() if name not in quantized)
+    other = _other_bytes(facts, {layer.weight for layer in todo}, rules)
     promoted, refused = set(), {}
     for node, why in wanted.items():
         layer = layers[node]
@@ -247,3 +246,124 @@ def _hard_rule(category: str) -> tuple[str, str]:
     an encoder's; a causal LM's norms are decided above)."""
     precision, reason = HARD_RULES.get(category, ("fp32", "kept FP32"))
     return ("fp32" if precision == "fp16" else precision), reason
+
+
+def _other_bytes(facts: Int4Facts, quantized: Collection[str], rules: Int4Rules) -> int:
+    """Bytes of every initializer but the ``quantized`` weights, as stored (``fp16_initializers`` at 2 per value)."""
+    return sum(values * (2 if name in rules.fp16_initializers else size)
+               for name, (values, size) in facts.initializer_bytes.items() if name not in quantized)
+
+
+def linear_bytes(decisions: Collection[Int4Decision], block_size: int, symmetric: bool) -> int:
+    """Bytes MatMulNBits stores for the quantized layers of a plan."""
+    return sum(matmulnbits_bytes(d.k, d.n, d.bits, block_size, symmetric) for d in decisions if d.quantize)
+
+
+# ---------------------------------------------------------------------------------------- the closest-fix search
+
+# The promotion rungs the closest-fix search tries: the fewest most sensitive INT4 layers whose 8 bits add at least
+# this share of the failed plan's linear bytes (each rung doubling the last; the last rung is whatever the size budget
+# admits when it stops short). A rung of +2.5% is ~3% more weights at 8 bits (each costs 4.125 bits over INT4's
+# 5.125): on SmolLM2 2-3 MLP matrices; +20% reaches past the default 6.5 bits-per-weight budget's room.
+FIX_RUNGS = (0.025, 0.05, 0.1, 0.2)
+
+
+@dataclass(frozen=True)
+class FixCandidate:
+    """One setting the closest-fix search may build, with the plan an export given it makes from the measured facts
+    (``remeasure``: its sensitivities are another block size's or symmetry's, so its plan is measured again first
+    and ``plan`` is an estimate for ordering)."""
+
+    setting: str  # KEY=VALUE, as --set takes it
+    spec: LLMSpec
+    plan: tuple[Int4Decision, ...]
+    linear_bytes: int
+    remeasure: bool
+
+
+def with_llm_setting(spec: LLMSpec, setting: str) -> LLMSpec:
+    """``spec`` with one ``llm.FIELD=VALUE`` applied as ``--set`` reads it (a float field's integer as a float)."""
+    key, value = parse_setting(setting)
+    name = key.removeprefix("llm.")
+    if typing.get_type_hints(LLMSpec)[name] is float:
+        value = float(value)
+    return replace(spec, **{name: value})
+
+
+def fix_candidates(facts: Int4Facts, spec: LLMSpec, tables: frozenset[str]) -> tuple[FixCandidate, ...]:
+    """The single settings that may make a package more accurate than ``spec``'s, cheapest first in linear bytes
+    (ties in this order): GPTQ after RTN (no bytes), 8-bit K/V, the promotion rungs, asymmetric blocks, half the
+    block size. Each is kept only when its plan differs from ``spec``'s and fits the size budget (bits per weight
+    and ``max_size_mb``) with every 8-bit layer of ``spec``'s plan; ``facts`` carry sensitivities at ``spec``'s
+    block size and symmetry."""
+    base = decide_int4(facts, int4_rules(spec, tables))
+    seen = {_plan_key(base, spec)}
+    base_int8 = {d.node for d in base if d.bits == PROMOTED_BITS}
+    out = []
+    settings = [*(["llm.int4_method=gptq"] if spec.int4_method == "rtn" else []),
+                *(["llm.int8_kv=true"] if not spec.int8_kv else []),
+                *(f"llm.promote={p}" for p in _promote_rungs(facts, spec, tables, base)),
+                *(["llm.symmetric=false"] if spec.symmetric else []),
+                *([f"llm.block_size={spec.block_size // 2}"] if spec.block_size > 16 else [])]
+    for setting in settings:
+        s = with_llm_setting(spec, setting)
+        rules = int4_rules(s, tables)
+        plan = decide_int4(facts, rules)
+        # a smaller block can fit the budget only by giving up 8-bit layers: a trade, not a step up
+        if (_plan_key(plan, s) in seen or not base_int8 <= {d.node for d in plan if d.bits == PROMOTED_BITS}
+                or not _fits(facts, plan, rules, s)):
+            continue
+        seen.add(_plan_key(plan, s))
+        out.append(FixCandidate(setting, s, plan, linear_bytes(plan, s.block_size, s.symmetric),
+                                s.promote > 0 and (s.block_size, s.symmetric) != (spec.block_size, spec.symmetric)))
+    return tuple(sorted(out, key=lambda c: c.linear_bytes))
+
+
+def _plan_key(plan: Collection[Int4Decision], spec: LLMSpec) -> tuple:
+    return tuple(d.bits for d in plan), spec.int4_method, spec.block_size, spec.symmetric
+
+
+def _fits(facts: Int4Facts, plan: Collection[Int4Decision], rules: Int4Rules, spec: LLMSpec) -> bool:
+    """The plan within the size budget as ``decide_int4`` counts it (INT4 alone may not be, at a smaller block)."""
+    if linear_bits_per_weight(plan, spec.block_size, spec.symmetric) > spec.max_bits_per_weight:
+        return False
+    weights = {layer.node: layer.weight for layer in facts.layers}
+    stored = (_other_bytes(facts, {weights[d.node] for d in plan if d.quantize}, rules)
+              + linear_bytes(plan, spec.block_size, spec.symmetric))
+    return rules.max_model_bytes is None or stored <= rules.max_model_bytes
+
+
+def _promote_rungs(facts: Int4Facts, spec: LLMSpec, tables: frozenset[str],
+                   base: tuple[Int4Decision, ...]) -> list[str]:
+    """``llm.promote`` values, each printed with the fewest decimals that give its plan: per ``FIX_RUNGS`` share,
+    the lowest multiple of the median sensitivity that promotes the fewest more layers (most sensitive first)
+    adding that share of ``base``'s linear bytes, or, past what the budget admits, all it admits."""
+    rules = int4_rules(spec, tables)
+    sens = {layer.node: layer.sensitivity for layer in facts.layers
+            if layer.sensitivity is not None and not _kept(layer, rules)}
+    if not sens:
+        return []
+    median = float(np.median(list(sens.values())))
+    bits = {d.node: d.bits for d in base}
+    ranked = sorted((s / median for node, s in sens.items() if bits[node] == BITS), reverse=True) if median else []
+    start = linear_bytes(base, spec.block_size, spec.symmetric)
+    steps = []  # (promote text, extra bytes), as the threshold goes down the ranking
+    for j, hi in enumerate(ranked):
+        text = _between(ranked[j + 1] if j + 1 < len(ranked) else 0.0, hi)
+        if text is not None:
+            plan = decide_int4(facts, int4_rules(replace(spec, promote=float(text)), tables))
+            steps.append((text, linear_bytes(plan, spec.block_size, spec.symmetric) - start))
+    most = max((extra for _, extra in steps), default=0)
+    rungs = [next(t for t, extra in steps if extra >= min(share * start, most)) for share in FIX_RUNGS if most > 0]
+    return list(dict.fromkeys(rungs))
+
+
+def _between(lo: float, hi: float) -> str | None:
+    """The number with the fewest decimals in [lo, hi), above 0, as text; None when there is none (a tie)."""
+    for d in range(9):
+        p = math.floor(hi * 10**d) / 10**d
+        if p >= hi:
+            p -= 10**-d
+        if p >= lo and p > 0:
+            return f"{p:.{d}f}"
+    return None

@@ -15,7 +15,7 @@ from edgeq.policy.encoder import unmet_targets
 from edgeq.profiles import AccuracyBudget, LLMSpec, Profile
 from edgeq.stages.quantize import QuantizedModel
 from edgeq.stages.record import over_size_ratio
-from edgeq.stages.remedy import Fix, Measured, size_limit_setting
+from edgeq.stages.remedy import Fix, Measured, Search, size_limit_setting
 
 Row = tuple[str, float, float]  # (what, measured, the least it may be)
 
@@ -141,23 +141,80 @@ def qnn_size_error(size: dict) -> SizeBudgetError | None:
                            "--set qnn.sensitivity_target_mean_cosine=...")
 
 
-def lm_accuracy_error(acc: LMAccuracy, spec: LLMSpec, size: int | None = None,
-                      bits_per_weight: float | None = None) -> AccuracyBudgetError | None:
+def lm_measured(promoted: int, acc: LMAccuracy, size: dict, spec: LLMSpec) -> Measured:
+    """A built causal-LM package's verdict; ``size``: its manifest size section (model_bytes, bits_per_weight)."""
+    return Measured(promoted, acc, size, tuple(lm_failures(acc, spec)),
+                    lm_size_error(size["model_bytes"], size["bits_per_weight"], spec) is not None)
+
+
+def lm_failures(acc: LMAccuracy, spec: LLMSpec) -> list[str]:
     failed = []
     if not acc.ppl_increase <= spec.max_ppl_increase:
-        failed.append(f"perplexity increase +{acc.ppl_increase:.4%} > +{spec.max_ppl_increase:.4%}")
+        failed.append(f"perplexity increase {acc.ppl_increase:+.4%} > +{spec.max_ppl_increase:.4%}")
     if not acc.top1_agreement >= spec.min_top1_agreement:
         failed.append(f"top-1 agreement {acc.top1_agreement:.6f} < {spec.min_top1_agreement}")
-    if not failed:
+    return failed
+
+
+def lm_metrics(acc: LMAccuracy, spec: LLMSpec) -> str:
+    """Every gated metric with its bar, and the KL beside them."""
+    return (f"perplexity {acc.perplexity:.4f} vs FP32 {acc.ref_perplexity:.4f} ({acc.ppl_increase:+.4%}, bar "
+            f"+{spec.max_ppl_increase:.4%}), top-1 agreement {acc.top1_agreement:.6f} (bar {spec.min_top1_agreement}), "
+            f"mean KL {acc.mean_kl:.6f}")
+
+
+def lm_size_text(size: dict, spec: LLMSpec, since: dict | None = None) -> str:
+    """The model's bytes (and the difference from ``since``'s) and its linear layers' bits per weight, with the bars."""
+    delta = f" ({size['model_bytes'] - since['model_bytes']:+,} B)" if since else ""
+    cap = f", and at most {round(spec.max_size_mb * 1e6):,} B" if spec.max_size_mb else ""
+    return (f"the model is {size['model_bytes']:,} B{delta}, its linear layers {size['bits_per_weight']:.4f} bits per "
+            f"weight (bar {spec.max_bits_per_weight:g}{cap})")
+
+
+def lm_accuracy_error(base: Measured, spec: LLMSpec, search: Search) -> AccuracyBudgetError | None:
+    """All gated metrics and the size of the package built, and the closest fix the search measured."""
+    if not base.accuracy_failures:
         return None
+    acc = base.accuracy
     return AccuracyBudgetError(
-        f"accuracy over budget on {acc.tokens} held-back tokens: {'; '.join(failed)}. All gated metrics: perplexity "
-        f"{acc.perplexity:.4f} vs FP32 {acc.ref_perplexity:.4f} (+{acc.ppl_increase:.4%}, bar "
-        f"+{spec.max_ppl_increase:.4%}), top-1 agreement {acc.top1_agreement:.6f} (bar {spec.min_top1_agreement}), "
-        f"mean KL {acc.mean_kl:.6f}"
-        + (f"; the model is {size:,} B, its linear layers {bits_per_weight:.4f} bits per weight (bar "
-           f"{spec.max_bits_per_weight:g})" if size is not None and bits_per_weight is not None else ""),
-        "try " + ", or ".join(f"--set {s}" for s in _more_accurate(spec)))
+        f"accuracy over budget on {acc.tokens} held-back tokens: {'; '.join(base.accuracy_failures)}. All gated "
+        f"metrics: {lm_metrics(acc, spec)}; {lm_size_text(base.size, spec)}, {base.promoted} linear "
+        "layers at 8 bits",
+        _lm_fix_hint(base, spec, search))
+
+
+def _lm_fix_hint(base: Measured, spec: LLMSpec, search: Search) -> str:
+    def result(t: Fix) -> str:
+        m = t.measured
+        return (f"{m.accuracy.ppl_increase:+.4%} perplexity, top-1 {m.accuracy.top1_agreement:.6f}, "
+                f"{m.size['model_bytes']:,} B{' (over the size budget)' if m.over_size else ''}")
+
+    fix = search.fix
+    before = [t for t in search.tried if t is not fix]
+    tried = "; ".join(f"--set {t.settings[0]}: {result(t)}" for t in before)
+    if fix is not None:
+        m = fix.measured
+        return (f"--set {fix.settings[0]} passes: measured, the export then has {m.promoted} linear layers at 8 bits: "
+                f"held-back {lm_metrics(m.accuracy, spec)}; {lm_size_text(m.size, spec, base.size)}"
+                + (f" (tried first, failing: {tried})" if tried else ""))
+    beyond = ("calibrate on text closer to your use (--calibration FILE), or allow more bytes: --set "
+              f"llm.max_bits_per_weight=... (now {spec.max_bits_per_weight:g}) admits more 8-bit layers")
+    if not search.tried:
+        return f"no single setting within the size budget changes this package: {beyond}"
+    best = min(search.tried, key=lambda t: _shortfall(t.measured, spec))
+    failing = best.measured.accuracy_failures or ("over the size budget",)
+    untried = f"; not tried (larger): {', '.join(f'--set {u}' for u in search.untried)}" if search.untried else ""
+    return (f"none of the {len(search.tried)} settings tried within the size budget passes (each built and measured "
+            f"on the held-back windows: {tried}); the closest, --set {best.settings[0]}, still has "
+            f"{'; '.join(failing)}{untried}. Beyond them: {beyond}")
+
+
+def _shortfall(m: Measured, spec: LLMSpec) -> tuple[bool, float]:
+    """How far a package is from passing: perplexity over its bar (as a ratio) plus top-1 agreement under its bar,
+    after passing the size budget."""
+    acc = m.accuracy
+    return m.over_size, (max(0.0, (1 + acc.ppl_increase) / (1 + spec.max_ppl_increase) - 1)
+                         + max(0.0, spec.min_top1_agreement - acc.top1_agreement))
 
 
 def lm_size_error(size: int, bits_per_weight: float, spec: LLMSpec) -> SizeBudgetError | None:
@@ -179,18 +236,3 @@ def lm_size_error(size: int, bits_per_weight: float, spec: LLMSpec) -> SizeBudge
                            f"{max(need_bits, spec.max_bits_per_weight):g}"
                            + (f" --max-size-mb {need_mb:g}" if spec.max_size_mb else "")
                            + " (admits this model), or --set llm.block_size=64")
-
-
-def _more_accurate(spec: LLMSpec) -> list[str]:
-    """Settings that cost size or time for accuracy, from the ones this export did not use."""
-    tips = []
-    if spec.int4_method != "gptq":
-        tips.append("llm.int4_method=gptq")
-    if spec.symmetric:
-        tips.append("llm.symmetric=false")
-    if spec.block_size > 16:
-        tips.append(f"llm.block_size={spec.block_size // 2}")
-    if not spec.int8_kv:
-        tips.append("llm.int8_kv=true")
-    tips.append(f"llm.promote={max(spec.promote / 2, 1.0) if spec.promote else 2.0:g} (more 8-bit layers, larger)")
-    return tips

@@ -1,24 +1,31 @@
-"""remedy: after an encoder package fails its gate, the closest single ``--set KEY=VALUE`` that passes, measured.
+"""remedy: after a package fails its accuracy gate, the closest single ``--set KEY=VALUE`` that passes, measured.
 
-The promotion search (edgeq/policy/encoder.py) aims at targets on calibration text within the size budget; the
-gate measures held-back text, so a plan can meet every target and still fail, or the budget can cut the search
-short. Then the counts after the packaged one are built as the export builds them (the same plan, ORT conversion
-and held-back evaluation) until one passes, and the setting that makes the export package exactly that count (a
-raised target, or a size limit that admits it) is named with what it measured and what it costs in bytes. Exporting
-again with it rebuilds that very package: sensitivity and calibration do not depend on these settings, and every
-step is deterministic. A package that fails on size alone passes with a ``package.max_size_ratio`` that admits its
-bytes.
+Encoders (``closest_fix``): the promotion search (edgeq/policy/encoder.py) aims at targets on calibration text
+within the size budget; the gate measures held-back text, so a plan can meet every target and still fail, or the
+budget can cut the search short. Then the counts after the packaged one are built as the export builds them (the
+same plan, ORT conversion and held-back evaluation) until one passes, and the setting that makes the export package
+exactly that count (a raised target, or a size limit that admits it) is named with what it measured and what it
+costs in bytes. Exporting again with it rebuilds that very package: sensitivity and calibration do not depend on
+these settings, and every step is deterministic. A package that fails on size alone passes with a
+``package.max_size_ratio`` that admits its bytes.
 
-This looks at the held-back text, as a user trying settings would; the search itself never does, so the gate's
-numbers stay a measurement on unseen text for every export that passes on the first try.
+Causal LMs (``first_passing``): the settings ``edgeq.policy.causal_lm.fix_candidates`` lists (GPTQ after RTN,
+8-bit K/V, more 8-bit layers by the measured sensitivities, asymmetric blocks, a smaller block), cheapest in bytes
+first and each within the size budget, are built as an export given it would build them until one passes, at most
+``MAX_LM_TRIALS``. Each is one pass 2 and one held-back evaluation: pass 1 (the FP32 measurements, the reference
+log-probabilities) is the failed export's, and the quantized linears it already made are reused.
+
+Both look at the held-back text, as a user trying settings would; the searches that make a package never do, so
+the gate's numbers stay a measurement on unseen text for every export that passes on the first try.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import Callable, Protocol, Sequence, TypeVar
 
+from edgeq.llm.evaluate import LMAccuracy
 from edgeq.metrics import EncoderAccuracy
 from edgeq.policy import promotion_count, selection_targets
 from edgeq.policy.encoder import promotion_steps, within_size_budget
@@ -27,13 +34,26 @@ from edgeq.stages.quantize import Candidates
 from edgeq.stages.record import over_size_ratio
 
 
+class _Setting(Protocol):
+    setting: str  # KEY=VALUE
+
+
+Candidate = TypeVar("Candidate", bound=_Setting)
+
+
+# Packages the causal-LM search builds at most. Each costs a pass 2 over the layers whose bits or settings changed
+# (all of them for another method or block size) and the held-back evaluation: a 1B model's whole pass 2 took
+# 1160 s and its evaluation 210 s of a 2276 s export (bench/results/scale.json).
+MAX_LM_TRIALS = 4
+
+
 @dataclass(frozen=True)
 class Measured:
     """One candidate package as the gate measures it."""
 
-    promoted: int
-    accuracy: EncoderAccuracy  # on the held-back text
-    size: dict  # a manifest size section (edgeq/stages/record.py size_report)
+    promoted: int  # layers promoted: to the sensitive precision (encoders), to 8 bits (causal LMs)
+    accuracy: EncoderAccuracy | LMAccuracy  # on the held-back text
+    size: dict  # a manifest size section (encoders: edgeq/stages/record.py size_report)
     accuracy_failures: tuple[str, ...]
     over_size: bool
 
@@ -44,8 +64,33 @@ class Measured:
 
 @dataclass(frozen=True)
 class Fix:
+    """Settings and the package an export given them builds, as measured (a fix when ``measured.passes``)."""
+
     settings: tuple[str, ...]  # KEY=VALUE, each as --set takes it
     measured: Measured
+
+
+@dataclass(frozen=True)
+class Search:
+    """What a bounded search built, in order, the first that passes (None: none did), and what it did not reach."""
+
+    tried: tuple[Fix, ...]
+    untried: tuple[str, ...]  # KEY=VALUE
+
+    @property
+    def fix(self) -> Fix | None:
+        return next((t for t in self.tried if t.measured.passes), None)
+
+
+def first_passing(candidates: Sequence[Candidate], measure: Callable[[Candidate], Measured],
+                  limit: int = MAX_LM_TRIALS) -> Search:
+    """``candidates`` (each with a ``setting``) measured in order until one passes, at most ``limit`` of them."""
+    tried: list[Fix] = []
+    for c in candidates[:limit]:
+        tried.append(Fix((c.setting,), measure(c)))
+        if tried[-1].measured.passes:
+            break
+    return Search(tuple(tried), tuple(c.setting for c in candidates[len(tried):]))
 
 
 def size_limit_setting(size: dict) -> str:

@@ -175,3 +175,29 @@ def test_quantizing_refuses_what_matmulnbits_cannot_store(case):
         L.QuantSettings(method="awq")
     with pytest.raises(ValueError, match="block_size 48: MatMulNBits needs a power of two >= 16"):
         L.QuantSettings(block_size=48)
+
+
+def test_a_stored_linear_is_what_pass_2_would_write_again(case):
+    """The closest-fix search's candidates (edgeq/stages/remedy.py) reuse the quantized linears of the package
+    before them: a plan with more 8-bit layers, written over a store of the default plan's linears, quantizes only
+    the layers whose bits changed and is byte for byte the package a fresh pass 2 writes."""
+    spec, source, _, cal, _, measured, _, _, root = case
+    plans = [{d.node: d for d in decide_int4(measured.facts, Int4Rules(setting=SETTING, promote=promote))}
+             for promote in (2.0, 0.5)]
+    changed = sum(plans[0][n].bits != plans[1][n].bits for n in plans[0])
+    assert changed > 0
+    store = L.QuantizedStore(root / "store")
+
+    def write(plan, folder, store):
+        return L.write_quantized(spec, source, cal, measured, plan.values(), L.QuantSettings(), root / folder,
+                                 fp16_embedding=True, context_length=64, generation_config=None, store=store)
+
+    write(plans[0], "default", store)
+    assert len(store) == len(plans[0])  # every linear is quantized (the head is untied)
+    reused, fresh = write(plans[1], "reused", store), write(plans[1], "fresh", None)
+    assert len(store) == len(plans[0]) + changed
+    for name in ("model.onnx", "model.onnx.data"):
+        assert (reused.parent / name).read_bytes() == (fresh.parent / name).read_bytes(), name
+    # pass 1 without evaluation windows: the same facts, no reference
+    alone = L.measure(spec, source, cal, None, context_length=64, block_size=32, symmetric=False)
+    assert alone.facts == measured.facts and alone.reference is None

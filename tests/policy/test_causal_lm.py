@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from edgeq.policy import Int4Rules, decide_int4, int4_rules
-from edgeq.policy.causal_lm import linear_bits_per_weight
+from edgeq.policy.causal_lm import (FIX_RUNGS, _between, fix_candidates, linear_bits_per_weight, linear_bytes,
+                                    with_llm_setting)
 from edgeq.precision import Precision
 
 from . import llm_cases as C
@@ -132,3 +133,58 @@ def test_budget_takes_promotions_in_priority_order(measured):
     assert any("KV cache" in d.reason for d in refused) and any("median" in d.reason for d in refused)
     free = decide_int4(measured.measured.facts, dataclasses.replace(rules, max_model_bytes=None))
     assert sum(d.bits == 8 for d in free) == len(refused) + 1  # every refused one is taken without the budget
+
+
+# ------------------------------------------------------------------------------------ the closest-fix candidates
+
+
+def test_fix_candidates_are_single_settings_cheapest_first_within_the_budget(measured):
+    """From an RTN, symmetric export without 8-bit K/V: every setting it did not use, each a plan the export given it
+    makes (the promote values as printed), more accurate by construction (no 8-bit layer given up), within the
+    6.5 bits-per-weight budget and ordered by the bytes it adds."""
+    facts = measured.measured.facts
+    spec = dataclasses.replace(C.profile("fp16").llm, int4_method="rtn", symmetric=True, int8_kv=False,
+                               max_bits_per_weight=6.5)
+    candidates = fix_candidates(facts, spec, C.TABLES)
+    settings = [c.setting for c in candidates]
+    assert settings[0] == "llm.int4_method=gptq"  # no bytes: the same bits, another method
+    assert [d.bits for d in candidates[0].plan] == [d.bits for d in decide_int4(facts, int4_rules(spec, C.TABLES))]
+    assert {"llm.int8_kv=true", "llm.symmetric=false"} <= set(settings)
+    assert any(s.startswith("llm.promote=") for s in settings)
+    assert [c.linear_bytes for c in candidates] == sorted(c.linear_bytes for c in candidates)
+    for c in candidates:
+        assert c.spec == with_llm_setting(spec, c.setting)
+        assert linear_bits_per_weight(c.plan, c.spec.block_size, c.spec.symmetric) <= 6.5, c.setting
+        # another block size or symmetry: other sensitivities, measured before the plan
+        assert c.remeasure == c.setting.startswith(("llm.symmetric=", "llm.block_size=")), c.setting
+        if not c.remeasure:  # the printed value gives the plan
+            assert decide_int4(facts, int4_rules(c.spec, C.TABLES)) == c.plan
+    assert "llm.block_size=16" in settings  # symmetric block 16 stores 6 bits per INT4 weight: within 6.5
+    # asymmetric, 6.25 bits: within 6.5 only by giving up the 8-bit K/V layers, so not offered
+    default = dataclasses.replace(C.profile("fp16").llm, max_bits_per_weight=6.5)
+    assert not any(c.setting.startswith("llm.block_size=") for c in fix_candidates(facts, default, C.TABLES))
+    unbounded = dataclasses.replace(default, max_bits_per_weight=32.0)
+    assert "llm.block_size=16" in [c.setting for c in fix_candidates(facts, unbounded, C.TABLES)]
+
+
+def test_promote_rungs_add_the_most_sensitive_layers_by_the_bytes_they_cost(measured):
+    facts = measured.measured.facts
+    spec = dataclasses.replace(C.profile("fp16").llm, max_bits_per_weight=32.0)
+    base = decide_int4(facts, int4_rules(spec, C.TABLES))
+    start = linear_bytes(base, 32, False)
+    rungs = [c for c in fix_candidates(facts, spec, C.TABLES) if c.setting.startswith("llm.promote=")]
+    assert len(rungs) >= 3
+    sens = {f.node: f.sensitivity for f in facts.layers if f.sensitivity is not None}
+    for share, c in zip(FIX_RUNGS, rungs):
+        added = {d.node for d in c.plan if d.bits == 8} - {d.node for d in base if d.bits == 8}
+        assert c.linear_bytes - start >= share * start  # at least the rung's share...
+        untouched = [sens[d.node] for d in c.plan if d.bits == 4 and d.node in sens]
+        assert min(sens[n] for n in added) > max(untouched)  # ...of the most sensitive layers only
+        value = c.setting.split("=")[1]  # the fewest decimals that give exactly this plan
+        assert len(value.split(".")[-1]) <= 8 and float(value) > 0
+
+
+def test_between_prints_the_shortest_number_that_separates_two_ratios():
+    assert _between(1.5, 2.7) == "2" and _between(2.0, 2.7) == "2" and _between(2.05, 2.07) == "2.06"
+    assert _between(0.0, 0.3) == "0.2" and _between(0.0, 1e-12) is None and _between(1.2, 1.2) is None
+    assert _between(2.0, 2.0000001) == "2"

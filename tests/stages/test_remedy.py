@@ -1,7 +1,10 @@
 """edgeq.stages.remedy: the closest passing setting after a failed gate, over made-up measurements (the real chain
-runs in tests/recipes/test_encoder_cpu.py and, on a MiniLM fine-tune, tests/test_finetune_slow.py)."""
+runs in tests/recipes/test_encoder_cpu.py and, on a MiniLM fine-tune, tests/test_finetune_slow.py; the causal-LM one
+in tests/recipes/test_causal_lm.py)."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import pytest
 
@@ -10,7 +13,8 @@ from edgeq.policy import promotion_count
 from edgeq.policy.encoder import promotion_steps, within_size_budget
 from edgeq.profiles import load_profile
 from edgeq.stages.budget import measured
-from edgeq.stages.remedy import closest_fix, floored, landing, settings_for, size_limit_setting, with_setting
+from edgeq.stages.remedy import (MAX_LM_TRIALS, closest_fix, first_passing, floored, landing, settings_for,
+                                size_limit_setting, with_setting)
 
 N = 36
 STEPS = promotion_steps(N)  # 0 1 2 3 4 6 8 10 12 16 20 24 32 36
@@ -155,3 +159,32 @@ def test_no_fix_when_no_count_passes(profile):
     assert builds.asked == [k for k in STEPS if k > 8]
     # with every layer promoted already, there is nothing to try
     assert fix_for(calibration(), failed_at(N, profile), Builds(set()), profile) is None
+
+
+# --------------------------------------------------------------------- causal LMs: the first setting that passes
+
+
+@dataclass(frozen=True)
+class Setting:
+    setting: str
+
+
+def test_first_passing_builds_in_order_and_stops_at_the_first_that_passes(profile):
+    built = []
+
+    def measure(c: Setting):
+        built.append(c.setting)
+        return failed_at(8, profile) if c.setting != "b=1" else measured(8, EncoderAccuracy(1, 1, 1, 320), size(8),
+                                                                          profile)
+
+    search = first_passing([Setting("a=1"), Setting("b=1"), Setting("c=1")], measure)
+    assert built == ["a=1", "b=1"] and search.fix.settings == ("b=1",) and search.untried == ("c=1",)
+    assert [t.settings for t in search.tried] == [("a=1",), ("b=1",)]
+
+
+def test_first_passing_builds_at_most_its_limit():
+    calls = []
+    search = first_passing([Setting(f"k={i}") for i in range(7)],
+                           lambda c: calls.append(c) or failed_at(8, load_profile("android-arm64")))
+    assert len(calls) == MAX_LM_TRIALS == 4 and search.fix is None
+    assert search.untried == ("k=4", "k=5", "k=6")
