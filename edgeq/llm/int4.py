@@ -156,20 +156,46 @@ def quantize_rtn(w: np.ndarray, block_size: int, symmetric: bool, clip: bool = F
 
 
 def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1 in H's precision (float64 up to FLOAT64_MAX_K;
-    a float32 H falls back to float64 where float32 finds it not definite); more dampening if H is not definite."""
+    """Upper Cholesky factor U of (H + damp * mean(diag H) * I)^-1 = U^T U, in H's precision (float64 up to
+    FLOAT64_MAX_K; a float32 H falls back to float64 where float32 finds it not definite); more dampening if H is
+    not definite."""
     mean_diag = h.diagonal().mean()
     for attempt in range(4):
         for dtype in dict.fromkeys((h.dtype, torch.float64)):
             hd = h.to(dtype, copy=True)
             hd.diagonal().add_(damp * 10**attempt * mean_diag.to(dtype))
-            l, info = torch.linalg.cholesky_ex(hd)
+            u = _upper_factor_of_inverse(hd) if len(hd) > FLOAT64_MAX_K else _upper_factor_of_inverse_small(hd)
             del hd
-            if info == 0:
-                u, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(l), upper=True)
-                if info == 0 and bool(torch.isfinite(u.diagonal()).all()):
-                    return u.to(torch.float32)
+            if u is not None and bool(torch.isfinite(u.diagonal()).all()):
+                return u.to(torch.float32)
     raise ValueError("the calibration Hessian is not positive definite even with 1000x the dampening")
+
+
+def _upper_factor_of_inverse_small(hd: torch.Tensor) -> torch.Tensor | None:
+    """factor -> inverse -> factor again (2K^3/3 multiply-adds): kept for inputs up to FLOAT64_MAX_K wide, whose
+    results the stored SmolLM2 figures rest on (the faster way below moves float64's last bits, and GPTQ follows
+    them: SmolLM2's default went from +5.98% to +6.02% perplexity)."""
+    l, info = torch.linalg.cholesky_ex(hd)
+    if info != 0:
+        return None
+    u, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(l), upper=True)
+    return u if info == 0 else None
+
+
+def _upper_factor_of_inverse(hd: torch.Tensor) -> torch.Tensor | None:
+    """U = R^-1 for H = R R^T, R upper (the lower Cholesky factor of H reversed in both axes): one factorisation and
+    one triangular inverse, K^3/3 multiply-adds, and one float32 factorisation fewer to lose digits in. A 1B
+    down_proj's (K = 8192, float32) on this 2-core machine: 2.3 s against 4.7 s idle, 15.6 s against 112 s beside
+    other jobs; U within 1.9e-5 of the other way's."""
+    from scipy.linalg import lapack  # torch has no triangular inverse (LAPACK's trtri)
+
+    l, info = torch.linalg.cholesky_ex(hd.flip(0, 1))
+    if info != 0:
+        return None
+    r = l.flip(0, 1).numpy()  # flip copies: R is upper triangular, zeros below
+    del l
+    inverse, info = lapack.get_lapack_funcs("trtri", (r,))(r, lower=0, overwrite_c=1)
+    return torch.from_numpy(inverse) if info == 0 and (inverse.diagonal() > 0).all() else None
 
 
 def quantize_gptq(w: np.ndarray, hessian: np.ndarray, block_size: int, symmetric: bool, clip: bool = True,
