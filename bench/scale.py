@@ -261,7 +261,8 @@ def section(rows: list[dict]) -> str:
     loads = [x for r in ran for x in r["load_average"]]
     head = ["## Scale: 1B-8B checkpoints (issue 14)", "",
             f"Measured with `python bench/scale.py run MODEL` on {', '.join(dates) or '-'}"
-            + (f" ({ran[0]['machine']}, shared with other workers: 1-min load average {min(loads):.1f}-"
+            + (f" ({' / '.join(dict.fromkeys(r['machine'] for r in ran))}, shared with other workers: 1-min load "
+               f"average {min(loads):.1f}-"
                f"{max(loads):.1f} during the rows)" if ran else "") + ". " + NOTE
             + f" (`{' '.join(OPEN_GATES)}`).", "",
             "Each row is one child process: wall time, and peak RSS as the larger of the child's own `wait4` maximum "
