@@ -119,3 +119,13 @@ def test_interval_by_hand():
     # identical windows: no spread; one window: no interval at all
     assert ppl_increase_interval(np.array([[11.0, 10.0, 10]] * 4)) == pytest.approx((np.exp(0.1) - 1,) * 2)
     assert ppl_increase_interval(per_window[:1]) is None
+
+
+def test_reference_rows_read_from_the_file_equal_the_mapped_window(tmp_path):
+    rng = np.random.default_rng(3)
+    windows = rng.integers(0, 50, (2, 9))
+    lps = [rng.standard_normal((9, 50)).astype(np.float32) for _ in windows]
+    with ReferenceLogits.from_logprobs(windows, lps, tmp_path / "ref") as ref:
+        for i in range(2):
+            for start, stop in [(0, 4), (4, 8), (8, 9), (5, 20)]:
+                np.testing.assert_array_equal(ref.rows(i, start, stop), lps[i][start:stop])
