@@ -149,7 +149,8 @@ def test_sigterm_during_the_ort_conversion_leaves_no_converter_running(tiny_bert
     out = tmp_path / "out"
     proc = start_export(tiny_bert_dir, out)
     stage = wait_until(lambda: staging_folder(out), proc, "a staging folder")
-    wait_until(lambda: list(stage.glob(".*.ortconv-*")) and children(proc.pid), proc,
+    # anywhere in the staging folder: the encoder recipe converts each promotion count under work/<count>/ (issue 17)
+    wait_until(lambda: list(stage.rglob(".*.ortconv-*")) and children(proc.pid), proc,
                "the ORT-format converter")
     converters = children(proc.pid)
     proc.send_signal(signal.SIGTERM)
