@@ -1,6 +1,6 @@
 """Wall time and peak RSS against parameter count: 1B-8B checkpoints through edgeq and its peers (issue 14).
 
-    python bench/scale.py run llama-3.2-1b [--tools writer,edgeq,genai-builder,mobius] [--cap-gb 20] [--timeout 900]
+    python bench/scale.py run llama-3.2-1b [--tools writer,edgeq,edgeq-rtn,genai-builder,mobius] [--cap-gb 20] [--timeout 900]
     python bench/scale.py md                    # BENCHMARKS.md's scale section from the results file
 
 RANDOM WEIGHTS: the checkpoints (bench/checkpoints.py) have the configs of the published models and random BF16
@@ -123,6 +123,11 @@ TOOLS: tuple[Tool, ...] = (
     Tool("edgeq", "edgeq export", "export android-arm64 (INT4 GPTQ)",
          lambda j: [_python(), "-c", "from edgeq.cli import main; main()", "export", str(j.checkpoint),
                     "--profile", "android-arm64", "-o", str(j.out), "--force", *OPEN_GATES],
+         _needs_checkpoint, env=lambda: {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"},
+         note=lambda: "accuracy and size gates opened"),
+    Tool("edgeq-rtn", "edgeq export", "export android-arm64 --int4-method rtn",
+         lambda j: [_python(), "-c", "from edgeq.cli import main; main()", "export", str(j.checkpoint),
+                    "--profile", "android-arm64", "-o", str(j.out), "--force", "--int4-method", "rtn", *OPEN_GATES],
          _needs_checkpoint, env=lambda: {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"},
          note=lambda: "accuracy and size gates opened"),
     Tool("genai-builder", "onnxruntime-genai model builder", "build int4 cpu",

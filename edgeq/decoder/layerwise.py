@@ -11,7 +11,7 @@ transformers' own forward):
    their median and counts the whole model against the size budget).
 2. ``quantized_layers``: the Hessians again (recomputed rather than kept: an 8B model's would take ~60 GB), each
    linear role quantized as the plan says, yielded to the writer and dropped. With a ``QuantizedStore`` each
-   quantized linear is also kept on disk, and a later pass 2 (the closest-fix search's candidates,
+   quantized linear stays readable (from the package it was written into), and a later pass 2 (the closest-fix search's candidates,
    edgeq/stages/remedy.py) takes the ones it would compute again from there: only the layers whose bits or
    settings changed are quantized, and the forward stops after the last of them.
 
@@ -27,12 +27,15 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
+import onnx
+from onnx import helper
 
-from edgeq.decoder.graph import (embed, embedding_table, final_norm_weight, head_logits, head_weight, layer_model,
-                                 write_decoder)
+from edgeq.decoder.graph import (MODEL_FILE, embed, embedding_table, final_norm_weight, head_logits, head_weight,
+                                 layer_model, write_decoder)
 from edgeq.decoder.layers import ROLES, LayerWeights, QuantizedLinear, layer_weights
 from edgeq.decoder.spec import DecoderSpec
 from edgeq.decoder.weights import TensorSource
+from edgeq.errors import EdgeqError
 from edgeq.llm.activations import InputStats
 from edgeq.llm.evaluate import ReferenceLogits, log_softmax
 from edgeq.llm.int4 import DAMP, pack_matmulnbits, quantize_gptq, quantize_rtn, refit_scales, sensitivity
@@ -96,33 +99,78 @@ class Measured:
 
 
 class QuantizedStore:
-    """Quantized linears on disk by (linear, bits, settings), for the passes 2 of one export.
+    """Quantized linears by (linear, bits, settings), for the passes 2 of one export.
 
     A linear's quantization depends on its FP32 weight, its FP32 input Hessian (pass 2 carries FP32 hidden states,
     never quantized ones), its bits and the settings: the same key gives the same bytes, so a stored one is what
-    quantizing again would give. The disk holds what one package's linears take (1B: ~0.7 GB)."""
+    quantizing again would give. A linear put while a package is being written (``writing``) is read back from that
+    package's model.onnx.data by its offsets, so the store costs no disk beside the package (it was a second copy
+    of every quantized linear: 0.7 GB on a 1B model, ~5 GB on an 8B one); a folder about to be deleted (a
+    closest-fix candidate's) is ``spill``-ed first: its linears the store points into are copied to .npz files."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
-        self._files: dict[tuple[str, int, QuantSettings], Path] = {}
+        self._where: dict[tuple[str, int, QuantSettings], Path | tuple[Path, tuple[int, ...]]] = {}
+        self._folder: Path | None = None
+        self._tensors: dict[Path, dict[str, onnx.TensorProto]] = {}
 
     def __len__(self) -> int:
-        return len(self._files)
+        return len(self._where)
 
     def __contains__(self, key: tuple[str, int, QuantSettings]) -> bool:
-        return key in self._files
+        return key in self._where
+
+    def writing(self, folder: Path | None) -> None:
+        """Linears put from now on are read back from ``folder``'s package once it is written."""
+        self._folder = None if folder is None else Path(folder)
 
     def get(self, key: tuple[str, int, QuantSettings]) -> QuantizedLinear:
-        with np.load(self._files[key]) as f:
-            zp = f["zero_points"] if "zero_points" in f else None
-            return QuantizedLinear(f["b"], f["scales"], zp, *(int(v) for v in f["shape"]))
+        where = self._where[key]
+        if isinstance(where, Path):
+            with np.load(where) as f:
+                zp = f["zero_points"] if "zero_points" in f else None
+                return QuantizedLinear(f["b"], f["scales"], zp, *(int(v) for v in f["shape"]))
+        folder, shape = where
+        name, bits = key[0], key[1]
+        arrays = [self._read(folder, f"{name}.{suffix}") for suffix in (f"weight_Q{bits}", "weight_scales")]
+        zp = self._read(folder, f"{name}.weight_zp", optional=True)
+        return QuantizedLinear(arrays[0], arrays[1], zp, *shape)
 
     def put(self, key: tuple[str, int, QuantSettings], q: QuantizedLinear) -> None:
-        path = self.directory / f"{len(self._files)}.npz"
+        if self._folder is not None:
+            self._where[key] = (self._folder, (q.k, q.n, q.bits, q.block_size, q.accuracy_level))
+            return
+        self._save(key, q)
+
+    def spill(self, folder: Path) -> None:
+        """Copy the linears the store reads from ``folder`` to its own files, before ``folder`` is deleted."""
+        folder = Path(folder)
+        for key, where in list(self._where.items()):
+            if not isinstance(where, Path) and where[0] == folder:
+                self._save(key, self.get(key))
+        self._tensors.pop(folder, None)
+
+    def _save(self, key: tuple[str, int, QuantSettings], q: QuantizedLinear) -> None:
+        path = self.directory / f"{sum(isinstance(w, Path) for w in self._where.values())}.npz"
         arrays = {"b": q.b, "scales": q.scales, **({} if q.zero_points is None else {"zero_points": q.zero_points})}
         np.savez(path, shape=np.array([q.k, q.n, q.bits, q.block_size, q.accuracy_level]), **arrays)
-        self._files[key] = path
+        self._where[key] = path
+
+    def _read(self, folder: Path, name: str, optional: bool = False) -> np.ndarray | None:
+        if folder not in self._tensors:
+            graph = onnx.load(str(folder / MODEL_FILE), load_external_data=False).graph
+            self._tensors[folder] = {t.name: t for t in graph.initializer}
+        proto = self._tensors[folder].get(name)
+        if proto is None:
+            if optional:
+                return None
+            raise EdgeqError(f"the package in {folder} has no tensor {name}", "this is an edgeq bug; please report it")
+        info = {e.key: e.value for e in proto.external_data}
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(proto.data_type)).newbyteorder("<")
+        count = int(np.prod(proto.dims, dtype=np.int64))
+        array = np.fromfile(folder / info["location"], dtype=dtype, count=count, offset=int(info.get("offset", 0)))
+        return array.reshape(tuple(proto.dims)).astype(dtype.newbyteorder("="))
 
 
 def _stored(store: QuantizedStore | None, key: tuple[str, int, QuantSettings],
@@ -287,6 +335,8 @@ def write_quantized(spec: DecoderSpec, source: TensorSource, calibration: np.nda
     """Pass 2 into ``folder``: the decoder with ``plan``'s layers quantized, written layer by layer (model.onnx,
     model.onnx.data, genai_config.json); ``calibration``: the windows' token ids."""
     by_node = {d.node: d for d in plan}
+    if store is not None:
+        store.writing(folder)
     head = quantized_head(spec, source, measured, by_node, settings, store)
     table = embedding_table(source)  # read once: the calibration embeddings, then the package's table
     hidden = embed(spec, table, calibration)

@@ -186,7 +186,8 @@ class Packages:
             acc = evaluate_lm(folder / MODEL_FILE, self.measured.reference, evaluation, progress=self.progress)
             size = size_section(model_bytes(folder), linear_bits_per_weight(plan, c.spec.block_size,
                                                                              c.spec.symmetric), c.spec)
-            shutil.rmtree(folder)  # its bytes are kept
+            self.store.spill(folder)  # the linears it quantized are kept
+            shutil.rmtree(folder)
             return lm_measured(_int8(plan), acc, size, c.spec)
 
         return first_passing(candidates, measure_one)

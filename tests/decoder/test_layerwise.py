@@ -12,6 +12,7 @@ transformers running the package's own dequantized weights to 1.5e-6 of max |log
 from __future__ import annotations
 
 import copy
+import shutil
 
 import numpy as np
 import onnx
@@ -194,10 +195,18 @@ def test_a_stored_linear_is_what_pass_2_would_write_again(case):
 
     write(plans[0], "default", store)
     assert len(store) == len(plans[0])  # every linear is quantized (the head is untied)
+    assert not list((root / "store").iterdir())  # read back from the package: no second copy on disk
     reused, fresh = write(plans[1], "reused", store), write(plans[1], "fresh", None)
     assert len(store) == len(plans[0]) + changed
     for name in ("model.onnx", "model.onnx.data"):
         assert (reused.parent / name).read_bytes() == (fresh.parent / name).read_bytes(), name
+    # a candidate's folder is deleted after its measurement: the linears only it holds are copied out first
+    store.spill(reused.parent)
+    assert len(list((root / "store").glob("*.npz"))) == changed
+    shutil.rmtree(reused.parent)
+    again = write(plans[1], "again", store)
+    for name in ("model.onnx", "model.onnx.data"):
+        assert (again.parent / name).read_bytes() == (fresh.parent / name).read_bytes(), name
     # pass 1 without evaluation windows: the same facts, no reference
     alone = L.measure(spec, source, cal, None, context_length=64, block_size=32, symmetric=False)
     assert alone.facts == measured.facts and alone.reference is None
