@@ -133,13 +133,18 @@ def claim(dest: Path, guard: SignalGuard) -> Iterator[None]:
 
 # ------------------------------------------------------------------------------------------------------ the disk
 
-# Peak use of OUT during an export, as a multiple of the model's parameters in FP32 (the export is FP32 whatever the
-# checkpoint's dtype). Encoders: the FP32 ONNX export and its optimized copy (1x each), the quantized model and the
+# Peak use of OUT during an encoder export, as a multiple of the model's parameters in FP32 (the export is FP32
+# whatever the checkpoint's dtype): the FP32 ONNX export and its optimized copy (1x each), the quantized model and the
 # ORT converter's copy of it, then the package and its zip. Measured: MiniLM 287.6 MB before the zip for 90.9 MB of
-# FP32 weights (3.2x), the 0.64 MB test BERT 2.1 MB (3.3x); 4x leaves room for the zip. Causal LMs: the FP32 export
-# (1x) and the INT4 package with its zip (under 0.5x): 2x; a GGUF is first dequantized to FP32 safetensors (+1x).
+# FP32 weights (3.2x), the 0.64 MB test BERT 2.1 MB (3.3x); 4x leaves room for the zip.
 ENCODER_FACTOR = 4.0
-CAUSAL_LM_FACTOR = 2.0
+# A causal LM is written a layer at a time with no FP32 copy (edgeq/decoder/): OUT holds the package, its zip (no
+# larger) and at most one closest-fix candidate's package beside them (edgeq/recipes/causal_lm.py). A package is at
+# most the embedding table at its precision plus every parameter at 8 bits with its block's FP32 scale and 8-bit zero
+# point (9.25 bits per weight: more than any INT4/INT8 plan stores; the Llama-3.2-1B shape's default package is 1.2
+# GB of the 2.9 GB this bound gives). A pickle source is first staged as safetensors (its own bytes again).
+CAUSAL_LM_PACKAGES = 3
+CAUSAL_LM_BYTES_PER_PARAMETER = 9.25 / 8
 # ...and causal LMs keep the FP32 reference log-probabilities of every evaluation window on disk (float32).
 LOGPROB_BYTES = 4
 # ONNX Runtime reports a model write that hit a full disk as "Protobuf serialization failed", without the errno:
@@ -149,27 +154,30 @@ DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 DISK_TEXTS = ("no space left on device", "disk quota exceeded")
 
 
-def _safetensors_parameters(path: Path) -> tuple[int, int]:
-    """(parameters, vocabulary rows of the largest 2-D table) from the header; a shard index counts nothing (its
-    shards are weight files too)."""
+def _safetensors_parameters(path: Path) -> tuple[int, int, int]:
+    """(parameters, vocabulary rows of the largest 2-D table, its elements) from the header; a shard index counts
+    nothing (its shards are weight files too)."""
     if not path.name.endswith(".safetensors"):
-        return 0, 0
+        return 0, 0, 0
     shapes = [t["shape"] for t in check_safetensors(path).values()]
-    return sum(math.prod(s) for s in shapes), max((max(s) for s in shapes if len(s) == 2), default=0)
+    tables = [s for s in shapes if len(s) == 2]
+    largest = max(tables, key=math.prod, default=(0, 0))
+    return sum(math.prod(s) for s in shapes), max((max(s) for s in tables), default=0), math.prod(largest)
 
 
-def _gguf_parameters(path: Path) -> tuple[int, int]:
+def _gguf_parameters(path: Path) -> tuple[int, int, int]:
     import gguf
 
     tensors = gguf.GGUFReader(str(path)).tensors
-    return (sum(int(t.n_elements) for t in tensors),
-            max((int(max(t.shape)) for t in tensors if len(t.shape) == 2), default=0))
+    tables = [t for t in tensors if len(t.shape) == 2]
+    return (sum(int(t.n_elements) for t in tensors), max((int(max(t.shape)) for t in tables), default=0),
+            max((int(t.n_elements) for t in tables), default=0))
 
 
-def _pickle_parameters(path: Path) -> tuple[int, int]:
+def _pickle_parameters(path: Path) -> tuple[int, int, int]:
     """A pickle (--allow-pickle) is not parsed here: its bytes as FP32 parameters (half the count of a bf16 one,
-    which its safetensors conversion in staging then doubles), vocabulary unknown."""
-    return path.stat().st_size // 4, 0
+    which its safetensors conversion in staging then doubles), vocabulary and table unknown."""
+    return path.stat().st_size // 4, 0, 0
 
 
 PARAMETER_COUNTERS = {"safetensors": _safetensors_parameters, "gguf": _gguf_parameters, "pickle": _pickle_parameters}
@@ -178,19 +186,28 @@ PARAMETER_COUNTERS = {"safetensors": _safetensors_parameters, "gguf": _gguf_para
 def parameter_count(source) -> tuple[int, int]:
     """(parameters, vocabulary rows of the largest 2-D table) of ``source`` (a ModelSource), from its weight files'
     headers: no tensor is read."""
+    return weight_counts(source)[:2]
+
+
+def weight_counts(source) -> tuple[int, int, int]:
+    """``parameter_count`` and the elements of the largest 2-D table (a causal LM's embedding)."""
     count = PARAMETER_COUNTERS[source.weight_format]
     counts = [count(source.path / name) for name in source.weight_files]
-    return sum(c[0] for c in counts), max((c[1] for c in counts), default=0)
+    return (sum(c[0] for c in counts), max((c[1] for c in counts), default=0),
+            max((c[2] for c in counts), default=0))
 
 
 def space_needed(source, profile) -> int:
     """Bytes an export of ``source`` (a ModelSource) with ``profile`` needs free in OUT, at the most."""
-    parameters, vocab = parameter_count(source)
+    parameters, vocab, table = weight_counts(source)
     if source.kind != "causal-lm":
         return int(ENCODER_FACTOR * 4 * parameters)
     llm = profile.llm  # the largest 2-D table of a causal LM is its embedding: vocabulary x hidden
     logprobs = llm.eval_windows * llm.window_tokens * vocab * LOGPROB_BYTES
-    return int((CAUSAL_LM_FACTOR + (1.0 if source.gguf_file else 0.0)) * 4 * parameters) + logprobs
+    table_bytes = 2 if llm.embedding_precision == "fp16" else 4
+    package = table * table_bytes + parameters * CAUSAL_LM_BYTES_PER_PARAMETER
+    staged_pickle = 4 * parameters if source.weight_format == "pickle" else 0
+    return int(CAUSAL_LM_PACKAGES * package) + logprobs + staged_pickle
 
 
 def _mb(n: int) -> str:
@@ -201,8 +218,8 @@ def check_space(out: Path, needed: int) -> None:
     free = shutil.disk_usage(out).free
     if free < needed:
         raise DiskFullError(f"not enough free space in {out}: {_mb(free)} free ({free} bytes), the export needs "
-                            f"about {_mb(needed)} ({needed} bytes) for the FP32 export, its working copies and the "
-                            "package", "free space on that disk, or pass -o a folder on a disk with more room")
+                            f"about {_mb(needed)} ({needed} bytes) for its working copies and the package",
+                            "free space on that disk, or pass -o a folder on a disk with more room")
 
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:

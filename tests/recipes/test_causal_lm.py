@@ -220,3 +220,21 @@ def test_exports_and_verifies_without_optimum(tiny_dir, tmp_path):
     assert run.returncode == 0, run.stderr
     run = edgeq_without_optimum("verify", tmp_path / "tiny-llama-android-arm64")
     assert run.returncode == 0, run.stderr
+
+
+def test_the_disk_estimate_holds_the_package_its_zip_and_a_candidate(package, tiny_dir):
+    """OUT must hold the package, its zip and one closest-fix candidate (edgeq/staging.py's bound: the table at its
+    precision plus every parameter at 9.25 bits), besides the reference log-probabilities."""
+    from edgeq.modelsource import inspect_model_dir
+    from edgeq.profiles import load_profile
+    from edgeq.staging import CAUSAL_LM_PACKAGES, LOGPROB_BYTES, space_needed, weight_counts
+
+    source, profile = inspect_model_dir(tiny_dir), load_profile("android-arm64")
+    parameters, vocab, table = weight_counts(source)
+    assert table == vocab * json.loads((tiny_dir / "config.json").read_text())["hidden_size"]
+    logprobs = profile.llm.eval_windows * profile.llm.window_tokens * vocab * LOGPROB_BYTES
+    bound = (space_needed(source, profile) - logprobs) / CAUSAL_LM_PACKAGES
+    assert bound == pytest.approx(2 * table + parameters * 9.25 / 8, abs=1)
+    model = sum(p.stat().st_size for p in package.path.glob("model.onnx*"))
+    (zipped,) = package.path.glob("*.zip")
+    assert model <= bound and zipped.stat().st_size <= bound
