@@ -267,10 +267,22 @@ def measure(spec: DecoderSpec, source: TensorSource, calibration: np.ndarray, ev
     return Measured(Int4Facts(tuple(facts), sizes), reference, head_stats.hessian)
 
 
+# output channels quantized at a time: GPTQ, RTN and the scale refit treat each channel alone (given the Hessian), so
+# a wide head is quantized in column chunks with the same result; whole, an 8B model's untied head [4096, 128256]
+# held ~8 GB of copies and temporaries. Every decoder layer up to 8B is narrower (one chunk: unchanged).
+QUANTIZE_COLUMNS = 16384
+
+
 def quantize_linear(weight: np.ndarray, hessian: np.ndarray, bits: int, settings: QuantSettings) -> QuantizedLinear:
     """One [K, N] weight at ``bits`` (the plan's 4 or 8) as MatMulNBits stores it, with FP32 scales."""
     if bits not in (BITS, PROMOTED_BITS):
         raise ValueError(f"{bits} bits planned; MatMulNBits here writes {BITS} or {PROMOTED_BITS}")
+    if weight.shape[1] > QUANTIZE_COLUMNS:  # MatMulNBits' inputs lead with N: the chunks' stack on it
+        parts = [quantize_linear(np.ascontiguousarray(weight[:, c:c + QUANTIZE_COLUMNS]), hessian, bits, settings)
+                 for c in range(0, weight.shape[1], QUANTIZE_COLUMNS)]
+        zero_points = None if parts[0].zero_points is None else np.concatenate([p.zero_points for p in parts])
+        return replace(parts[0], b=np.concatenate([p.b for p in parts]),
+                       scales=np.concatenate([p.scales for p in parts]), zero_points=zero_points, n=weight.shape[1])
     s = settings
     if s.method == "gptq":
         bq = quantize_gptq(weight, hessian, s.block_size, s.symmetric, s.clip, s.damp, False, bits, s.refits)

@@ -310,26 +310,34 @@ def _quadratic(a: torch.Tensor, r: torch.Tensor, s: torch.Tensor) -> torch.Tenso
     return (s.transpose(1, 2) @ a @ s - 2 * r.transpose(1, 2) @ s)[:, 0, 0]
 
 
-def hessian_error(w: np.ndarray, w_hat: np.ndarray, hessian: np.ndarray | torch.Tensor) -> float:
-    """Output error of ``X @ W`` summed over the calibration rows: tr((W - W^)^T H (W - W^)). Above FLOAT64_MAX_K,
-    H @ D in float32 (a 1B model's down_proj: 137 GFLOP, 8 s in float64) with the trace summed in float64."""
+def hessian_error(w: np.ndarray, w_hat: np.ndarray | None, hessian: np.ndarray | torch.Tensor) -> float:
+    """Output error of ``X @ W`` summed over the calibration rows: tr((W - W^)^T H (W - W^)) (``w_hat`` None: the
+    signal tr(W^T H W)). Above FLOAT64_MAX_K, H @ D in float32 (a 1B model's down_proj: 137 GFLOP, 8 s in float64)
+    with the trace summed in float64."""
     if len(hessian) <= FLOAT64_MAX_K:
-        d = np.asarray(w, np.float64) - np.asarray(w_hat, np.float64)
+        d = np.asarray(w, np.float64) if w_hat is None else np.subtract(w, w_hat, dtype=np.float64)
         h = hessian.numpy() if isinstance(hessian, torch.Tensor) else hessian
         return float(np.einsum("kn,kj,jn->", d, np.asarray(h, np.float64), d, optimize=True))
     h = hessian if isinstance(hessian, torch.Tensor) else torch.from_numpy(np.asarray(hessian, np.float32))
-    d = torch.from_numpy(np.asarray(w, np.float32) - np.asarray(w_hat, np.float32))
+    d = torch.from_numpy(np.asarray(w, np.float32) if w_hat is None else np.subtract(w, w_hat, dtype=np.float32))
     return float((d.double() * (h @ d).double()).sum())
+
+
+# columns per step of ``sensitivity``: RTN quantizes each column on its own, so the traces add up over column
+# chunks; whole, an 8B model's untied head [4096, 128256] took ~17 GB of float64 temporaries for one number
+SENSITIVITY_COLUMNS = 8192
 
 
 def sensitivity(w: np.ndarray, hessian: np.ndarray, block_size: int, symmetric: bool) -> float:
     """Relative output error of plain INT4 RTN: tr(E^T H E) / tr(W^T H W)."""
     # one float32 copy for both traces where they run in float32
     h = hessian if len(hessian) <= FLOAT64_MAX_K else torch.from_numpy(np.asarray(hessian, np.float32))
-    signal = hessian_error(w, np.zeros_like(w), h)
-    if signal == 0:
-        return 0.0
-    return hessian_error(w, quantize_rtn(w, block_size, symmetric).dequantize(), h) / signal
+    signal = error = 0.0
+    for c in range(0, w.shape[1], SENSITIVITY_COLUMNS):
+        wc = np.ascontiguousarray(w[:, c:c + SENSITIVITY_COLUMNS])
+        signal += hessian_error(wc, None, h)
+        error += hessian_error(wc, quantize_rtn(wc, block_size, symmetric).dequantize(), h)
+    return 0.0 if signal == 0 else error / signal
 
 
 # ---------------------------------------------------------------------------------------------------- packing

@@ -210,3 +210,21 @@ def test_a_stored_linear_is_what_pass_2_would_write_again(case):
     # pass 1 without evaluation windows: the same facts, no reference
     alone = L.measure(spec, source, cal, None, context_length=64, block_size=32, symmetric=False)
     assert alone.facts == measured.facts and alone.reference is None
+
+
+@pytest.mark.parametrize("method,symmetric,bits", [("rtn", False, 4), ("gptq", False, 4), ("gptq", True, 8)])
+def test_a_wide_linear_quantized_in_column_chunks_is_the_whole_one(monkeypatch, method, symmetric, bits):
+    """Each output channel is quantized alone given the Hessian, so a head wider than QUANTIZE_COLUMNS (an 8B
+    model's [4096, 128256]) is quantized a chunk of columns at a time into the same MatMulNBits inputs."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((300, 96)).astype(np.float32)
+    h = x.T.astype(np.float64) @ x
+    w = (rng.standard_normal((96, 50)) * 0.1).astype(np.float32)
+    settings = L.QuantSettings(method=method, symmetric=symmetric)
+    whole = L.quantize_linear(w, h, bits, settings)
+    monkeypatch.setattr(L, "QUANTIZE_COLUMNS", 16)  # 50 columns: 16, 16, 16 and 2
+    chunked = L.quantize_linear(w, h, bits, settings)
+    assert (chunked.k, chunked.n, chunked.bits) == (whole.k, whole.n, whole.bits)
+    np.testing.assert_array_equal(chunked.b, whole.b)
+    np.testing.assert_array_equal(chunked.zero_points, whole.zero_points)
+    np.testing.assert_allclose(chunked.scales, whole.scales, rtol=1e-6)

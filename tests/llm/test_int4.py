@@ -142,3 +142,20 @@ def test_inverse_cholesky_is_the_upper_factor_of_the_dampened_inverse(k):
     hd = h.double() + 0.01 * h.double().diagonal().mean() * torch.eye(k, dtype=torch.float64)
     err = (u.T @ u @ hd - torch.eye(k, dtype=torch.float64)).abs().max()
     assert err < 1e-5, float(err)  # measured 1.5e-7 (float64, U cast to float32) and 6.3e-7 (float32 + trtri)
+
+
+@pytest.mark.parametrize("k", [64, 4100])  # float64 traces, and float32 ones above FLOAT64_MAX_K
+def test_sensitivity_a_chunk_of_columns_at_a_time_is_the_whole_matrix_one(monkeypatch, k):
+    """RTN quantizes each column alone, so the traces add up over column chunks (an 8B head's float64 temporaries
+    whole were ~17 GB): the chunked sensitivity is the whole-matrix one up to the order of float sums."""
+    from edgeq.llm import int4
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((k + 16, k)).astype(np.float32)
+    h = x.T.astype(np.float64) @ x if k <= 4096 else x.T @ x
+    w = rng.standard_normal((k, 40)).astype(np.float32)
+    whole = int4.sensitivity(w, h, 32, False)
+    e = hessian_error(w, quantize_rtn(w, 32, False).dequantize(), h) / hessian_error(w, None, h)
+    assert whole == pytest.approx(e, rel=1e-12)
+    monkeypatch.setattr(int4, "SENSITIVITY_COLUMNS", 16)  # 40 columns: chunks of 16, 16 and 8
+    assert int4.sensitivity(w, h, 32, False) == pytest.approx(whole, rel=1e-6 if k > 4096 else 1e-12)
