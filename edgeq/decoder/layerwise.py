@@ -269,8 +269,8 @@ def measure(spec: DecoderSpec, source: TensorSource, calibration: np.ndarray, ev
 
 # output channels quantized at a time: GPTQ, RTN and the scale refit treat each channel alone (given the Hessian), so
 # a wide head is quantized in column chunks with the same result; whole, an 8B model's untied head [4096, 128256]
-# held ~8 GB of copies and temporaries. Every decoder layer up to 8B is narrower (one chunk: unchanged).
-QUANTIZE_COLUMNS = 16384
+# held ~8 GB of copies and temporaries. Decoder layers up to 1B are narrower (one chunk: unchanged).
+QUANTIZE_COLUMNS = 8192
 
 
 def quantize_linear(weight: np.ndarray, hessian: np.ndarray, bits: int, settings: QuantSettings) -> QuantizedLinear:
