@@ -11,9 +11,9 @@ transformers' own forward):
    their median and counts the whole model against the size budget).
 2. ``quantized_layers``: the Hessians again (recomputed rather than kept: an 8B model's would take ~60 GB), each
    linear role quantized as the plan says, yielded to the writer and dropped. With a ``QuantizedStore`` each
-   quantized linear stays readable (from the package it was written into), and a later pass 2 (the closest-fix search's candidates,
-   edgeq/stages/remedy.py) takes the ones it would compute again from there: only the layers whose bits or
-   settings changed are quantized, and the forward stops after the last of them.
+   quantized linear stays readable (from the package it was written into), and a later pass 2 (the closest-fix
+   search's candidates, edgeq/stages/remedy.py) takes the ones it would compute again from there: only the layers
+   whose bits or settings changed are quantized, and the forward stops after the last of them.
 
 Peak memory is one layer in FP32, its session's copy, one layer's Hessians ([K, K] per distinct input: float64 up
 to FLOAT64_MAX_K wide, float32 above) and the windows' hidden states ([windows, tokens, hidden] float32 for
