@@ -1,6 +1,7 @@
 """Wall time and peak RSS against parameter count: 1B-8B checkpoints through edgeq and its peers (issue 14).
 
-    python bench/scale.py run llama-3.2-1b [--tools writer,edgeq,edgeq-rtn,genai-builder,mobius] [--cap-gb 20] [--timeout 900]
+    python bench/scale.py run llama-3.2-1b [--tools writer,edgeq,edgeq-rtn,genai-builder,mobius] [--cap-gb 20]
+                                           [--timeout 900]
     python bench/scale.py md                    # BENCHMARKS.md's scale section from the results file
 
 RANDOM WEIGHTS: the checkpoints (bench/checkpoints.py) have the configs of the published models and random BF16
@@ -116,20 +117,21 @@ def _mobius_unavailable(job: Job) -> str | None:
     return _needs_checkpoint(job)
 
 
+def _edgeq_tool(key: str, stage: str, *args: str) -> Tool:
+    """``edgeq export`` with the bundled android-arm64 profile, ``args`` and the gates opened."""
+    return Tool(key, "edgeq export", stage,
+                lambda j: [_python(), "-c", "from edgeq.cli import main; main()", "export", str(j.checkpoint),
+                           "--profile", "android-arm64", "-o", str(j.out), "--force", *args, *OPEN_GATES],
+                _needs_checkpoint, env=lambda: {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"},
+                note=lambda: "accuracy and size gates opened")
+
+
 TOOLS: tuple[Tool, ...] = (
     Tool("writer", "bench/checkpoints.py", "write BF16 checkpoint",
          lambda j: [_python(), str(BENCH / "checkpoints.py"), j.model, "--out", str(j.checkpoint)],
          _writer_unavailable, note=lambda: "random weights, generated and written 16M values at a time"),
-    Tool("edgeq", "edgeq export", "export android-arm64 (INT4 GPTQ)",
-         lambda j: [_python(), "-c", "from edgeq.cli import main; main()", "export", str(j.checkpoint),
-                    "--profile", "android-arm64", "-o", str(j.out), "--force", *OPEN_GATES],
-         _needs_checkpoint, env=lambda: {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"},
-         note=lambda: "accuracy and size gates opened"),
-    Tool("edgeq-rtn", "edgeq export", "export android-arm64 --int4-method rtn",
-         lambda j: [_python(), "-c", "from edgeq.cli import main; main()", "export", str(j.checkpoint),
-                    "--profile", "android-arm64", "-o", str(j.out), "--force", "--int4-method", "rtn", *OPEN_GATES],
-         _needs_checkpoint, env=lambda: {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"},
-         note=lambda: "accuracy and size gates opened"),
+    _edgeq_tool("edgeq", "export android-arm64 (INT4 GPTQ)"),
+    _edgeq_tool("edgeq-rtn", "export android-arm64 --int4-method rtn", "--int4-method", "rtn"),
     Tool("genai-builder", "onnxruntime-genai model builder", "build int4 cpu",
          lambda j: [str(_genai_python()[0]), "-m", "onnxruntime_genai.models.builder", "-i", str(j.checkpoint), "-o",
                     str(j.out / "model"), "-p", "int4", "-e", "cpu", "-c", str(j.out / "cache")],

@@ -146,8 +146,8 @@ def test_inverse_cholesky_is_the_upper_factor_of_the_dampened_inverse(k):
 
 @pytest.mark.parametrize("k", [64, 4100])  # float64 traces, and float32 ones above FLOAT64_MAX_K
 def test_sensitivity_a_chunk_of_columns_at_a_time_is_the_whole_matrix_one(monkeypatch, k):
-    """RTN quantizes each column alone, so the traces add up over column chunks (an 8B head's float64 temporaries
-    whole were ~17 GB): the chunked sensitivity is the whole-matrix one up to the order of float sums."""
+    """RTN quantizes each column alone, so the traces add up over column chunks (an 8B head whole took the export
+    to 14.4 GB): the chunked sensitivity is the whole-matrix one up to the order of float sums."""
     from edgeq.llm import int4
 
     rng = np.random.default_rng(3)
