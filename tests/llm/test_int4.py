@@ -6,9 +6,10 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from edgeq.llm.int4 import (_unpack_nibbles, dequantize_matmulnbits, hessian_error, pack_matmulnbits, quantize_gptq,
+from edgeq.llm.int4 import (_gram, _unpack_nibbles, dequantize_matmulnbits, hessian_error, pack_matmulnbits, quantize_gptq,
                             quantize_rtn, refit_scales)
 from edgeq.runtime import session
 
@@ -123,6 +124,22 @@ def test_refit_solves_wide_layers_with_more_blocks_than_batched_lu_handles():
     refit = refit_scales(bq, w, h)
     assert np.isfinite(refit.scales).all()
     assert hessian_error(w, refit.dequantize(), h) < 0.85 * hessian_error(w, bq.dequantize(), h)  # measured 0.80
+
+
+def test_refit_gram_is_codes_times_hessian_times_codes_per_channel():
+    """C^T H C per channel, C the [K, blocks] matrix with channel n's block codes in block b's rows of column b,
+    built densely here; the refit builds it block column by block column."""
+    rng = np.random.default_rng(5)
+    r, nb, bs = 3, 7, 4
+    x = rng.standard_normal((64, nb * bs)).astype(np.float32)
+    h = torch.from_numpy(x.T @ x)
+    c = torch.from_numpy(rng.integers(-8, 8, (r, nb, bs)).astype(np.float32))
+    for n in range(r):
+        dense = torch.zeros(nb * bs, nb)
+        for b in range(nb):
+            dense[b * bs:(b + 1) * bs, b] = c[n, b]
+        want = (dense.T.double() @ h.double() @ dense.double()).numpy()
+        np.testing.assert_allclose(_gram(c, h)[n].double().numpy(), want, rtol=1e-5, atol=1e-3)  # float32 sums
 
 
 @pytest.mark.parametrize("k", [512, 4160])  # float64 below FLOAT64_MAX_K (4096); float32 and trtri above it
