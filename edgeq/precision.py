@@ -14,6 +14,7 @@ class Precision(StrEnum):
     INT4 = "int4"  # MatMulNBits bits=4 (weight-only, blockwise)
     INT8 = "int8"  # encoder CPU: static int8 weights and activations (QDQ); causal LM: MatMulNBits bits=8
     INT8_WEIGHT_ONLY = "int8-weight-only"  # int8 weights, float activations
+    INT8_PER_TOKEN = "int8-per-token"  # int8 weights, uint8 activations quantized per token at run time
     W8A16 = "w8a16"  # 8-bit weights, 16-bit activations
     W8A8 = "w8a8"
     W16A16 = "w16a16"  # QNN HTP: 16-bit symmetric weights, 16-bit activations
@@ -42,7 +43,8 @@ _QNN_ACT = {_P.A16: _QNN, _P.A8: _QNN}
 # (kind, op category of edgeq/categories.py, or LM_HEAD) -> precision -> the pass that carries it out.
 # A category missing for a kind (e.g. "attention" on an encoder) has no node of that kind; "fp32" = left alone.
 PASSES: dict[tuple[str, str], dict[Precision, str]] = {
-    (ENCODER_CPU, "linear"): {_P.INT8: _QDQ_CPU, _P.INT8_WEIGHT_ONLY: _QDQ_CPU, _P.W8A16: _QDQ_CPU, _P.FP32: KEPT},
+    (ENCODER_CPU, "linear"): {_P.INT8: _QDQ_CPU, _P.INT8_WEIGHT_ONLY: _QDQ_CPU, _P.INT8_PER_TOKEN: _QDQ_CPU,
+                                 _P.W8A16: _QDQ_CPU, _P.FP32: KEPT},
     (ENCODER_CPU, "embedding"): {_P.FP16: _FP16, _P.FP32: KEPT},
     (ENCODER_CPU, "norm"): {_P.FP16: _FP16, _P.FP32: KEPT},
     **{(ENCODER_CPU, c): {_P.FP32: KEPT} for c in ("attention", "attention_matmul", "attention_mask", "softmax",

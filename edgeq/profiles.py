@@ -67,8 +67,10 @@ class QuantizationSpec:
     calibration_seq_len: int = _f("Maximum tokens per calibration text (longer ones are truncated).", 128, minimum=8)
     sensitive_precision: str = _f(
         "Precision given to the linear layers that the sensitivity measurement marks as too sensitive for "
-        "the default int8: 'int8-weight-only' keeps int8 weights with float activations, 'w8a16' quantizes "
-        "activations to 16 bits, 'fp32' leaves the layer as exported.",
+        "the default int8: 'int8-per-token' quantizes their activations at run time with a range per token (an "
+        "integer GEMM; outlier tokens no longer set everyone's range), 'int8-weight-only' keeps int8 weights with "
+        "float activations (8-bit MatMulNBits: see matmulnbits_accuracy_level), 'w8a16' quantizes activations to "
+        "16 bits, 'fp32' leaves the layer as exported.",
         "int8-weight-only",
         precision_of=(ENCODER_CPU, "linear"),
     )
@@ -150,7 +152,8 @@ class PackageSpec:
         "differently (MiniLM: min per-sample cosine arm64 vs x86 0.9945 at 4, 0.9993 at 0 on 16 texts, though each "
         "CPU is as close to FP32 at 4 as at 0); 0 computes in float, which both architectures do alike, but ONNX "
         "Runtime has no float kernel for 8-bit blocks and dequantizes the whole weight on every call (MiniLM on x86: "
-        "5.4 ms per sentence at 0, 1.9 at 4, FP32 3.0; bench/encoder_speed.py).", 0, (0, 1, 2, 3, 4),
+        "5.4 ms per sentence at 0, 1.9 at 4, FP32 3.0; bench/encoder_speed.py). Device checks hold each CPU to FP32 "
+        "on that CPU, so 4 is the CPU profiles' choice.", 0, (0, 1, 2, 3, 4),
     )
     partition_check_eps: tuple[str, ...] = _f(
         "Execution providers whose partitioning ONNX Runtime's mobile usability checker estimates for the package's "

@@ -524,5 +524,5 @@ def test_set_a_precision_no_pass_implements(tiny_bert_dir, tmp_path):
     out = tmp_path / "out"
     msg, hint = assert_user_error(edgeq("export", tiny_bert_dir, "--profile", "android-arm64", "-o", out,
                                         "--set", "quantization.sensitive_precision=fp16"), out)
-    assert "'quantization.sensitive_precision' = 'fp16' is not one of int8, int8-weight-only, w8a16, fp32" in msg
+    assert "'quantization.sensitive_precision' = 'fp16' is not one of int8, int8-weight-only, int8-per-token, w8a16, fp32" in msg
     assert "sensitive_precision" not in hint and "int8-weight-only" in hint

@@ -10,7 +10,7 @@ from edgeq.precision import (CAUSAL_LM, ENCODER_CPU, ENCODER_QNN, KINDS, LM_HEAD
 
 
 def test_values_are_the_strings_manifests_record():
-    assert [str(p) for p in Precision] == ["int4", "int8", "int8-weight-only", "w8a16", "w8a8", "w16a16", "w16a8",
+    assert [str(p) for p in Precision] == ["int4", "int8", "int8-weight-only", "int8-per-token", "w8a16", "w8a8", "w16a16", "w16a8",
                                            "w16", "w8", "a16", "a8", "fp16", "fp32"]
     assert Precision("w8a16") == "w8a16" and f"{Precision.INT8_WEIGHT_ONLY}" == "int8-weight-only"
 

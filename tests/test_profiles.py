@@ -61,7 +61,7 @@ def test_bundled_profile_loads_with_its_values():
     assert p.quantization.calibration_percentile == 99.999
     assert p.quantization.keep_fp16 == ("embedding",)
     assert p.quantization.keep_fp32_nodes == ()
-    assert p.package.device_min_cosine == 0.999 and p.package.matmulnbits_accuracy_level == 0
+    assert p.package.device_min_cosine == 0.999 and p.package.matmulnbits_accuracy_level == 4
     assert p.package.partition_check_eps == ("NNAPI",) and p.status == "supported"
     assert p.package.target_platform == "arm"
     assert p.accuracy.min_mean_cosine == 0.995
@@ -232,7 +232,7 @@ def test_section_that_is_not_a_table(tmp_path):
     [
         ('calibration_method = "percentile"', 'calibration_method = "entropy"', "quantization.calibration_method"),
         ('activation_type = "uint8"', 'activation_type = "fp8"', "quantization.activation_type"),
-        ('sensitive_precision = "int8-weight-only"', 'sensitive_precision = "int4"', "quantization.sensitive_precision"),
+        ('sensitive_precision = "int8-per-token"', 'sensitive_precision = "int4"', "quantization.sensitive_precision"),
         ('target_platform = "arm"', 'target_platform = "riscv"', "package.target_platform"),
         ('execution_provider = "CPUExecutionProvider"', 'execution_provider = "NnapiExecutionProvider"',
          "execution_provider"),
@@ -417,15 +417,16 @@ def test_every_bundled_profile_loads(name):
 def test_sensitive_precision_no_pass_implements_is_refused_from_set(value):
     with pytest.raises(ProfileError) as exc:
         load_profile("android-arm64", overrides={"quantization.sensitive_precision": value})
-    assert (f"'quantization.sensitive_precision' = '{value}' is not one of int8, int8-weight-only, w8a16, fp32 "
+    assert (f"'quantization.sensitive_precision' = '{value}' is not one of int8, int8-weight-only, int8-per-token, w8a16, fp32 "
             "(the precisions a pass implements for 'linear' nodes in the encoder-cpu recipe)") in exc.value.message
     assert exc.value.exit_code == 2
 
 
 def test_sensitive_precision_no_pass_implements_is_refused_from_a_file(tmp_path):
-    path = write(tmp_path, bundled_with('sensitive_precision = "int8-weight-only"', 'sensitive_precision = "w16a16"'))
+    path = write(tmp_path, bundled_with('sensitive_precision = "int8-per-token"', 'sensitive_precision = "w16a16"'))
     with pytest.raises(ProfileError, match=r"'quantization.sensitive_precision' = 'w16a16' is not one of int8, "
-                                           r"int8-weight-only, w8a16, fp32 \(the precisions a pass implements"):
+                                           r"int8-weight-only, int8-per-token, w8a16, fp32 \(the precisions a pass "
+                                           r"implements"):
         load_profile(str(path))
 
 

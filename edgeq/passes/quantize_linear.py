@@ -5,7 +5,9 @@ For a MatMul ``Y = X @ W`` with W constant [K, N]:
     (stays int8 on disk and in the .ort file; ONNX Runtime does not constant-fold DQ of an initializer);
   * for ``int8`` (and ``w8a16``) X goes through QuantizeLinear -> DequantizeLinear with the calibrated range,
     which ONNX Runtime's CPU EP fuses with the MatMul into an integer kernel;
-  * for ``int8-weight-only`` X stays float.
+  * for ``int8-weight-only`` X stays float;
+  * for ``int8-per-token`` the MatMul becomes an integer GEMM over X quantized per token at run time
+    (edgeq/passes/per_token.py), X quantized once for every layer that reads it.
 A weight shared by several nodes is quantized once (tied weights must not be stored twice).
 """
 
@@ -17,6 +19,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from edgeq.passes import per_token
 from edgeq.passes.base import PassBase, PassResult
 from edgeq.policy import PrecisionPlan
 from edgeq.precision import Precision
@@ -28,7 +31,7 @@ ACTIVATION_TYPES = {
     "uint16": (np.uint16, 0, 65535, True),
     "int16": (np.int16, -32768, 32767, True),
 }
-WEIGHT_PRECISIONS = {Precision.INT8, Precision.INT8_WEIGHT_ONLY, Precision.W8A16}
+WEIGHT_PRECISIONS = {Precision.INT8, Precision.INT8_WEIGHT_ONLY, Precision.W8A16, Precision.INT8_PER_TOKEN}
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,8 @@ class QuantizeLinearLayers(PassBase):
         weight_cache: dict[tuple[str, int], str] = {}
         act_cache: dict[tuple[str, str], str] = {}
         dropped: set[str] = set()
+        per_token_acts: dict[str, tuple[str, int]] = {}  # input -> (its quantized rows' name, K)
+        replaced: set[str] = set()  # per-token layers: their nodes replace them
         count = 0
         for node in g.node:
             d = decisions.get(node.name)
@@ -82,6 +87,12 @@ class QuantizeLinearLayers(PassBase):
             before = new_nodes.setdefault(node.name, [])
             w_name = node.input[1]
             axis = 0 if node.op_type == "Gemm" and _attr(node, "transB", 0) else 1
+            if d.precision == Precision.INT8_PER_TOKEN:
+                new_inits += self._per_token(model, node, inits, axis, before, weight_cache, per_token_acts)
+                dropped.add(w_name)
+                replaced.add(node.name)
+                count += 1
+                continue
             key = (w_name, axis)
             if key not in weight_cache:
                 q, scale = quantize_weight(numpy_helper.to_array(inits[w_name]), axis, self.per_channel)
@@ -119,16 +130,60 @@ class QuantizeLinearLayers(PassBase):
         ordered = []
         for node in g.node:
             ordered += new_nodes.get(node.name, [])
-            ordered.append(node)
+            if node.name not in replaced:
+                ordered.append(node)
         del g.node[:]
         g.node.extend(ordered)
         still_used = {i for n in g.node for i in n.input}
         keep = [i for i in g.initializer if i.name not in dropped or i.name in still_used]
         del g.initializer[:]
         g.initializer.extend(keep + new_inits)
-        if any(ACTIVATION_TYPES[t][3] for _, t in act_cache) and not any(o.domain == "com.microsoft" for o in model.opset_import):
+        if per_token_acts:
+            g.initializer.extend(per_token.constants({k for _, k in per_token_acts.values()}))
+        contrib = per_token_acts or any(ACTIVATION_TYPES[t][3] for _, t in act_cache)
+        if contrib and not any(o.domain == "com.microsoft" for o in model.opset_import):
             model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
         return PassResult(model, True, f"{count} linear layers to QDQ, {len(weight_cache)} weights int8")
+
+    def _per_token(self, model: onnx.ModelProto, node: onnx.NodeProto, inits: dict, axis: int,
+                   before: list[onnx.NodeProto], weight_cache: dict, acts: dict) -> list[onnx.TensorProto]:
+        """``node`` rewritten per token (its nodes appended to ``before``); returns the new initializers. A Gemm's
+        alpha goes into the weight scale, its beta * C into a bias Add."""
+        added: list[onnx.TensorProto] = []
+        w_name, x = node.input[1], node.input[0]
+        w = numpy_helper.to_array(inits[w_name])
+        k, n = (w.shape[1], w.shape[0]) if axis == 0 else w.shape
+        alpha = float(_attr(node, "alpha", 1.0)) if node.op_type == "Gemm" else 1.0
+        if node.op_type == "Gemm" and _attr(node, "transA", 0):
+            raise ValueError(f"{node.name}: Gemm with transA is not rewritten per token")
+        key = (w_name, axis, "per-token", alpha)
+        if key not in weight_cache:
+            q, scale = quantize_weight(w.T if axis == 0 else w, 1, self.per_channel)
+            base = f"{w_name}_pt" if alpha == 1.0 else f"{w_name}_pt_alpha{len(weight_cache)}"
+            added += per_token.weight_initializers(q, scale * np.float32(alpha), base)
+            weight_cache[key] = base
+        if x not in acts:  # q/k/v read one input: quantized once
+            acts[x] = (f"{x}_pt", k)
+            before += per_token.activation_nodes(x, k, acts[x][0], _opset(model))
+        bias = node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]
+        out = f"{node.name}_nobias" if bias else node.output[0]
+        nodes, consts = per_token.linear_nodes(acts[x][0], weight_cache[key], n, out, node.name)
+        before += nodes
+        added += consts
+        if bias:
+            beta = float(_attr(node, "beta", 1.0))
+            c = node.input[2]
+            if beta != 1.0:
+                added.append(numpy_helper.from_array(np.float32(beta), f"{node.name}_beta"))
+                before.append(helper.make_node("Mul", [c, f"{node.name}_beta"], [f"{node.name}_bc"],
+                                               name=f"{node.name}_beta_Mul"))
+                c = f"{node.name}_bc"
+            before.append(helper.make_node("Add", [out, c], [node.output[0]], name=f"{node.name}_bias_Add"))
+        return added
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
 
 
 def _wide(act_type: str) -> str:

@@ -149,7 +149,7 @@ def test_keep_fp32_nodes_wins_over_sensitivity(nodes, profile):
     assert "keep_fp32_nodes" in by[top].reason
     assert by[top].sensitivity == DROPS[top]
     # the other two of the top three are still promoted; the override does not shift promotion to rank 4
-    assert [by[n].precision for n in RANKED[1:4]] == ["int8-weight-only", "int8-weight-only", "int8"]
+    assert [by[n].precision for n in RANKED[1:4]] == ["int8-per-token", "int8-per-token", "int8"]
 
 
 def test_keep_fp32_nodes_glob_is_case_sensitive(nodes, profile):
@@ -160,7 +160,7 @@ def test_keep_fp32_nodes_glob_is_case_sensitive(nodes, profile):
 @pytest.mark.parametrize("k", [0, 1, 3, 5, 12])
 def test_promote_k_gives_exactly_the_k_highest_drops(nodes, profile, k):
     plan = decide_precision(nodes, profile, Sensitivity(DROPS, 16), promote=k)
-    promoted = [d.name for d in plan.of("int8-weight-only")]
+    promoted = [d.name for d in plan.of("int8-per-token")]
     assert set(promoted) == set(RANKED[:k])
     assert len(plan.of("int8")) == 12 - k
     for d in plan.decisions:
@@ -171,7 +171,7 @@ def test_promote_k_gives_exactly_the_k_highest_drops(nodes, profile, k):
             if d.name in promoted:
                 assert d.reason.startswith(f"sensitive: rank {rank} of 12")
                 assert f"{DROPS[d.name]:.5f}" in d.reason
-                assert "int8-weight-only" in d.reason
+                assert "int8-per-token" in d.reason
 
 
 def test_promote_uses_the_profiles_sensitive_precision(nodes, profile):
@@ -201,7 +201,7 @@ def test_ties_are_broken_by_name_whatever_the_order(nodes, profile):
     plans = [decide_precision(nodes, profile, Sensitivity(dict(order), 4), promote=2)
              for order in (sorted(tied.items()), sorted(tied.items(), reverse=True))]
     assert plans[0] == plans[1]
-    assert sorted(d.name for d in plans[0].of("int8-weight-only")) == sorted(LINEAR_NAMES)[:2]
+    assert sorted(d.name for d in plans[0].of("int8-per-token")) == sorted(LINEAR_NAMES)[:2]
 
 
 def test_ranking_sorts_by_drop_then_name():

@@ -17,6 +17,9 @@ HINT = re.compile(r"--set (?P<setting>\S+) passes: measured, the export then pro
                   r"mean cosine (?P<mean>\S+) \(bar [\d.]+\), min cosine (?P<min>\S+) \(bar [\d.]+\), retrieval top-1 "
                   r"agreement (?P<top1>\S+) = \d+ of 320 \(bar 0\.96\); model (?P<bytes>[\d,]+) B = ")
 
+# the fixture was measured with weight-only promotions computed in float (the profiles before per-token layers)
+WEIGHT_ONLY = (("quantization.sensitive_precision", "int8-weight-only"), ("package.matmulnbits_accuracy_level", 0))
+
 
 @pytest.fixture(scope="module")
 def outliers(tmp_path_factory):
@@ -30,7 +33,7 @@ def test_a_failed_gate_names_one_setting_that_then_passes(outliers, tmp_path_fac
     the 320 held-back texts agree on 305 (0.953): the gate fails, and the hint names the target that makes the
     search go on to a count that passes."""
     model, out = outliers, tmp_path_factory.mktemp("out")
-    strict = (("accuracy.min_retrieval_top1", 0.96),)
+    strict = (("accuracy.min_retrieval_top1", 0.96), *WEIGHT_ONLY)
     with pytest.raises(AccuracyBudgetError) as err:
         export_package(ExportRequest(model, "android-arm64", out_dir=out, samples=16, settings=strict))
     msg, hint = err.value.message, err.value.hint
@@ -65,7 +68,7 @@ def test_over_the_size_budget_the_hint_is_the_limit_that_admits_the_package(outl
     monkeypatch.setattr("edgeq.stages.record.SIZE_CHECK_MIN_BYTES", 0)
     out = tmp_path / "out"
     with pytest.raises(SizeBudgetError) as err:
-        export_package(ExportRequest(outliers, "android-arm64", out_dir=out, samples=16))
+        export_package(ExportRequest(outliers, "android-arm64", out_dir=out, samples=16, settings=WEIGHT_ONLY))
     msg, hint = err.value.message, err.value.hint
     found = re.match(r"model ([\d,]+) B = \d+\.\d{4}% of the FP32 export's [\d,]+ B \(package.max_size_ratio = 0\.4: "
                      r"at most [\d,]+ B\): over the size budget\. Size budget: no promotion count fits the size budget "
@@ -75,7 +78,8 @@ def test_over_the_size_budget_the_hint_is_the_limit_that_admits_the_package(outl
                        r"\(mean cosine", hint)
     assert setting, hint
     key, value = parse_setting(setting[1])
-    pkg = export_package(ExportRequest(outliers, "android-arm64", out_dir=out, samples=16, settings=((key, value),)))
+    pkg = export_package(ExportRequest(outliers, "android-arm64", out_dir=out, samples=16,
+                                       settings=(*WEIGHT_ONLY, (key, value))))
     assert f"{pkg.manifest['size']['model_bytes']:,}" == found[1]
     precision = pkg.manifest["precision"]
     assert precision["promoted_sensitive_layers"] == 1 and "selection_size_note" not in precision  # it fits now

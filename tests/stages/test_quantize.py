@@ -184,7 +184,7 @@ def test_all_int8_model_runs_and_stays_close_to_fp32(all_int8, optimized, tokeni
 def test_target_one_promotes_every_linear_layer(run_quantize, linear_names):
     q, lines = run_quantize(1.0)
     assert q.promoted == N_LINEAR
-    assert {d.name for d in q.plan.of("int8-weight-only")} == linear_names
+    assert {d.name for d in q.plan.of("int8-per-token")} == linear_names
     assert q.plan.of("int8") == []
     # mean cosine 1.0 is never reached, so every step of the schedule was tried, the last one with all layers
     selects = [line for line in lines if "] select: " in line]
@@ -265,8 +265,10 @@ def outlier_quantize(tmp_path_factory, profile):
     bars = dataclasses.replace(profile.accuracy, min_mean_cosine=0.0, min_min_cosine=0.0, min_retrieval_top1=0.0)
 
     def _run(mean: float, min_: float, top1: float):
+        # weight-only promotions: float activations make every target reachable by promoting all layers
         p = with_quantization(dataclasses.replace(profile, accuracy=bars), sensitivity_target_mean_cosine=mean,
-                              sensitivity_target_min_cosine=min_, sensitivity_target_retrieval_top1=top1)
+                              sensitivity_target_min_cosine=min_, sensitivity_target_retrieval_top1=top1,
+                              sensitive_precision="int8-weight-only")
         return quantize(optimized, stats, tokenizer, texts, p, "mean", tmp_path_factory.mktemp("q"))
 
     return _run
