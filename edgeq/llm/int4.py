@@ -279,8 +279,9 @@ def refit_scales(bq: BlockQuant, w: np.ndarray, hessian: np.ndarray, rows: int =
     zp = _mid(bq.bits) if bq.zero_points is None else bq.zero_points[:, :, None].astype(np.float32)
     c = torch.from_numpy(bq.q.reshape(n, nb, bs).astype(np.float32) - zp)
     c.view(n, kp)[:, k:] = 0.0
-    h = torch.zeros(kp, kp)
-    h[:k, :k] = torch.from_numpy(np.asarray(hessian, np.float32))
+    h = torch.from_numpy(np.asarray(hessian, np.float32))  # read only; a float32 H is not copied (8B down: 0.8 GB)
+    if kp != k:
+        h = torch.nn.functional.pad(h, (0, kp - k, 0, kp - k))
     wt = torch.zeros(n, kp)
     wt[:, :k] = torch.from_numpy(np.ascontiguousarray(w.T, dtype=np.float32))
     r_all = (c * (wt @ h).view(n, nb, bs)).sum(2).double()  # C^T H w per channel: [N, blocks]
