@@ -306,8 +306,9 @@ def refit_scales(bq: BlockQuant, w: np.ndarray, hessian: np.ndarray, rows: int =
 def _gram(c: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """C^T H C per channel, [r, blocks, blocks], for centred codes ``c`` [r, blocks, block]: entry (a, b) is
     c_a^T H_ab c_b, so block column b is (C_b H[rows of b, :]) times the codes, summed per block; only a <= b is
-    computed and then mirrored. The GEMM outputs stay [r, K] (in cache): an 8B down_proj refits in ~25 s on one
-    thread, where one einsum through a [r, K, blocks] temporary (1.6 GB per 64 channels) took ~230 s."""
+    computed and then mirrored. The GEMM outputs stay [r, K] (in cache): an 8B down_proj's Gram matrices take ~25 s
+    on one thread, where one einsum through a [r, K, blocks] temporary (1.6 GB per 64 channels) took ~230 s (both
+    from 64 channels, measured beside another job; its whole refit, Cholesky solves included, took 47 s)."""
     r, nb, bs = c.shape
     flat = c.reshape(r, nb * bs)
     a = torch.zeros(r, nb, nb, dtype=c.dtype)
