@@ -11,6 +11,7 @@ from pathlib import Path
 
 from edgeq.errors import ModelFolderError, OutputExistsError, UnsupportedModelError, UserInputError, VerificationError
 from edgeq.families import OPTIMUM, by_model_type
+from edgeq.heap import release_freed_memory
 from edgeq.modelsource import ModelSource, inspect_model_dir
 from edgeq.profiles import QNN_EP, load_profile
 from edgeq.progress import QUIET, Progress
@@ -98,6 +99,7 @@ def export_package(req: ExportRequest, progress: Progress = QUIET, inputs: Input
         finish(stage.folder, manifest)  # file hashes, then manifest.json
         if built.over_budget:  # the staging folder goes with the exception: nothing over budget is placed
             raise built.over_budget[0]
+        release_freed_memory()  # what the build freed; verify loads the package once more
         progress.stage("verify", str(stage.folder))
         if inputs.profile.package.zip:
             write_zip(stage.folder)

@@ -17,9 +17,10 @@ PACKAGE = Path(__file__).resolve().parent.parent / "edgeq"
 # The longest matching prefix places a module ("edgeq.llm.gguf_source" before "edgeq.llm").
 LAYERS: dict[str, tuple[int, tuple[str, ...]]] = {
     # what every part of edgeq may use: errors, progress, the profile and its precision vocabulary, node categories,
-    # the family registry, metrics, the safe loaders, the data files shipped in the package
+    # the family registry, metrics, the safe loaders, the data files shipped in the package, the heap's tuning
     "foundation": (0, ("edgeq.errors", "edgeq.progress", "edgeq.metrics", "edgeq.profiles", "edgeq.families",
-                       "edgeq.precision", "edgeq.policy", "edgeq.categories", "edgeq.safe_load", "edgeq.resources")),
+                       "edgeq.precision", "edgeq.policy", "edgeq.categories", "edgeq.safe_load", "edgeq.resources",
+                       "edgeq.heap")),
     # reading inputs and writing packages: model folders and GGUF files, text sets, runtime sessions, the manifest,
     # the staging folder, what an export was asked for
     "inputs-and-records": (1, ("edgeq.modelsource", "edgeq.llm.gguf_source", "edgeq.checkpoint", "edgeq.textdata",

@@ -9,12 +9,11 @@ row chunks of ``CHUNK`` positions (64 x 49152 float64 = 25 MB of temporaries).
 
 from __future__ import annotations
 
-import functools
 import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import onnx
@@ -28,7 +27,9 @@ from edgeq.textdata import token_prefix
 WINDOW = 512  # tokens per window: long enough that most predictions see real context
 CALIBRATION_WINDOWS = 8  # 4096 tokens: H = X^T X of a 1536-wide layer is then well determined (4096 > 1536 rows)
 EVALUATION_WINDOWS = 16  # 8176 predicted tokens: the perplexity's standard error is then ~1-2%
-CHUNK = 64  # positions per log-softmax chunk
+CHUNK = 64  # positions per log-softmax chunk, at most; fewer for a large vocabulary (``chunk_rows``)
+CHUNK_VALUES = 1 << 22  # float64 values per log-softmax temporary: 32 MB (64 x 128k-vocabulary rows took 66 MB each)
+RUN_TOKENS = 128  # positions per forward of a model with a KV cache (``logit_chunks``)
 BOOTSTRAP_RESAMPLES = 2000  # the 2.5/97.5% quantiles of 2000 resamples move by < 0.1 point between seeds
 
 _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
@@ -104,15 +105,66 @@ def window_logits(sess: ort.InferenceSession, ids: np.ndarray) -> np.ndarray:
     return sess.run(["logits"], window_feeds(sess, ids))[0][0]
 
 
+def logit_chunks(sess: ort.InferenceSession, ids: np.ndarray,
+                 run_tokens: int = RUN_TOKENS) -> Iterator[tuple[int, np.ndarray]]:
+    """(first position, logits [n, V]) of one window [S], ``run_tokens`` positions per forward, each run feeding the
+    previous runs' KV cache back (``present.*`` -> ``past_key_values.*``, kept as ONNX Runtime values, never copied
+    into numpy), as a chunked prefill does.
+
+    One 512-token forward of an 8B package (128k vocabulary) raised the evaluate stage's RSS 0.9 GB above its
+    session's 7.4 GB: logits, their copy into numpy and the activations of 512 positions; 128 positions a run hold a
+    quarter of that. The logits are the same: a SmolLM2 package gave bit-identical logits either way (ORT's
+    GroupQueryAttention over past + new keys). A model without a KV cache runs the window at once."""
+    ids = np.asarray(ids)
+    past = [i.name for i in sess.get_inputs() if i.name.startswith("past_key_values")]
+    if not past or len(ids) <= run_tokens:
+        yield 0, window_logits(sess, ids)
+        return
+    names = ["logits", *(n.replace("past_key_values", "present") for n in past)]
+    has_positions = any(i.name == "position_ids" for i in sess.get_inputs())
+    cache: dict[str, ort.OrtValue] = {}
+    for start in range(0, len(ids), run_tokens):
+        chunk = ids[start:start + run_tokens]
+        if start:
+            feeds = {"input_ids": chunk.reshape(1, -1), "attention_mask": np.ones((1, start + len(chunk)), np.int64)}
+            if has_positions:
+                feeds["position_ids"] = np.arange(start, start + len(chunk), dtype=np.int64).reshape(1, -1)
+        else:
+            feeds = window_feeds(sess, chunk)
+        values = {k: v if isinstance(v, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(v)
+                  for k, v in {**feeds, **cache}.items()}
+        logits, *present = sess.run_with_ort_values(names, values)
+        del values
+        cache = dict(zip(past, present))
+        out = logits.numpy()[0]
+        del logits
+        yield start, out
+        del out
+
+
+def _window_rows(logits_of, ids: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+    """(first position, logits) blocks of one window, from a session (``logit_chunks``) or a function of the ids."""
+    if isinstance(logits_of, ort.InferenceSession):
+        yield from logit_chunks(logits_of, ids, RUN_TOKENS)
+    else:
+        yield 0, logits_of(ids)
+
+
+def chunk_rows(vocab: int) -> int:
+    """Positions per statistics chunk: ``CHUNK``, fewer when its float64 temporaries would pass ``CHUNK_VALUES``."""
+    return max(1, min(CHUNK, CHUNK_VALUES // max(vocab, 1)))
+
+
 def log_softmax(logits: np.ndarray, dtype=np.float64) -> np.ndarray:
     """Log-probabilities over the last axis, computed in float64 a block of rows at a time and stored as ``dtype``:
     a whole 512-token window of a 128k vocabulary in float64 took three 525 MB temporaries."""
     flat = logits.reshape(-1, logits.shape[-1])
     out = np.empty(flat.shape, dtype)
-    for r in range(0, len(flat), CHUNK):
-        x = flat[r:r + CHUNK].astype(np.float64)
+    step = chunk_rows(flat.shape[-1])
+    for r in range(0, len(flat), step):
+        x = flat[r:r + step].astype(np.float64)
         x -= x.max(axis=-1, keepdims=True)
-        out[r:r + CHUNK] = x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+        out[r:r + step] = x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
     return out.reshape(logits.shape)
 
 
@@ -192,29 +244,32 @@ def evaluate_lm(model: onnx.ModelProto | Path | str | ort.InferenceSession | Cal
     windows = np.asarray(windows)
     if isinstance(reference, ReferenceLogits) and not np.array_equal(reference.windows, windows):
         raise ValueError("the reference log-probabilities were computed on other windows")
-    logits_of = model if callable(model) else functools.partial(window_logits, lm_session(model))
+    logits_of = model if callable(model) and not isinstance(model, ort.InferenceSession) else lm_session(model)
     ref_sess = None if isinstance(reference, ReferenceLogits) else lm_session(reference)
     nll = ref_nll = kl = 0.0
     agree = tokens = 0
     per_window = []  # (nll, ref_nll, tokens) of each window, for the bootstrap interval
     for i, ids in enumerate(windows):
         before = (nll, ref_nll, tokens)
-        logits = logits_of(ids)
         ref = None if ref_sess is None else window_logits(ref_sess, ids)
         targets = ids[1:]
-        for c in range(0, len(ids) - 1, CHUNK):  # position t predicts token t+1; the last position has no target
-            stop = min(c + CHUNK, len(ids) - 1)
-            lq = log_softmax(logits[c:stop])
-            lp = np.asarray(reference.rows(i, c, stop) if ref is None else ref[c:stop], np.float64)
-            if ref_sess is not None:
-                lp = log_softmax(lp)
-            rows = np.arange(stop - c)
-            t = targets[c:stop]
-            nll -= lq[rows, t].sum()
-            ref_nll -= lp[rows, t].sum()
-            kl += (np.exp(lp) * (lp - lq)).sum()
-            agree += int((lq.argmax(-1) == lp.argmax(-1)).sum())
-            tokens += stop - c
+        for first, logits in _window_rows(logits_of, ids):
+            # position t predicts token t+1; the window's last position has no target
+            step = chunk_rows(logits.shape[-1])
+            for c in range(first, min(first + len(logits), len(ids) - 1), step):
+                stop = min(c + step, first + len(logits), len(ids) - 1)
+                lq = log_softmax(logits[c - first:stop - first])
+                lp = np.asarray(reference.rows(i, c, stop) if ref is None else ref[c:stop], np.float64)
+                if ref_sess is not None:
+                    lp = log_softmax(lp)
+                rows = np.arange(stop - c)
+                t = targets[c:stop]
+                nll -= lq[rows, t].sum()
+                ref_nll -= lp[rows, t].sum()
+                kl += (np.exp(lp) * (lp - lq)).sum()
+                agree += int((lq.argmax(-1) == lp.argmax(-1)).sum())
+                tokens += stop - c
+            del logits
         per_window.append((nll - before[0], ref_nll - before[1], tokens - before[2]))
         progress.step("evaluation window", i + 1, len(windows))
     ppl, ref_ppl = math.exp(nll / tokens), math.exp(ref_nll / tokens)

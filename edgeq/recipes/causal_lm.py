@@ -21,6 +21,7 @@ from edgeq.decoder.gguf_weights import gguf_folder
 from edgeq.decoder.spec import DecoderSpec, decoder_spec
 from edgeq.decoder.weights import TensorSource, open_safetensors
 from edgeq.errors import CalibrationDataError, ModelFolderError
+from edgeq.heap import release_freed_memory, return_large_blocks
 from edgeq.llm.evaluate import token_windows, evaluate_lm
 from edgeq.llm.genai import GENAI_CONFIG, greedy_tokens
 from edgeq.llm.greedy import VERIFY_PROMPT, greedy_margins, verify_prompt_ids
@@ -48,6 +49,7 @@ class CausalLM:
 
     def build(self, inputs: Inputs, req: ExportRequest, folder: Path, work: Path, progress: Progress) -> Built:
         src, profile, spec = inputs.source, inputs.profile, inputs.profile.llm
+        return_large_blocks()  # layer-sized temporaries go back when freed, not kept in the heap (edgeq/heap.py)
         calibration_texts, evaluation_texts = inputs.calibration.texts, inputs.evaluation.texts
         source = None
         if src.gguf_file:  # config and tokenizer from its metadata; tensors dequantized one at a time when read
@@ -91,6 +93,7 @@ class CausalLM:
                                    f"({m.kind} of {m.text[:40]!r}: {m.expected} vs {m.got})",
                                    "this tokenizer shape is not supported yet; please report it with tokenizer.json")
 
+        release_freed_memory()  # the quantize stage's freed buffers, before a session of the whole package opens
         progress.stage("evaluate", f"{len(ev)} held-back windows vs FP32")
         accuracy = evaluate_lm(folder / MODEL_FILE, measured.reference, ev, progress=progress)
         tokens = greedy_tokens(folder, prompt_ids, spec.verify_tokens)

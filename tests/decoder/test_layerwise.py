@@ -228,3 +228,27 @@ def test_a_wide_linear_quantized_in_column_chunks_is_the_whole_one(monkeypatch, 
     np.testing.assert_array_equal(chunked.b, whole.b)
     np.testing.assert_array_equal(chunked.zero_points, whole.zero_points)
     np.testing.assert_allclose(chunked.scales, whole.scales, rtol=1e-6)
+
+
+def test_chunked_forward_with_the_kv_cache_gives_the_windows_logits(case, monkeypatch):
+    """evaluate_lm runs a decoder 128 positions at a time, the KV cache fed back (edgeq.llm.evaluate.logit_chunks):
+    the logits are the whole window's. Measured: bit-identical on SmolLM2's package; 1e-5 of max |logit| allowed."""
+    from edgeq.llm.evaluate import logit_chunks
+
+    _, _, fp32, _, ev, _, _, _, _ = case
+    sess = session(fp32)
+    for ids in ev:
+        whole = window_logits(sess, ids)
+        chunks = list(logit_chunks(sess, ids, run_tokens=12))  # 32 positions: runs of 12, 12 and 8
+        assert [(first, len(x)) for first, x in chunks] == [(0, 12), (12, 12), (24, 8)]
+        assert np.abs(np.concatenate([x for _, x in chunks]) - whole).max() <= 1e-5 * np.abs(whole).max()
+    # evaluate_lm over those runs (rows split across runs and log-softmax chunks) gives the one-run statistics
+    import edgeq.llm.evaluate as E
+
+    whole = E.evaluate_lm(sess, sess, ev)
+    monkeypatch.setattr(E, "RUN_TOKENS", 12)
+    monkeypatch.setattr(E, "CHUNK", 5)
+    chunked = E.evaluate_lm(sess, sess, ev)
+    assert chunked.tokens == whole.tokens == len(ev) * 31
+    assert chunked.perplexity == pytest.approx(whole.perplexity, rel=1e-6)
+    assert abs(chunked.mean_kl) < 1e-6 and chunked.top1_agreement == 1.0
