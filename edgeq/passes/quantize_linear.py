@@ -1,4 +1,5 @@
-"""QuantizeLinearLayers: rewrite planned linear layers to QDQ form (int8 weights, optional activation QDQ).
+"""QuantizeLinearLayers: rewrite planned linear layers to int8 weights: QDQ form (optional activation QDQ), or an
+integer GEMM over activations quantized per token.
 
 For a MatMul ``Y = X @ W`` with W constant [K, N]:
   * W becomes an int8 initializer with one symmetric scale per output channel, read through DequantizeLinear
@@ -143,7 +144,8 @@ class QuantizeLinearLayers(PassBase):
         contrib = per_token_acts or any(ACTIVATION_TYPES[t][3] for _, t in act_cache)
         if contrib and not any(o.domain == "com.microsoft" for o in model.opset_import):
             model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-        return PassResult(model, True, f"{count} linear layers to QDQ, {len(weight_cache)} weights int8")
+        return PassResult(model, True, f"{count - len(replaced)} linear layers to QDQ, {len(replaced)} per token, "
+                                       f"{len(weight_cache)} weights int8")
 
     def _per_token(self, model: onnx.ModelProto, node: onnx.NodeProto, inits: dict, axis: int,
                    before: list[onnx.NodeProto], weight_cache: dict, acts: dict) -> list[onnx.TensorProto]:

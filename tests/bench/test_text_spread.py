@@ -139,3 +139,11 @@ def test_hamlet_is_one_document_for_llms_and_its_speeches_for_encoders(tmp_path)
     assert document.startswith("ACT I.\n\nScene I. Elsinore.\n\nBer.") and "\r" not in document
     assert text_spread.hamlet(ENCODER, archive=archive) == [
         "Ber. Who's there? Nay, answer me: stand, and unfold yourself, for the night is cold."]
+
+
+def test_encoder_cells_give_the_min_cosine_beside_the_mean():
+    # issue 15 gates the encoder on min cosine >= 0.995 on every text as well as the mean
+    row = {"mean_cosine": 0.99828, "min_cosine": 0.99286, "interval": (0.9981, 0.9984), "retrieval_top1": 0.98,
+           "retrieval_interval": (0.96, 0.99)}
+    md = markdown("m", "encoder", {"hamlet": {"edgeq": row}}, [])
+    assert "| edgeq | 0.9983 (0.9981 to 0.9984); min 0.9929; retrieval 0.980 (0.960 to 0.990) |" in md
