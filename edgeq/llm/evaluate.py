@@ -79,8 +79,9 @@ def lm_session(model: onnx.ModelProto | Path | str) -> ort.InferenceSession:
     return model if isinstance(model, ort.InferenceSession) else session(model, arena=False)
 
 
-def window_feeds(sess: ort.InferenceSession, ids: np.ndarray) -> dict[str, np.ndarray]:
-    """Feeds for one window [S] with an empty KV cache: past tensors get 0 for their symbolic sequence dimension."""
+def window_feeds(sess: ort.InferenceSession, ids: np.ndarray, start: int = 0) -> dict[str, np.ndarray]:
+    """Feeds for ``ids`` [S] at positions ``start``.. of a window. At 0 the KV cache is empty: past tensors get 0 for
+    their symbolic sequence dimension; past ``start`` they are left out, for the caller's cache of those positions."""
     seq = ids.shape[-1]
     feeds = {}
     for inp in sess.get_inputs():
@@ -88,9 +89,11 @@ def window_feeds(sess: ort.InferenceSession, ids: np.ndarray) -> dict[str, np.nd
         if inp.name == "input_ids":
             feeds[inp.name] = ids.reshape(1, seq).astype(dtype)
         elif inp.name == "attention_mask":
-            feeds[inp.name] = np.ones((1, seq), dtype)
+            feeds[inp.name] = np.ones((1, start + seq), dtype)
         elif inp.name == "position_ids":
-            feeds[inp.name] = np.arange(seq, dtype=dtype).reshape(1, seq)
+            feeds[inp.name] = np.arange(start, start + seq, dtype=dtype).reshape(1, seq)
+        elif inp.name.startswith("past_key_values") and start:
+            continue
         elif inp.name.startswith("past_key_values"):
             # [batch, kv_heads, past_seq, head_dim]: the first symbolic dim is the batch (1), any other is past (0)
             shape = [d if isinstance(d, int) else (1 if i == 0 else 0) for i, d in enumerate(inp.shape)]
@@ -123,18 +126,10 @@ def logit_chunks(sess: ort.InferenceSession, ids: np.ndarray,
         yield 0, window_logits(sess, ids)
         return
     names = ["logits", *(n.replace("past_key_values", "present") for n in past)]
-    has_positions = any(i.name == "position_ids" for i in sess.get_inputs())
     cache: dict[str, ort.OrtValue] = {}
     for start in range(0, len(ids), run_tokens):
-        chunk = ids[start:start + run_tokens]
-        if start:
-            feeds = {"input_ids": chunk.reshape(1, -1), "attention_mask": np.ones((1, start + len(chunk)), np.int64)}
-            if has_positions:
-                feeds["position_ids"] = np.arange(start, start + len(chunk), dtype=np.int64).reshape(1, -1)
-        else:
-            feeds = window_feeds(sess, chunk)
-        values = {k: v if isinstance(v, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(v)
-                  for k, v in {**feeds, **cache}.items()}
+        feeds = window_feeds(sess, ids[start:start + run_tokens], start)
+        values = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in feeds.items()} | cache
         logits, *present = sess.run_with_ort_values(names, values)
         del values
         cache = dict(zip(past, present))
@@ -246,7 +241,7 @@ def evaluate_lm(model: onnx.ModelProto | Path | str | ort.InferenceSession | Cal
     windows = np.asarray(windows)
     if isinstance(reference, ReferenceLogits) and not np.array_equal(reference.windows, windows):
         raise ValueError("the reference log-probabilities were computed on other windows")
-    logits_of = model if callable(model) and not isinstance(model, ort.InferenceSession) else lm_session(model)
+    logits_of = model if callable(model) else lm_session(model)  # a session is not callable
     ref_sess = None if isinstance(reference, ReferenceLogits) else lm_session(reference)
     nll = ref_nll = kl = 0.0
     agree = tokens = 0
