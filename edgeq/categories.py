@@ -101,6 +101,8 @@ def classify(model: onnx.ModelProto) -> dict[str, NodeInfo]:
         if op == "Gather" and node.input[0] in inits and len(inits[node.input[0]].dims) == 2 \
                 and inits[node.input[0]].data_type in FLOAT_TYPES:
             cat = "embedding"
+        elif op == "GatherBlockQuantized" and node.input[0] in inits:  # an 8-bit table (edgeq.decoder writes it)
+            cat = "embedding"
         elif op in NORM_OPS:
             cat = "norm"
         elif op in ATTENTION_OPS:

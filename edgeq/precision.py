@@ -37,6 +37,8 @@ _QDQ_CPU = "QuantizeLinearLayers (edgeq/passes/quantize_linear.py)"
 _FP16 = "KeepFp16 (edgeq/passes/keep_fp16.py)"
 _INT4 = "quantize_linear: MatMulNBits, one decoder layer at a time (edgeq/decoder/layerwise.py)"
 _FP16_TABLE = "write_decoder: the embedding table stored FP16 (edgeq/decoder/graph.py)"
+_INT8_TABLE = ("write_decoder: the embedding table at 8 bits, gathered by GatherBlockQuantized; a tied head's "
+               "MatMulNBits reads the same codes (edgeq/decoder/graph.py)")
 _QNN = "write_qdq: ONNX Runtime's get_qnn_qdq_config + quantize (edgeq/qnn/quantize.py)"
 _QNN_ACT = {_P.A16: _QNN, _P.A8: _QNN}
 
@@ -57,7 +59,7 @@ PASSES: dict[tuple[str, str], dict[Precision, str]] = {
     # the tied head (its Transpose and MatMul): FP32 only with an FP32 table, which it shares
     (CAUSAL_LM, LM_HEAD): {_P.FP16: _FP16_TABLE + ", which the tied head reads", _P.INT8: _INT4, _P.INT4: _INT4,
                            _P.FP32: KEPT},
-    (CAUSAL_LM, "embedding"): {_P.FP16: _FP16_TABLE, _P.FP32: KEPT},
+    (CAUSAL_LM, "embedding"): {_P.FP16: _FP16_TABLE, _P.INT8: _INT8_TABLE, _P.FP32: KEPT},
     **{(CAUSAL_LM, c): {_P.FP32: KEPT} for c in ("norm", "attention", "attention_matmul", "attention_mask", "softmax",
                                                  "other")},
 }

@@ -204,7 +204,8 @@ def space_needed(source, profile) -> int:
         return int(ENCODER_FACTOR * 4 * parameters)
     llm = profile.llm  # the largest 2-D table of a causal LM is its embedding: vocabulary x hidden
     logprobs = llm.eval_windows * llm.window_tokens * vocab * LOGPROB_BYTES
-    table_bytes = 2 if llm.embedding_precision == "fp16" else 4
+    # an 8-bit table: codes, an FP32 scale and a zero point per block (the smallest block doubles the overhead)
+    table_bytes = {"fp16": 2, "int8": 1 + 5 / 16}.get(llm.embedding_precision, 4)
     package = table * table_bytes + parameters * CAUSAL_LM_BYTES_PER_PARAMETER
     staged_pickle = 4 * parameters if source.weight_format == "pickle" else 0
     return int(CAUSAL_LM_PACKAGES * package) + logprobs + staged_pickle

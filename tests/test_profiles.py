@@ -431,12 +431,21 @@ def test_sensitive_precision_no_pass_implements_is_refused_from_a_file(tmp_path)
 
 
 @pytest.mark.parametrize("key, value, allowed", [
-    ("llm.embedding_precision", "int8", "fp16, fp32"),
+    ("llm.embedding_precision", "int4", "fp16, int8, fp32"),
     ("llm.lm_head_precision", "fp32", "fp16, int8, int4"),
 ])
 def test_llm_precision_fields_take_what_a_pass_implements(key, value, allowed):
     with pytest.raises(ProfileError, match=f"'{key}' = '{value}' is not one of {allowed} "):
         load_profile("android-arm64", overrides={key: value})
+
+
+def test_an_int8_embedding_table_needs_the_int8_head_that_shares_it():
+    with pytest.raises(ProfileError, match=r"embedding_precision = 'int8' with lm_head_precision = 'fp16'.*"
+                                           r"reads the 8-bit table's own codes"):
+        load_profile("android-arm64", overrides={"llm.embedding_precision": "int8"})
+    profile = load_profile("android-arm64", overrides={"llm.embedding_precision": "int8",
+                                                       "llm.lm_head_precision": "int8"})
+    assert (profile.llm.embedding_precision, profile.llm.lm_head_precision) == ("int8", "int8")
 
 
 def test_every_precision_choice_names_an_implementing_pass():

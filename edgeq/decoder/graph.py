@@ -28,6 +28,7 @@ from edgeq.decoder.spec import DecoderSpec
 from edgeq.decoder.weights import TensorSource
 from edgeq.errors import EdgeqError, UserInputError
 from edgeq.llm.genai import GENAI_CONFIG, decoder_io, genai_config
+from edgeq.policy.causal_lm import HEAD_NAME
 
 MS = "com.microsoft"
 OPSETS = [helper.make_opsetid("", 21), helper.make_opsetid(MS, 1)]
@@ -122,6 +123,7 @@ class _Builder:
 
     tensors: _InlineTensors | _DataFile
     nodes: list[onnx.NodeProto] = field(default_factory=list)
+    quantized_inputs: dict[str, tuple[QuantizedLinear, list[str]]] = field(default_factory=dict)
 
     def op(self, op_type: str, inputs: list[str], name: str, outputs: int | list[str] = 1, domain: str = "",
            **attrs) -> list[str]:
@@ -137,11 +139,44 @@ class _Builder:
         return self.op("Constant", [], f"/{name}/Constant", outputs=[name],
                        value=numpy_helper.from_array(np.array(values, np.int64), name))[0]
 
+    def quantized(self, w: QuantizedLinear, name: str) -> list[str]:
+        """MatMulNBits' constant inputs for ``w`` as ``name``; the second reader of the same weight (a tied head and
+        the embedding lookup that shares its codes) gets the same initializers, not a second copy."""
+        if name in self.quantized_inputs:
+            if self.quantized_inputs[name][0] is not w:
+                raise EdgeqError(f"two different quantized weights are named {name}", "this is an edgeq bug")
+            return self.quantized_inputs[name][1]
+        inputs = [self.const(f"{name}.weight_Q{w.bits}", w.b), self.const(f"{name}.weight_scales", w.scales)]
+        if w.zero_points is not None:
+            inputs.append(self.const(f"{name}.weight_zp", w.zero_points))
+        self.quantized_inputs[name] = (w, inputs)
+        return inputs
+
+    def gather_quantized(self, table: QuantizedLinear, name: str, ids: str, hidden: int, prefix: str) -> str:
+        """Rows ``ids`` of an 8-bit table stored as MatMulNBits stores a [hidden, vocab] weight (B [vocab, blocks,
+        block]) -> float32 [batch, seq, hidden]. GatherBlockQuantized reads B as it is; its scales and zero points
+        are viewed as [vocab, blocks, 1] (a Reshape of an initializer, which ONNX Runtime folds at load: a copy of
+        the scales only, 1/8 of the codes' bytes at block 32)."""
+        if table.bits != 8:
+            raise EdgeqError(f"a quantized embedding table at {table.bits} bits: MatMulNBits packs 4-bit zero points "
+                             "two blocks to a byte, GatherBlockQuantized one", "this is an edgeq bug")
+        codes, scales, *zero_points = self.quantized(table, name)
+        blocks = table.b.shape[1]
+        view = self.ints(f"{name}.gather_view", [table.n, blocks, 1])
+        inputs = [codes, ids, self.op("Reshape", [scales, view], f"{prefix}/Reshape_scales")[0]]
+        if zero_points:
+            inputs.append(self.op("Reshape", [zero_points[0], view], f"{prefix}/Reshape_zero_points")[0])
+        (rows,) = self.op("GatherBlockQuantized", inputs, f"{prefix}/GatherBlockQuantized", domain=MS, bits=8,
+                          block_size=table.block_size, gather_axis=0, quantize_axis=2)
+        (x,) = self.op("Reshape", [rows, self.ints(f"{name}.gather_rows", [0, 0, -1])], f"{prefix}/Reshape_rows")
+        if blocks * table.block_size != hidden:  # the last block's padding
+            start, stop = self.ints(f"{name}.gather_start", [0]), self.ints(f"{name}.gather_stop", [hidden])
+            (x,) = self.op("Slice", [x, start, stop, self.ints(f"{name}.gather_axis", [-1])], f"{prefix}/Slice")
+        return x
+
     def linear(self, x: str, w: Weight, bias: np.ndarray | None, name: str) -> str:
         if isinstance(w, QuantizedLinear):
-            inputs = [x, self.const(f"{name}.weight_Q{w.bits}", w.b), self.const(f"{name}.weight_scales", w.scales)]
-            if w.zero_points is not None:
-                inputs.append(self.const(f"{name}.weight_zp", w.zero_points))
+            inputs = [x, *self.quantized(w, name)]
             (y,) = self.op("MatMulNBits", inputs, f"/{name}/MatMulNBits", domain=MS, K=w.k, N=w.n, bits=w.bits,
                            block_size=w.block_size, accuracy_level=w.accuracy_level)
         else:
@@ -299,7 +334,7 @@ def _head(b: _Builder, spec: DecoderSpec, x: str, pending: str | None, final_nor
     elif isinstance(head, str):
         (logits,) = b.op("MatMul", [h, head], "/lm_head/MatMul")
     else:
-        logits = b.linear(h, head, None, "lm_head")
+        logits = b.linear(h, head, None, HEAD_NAME)
     if spec.final_softcap:  # cap * tanh(logits / cap)
         cap = b.const("final_logit_softcap", np.array(spec.final_softcap, np.float32))
         (logits,) = b.op("Div", [logits, cap], "/lm_head/softcap/Div")
@@ -373,12 +408,17 @@ def _decoder_io(spec: DecoderSpec) -> tuple[list, list]:
     return inputs, outputs
 
 
-def write_decoder(spec: DecoderSpec, out_dir: Path, embedding: np.ndarray, layers: Iterable[LayerWeights],
+def write_decoder(spec: DecoderSpec, out_dir: Path, embedding: Weight, layers: Iterable[LayerWeights],
                   final_norm: np.ndarray, head: Weight | None = None, *, context_length: int,
                   generation_config: dict | None = None) -> Path:
     """Write ``out_dir/model.onnx`` (graph only), ``model.onnx.data`` (every tensor, appended layer by layer as
     ``layers`` yields them) and ``genai_config.json``; returns the model path. ``embedding`` is the [vocab, hidden]
-    FP16 or FP32 table; ``head`` None means tied (the table, transposed, as float32)."""
+    FP16 or FP32 table, or an 8-bit table quantized as the [hidden, vocab] weight MatMulNBits takes; ``head`` None
+    means tied to a float table (read through a transpose); a tied head on a quantized table is that same object
+    (one copy of the codes serves lookup and head)."""
+    if isinstance(embedding, QuantizedLinear) and head is None:
+        raise EdgeqError("a tied head on a quantized embedding table was not given the table",
+                         "this is an edgeq bug: pass the quantized table as the head too")
     if not 1 <= context_length <= spec.max_context:
         raise UserInputError(f"context length {context_length} is outside 1..{spec.max_context}, the longest this "
                              "model supports (max_position_embeddings, or a LongRoPE model's "
@@ -390,10 +430,14 @@ def write_decoder(spec: DecoderSpec, out_dir: Path, embedding: np.ndarray, layer
     try:
         b = _Builder(data)
         b.nodes.extend(_seqlens_nodes(SEQLENS, TOTAL))
-        table = b.const("model.embed_tokens.weight", embedding)
-        (x,) = b.op("Gather", [table, "input_ids"], "/model/embed_tokens/Gather")
-        if embedding.dtype != np.float32:
-            (x,) = b.op("Cast", [x], "/model/embed_tokens/Cast", to=TensorProto.FLOAT)
+        if isinstance(embedding, QuantizedLinear):
+            table = HEAD_NAME if head is embedding else "model.embed_tokens"
+            x = b.gather_quantized(embedding, table, "input_ids", spec.hidden, "/model/embed_tokens")
+        else:
+            table = b.const("model.embed_tokens.weight", embedding)
+            (x,) = b.op("Gather", [table, "input_ids"], "/model/embed_tokens/Gather")
+            if embedding.dtype != np.float32:
+                (x,) = b.op("Cast", [x], "/model/embed_tokens/Cast", to=TensorProto.FLOAT)
         if spec.embedding_scale != 1.0:
             scale = b.const("model.embed_scale", np.array(spec.embedding_scale, np.float32))
             (x,) = b.op("Mul", [x, scale], "/model/embed_tokens/Mul")
@@ -413,7 +457,7 @@ def write_decoder(spec: DecoderSpec, out_dir: Path, embedding: np.ndarray, layer
                              "this is an edgeq bug")
         if head is None:  # tied: the lookup's own table read through a transpose, one copy in the file
             (head,) = b.op("Transpose", [table], "/lm_head/Transpose", perm=[1, 0])
-        _head(b, spec, x, pending, final_norm, head, fp16_head=embedding.dtype == np.float16)
+        _head(b, spec, x, pending, final_norm, head, fp16_head=getattr(embedding, "dtype", None) == np.float16)
     finally:
         data.close()
     model = _model(b, "edgeq_decoder", *_decoder_io(spec))

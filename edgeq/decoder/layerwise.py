@@ -32,7 +32,7 @@ from onnx import helper
 
 from edgeq.decoder.graph import (MODEL_FILE, embed, embedding_table, final_norm_weight, head_logits, head_weight,
                                  layer_model, write_decoder)
-from edgeq.decoder.layers import ROLES, LayerWeights, QuantizedLinear, layer_weights
+from edgeq.decoder.layers import ROLES, LayerWeights, QuantizedLinear, Weight, layer_weights
 from edgeq.decoder.spec import DecoderSpec
 from edgeq.decoder.weights import TensorSource
 from edgeq.errors import EdgeqError
@@ -341,8 +341,37 @@ def quantized_head(spec: DecoderSpec, source: TensorSource, measured: Measured, 
                    lambda: quantize_linear(head, measured.head_hessian, d.bits, settings))
 
 
+def quantized_table(table: np.ndarray, settings: QuantSettings) -> QuantizedLinear:
+    """An untied embedding table [vocab, hidden] at 8 bits, as the [hidden, vocab] weight MatMulNBits would take
+    (GatherBlockQuantized reads rows of it): round to nearest with the clip search, a chunk of rows at a time (no
+    calibration statistics: a lookup has no input to weigh the error by)."""
+    parts = [quantize_rtn(np.ascontiguousarray(table[r:r + QUANTIZE_COLUMNS].T), settings.block_size,
+                          settings.symmetric, clip=True, bits=PROMOTED_BITS) for r in range(0, len(table), QUANTIZE_COLUMNS)]
+    packed = [pack_matmulnbits(p, np.float32) for p in parts]
+    zero_points = None if settings.symmetric else np.concatenate([p[2] for p in packed])
+    return QuantizedLinear(np.concatenate([p[0] for p in packed]), np.concatenate([p[1] for p in packed]),
+                           zero_points, table.shape[1], table.shape[0], PROMOTED_BITS, settings.block_size,
+                           settings.accuracy_level)
+
+
+def package_embedding(table: np.ndarray, precision: str, settings: QuantSettings, *, tied: bool,
+                      head: Weight | None) -> Weight:
+    """The table as the package stores it (llm.embedding_precision): FP16, FP32, or 8-bit. An 8-bit table under a
+    tied head is that head's own codes (the policy plans a tied head at 8 bits when the table is): one copy."""
+    if precision == "fp16":
+        return table.astype(np.float16)
+    if precision != "int8":
+        return table
+    if not tied:
+        return quantized_table(table, settings)
+    if not (isinstance(head, QuantizedLinear) and head.bits == PROMOTED_BITS):
+        raise EdgeqError("an 8-bit embedding table whose tied head is not planned at 8 bits",
+                         "this is an edgeq bug: the policy plans a tied head at 8 bits when the table is")
+    return head
+
+
 def write_quantized(spec: DecoderSpec, source: TensorSource, calibration: np.ndarray, measured: Measured,
-                    plan: Iterable[Int4Decision], settings: QuantSettings, folder: Path, *, fp16_embedding: bool,
+                    plan: Iterable[Int4Decision], settings: QuantSettings, folder: Path, *, embedding_precision: str,
                     context_length: int, generation_config: dict | None, store: QuantizedStore | None = None,
                     progress: Progress = QUIET) -> Path:
     """Pass 2 into ``folder``: the decoder with ``plan``'s layers quantized, written layer by layer (model.onnx,
@@ -353,7 +382,7 @@ def write_quantized(spec: DecoderSpec, source: TensorSource, calibration: np.nda
     head = quantized_head(spec, source, measured, by_node, settings, store)
     table = embedding_table(source)  # read once: the calibration embeddings, then the package's table
     hidden = embed(spec, table, calibration)
-    embedding = table.astype(np.float16) if fp16_embedding else table
+    embedding = package_embedding(table, embedding_precision, settings, tied=spec.tied, head=head)
     del table
     layers = quantized_layers(spec, source, hidden, by_node, settings, context_length=context_length, store=store,
                               progress=progress)

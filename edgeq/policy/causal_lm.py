@@ -76,6 +76,7 @@ class Int4Decision:
     k: int
     n: int
     sensitivity: float | None = None  # INT4 RTN relative output error, when promotion by it was asked for
+    table: bool = False  # an 8-bit embedding table's codes (a tied head reads them): outside the linear average
 
     @property
     def quantize(self) -> bool:
@@ -97,6 +98,7 @@ class Int4Rules:
     max_model_bytes: int | None = None
     max_linear_bits: float | None = None  # average stored bits per weight over the quantized layers
     fp16_initializers: frozenset[str] = frozenset()  # stored at 2 bytes per value (the FP16 embedding table)
+    int8_tables: frozenset[str] = frozenset()  # embedding tables stored at 8 bits (a tied head shares the codes)
 
 
 def int4_rules(spec: LLMSpec, tables: frozenset[str] = frozenset(), with_stats: bool = True) -> Int4Rules:
@@ -110,7 +112,8 @@ def int4_rules(spec: LLMSpec, tables: frozenset[str] = frozenset(), with_stats: 
         tied_bits=PROMOTED_BITS if spec.lm_head_precision == "int8" else BITS, int8_kv=spec.int8_kv,
         promote=spec.promote or None, max_model_bytes=int(spec.max_size_mb * 1e6) if spec.max_size_mb else None,
         max_linear_bits=spec.max_bits_per_weight,
-        fp16_initializers=tables if spec.embedding_precision == "fp16" else frozenset())
+        fp16_initializers=tables if spec.embedding_precision == "fp16" else frozenset(),
+        int8_tables=tables if spec.embedding_precision == "int8" else frozenset())
 
 
 def decide_int4(facts: Int4Facts, rules: Int4Rules) -> tuple[Int4Decision, ...]:
@@ -133,9 +136,14 @@ def decide_int4(facts: Int4Facts, rules: Int4Rules) -> tuple[Int4Decision, ...]:
                     wanted[node] = (f"INT8: INT4 relative output error {s:.4f} is {s / median:.1f}x the median "
                                     f"{median:.4f} (promoted above {rules.promote:g}x)")
     tied = {layer.node for layer in todo if layer.tied_to}
+    # a tied head on an 8-bit table is that table: 8 bits whatever the budgets say (they count it once)
+    tables = {layer.node: f"INT8: the lm_head reads the 8-bit embedding table's own codes ('{layer.tied_to}', "
+                          "llm.embedding_precision = 'int8'): one copy for lookup and head"
+              for layer in todo if layer.tied_to in rules.int8_tables}
     if rules.tied_bits == PROMOTED_BITS:  # a separate INT8 head: the profile's choice, ahead of any promotion
         wanted = {**{n: "INT8: the lm_head (profile: lm_head_precision = 'int8')" for n in tied}, **wanted}
-    promoted, refused = _within_budget(facts, todo, wanted, rules)
+    wanted = {**tables, **{n: why for n, why in wanted.items() if n not in tables}}
+    promoted, refused = _within_budget(facts, todo, wanted, rules, tables)
     out = []
     for layer in facts.layers:
         if layer.node in keep:
@@ -145,7 +153,8 @@ def decide_int4(facts: Int4Facts, rules: Int4Rules) -> tuple[Int4Decision, ...]:
         bits, reason = BITS, refused.get(layer.node, f"INT4 ({rules.setting}){head}")
         if layer.node in promoted:
             bits, reason = PROMOTED_BITS, wanted[layer.node]
-        out.append(Int4Decision(layer.node, bits, reason, layer.k, layer.n, sens.get(layer.node)))
+        out.append(Int4Decision(layer.node, bits, reason, layer.k, layer.n, sens.get(layer.node),
+                                layer.node in tables))
     return tuple(out)
 
 
@@ -160,25 +169,33 @@ def _kept(layer: LinearFacts, rules: Int4Rules) -> str:
 
 
 def linear_bits_per_weight(decisions: Collection[Int4Decision], block_size: int, symmetric: bool) -> float:
-    """Average stored bits per weight of the quantized layers (MatMulNBits codes, scales, zero points)."""
-    done = [d for d in decisions if d.quantize]
+    """Average stored bits per weight of the quantized layers (MatMulNBits codes, scales, zero points), an 8-bit
+    embedding table's codes apart (a tied head reading them), as the FP16 table is."""
+    done = [d for d in decisions if d.quantize and not d.table]
     weights = sum(d.k * d.n for d in done)
     stored = sum(matmulnbits_bytes(d.k, d.n, d.bits, block_size, symmetric) for d in done)
     return 8 * stored / weights if weights else 0.0
 
 
-def _within_budget(facts: Int4Facts, todo: list[LinearFacts], wanted: dict[str, str],
-                   rules: Int4Rules) -> tuple[set[str], dict[str, str]]:
+def _within_budget(facts: Int4Facts, todo: list[LinearFacts], wanted: dict[str, str], rules: Int4Rules,
+                   tables: Collection[str] = ()) -> tuple[set[str], dict[str, str]]:
     """Take the wanted 8-bit layers in priority order while both budgets hold: the quantized layers' average bits
     per weight (``max_linear_bits``) and the whole model (``max_model_bytes``: everything not quantized counted as
     stored, ``fp16_initializers`` at 2 bytes per value). Every quantized layer starts at 4 bits; each promotion
-    adds 8-bit's extra bytes. -> (promoted, refused node -> reason)."""
+    adds 8-bit's extra bytes. A ``tables`` layer (a tied head on an 8-bit table) is 8 bits whatever the budgets say,
+    and its bytes are the table's: in the model, outside the linear layers' average, as an FP16 table is.
+    -> (promoted, refused node -> reason)."""
     layers = {layer.node: layer for layer in todo}
-    linear = sum(matmulnbits_bytes(layer.k, layer.n, BITS, rules.block_size, rules.symmetric) for layer in todo)
-    weights = sum(layer.k * layer.n for layer in todo)
-    other = _other_bytes(facts, {layer.weight for layer in todo}, rules)
-    promoted, refused = set(), {}
+    averaged = [layer for layer in todo if layer.node not in tables]
+    linear = sum(matmulnbits_bytes(layer.k, layer.n, BITS, rules.block_size, rules.symmetric) for layer in averaged)
+    weights = sum(layer.k * layer.n for layer in averaged)
+    other = _other_bytes(facts, _matmulnbits_weights(todo, rules), rules)
+    other += sum(matmulnbits_bytes(layers[n].k, layers[n].n, PROMOTED_BITS, rules.block_size, rules.symmetric)
+                 for n in tables)
+    promoted, refused = set(tables), {}
     for node, why in wanted.items():
+        if node in tables:
+            continue
         layer = layers[node]
         extra = (matmulnbits_bytes(layer.k, layer.n, PROMOTED_BITS, rules.block_size, rules.symmetric)
                  - matmulnbits_bytes(layer.k, layer.n, BITS, rules.block_size, rules.symmetric))
@@ -228,6 +245,11 @@ def decide_decoder_precision(model: onnx.ModelProto, int4: Mapping[str, Int4Deci
                           "serves lookup and head (smallest file; profile llm.lm_head_precision = 'fp16')")
             else:
                 reason = planned.reason
+        elif info.category == "embedding" and info.op_type == "GatherBlockQuantized":
+            precision = "int8"
+            reason = (f"embedding table at 8 bits, blocks of {spec.block_size} (GatherBlockQuantized; profile "
+                      "llm.embedding_precision = 'int8')" + ("; the tied lm_head's MatMulNBits reads the same codes: "
+                                                            "one copy" if info.shared_weight else ""))
         elif info.category == "embedding":
             precision, reason = (HARD_RULES["embedding"] if fp16 else
                                  ("fp32", "embedding table: profile sets llm.embedding_precision = 'fp32'"))
@@ -248,10 +270,25 @@ def _hard_rule(category: str) -> tuple[str, str]:
     return ("fp32" if precision == "fp16" else precision), reason
 
 
+def _matmulnbits_weights(quantized: Collection[LinearFacts], rules: Int4Rules) -> set[str]:
+    """The weights the ``quantized`` layers replace with MatMulNBits' own: each one's, but a tied head's table only
+    when the table is 8-bit and read by both (a quantized tied head otherwise stores a second copy beside it)."""
+    return {layer.weight for layer in quantized if not layer.tied_to or layer.tied_to in rules.int8_tables}
+
+
 def _other_bytes(facts: Int4Facts, quantized: Collection[str], rules: Int4Rules) -> int:
-    """Bytes of every initializer but the ``quantized`` weights, as stored (``fp16_initializers`` at 2 per value)."""
-    return sum(values * (2 if name in rules.fp16_initializers else size)
-               for name, (values, size) in facts.initializer_bytes.items() if name not in quantized)
+    """Bytes of every initializer but the ``quantized`` weights, as stored (``fp16_initializers`` at 2 per value,
+    ``int8_tables`` as MatMulNBits stores an 8-bit [hidden, vocab] weight; a table a quantized tied head reads is
+    among the ``quantized`` weights: counted once, with the head)."""
+    hidden = next((layer.k for layer in facts.layers if layer.node == HEAD_NAME), 0)
+
+    def stored(name: str, values: int, size: int) -> int:
+        if name in rules.int8_tables and hidden:
+            return matmulnbits_bytes(hidden, values // hidden, PROMOTED_BITS, rules.block_size, rules.symmetric)
+        return values * (2 if name in rules.fp16_initializers else size)
+
+    return sum(stored(name, values, size) for name, (values, size) in facts.initializer_bytes.items()
+               if name not in quantized)
 
 
 def linear_bytes(decisions: Collection[Int4Decision], block_size: int, symmetric: bool) -> int:
@@ -327,8 +364,8 @@ def _fits(facts: Int4Facts, plan: Collection[Int4Decision], rules: Int4Rules, sp
     """The plan within the size budget as ``decide_int4`` counts it (INT4 alone may not be, at a smaller block)."""
     if linear_bits_per_weight(plan, spec.block_size, spec.symmetric) > spec.max_bits_per_weight:
         return False
-    weights = {layer.node: layer.weight for layer in facts.layers}
-    stored = (_other_bytes(facts, {weights[d.node] for d in plan if d.quantize}, rules)
+    quantized = {d.node for d in plan if d.quantize}
+    stored = (_other_bytes(facts, _matmulnbits_weights([x for x in facts.layers if x.node in quantized], rules), rules)
               + linear_bytes(plan, spec.block_size, spec.symmetric))
     return rules.max_model_bytes is None or stored <= rules.max_model_bytes
 

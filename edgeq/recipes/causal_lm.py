@@ -157,7 +157,7 @@ class Packages:
     def write(self, plan: tuple[Int4Decision, ...], spec: LLMSpec, folder: Path) -> None:
         settings = QuantSettings(spec.int4_method, spec.block_size, spec.symmetric, spec.accuracy_level)
         write_quantized(self.decoder, self.source, self.calibration, self.measured, plan, settings, folder,
-                        fp16_embedding=spec.embedding_precision == "fp16", context_length=spec.context_length,
+                        embedding_precision=spec.embedding_precision, context_length=spec.context_length,
                         generation_config=self.generation_config, store=self.store, progress=self.progress)
 
     def facts(self, spec: LLMSpec, stage: str) -> Int4Facts:

@@ -249,3 +249,39 @@ def test_partition_report_reads_shapes_not_weights(tiny_checkpoints, tmp_path, m
     report = partitions.partition_report(path, partitions.PARTITION_EPS)
     monkeypatch.setattr(partitions, "_shape_inferred", lambda p: ModelProtoWithShapeInfo(p).model_with_shape_info)
     assert report == partitions.partition_report(path, partitions.PARTITION_EPS)
+
+
+def _table_8bit(table, symmetric):
+    """An 8-bit table as MatMulNBits stores a [hidden, vocab] weight (accuracy_level 0: FP32 arithmetic), and the
+    float table it stands for."""
+    from edgeq.llm.int4 import pack_matmulnbits, quantize_rtn
+
+    bq = quantize_rtn(np.ascontiguousarray(table.T), 32, symmetric, bits=8)
+    b, scales, zp = pack_matmulnbits(bq)
+    return QuantizedLinear(b, scales, zp, table.shape[1], table.shape[0], 8, 32, 0), bq.dequantize().T.copy()
+
+
+@pytest.mark.parametrize("variant, symmetric", [("llama", False), ("llama", True), ("llama3", False)])
+def test_an_8_bit_table_is_gathered_as_its_float_values(tiny_checkpoints, tmp_path, variant, symmetric):
+    """GatherBlockQuantized over an 8-bit table gives the logits of the same decoder on the dequantized table (FP32
+    arithmetic: within the file's 1e-5 of max |logit|); a tied head reads the table's own codes: one copy of them in
+    the file and no float table."""
+    folder = tiny_checkpoints(variant)
+    spec = decoder_spec(json.loads((folder / "config.json").read_text()))
+    src = open_safetensors(folder)
+    table, floats = _table_8bit(embedding_table(src), symmetric)
+    layers = [layer_weights(spec, src, i) for i in range(spec.num_layers)]
+    head = table if spec.tied else head_weight(spec, src)
+    got = write_decoder(spec, tmp_path / "q", table, iter(layers), final_norm_weight(spec, src), head,
+                        context_length=CONTEXT)
+    want = write_decoder(spec, tmp_path / "f", floats, iter(layers), final_norm_weight(spec, src),
+                         floats.T.copy() if spec.tied else head, context_length=CONTEXT)
+    for ids in prompts(spec.vocab):
+        a, b = decoder_logits(spec, session(str(got)), ids), decoder_logits(spec, session(str(want)), ids)
+        assert np.abs(a - b).max() <= RTOL * np.abs(b).max()
+    graph = onnx.load(str(got), load_external_data=False).graph
+    codes = [i for i in graph.initializer if i.name.endswith("weight_Q8")]
+    assert [i.name for i in codes] == ["lm_head.weight_Q8" if spec.tied else "model.embed_tokens.weight_Q8"]
+    assert not [i for i in graph.initializer if i.name == "model.embed_tokens.weight"]
+    readers = [n.op_type for n in graph.node if codes[0].name in n.input]
+    assert readers == (["GatherBlockQuantized", "MatMulNBits"] if spec.tied else ["GatherBlockQuantized"])

@@ -191,7 +191,7 @@ def test_a_stored_linear_is_what_pass_2_would_write_again(case):
 
     def write(plan, folder, store):
         return L.write_quantized(spec, source, cal, measured, plan.values(), L.QuantSettings(), root / folder,
-                                 fp16_embedding=True, context_length=64, generation_config=None, store=store)
+                                 embedding_precision="fp16", context_length=64, generation_config=None, store=store)
 
     write(plans[0], "default", store)
     assert len(store) == len(plans[0])  # every linear is quantized (the head is untied)

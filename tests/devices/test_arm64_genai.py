@@ -24,6 +24,15 @@ def llm_package(tmp_path_factory):
                                       min_top1_agreement=0.0)).path
 
 
+@pytest.fixture(scope="module")
+def int8_table_package(tmp_path_factory):
+    """The 8-bit table a tied head shares (GatherBlockQuantized and an 8-bit MatMulNBits on the same codes)."""
+    tmp = tmp_path_factory.mktemp("arm64-llm-int8-table")
+    return export_package(llm_request(tiny_llama(tmp / "tiny-llama"), tmp / "out", max_ppl_increase=1.0,
+                                      min_top1_agreement=0.0, embedding_precision="int8",
+                                      lm_head_precision="int8")).path
+
+
 @device
 def test_genai_wheel_is_installed_beside_the_runtime_once(arm64_runtime):
     site = ensure_genai(arm64_runtime)
@@ -32,9 +41,12 @@ def test_genai_wheel_is_installed_beside_the_runtime_once(arm64_runtime):
 
 
 @device
-def test_greedy_tokens_on_arm64_equal_the_x86_reference(arm64_runtime, llm_package):
-    v = json.loads((llm_package / "manifest.json").read_text())["verification"]
-    tokens, info = greedy_tokens_on_arm64(arm64_runtime, llm_package, v["prompt_ids"], len(v["greedy_tokens"]))
+@pytest.mark.parametrize("package", ["llm_package", "int8_table_package"])
+def test_greedy_tokens_on_arm64_equal_the_x86_reference(arm64_runtime, request, package):
+    """Also for the 8-bit table: GatherBlockQuantized is in the aarch64 build and reads the head's codes."""
+    path = request.getfixturevalue(package)
+    v = json.loads((path / "manifest.json").read_text())["verification"]
+    tokens, info = greedy_tokens_on_arm64(arm64_runtime, path, v["prompt_ids"], len(v["greedy_tokens"]))
     assert info["machine"] == "aarch64"
     assert tokens == v["greedy_tokens"]
 
@@ -46,3 +58,4 @@ def test_verify_on_arm64_passes_for_an_llm_package(llm_package):
     checks = {name: detail for name, _, detail in report.checks}
     assert "aarch64" in checks["load and generate"]
     assert checks["greedy tokens match reference"].startswith("16 greedy tokens equal")
+

@@ -135,6 +135,54 @@ def test_budget_takes_promotions_in_priority_order(measured):
     assert sum(d.bits == 8 for d in free) == len(refused) + 1  # every refused one is taken without the budget
 
 
+def _model_bytes(facts, plan, table_bytes: int) -> int:
+    """The model as stored: every initializer no quantized layer replaces (the embedding table at
+    ``table_bytes``, the rest as measured), plus MatMulNBits' bytes of the quantized layers but a shared table."""
+    replaced = {f.weight for f in facts.layers if not f.tied_to}
+    other = sum(v * b for n, (v, b) in facts.initializer_bytes.items() if n not in replaced and n not in C.TABLES)
+    return other + table_bytes + linear_bytes([d for d in plan if not d.table], 32, False)
+
+
+def test_a_tied_head_on_an_8_bit_table_is_the_table(measured):
+    """llm.embedding_precision = 'int8': the tied head is 8 bits whatever the budgets say, its bytes counted once
+    in the model (the table's: MatMulNBits' 8-bit codes, scales and zero points) and outside the linear average."""
+    from edgeq.policy.causal_lm import matmulnbits_bytes
+
+    facts = measured.measured.facts
+    head = next(f for f in facts.layers if f.node == "lm_head")
+    fp16 = Int4Rules(setting=C.SETTING, promote=None, fp16_initializers=C.TABLES)
+    int8 = dataclasses.replace(fp16, fp16_initializers=frozenset(), int8_tables=C.TABLES, quantize_tied=True,
+                               tied_bits=8)
+    base, shared = decide_int4(facts, fp16), decide_int4(facts, int8)
+    (d,) = [d for d in shared if d.node == "lm_head"]
+    assert (d.bits, d.table) == (8, True) and "own codes" in d.reason
+    assert linear_bits_per_weight(shared, 32, False) == linear_bits_per_weight(base, 32, False)
+    kv = {f.node for f in facts.layers if f.kv_cache}
+    assert {x.node for x in shared if x.bits == 8 and not x.table} == kv == {x.node for x in base if x.bits == 8}
+    # a model budget of exactly this plan's bytes takes it; a byte less refuses the second K/V projection, and a
+    # bits-per-weight budget below INT4 still leaves the table at 8 bits
+    size = _model_bytes(facts, shared, matmulnbits_bytes(head.k, head.n, 8, 32, False))
+    assert decide_int4(facts, dataclasses.replace(int8, max_model_bytes=size)) == shared
+    tight = decide_int4(facts, dataclasses.replace(int8, max_model_bytes=size - 1))
+    assert sum(x.bits == 8 and not x.table for x in tight) == len(kv) - 1 and [x.bits for x in tight if x.table] == [8]
+    starved = decide_int4(facts, dataclasses.replace(int8, max_linear_bits=1.0))
+    assert [(x.node, x.bits) for x in starved if x.bits == 8] == [("lm_head", 8)]
+
+
+def test_a_quantized_tied_head_on_a_float_table_is_a_second_copy(measured):
+    """lm_head_precision int8 on the FP16 table: the model's bytes count the table and the head's own copy."""
+    facts = measured.measured.facts
+    head = next(f for f in facts.layers if f.node == "lm_head")
+    rules = Int4Rules(setting=C.SETTING, promote=None, int8_kv=False, fp16_initializers=C.TABLES,
+                      quantize_tied=True, tied_bits=8)
+    free = decide_int4(facts, rules)
+    assert [d.bits for d in free if d.node == "lm_head"] == [8]
+    size = _model_bytes(facts, free, 2 * head.k * head.n)
+    assert decide_int4(facts, dataclasses.replace(rules, max_model_bytes=size)) == free
+    refused = decide_int4(facts, dataclasses.replace(rules, max_model_bytes=size - 1))
+    assert [d.bits for d in refused if d.node == "lm_head"] == [4]
+
+
 # ------------------------------------------------------------------------------------ the closest-fix candidates
 
 

@@ -238,3 +238,21 @@ def test_the_disk_estimate_holds_the_package_its_zip_and_a_candidate(package, ti
     model = sum(p.stat().st_size for p in package.path.glob("model.onnx*"))
     (zipped,) = package.path.glob("*.zip")
     assert model <= bound and zipped.stat().st_size <= bound
+
+
+def test_an_8_bit_table_serves_lookup_and_tied_head_in_one_copy(package, tiny_dir, tmp_path):
+    """llm.embedding_precision = 'int8' (with the int8 head it needs): the tied head is planned at 8 bits and
+    GatherBlockQuantized reads its codes; no float table is stored, the package is smaller than the FP16 table's,
+    and it verifies (greedy tokens through onnxruntime-genai)."""
+    built = export_package(llm_request(tiny_dir, tmp_path / "out", max_ppl_increase=1.0, min_top1_agreement=0.0,
+                                       embedding_precision="int8", lm_head_precision="int8"))
+    graph = onnx.load(str(built.path / "model.onnx"), load_external_data=False).graph
+    assert not [i for i in graph.initializer if i.name == "model.embed_tokens.weight"]
+    readers = [n.op_type for n in graph.node if "lm_head.weight_Q8" in n.input]
+    assert readers == ["GatherBlockQuantized", "MatMulNBits"]
+    nodes = {d["name"]: d for d in built.manifest["precision"]["nodes"]}
+    lookup, head = nodes["/model/embed_tokens/GatherBlockQuantized"], nodes["/lm_head/MatMulNBits"]
+    assert (lookup["precision"], head["precision"]) == ("int8", "int8")
+    assert "reads the same codes: one copy" in lookup["reason"] and "own codes" in head["reason"]
+    assert built.manifest["size"]["model_bytes"] < package.manifest["size"]["model_bytes"]
+    assert verify(built.path).ok
