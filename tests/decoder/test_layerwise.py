@@ -21,6 +21,8 @@ from onnx import numpy_helper
 
 from edgeq.decoder import layerwise as L
 from edgeq.decoder.graph import embed, embedding_table, final_norm_weight, write_decoder
+from edgeq.decoder.weights import open_safetensors
+from edgeq.errors import EdgeqError
 from edgeq.llm.evaluate import log_softmax, window_logits
 from edgeq.llm.int4 import dequantize_matmulnbits, hessian_error, quantize_rtn, sensitivity
 from edgeq.policy import Int4Rules, decide_int4
@@ -252,3 +254,25 @@ def test_chunked_forward_with_the_kv_cache_gives_the_windows_logits(case, monkey
     assert chunked.tokens == whole.tokens == len(ev) * 31
     assert chunked.perplexity == pytest.approx(whole.perplexity, rel=1e-6)
     assert abs(chunked.mean_kl) < 1e-6 and chunked.top1_agreement == 1.0
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_an_untied_8_bit_table_is_the_table_rounded_in_row_chunks(tiny_checkpoints, monkeypatch, symmetric):
+    """llm.embedding_precision = 'int8' on an untied model: the table quantized on its own, 8 bits per 32-value
+    block, each value within one quantization step of its float (the clip search may narrow a block's range);
+    rows quantized in chunks give exactly the codes of one pass."""
+    table = embedding_table(open_safetensors(tiny_checkpoints("llama3")))
+    settings = L.QuantSettings(symmetric=symmetric)
+    whole = L.package_embedding(table, "int8", settings, tied=False, head=None)
+    monkeypatch.setattr(L, "QUANTIZE_COLUMNS", 64)  # the tiny vocabulary in several chunks
+    chunked = L.package_embedding(table, "int8", settings, tied=False, head=None)
+    assert (whole.k, whole.n, whole.bits) == (table.shape[1], table.shape[0], 8) and len(table) > 64
+    assert all(np.array_equal(a, b) for a, b in [(whole.b, chunked.b), (whole.scales, chunked.scales)])
+    assert (whole.zero_points is None) == symmetric
+    rows = dequantize_matmulnbits(whole.b, whole.scales, whole.zero_points, whole.k, bits=8).T
+    step = np.abs(np.repeat(whole.scales.reshape(len(table), -1), 32, axis=1)[:, :table.shape[1]])
+    assert np.all(np.abs(rows - table) <= step * 1.0001)
+    assert np.abs(rows - table).mean() < 0.3 * step.mean()
+    with pytest.raises(EdgeqError, match="tied head is not planned at 8 bits"):
+        L.package_embedding(table, "int8", settings, tied=True, head=None)
+    assert L.package_embedding(table, "fp16", settings, tied=True, head=None).dtype == np.float16
