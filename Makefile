@@ -83,8 +83,11 @@ android-qnn-htp: setup check-model
 # pip compiles llama.cpp where no wheel fits (about 10 min on 2 cores); if that fails the bench still runs, and
 # its table marks those rows skipped with the reason.
 WINDOWS ?= 16
+# CMAKE_ARGS: bench/llamacpp_cmake.py (x86-64: the CPU's ISA without AMX, whose kernels fault where the OS does not
+# grant AMX state, as here)
 $(VENV)/.llamacpp: $(BIN)/edgeq
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[llamacpp]' && touch $@ \
+	CMAKE_ARGS="$$($(BIN)/python bench/llamacpp_cmake.py)" \
+	  $(BIN)/pip install --quiet -c constraints.txt -e '.[llamacpp]' && touch $@ \
 	  || echo "warning: llama-cpp-python did not install; make bench will skip the llama.cpp rows" >&2
 
 bench: setup $(VENV)/.llamacpp
