@@ -14,6 +14,7 @@ MLP. Two products share it:
 from __future__ import annotations
 
 import json
+import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,7 +124,8 @@ class _Builder:
 
     tensors: _InlineTensors | _DataFile
     nodes: list[onnx.NodeProto] = field(default_factory=list)
-    quantized_inputs: dict[str, tuple[QuantizedLinear, list[str]]] = field(default_factory=dict)
+    # weak: holding every layer's codes here kept a whole 8B model's (4.6 GB) in memory until the file was written
+    quantized_inputs: dict[str, tuple[weakref.ref[QuantizedLinear], list[str]]] = field(default_factory=dict)
 
     def op(self, op_type: str, inputs: list[str], name: str, outputs: int | list[str] = 1, domain: str = "",
            **attrs) -> list[str]:
@@ -143,13 +145,13 @@ class _Builder:
         """MatMulNBits' constant inputs for ``w`` as ``name``; the second reader of the same weight (a tied head and
         the embedding lookup that shares its codes) gets the same initializers, not a second copy."""
         if name in self.quantized_inputs:
-            if self.quantized_inputs[name][0] is not w:
+            if self.quantized_inputs[name][0]() is not w:
                 raise EdgeqError(f"two different quantized weights are named {name}", "this is an edgeq bug")
             return self.quantized_inputs[name][1]
         inputs = [self.const(f"{name}.weight_Q{w.bits}", w.b), self.const(f"{name}.weight_scales", w.scales)]
         if w.zero_points is not None:
             inputs.append(self.const(f"{name}.weight_zp", w.zero_points))
-        self.quantized_inputs[name] = (w, inputs)
+        self.quantized_inputs[name] = (weakref.ref(w), inputs)
         return inputs
 
     def gather_quantized(self, table: QuantizedLinear, name: str, ids: str, hidden: int, prefix: str) -> str:
@@ -457,7 +459,7 @@ def write_decoder(spec: DecoderSpec, out_dir: Path, embedding: Weight, layers: I
                              "this is an edgeq bug")
         if head is None:  # tied: the lookup's own table read through a transpose, one copy in the file
             (head,) = b.op("Transpose", [table], "/lm_head/Transpose", perm=[1, 0])
-        _head(b, spec, x, pending, final_norm, head, fp16_head=getattr(embedding, "dtype", None) == np.float16)
+        _head(b, spec, x, pending, final_norm, head, fp16_head=isinstance(embedding, np.ndarray) and embedding.dtype == np.float16)
     finally:
         data.close()
     model = _model(b, "edgeq_decoder", *_decoder_io(spec))
