@@ -278,12 +278,9 @@ def quantize_linear(weight: np.ndarray, hessian: np.ndarray, bits: int, settings
     """One [K, N] weight at ``bits`` (the plan's 4 or 8) as MatMulNBits stores it, with FP32 scales."""
     if bits not in (BITS, PROMOTED_BITS):
         raise ValueError(f"{bits} bits planned; MatMulNBits here writes {BITS} or {PROMOTED_BITS}")
-    if weight.shape[1] > QUANTIZE_COLUMNS:  # MatMulNBits' inputs lead with N: the chunks' stack on it
-        parts = [quantize_linear(np.ascontiguousarray(weight[:, c:c + QUANTIZE_COLUMNS]), hessian, bits, settings)
-                 for c in range(0, weight.shape[1], QUANTIZE_COLUMNS)]
-        zero_points = None if parts[0].zero_points is None else np.concatenate([p.zero_points for p in parts])
-        return replace(parts[0], b=np.concatenate([p.b for p in parts]),
-                       scales=np.concatenate([p.scales for p in parts]), zero_points=zero_points, n=weight.shape[1])
+    if weight.shape[1] > QUANTIZE_COLUMNS:
+        return _stacked([quantize_linear(np.ascontiguousarray(weight[:, c:c + QUANTIZE_COLUMNS]), hessian, bits,
+                                         settings) for c in range(0, weight.shape[1], QUANTIZE_COLUMNS)])
     s = settings
     if s.method == "gptq":
         bq = quantize_gptq(weight, hessian, s.block_size, s.symmetric, s.clip, s.damp, False, bits, s.refits)
@@ -345,13 +342,21 @@ def quantized_table(table: np.ndarray, settings: QuantSettings) -> QuantizedLine
     """An untied embedding table [vocab, hidden] at 8 bits, as the [hidden, vocab] weight MatMulNBits would take
     (GatherBlockQuantized reads rows of it): round to nearest with the clip search, a chunk of rows at a time (no
     calibration statistics: a lookup has no input to weigh the error by)."""
-    parts = [quantize_rtn(np.ascontiguousarray(table[r:r + QUANTIZE_COLUMNS].T), settings.block_size,
-                          settings.symmetric, clip=True, bits=PROMOTED_BITS) for r in range(0, len(table), QUANTIZE_COLUMNS)]
-    packed = [pack_matmulnbits(p, np.float32) for p in parts]
-    zero_points = None if settings.symmetric else np.concatenate([p[2] for p in packed])
-    return QuantizedLinear(np.concatenate([p[0] for p in packed]), np.concatenate([p[1] for p in packed]),
-                           zero_points, table.shape[1], table.shape[0], PROMOTED_BITS, settings.block_size,
-                           settings.accuracy_level)
+    def rows(r: int) -> QuantizedLinear:
+        chunk = np.ascontiguousarray(table[r:r + QUANTIZE_COLUMNS].T)
+        bq = quantize_rtn(chunk, settings.block_size, settings.symmetric, clip=True, bits=PROMOTED_BITS)
+        return QuantizedLinear(*pack_matmulnbits(bq, np.float32), *chunk.shape, PROMOTED_BITS, settings.block_size,
+                               settings.accuracy_level)
+    return _stacked([rows(r) for r in range(0, len(table), QUANTIZE_COLUMNS)])
+
+
+def _stacked(parts: list[QuantizedLinear]) -> QuantizedLinear:
+    """Column chunks of one weight as one: MatMulNBits' inputs lead with N, so the chunks stack on it."""
+    if len(parts) == 1:
+        return parts[0]
+    zero_points = None if parts[0].zero_points is None else np.concatenate([p.zero_points for p in parts])
+    return replace(parts[0], b=np.concatenate([p.b for p in parts]), scales=np.concatenate([p.scales for p in parts]),
+                   zero_points=zero_points, n=sum(p.n for p in parts))
 
 
 def package_embedding(table: np.ndarray, precision: str, settings: QuantSettings, *, tied: bool,
