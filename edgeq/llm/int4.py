@@ -12,8 +12,12 @@ edgeq's default +5.9%): see docs/decisions/int4.md.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -25,6 +29,9 @@ CLIP_RATIOS = tuple(1.0 - 0.025 * i for i in range(16))  # 1.0 .. 0.625
 LAZY_COLUMNS = 128  # GPTQ's lazy batch: error pushed to later columns once per 128 (a multiple of the block)
 VECTOR_SEARCH_ELEMENTS = 1 << 20  # clip search: all ratios at once over this many values (4 MB of float32)
 DAMP = 0.01  # GPTQ's dampening (fraction of mean diag H): its default, definite for every SmolLM2 layer
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 def _mid(bits: int) -> int:
@@ -97,28 +104,54 @@ def _fake(w: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, bits: int) -> 
 def _one_thread():
     """Elementwise work on small tensors in this thread only: torch's OpenMP workers spin between the thousands of
     small ops, and on a loaded 2-core machine that spinning made the clip search 10-20x slower (13 s -> 123 s for a
-    1B gate_proj's blocks measured under load; 6 s on one thread). The large matmuls keep every thread."""
+    1B gate_proj's blocks measured under load; 6 s on one thread). The large matmuls keep every thread.
+    Yields the thread count it replaced: ``_map_chunks`` spreads independent chunks over that many workers."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        yield
+        yield before
     finally:
         torch.set_num_threads(before)
 
 
+def _map_chunks(fn: Callable[[T], R], chunks: Sequence[T], workers: int) -> list[R]:
+    """``[fn(c) for c in chunks]`` on ``workers`` Python threads, each op on one torch thread (call it inside
+    ``_one_thread``). The chunks are independent and each is computed by the same ops as in a loop, so the results
+    are the loop's, bit for bit; torch's kernels release the GIL, so the workers run side by side. On one thread the
+    clip search and the scale refit left the other cores idle: 90% of an 8B RTN export's quantize stage."""
+    if workers <= 1 or len(chunks) <= 1:
+        return [fn(c) for c in chunks]
+    return list(_pool(workers).map(fn, chunks))
+
+
+@functools.cache
+def _pool(workers: int) -> ThreadPoolExecutor:
+    """One pool for the process: MKL keeps buffers per thread that it does not free when the thread ends, so a pool
+    per call (fresh threads each time) grew an 8B RTN export by ~0.15 GB per decoder layer."""
+    return ThreadPoolExecutor(workers, thread_name_prefix="edgeq-quantize")
+
+
 def _search(w: torch.Tensor, importance: torch.Tensor | None, symmetric: bool, bits: int,
-            clip: bool) -> tuple[torch.Tensor, torch.Tensor]:
+            clip: bool, workers: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Block parameters for ``w`` [..., block]; with ``clip`` the ratio with the least (importance-weighted) error,
     the first such ratio on a tie. Every ratio at once over a chunk of rows: the same elementwise arithmetic as one
-    ratio at a time, without 16 passes over a whole matrix's temporaries (1B gate_proj RTN: 19.5 s before)."""
+    ratio at a time, without 16 passes over a whole matrix's temporaries (1B gate_proj RTN: 19.5 s before); the
+    chunks on ``workers`` threads (``_map_chunks``)."""
     if not clip:
         return _params(w, symmetric, bits)
     rows = max(1, VECTOR_SEARCH_ELEMENTS // (len(CLIP_RATIOS) * max(1, w[0].numel())))
-    if len(w) > rows:  # a chunk of rows at a time: every ratio's temporaries stay small (in cache)
-        imp = [importance] * math.ceil(len(w) / rows) if importance is None or importance.dim() < w.dim() \
-            else importance.split(rows)
-        parts = [_search(c, i, symmetric, bits, clip) for c, i in zip(w.split(rows), imp)]
-        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    if len(w) <= rows:
+        return _search_chunk(w, importance, symmetric, bits)
+    # a chunk of rows at a time: every ratio's temporaries stay small (in cache)
+    imp = [importance] * math.ceil(len(w) / rows) if importance is None or importance.dim() < w.dim() \
+        else importance.split(rows)
+    parts = _map_chunks(lambda c: _search_chunk(*c, symmetric, bits), list(zip(w.split(rows), imp)), workers)
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def _search_chunk(w: torch.Tensor, importance: torch.Tensor | None, symmetric: bool,
+                  bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_search`` over rows whose every ratio's temporaries fit VECTOR_SEARCH_ELEMENTS."""
     ratios = torch.tensor(CLIP_RATIOS, dtype=w.dtype).view(-1, *([1] * w.dim()))
     scale, zp = _params(w.unsqueeze(0), symmetric, bits, ratios)  # [ratios, ..., 1]
     err = (w - _fake(w, scale, zp, bits)[1]).square()
@@ -149,9 +182,11 @@ def quantize_rtn(w: np.ndarray, block_size: int, symmetric: bool, clip: bool = F
         imp = torch.zeros(kp, dtype=torch.float32)
         imp[:k] = torch.from_numpy(np.array(importance, np.float32))  # a copy: np.diag gives a read-only view
         imp = imp.view(blocks_n, block_size)
-    with _one_thread():
-        scale, zp = _search(blocks, imp, symmetric, bits, clip)
-        q = _fake(blocks, scale, zp, bits)[0]
+    with _one_thread() as workers:
+        scale, zp = _search(blocks, imp, symmetric, bits, clip, workers)
+        rows = max(1, VECTOR_SEARCH_ELEMENTS // max(1, kp))  # the codes: elementwise, in chunks of rows as well
+        q = torch.cat(_map_chunks(lambda c: _fake(*c, bits)[0],
+                                  list(zip(blocks.split(rows), scale.split(rows), zp.split(rows))), workers))
     return _block_quant(q.reshape(n, kp), scale[..., 0], zp[..., 0], k, block_size, bits, symmetric)
 
 
@@ -286,7 +321,8 @@ def refit_scales(bq: BlockQuant, w: np.ndarray, hessian: np.ndarray, rows: int =
     wt[:, :k] = torch.from_numpy(np.ascontiguousarray(w.T, dtype=np.float32))
     r_all = (c * (wt @ h).view(n, nb, bs)).sum(2).double()  # C^T H w per channel: [N, blocks]
     scales = torch.from_numpy(bq.scales.copy())
-    for i in range(0, n, rows):
+
+    def refit(i: int) -> torch.Tensor:
         a = _gram(c[i:i + rows], h).double()
         diag = a.diagonal(dim1=1, dim2=2)
         diag += torch.where(diag > 0, 1e-9 * diag.mean(1, keepdim=True), 1.0)  # an all-zero block solves to 0
@@ -299,8 +335,11 @@ def refit_scales(bq: BlockQuant, w: np.ndarray, hessian: np.ndarray, rows: int =
         # keep a channel's old scales unless the solve is finite and better (float32 sums can be off by a hair)
         better = _quadratic(a, r, sol) <= _quadratic(a, r, old)
         ok = (info == 0) & torch.isfinite(sol).all(dim=(1, 2)) & better
-        scales[i:i + rows][ok] = sol[ok, :, 0].float()
-    return BlockQuant(bq.q, scales.numpy(), bq.zero_points, k, bs, bq.bits)
+        return torch.where(ok[:, None], sol[:, :, 0].float(), scales[i:i + rows])
+
+    with _one_thread() as workers:  # channels apart: each chunk's Gram GEMMs are small (32 deep), one thread each
+        chunks = _map_chunks(refit, range(0, n, rows), workers)
+    return BlockQuant(bq.q, torch.cat(chunks).numpy(), bq.zero_points, k, bs, bq.bits)
 
 
 def _gram(c: torch.Tensor, h: torch.Tensor) -> torch.Tensor:

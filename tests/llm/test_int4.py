@@ -126,6 +126,33 @@ def test_refit_solves_wide_layers_with_more_blocks_than_batched_lu_handles():
     assert hessian_error(w, refit.dequantize(), h) < 0.85 * hessian_error(w, bq.dequantize(), h)  # measured 0.80
 
 
+@pytest.mark.parametrize("k", [512, 4160])  # a float64 and a float32 Hessian
+def test_clip_search_and_refit_on_worker_threads_equal_one_thread_bit_for_bit(k):
+    # the chunks (rows of the search, 64-channel groups of the refit) are independent: spread over torch's thread
+    # count they must give the loop's bytes, or packages would differ between a 2-core and an 8-core machine
+    rng = np.random.default_rng(11)
+    n = 160  # 3 refit chunks, and more search chunks than workers
+    x = rng.standard_normal((300, k)).astype(np.float32)
+    x[:, :3] *= 30  # outlier inputs: the clip search and the refit both move
+    h = x.T.astype(np.float64 if k <= 4096 else np.float32) @ x
+    w = (rng.standard_normal((k, n)) * 0.02).astype(np.float32)
+    before = torch.get_num_threads()
+    runs = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            bq = quantize_rtn(w, 32, False, clip=True, importance=np.diag(h))
+            runs.append((bq, refit_scales(bq, w, h)))
+    finally:
+        torch.set_num_threads(before)
+    (one, one_refit), *others = runs
+    assert not np.array_equal(one.scales, one_refit.scales)  # the refit changed scales: the comparison means something
+    for bq, refit in others:
+        for got, want in [(bq.q, one.q), (bq.scales, one.scales), (bq.zero_points, one.zero_points),
+                          (refit.scales, one_refit.scales)]:
+            np.testing.assert_array_equal(got, want)
+
+
 def test_refit_gram_is_codes_times_hessian_times_codes_per_channel():
     """C^T H C per channel, C the [K, blocks] matrix with channel n's block codes in block b's rows of column b,
     built densely here; the refit builds it block column by block column."""
