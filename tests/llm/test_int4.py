@@ -126,6 +126,15 @@ def test_refit_solves_wide_layers_with_more_blocks_than_batched_lu_handles():
     assert hessian_error(w, refit.dequantize(), h) < 0.85 * hessian_error(w, bq.dequantize(), h)  # measured 0.80
 
 
+def on_threads(fn, counts):
+    """fn() with torch on each thread count in turn (the count restored after)."""
+    before = torch.get_num_threads()
+    try:
+        return [torch.set_num_threads(t) or fn() for t in counts]
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("k", [512, 4160])  # a float64 and a float32 Hessian
 def test_clip_search_and_refit_on_worker_threads_equal_one_thread_bit_for_bit(k):
     # the chunks (rows of the search, 64-channel groups of the refit) are independent: spread over torch's thread
@@ -136,16 +145,11 @@ def test_clip_search_and_refit_on_worker_threads_equal_one_thread_bit_for_bit(k)
     x[:, :3] *= 30  # outlier inputs: the clip search and the refit both move
     h = x.T.astype(np.float64 if k <= 4096 else np.float32) @ x
     w = (rng.standard_normal((k, n)) * 0.02).astype(np.float32)
-    before = torch.get_num_threads()
-    runs = []
-    try:
-        for threads in (1, 2, 3):
-            torch.set_num_threads(threads)
-            bq = quantize_rtn(w, 32, False, clip=True, importance=np.diag(h))
-            runs.append((bq, refit_scales(bq, w, h)))
-    finally:
-        torch.set_num_threads(before)
-    (one, one_refit), *others = runs
+    def rtn_and_refit():
+        bq = quantize_rtn(w, 32, False, clip=True, importance=np.diag(h))
+        return bq, refit_scales(bq, w, h)
+
+    (one, one_refit), *others = on_threads(rtn_and_refit, (1, 2, 3))
     assert not np.array_equal(one.scales, one_refit.scales)  # the refit changed scales: the comparison means something
     for bq, refit in others:
         for got, want in [(bq.q, one.q), (bq.scales, one.scales), (bq.zero_points, one.zero_points),
@@ -164,14 +168,7 @@ def test_gptq_over_channel_slices_on_worker_threads_equals_one_thread_bit_for_bi
     x[:, :2] *= 30
     h = x.T @ x
     w = (rng.standard_normal((k, n)) * 0.02).astype(np.float32)
-    before = torch.get_num_threads()
-    runs = []
-    try:
-        for threads in (1, 2, 3):
-            torch.set_num_threads(threads)
-            runs.append(quantize_gptq(w, h, 32, False, clip=True, act_order=act_order))
-    finally:
-        torch.set_num_threads(before)
+    runs = on_threads(lambda: quantize_gptq(w, h, 32, False, clip=True, act_order=act_order), (1, 2, 3))
     for bq in runs[1:]:
         for got, want in [(bq.q, runs[0].q), (bq.scales, runs[0].scales), (bq.zero_points, runs[0].zero_points)]:
             np.testing.assert_array_equal(got, want)
