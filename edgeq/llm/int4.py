@@ -28,9 +28,6 @@ from edgeq.policy.causal_lm import BITS
 CLIP_RATIOS = tuple(1.0 - 0.025 * i for i in range(16))  # 1.0 .. 0.625
 LAZY_COLUMNS = 128  # GPTQ's lazy batch: error pushed to later columns once per 128 (a multiple of the block)
 VECTOR_SEARCH_ELEMENTS = 1 << 20  # clip search: all ratios at once over this many values (4 MB of float32)
-# GPTQ's column steps split over workers only from this many output channels each: below, the per-column ops are
-# too short for two Python threads to gain on one (SmolLM2's 576-1536 channels stay on one thread)
-GPTQ_CHANNELS = 2048
 DAMP = 0.01  # GPTQ's dampening (fraction of mean diag H): its default, definite for every SmolLM2 layer
 
 T = TypeVar("T")
@@ -272,12 +269,8 @@ def quantize_gptq(w: np.ndarray, hessian: np.ndarray, block_size: int, symmetric
         W1 = W[i1:i2].clone()
         E1 = torch.zeros_like(W1)
         U1 = U[i1:i2, i1:i2]
-        with _one_thread() as workers:
-            # output channels apart: every step of a column is per channel, so channel slices give the same bytes
-            parts = [slice(c, c + per) for per in [-(-n // max(1, min(workers, n // GPTQ_CHANNELS)))]
-                     for c in range(0, n, per)]
-            _map_chunks(lambda c: _gptq_columns(W1[:, c], E1[:, c], U1, Q[:, c], scales[c], zps[c], importance,
-                                                perm, i1, k, block_size, symmetric, bits, clip), parts, workers)
+        with _one_thread():
+            _gptq_columns(W1, E1, U1, Q, scales, zps, importance, perm, i1, k, block_size, symmetric, bits, clip)
         # [N, b] @ [b, rest] as GPTQ's [N, K] layout multiplies: the same products, so the same rounding
         W[i2:] -= (E1.T.contiguous() @ U[i1:i2, i2:]).T
     if perm is not None:
@@ -287,6 +280,9 @@ def quantize_gptq(w: np.ndarray, hessian: np.ndarray, block_size: int, symmetric
     return refit_scales(bq, w, hessian) if refit else bq
 
 
+# GPTQ's column loop stays on one thread: split by output channels over two workers it gave the same bytes but was
+# no faster on this 2-core machine when idle (8B-shaped gate_up 18.2 -> 16.8 s, down_proj 26.2 -> 32.2 s: each
+# per-column op is a few microseconds, and the workers queue on the GIL between them)
 def _gptq_columns(W1: torch.Tensor, E1: torch.Tensor, U1: torch.Tensor, Q: torch.Tensor, scales: torch.Tensor,
                   zps: torch.Tensor, importance: torch.Tensor, perm: torch.Tensor | None, i1: int, k: int,
                   block_size: int, symmetric: bool, bits: int, clip: bool) -> None:

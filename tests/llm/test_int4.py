@@ -157,23 +157,6 @@ def test_clip_search_and_refit_on_worker_threads_equal_one_thread_bit_for_bit(k)
             np.testing.assert_array_equal(got, want)
 
 
-@pytest.mark.parametrize("act_order", [False, True])
-def test_gptq_over_channel_slices_on_worker_threads_equals_one_thread_bit_for_bit(act_order):
-    # GPTQ's column steps are per output channel: from 2 x GPTQ_CHANNELS channels they run in slices on the workers
-    from edgeq.llm.int4 import GPTQ_CHANNELS
-
-    rng = np.random.default_rng(12)
-    k, n = 96, 2 * GPTQ_CHANNELS + 64  # 2 slices on 2 and on 3 workers, the last one shorter
-    x = rng.standard_normal((200, k))
-    x[:, :2] *= 30
-    h = x.T @ x
-    w = (rng.standard_normal((k, n)) * 0.02).astype(np.float32)
-    runs = on_threads(lambda: quantize_gptq(w, h, 32, False, clip=True, act_order=act_order), (1, 2, 3))
-    for bq in runs[1:]:
-        for got, want in [(bq.q, runs[0].q), (bq.scales, runs[0].scales), (bq.zero_points, runs[0].zero_points)]:
-            np.testing.assert_array_equal(got, want)
-
-
 def test_refit_gram_is_codes_times_hessian_times_codes_per_channel():
     """C^T H C per channel, C the [K, blocks] matrix with channel n's block codes in block b's rows of column b,
     built densely here; the refit builds it block column by block column."""
