@@ -459,7 +459,8 @@ def write_decoder(spec: DecoderSpec, out_dir: Path, embedding: Weight, layers: I
                              "this is an edgeq bug")
         if head is None:  # tied: the lookup's own table read through a transpose, one copy in the file
             (head,) = b.op("Transpose", [table], "/lm_head/Transpose", perm=[1, 0])
-        _head(b, spec, x, pending, final_norm, head, fp16_head=isinstance(embedding, np.ndarray) and embedding.dtype == np.float16)
+        fp16_table = isinstance(embedding, np.ndarray) and embedding.dtype == np.float16
+        _head(b, spec, x, pending, final_norm, head, fp16_head=fp16_table)
     finally:
         data.close()
     model = _model(b, "edgeq_decoder", *_decoder_io(spec))

@@ -252,9 +252,11 @@ def test_write_decoder_keeps_no_quantized_layer_once_written(tiny_checkpoints, t
         for i in range(spec.num_layers):
             gc.collect()
             alive.append(sum(r() is not None for r in refs))
-            linears = {r: _quantized(np.asarray(x), False, 4)[0] for r, x in layer_weights(spec, src, i).linears.items()}
+            w = layer_weights(spec, src, i)
+            linears = {r: _quantized(np.asarray(x), False, 4)[0] for r, x in w.linears.items()}
             refs += [weakref.ref(q) for q in linears.values()]
-            yield dataclasses.replace(layer_weights(spec, src, i), linears=linears)
+            yield dataclasses.replace(w, linears=linears)
+            del w
             del linears
 
     write_decoder(spec, tmp_path, embedding_table(src).astype(np.float16), layers(), final_norm_weight(spec, src),
