@@ -241,7 +241,8 @@ def test_write_decoder_streams_layer_by_layer(tiny_checkpoints, tmp_path):
 
 def test_write_decoder_keeps_no_quantized_layer_once_written(tiny_checkpoints, tmp_path):
     """A quantized layer is freed once written: the builder held every layer's codes (an 8B export grew 0.15 GB per
-    layer in its quantize stage) while a tied head on an 8-bit table still shares the table's initializers."""
+    layer in its quantize stage). The sharing it held them for, a tied head on an 8-bit table's codes, is
+    test_an_8_bit_table_is_gathered_as_its_float_values."""
     folder = tiny_checkpoints("llama")
     spec = decoder_spec(json.loads((folder / "config.json").read_text()))
     src = open_safetensors(folder)

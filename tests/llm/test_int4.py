@@ -145,6 +145,7 @@ def test_clip_search_and_refit_on_worker_threads_equal_one_thread_bit_for_bit(k)
     x[:, :3] *= 30  # outlier inputs: the clip search and the refit both move
     h = x.T.astype(np.float64 if k <= 4096 else np.float32) @ x
     w = (rng.standard_normal((k, n)) * 0.02).astype(np.float32)
+
     def rtn_and_refit():
         bq = quantize_rtn(w, 32, False, clip=True, importance=np.diag(h))
         return bq, refit_scales(bq, w, h)
