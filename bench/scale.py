@@ -1,7 +1,7 @@
 """Wall time and peak RSS against parameter count: 1B-8B checkpoints through edgeq and its peers (issue 14).
 
-    python bench/scale.py run llama-3.2-1b [--tools writer,edgeq,edgeq-rtn,genai-builder,mobius] [--cap-gb 20]
-                                           [--timeout 900]
+    python bench/scale.py run llama-3.2-1b [--tools writer,edgeq,edgeq-rtn,edgeq-rtn-genai,genai-builder,mobius]
+                                           [--cap-gb 20] [--timeout 900]
     python bench/scale.py md                    # BENCHMARKS.md's scale section from the results file
 
 RANDOM WEIGHTS: the checkpoints (bench/checkpoints.py) have the configs of the published models and random BF16
@@ -126,12 +126,30 @@ def _edgeq_tool(key: str, stage: str, *args: str) -> Tool:
                 note=lambda: "accuracy and size gates opened")
 
 
+def _package(job: Job, key: str) -> Path | None:
+    """The package the ``key`` tool's export wrote for this model (the folder holding manifest.json)."""
+    folder = job.out.parent / key
+    return next((p for p in sorted(folder.iterdir()) if (p / "manifest.json").is_file()), None) \
+        if folder.is_dir() else None
+
+
+def _run_tool(key: str) -> Tool:
+    """``edgeq run`` on the ``key`` tool's package: loaded whole in onnxruntime-genai, as an app loads it, and 16
+    greedy tokens generated (the export itself runs a package larger than one part in parts)."""
+    return Tool(f"{key}-genai", "edgeq run", f"load the {key} package in onnxruntime-genai, generate 16 tokens",
+                lambda j: [_python(), "-c", "from edgeq.cli import main; main()", "run", str(_package(j, key)),
+                           "--prompt", "Count from 1 to 20, separated by commas.", "--max-new-tokens", "16"],
+                lambda j: None if _package(j, key) else f"no {key} package yet: run --tools {key} first",
+                env=lambda: {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"})
+
+
 TOOLS: tuple[Tool, ...] = (
     Tool("writer", "bench/checkpoints.py", "write BF16 checkpoint",
          lambda j: [_python(), str(BENCH / "checkpoints.py"), j.model, "--out", str(j.checkpoint)],
          _writer_unavailable, note=lambda: "random weights, generated and written 16M values at a time"),
     _edgeq_tool("edgeq", "export android-arm64 (INT4 GPTQ)"),
     _edgeq_tool("edgeq-rtn", "export android-arm64 --int4-method rtn", "--int4-method", "rtn"),
+    _run_tool("edgeq-rtn"),
     Tool("genai-builder", "onnxruntime-genai model builder", "build int4 cpu",
          lambda j: [str(_genai_python()[0]), "-m", "onnxruntime_genai.models.builder", "-i", str(j.checkpoint), "-o",
                     str(j.out / "model"), "-p", "int4", "-e", "cpu", "-c", str(j.out / "cache")],

@@ -386,6 +386,7 @@ class LMVerification(Record):
     greedy_tokens: tuple[int, ...]
     prompt: str | None = None
     logit_margins: tuple[float, ...] | None = None
+    greedy_runtime: str | None = None  # what generated them at export (edgeq.llm.greedy.package_greedy)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -16,14 +16,16 @@ BATCH = 16
 
 def session(model: onnx.ModelProto | Path | str, providers: tuple[str, ...] = ("CPUExecutionProvider",),
             optimization: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-            fuse_qdq: bool = False, arena: bool = True, threads: int | None = None) -> ort.InferenceSession:
+            fuse_qdq: bool = False, arena: bool = True, threads: int | None = None,
+            data_dir: Path | None = None) -> ort.InferenceSession:
     """A CPU session. ``fuse_qdq=False`` (measurements) runs a QDQ ONNX model's DequantizeLinear -> MatMul in float:
     exactly the integer arithmetic an ARM or VNNI CPU does, on any x86 host (ORT's fused U8S8 kernel saturates in
     int16 on x86 without VNNI; docs/decisions/encoder-quantization.md has what that did). ``fuse_qdq=True`` is for
     speed, where the fused integer kernels are what an app runs; ORT-format packages are fused when written.
     ``arena=False`` returns each run's buffers instead of keeping them for the next run: a decoder's logits over a
     large vocabulary (1B: 263 MB per 512-token window) would otherwise stay held (numerics unchanged).
-    ``threads``: intra-op threads (default: ONNX Runtime's, one per physical core)."""
+    ``threads``: intra-op threads (default: ONNX Runtime's, one per physical core). ``data_dir``: where a
+    ModelProto's external data is (a model given by path finds its own beside it)."""
     so = ort.SessionOptions()
     so.log_severity_level = 3  # ORT's unused-initializer warnings are noise for edgeq's users
     so.graph_optimization_level = optimization
@@ -32,6 +34,8 @@ def session(model: onnx.ModelProto | Path | str, providers: tuple[str, ...] = ("
         so.intra_op_num_threads = threads
     if not fuse_qdq:
         so.add_session_config_entry("session.disable_quant_qdq", "1")
+    if data_dir is not None:
+        so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(data_dir))
     src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
     return ort.InferenceSession(src, so, providers=list(providers))
 

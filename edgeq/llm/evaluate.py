@@ -9,6 +9,7 @@ row chunks of ``CHUNK`` positions (64 x 49152 float64 = 25 MB of temporaries).
 
 from __future__ import annotations
 
+import itertools
 import math
 import tempfile
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ import onnx
 import onnxruntime as ort
 
 from edgeq.errors import CalibrationDataError
+from edgeq.llm.parts import PartedModel, parted_logits
 from edgeq.progress import QUIET, Progress
 from edgeq.runtime import session
 from edgeq.textdata import token_prefix
@@ -30,6 +32,7 @@ EVALUATION_WINDOWS = 16  # 8176 predicted tokens: the perplexity's standard erro
 CHUNK = 64  # positions per log-softmax chunk, at most; fewer for a large vocabulary (``chunk_rows``)
 CHUNK_VALUES = 1 << 22  # float64 values per log-softmax temporary: 32 MB (64 x 128k-vocabulary rows took 66 MB each)
 RUN_TOKENS = 64  # positions per forward of a model with a KV cache (``logit_chunks``)
+MAX_GRAPH_ONLY = 64 << 20  # a model.onnx above this holds its weights: not an edgeq package, run whole
 BOOTSTRAP_RESAMPLES = 2000  # the 2.5/97.5% quantiles of 2000 resamples move by < 0.1 point between seeds
 
 _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
@@ -139,12 +142,39 @@ def logit_chunks(sess: ort.InferenceSession, ids: np.ndarray,
         del out
 
 
-def _window_rows(logits_of, ids: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
-    """(first position, logits) blocks of one window, from a session (``logit_chunks``) or a function of the ids."""
-    if isinstance(logits_of, ort.InferenceSession):
-        yield from logit_chunks(logits_of, ids, RUN_TOKENS)
-    else:
-        yield 0, logits_of(ids)
+def parted(model: onnx.ModelProto | Path | str | ort.InferenceSession) -> PartedModel | None:
+    """A package's graph in layer parts (edgeq/llm/parts.py) when it is larger than one part, else None."""
+    if isinstance(model, (str, Path)) and Path(model).stat().st_size <= MAX_GRAPH_ONLY:
+        parts = PartedModel(Path(model))
+        if len(parts) > 1:
+            return parts
+    return None
+
+
+def package_runner(model: onnx.ModelProto | Path | str | ort.InferenceSession) -> ort.InferenceSession | PartedModel:
+    """The package in parts when it is larger than one (``parted``), else one session."""
+    return parted(model) or lm_session(model)
+
+
+def sequence_logits(runner: ort.InferenceSession | PartedModel, ids: np.ndarray) -> np.ndarray:
+    """Logits [S, V] of one sequence [S] in one run (no KV cache carried between runs)."""
+    if isinstance(runner, PartedModel):
+        return next(parted_logits(runner, np.asarray(ids)[None], len(ids)))[2]
+    return window_logits(runner, ids)
+
+
+def _rows(logits_of, windows: np.ndarray, progress: Progress) -> Iterator[tuple[int, int, np.ndarray]]:
+    """(window, first position, logits) blocks of every window, in order: from a session (``logit_chunks``), a
+    parted package (``parted_logits``) or a function of the ids."""
+    if isinstance(logits_of, PartedModel):
+        yield from parted_logits(logits_of, windows, RUN_TOKENS, progress)
+        return
+    for i, ids in enumerate(windows):
+        if isinstance(logits_of, ort.InferenceSession):
+            for first, logits in logit_chunks(logits_of, ids, RUN_TOKENS):
+                yield i, first, logits
+        else:
+            yield i, 0, logits_of(ids)
 
 
 def chunk_rows(vocab: int) -> int:
@@ -241,16 +271,17 @@ def evaluate_lm(model: onnx.ModelProto | Path | str | ort.InferenceSession | Cal
     windows = np.asarray(windows)
     if isinstance(reference, ReferenceLogits) and not np.array_equal(reference.windows, windows):
         raise ValueError("the reference log-probabilities were computed on other windows")
-    logits_of = model if callable(model) else lm_session(model)  # a session is not callable
+    logits_of = model if callable(model) else package_runner(model)  # a session is not callable
     ref_sess = None if isinstance(reference, ReferenceLogits) else lm_session(reference)
     nll = ref_nll = kl = 0.0
     agree = tokens = 0
     per_window = []  # (nll, ref_nll, tokens) of each window, for the bootstrap interval
-    for i, ids in enumerate(windows):
+    for i, blocks in itertools.groupby(_rows(logits_of, windows, progress), key=lambda r: r[0]):
+        ids = windows[i]
         before = (nll, ref_nll, tokens)
         ref = None if ref_sess is None else window_logits(ref_sess, ids)
         targets = ids[1:]
-        for first, logits in _window_rows(logits_of, ids):
+        for _, first, logits in blocks:
             # position t predicts token t+1; the window's last position has no target
             step = chunk_rows(logits.shape[-1])
             for c in range(first, min(first + len(logits), len(ids) - 1), step):
@@ -259,10 +290,10 @@ def evaluate_lm(model: onnx.ModelProto | Path | str | ort.InferenceSession | Cal
                 lp = np.asarray(reference.rows(i, c, stop) if ref is None else ref[c:stop], np.float64)
                 if ref_sess is not None:
                     lp = log_softmax(lp)
-                rows = np.arange(stop - c)
+                at = np.arange(stop - c)
                 t = targets[c:stop]
-                nll -= lq[rows, t].sum()
-                ref_nll -= lp[rows, t].sum()
+                nll -= lq[at, t].sum()
+                ref_nll -= lp[at, t].sum()
                 kl += (np.exp(lp) * (lp - lq)).sum()
                 agree += int((lq.argmax(-1) == lp.argmax(-1)).sum())
                 tokens += stop - c

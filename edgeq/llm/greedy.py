@@ -3,12 +3,18 @@ and how two token lists are compared."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from edgeq.errors import ModelFolderError
-from edgeq.llm.evaluate import lm_session, window_logits
+from edgeq.errors import UserInputError
+from edgeq.llm.evaluate import package_runner, parted, sequence_logits
+from edgeq.llm.genai import check_genai_config, greedy_tokens
+from edgeq.llm.parts import parted_greedy
+from edgeq.manifest import package_path
+from edgeq.progress import QUIET, Progress
 
 # A fixed chat prompt whose greedy continuation is stored for `edgeq verify` and compared across devices. Counting
 # keeps clear margins between the top two next tokens (SmolLM2-135M: smallest gap 0.95 over 16 tokens), so greedy
@@ -43,8 +49,27 @@ def match_tokens(got: list[int], want: list[int], margins: list[float] | None = 
     return False, f"greedy tokens differ from position {first}{gap}: {got} vs {want}"
 
 
+def package_greedy(folder: Path, prompt_ids: Sequence[int], n: int,
+                   progress: Progress = QUIET) -> tuple[list[int], str]:
+    """(The greedy continuation of the package in ``folder``, what ran it). onnxruntime-genai, as an app runs it;
+    a package larger than one part (edgeq/llm/parts.py) runs in ONNX Runtime part after part with genai's search
+    (its prompt in one run, then a token per run; equal tokens, by test), so that neither the export nor a host
+    check holds the whole package in one session beside its own memory (``edgeq run`` loads it in genai whole)."""
+    config = check_genai_config(folder)["model"]
+    parts = parted(package_path(folder, config["decoder"]["filename"], "the genai_config.json decoder filename"))
+    if parts is None:
+        return greedy_tokens(folder, prompt_ids, n), "onnxruntime-genai"
+    if len(prompt_ids) + n > config["context_length"]:
+        raise UserInputError(f"the prompt ({len(prompt_ids)} tokens) plus {n} new tokens exceeds the package's "
+                             f"context length {config['context_length']}", "shorten the prompt or ask for fewer tokens")
+    eos = config["eos_token_id"]
+    eos = {int(eos)} if isinstance(eos, int) else {int(t) for t in eos}
+    tokens = parted_greedy(parts, [int(t) for t in prompt_ids], n, eos.__contains__, progress)
+    return tokens, f"onnxruntime, the graph in {len(parts)} parts opened in turn for each token"
+
+
 def greedy_margins(model: Path, prompt_ids: list[int], tokens: list[int]) -> list[float]:
     """Logit gap between the top two next tokens at every greedy step (teacher-forced over prompt + tokens)."""
-    logits = window_logits(lm_session(model), np.asarray(list(prompt_ids) + list(tokens[:-1]), dtype=np.int64))
+    logits = sequence_logits(package_runner(model), np.asarray(list(prompt_ids) + list(tokens[:-1]), dtype=np.int64))
     top2 = np.sort(logits[len(prompt_ids) - 1:], axis=-1)[:, -2:]
     return [round(float(b - a), 4) for a, b in top2]

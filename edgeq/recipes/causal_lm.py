@@ -23,8 +23,8 @@ from edgeq.decoder.weights import TensorSource, open_safetensors
 from edgeq.errors import CalibrationDataError, ModelFolderError
 from edgeq.heap import release_freed_memory, return_large_blocks
 from edgeq.llm.evaluate import token_windows, evaluate_lm
-from edgeq.llm.genai import GENAI_CONFIG, greedy_tokens
-from edgeq.llm.greedy import VERIFY_PROMPT, greedy_margins, verify_prompt_ids
+from edgeq.llm.genai import GENAI_CONFIG
+from edgeq.llm.greedy import VERIFY_PROMPT, greedy_margins, package_greedy, verify_prompt_ids
 from edgeq.llm.tokenizer import check_tokenizer, write_package_tokenizer
 from edgeq.manifest import CAUSAL_LM, SCHEMA_VERSION, tool_versions
 from edgeq.partitions import partition_report
@@ -96,7 +96,7 @@ class CausalLM:
         release_freed_memory()  # the quantize stage's freed buffers, before a session of the whole package opens
         progress.stage("evaluate", f"{len(ev)} held-back windows vs FP32")
         accuracy = evaluate_lm(folder / MODEL_FILE, measured.reference, ev, progress=progress)
-        tokens = greedy_tokens(folder, prompt_ids, spec.verify_tokens)
+        tokens, greedy_runtime = package_greedy(folder, prompt_ids, spec.verify_tokens, progress)
         margins = greedy_margins(folder / MODEL_FILE, prompt_ids, tokens)
         size = model_bytes(folder)
         bits = linear_bits_per_weight(int4, spec.block_size, spec.symmetric)
@@ -131,7 +131,7 @@ class CausalLM:
             "size": size_section(size, bits, spec),
             "partitions": partition_report(folder / MODEL_FILE, profile.package.partition_check_eps),
             "verification": {"prompt": VERIFY_PROMPT, "prompt_ids": [int(i) for i in prompt_ids], "greedy_tokens": tokens,
-                             "logit_margins": margins},
+                             "logit_margins": margins, "greedy_runtime": greedy_runtime},
         }
         base = lm_measured(_int8(int4), accuracy, manifest["size"], spec)
         accuracy_error = lm_accuracy_error(base, spec, packages.closest_fix(spec, ev)) if base.accuracy_failures \

@@ -41,6 +41,6 @@ class HostTarget:
         return [SampleRun(file, hidden, "host")]
 
     def greedy_tokens(self, folder: Path, prompt_ids: Sequence[int], n: int) -> tuple[list[int], str]:
-        from edgeq.llm.genai import greedy_tokens
+        from edgeq.llm.greedy import package_greedy  # genai; a package larger than one part in parts
 
-        return greedy_tokens(folder, prompt_ids, n), "onnxruntime-genai"
+        return package_greedy(folder, prompt_ids, n)
