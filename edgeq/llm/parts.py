@@ -25,7 +25,8 @@ import onnxruntime as ort
 from edgeq.progress import QUIET, Progress
 from edgeq.runtime import session
 
-PART_BYTES = 1 << 30  # stored weights per part: an 8B package in 6 parts, SmolLM2 and a 1B one whole
+WHOLE_BYTES = 2 << 30  # stored weights up to which a package runs whole: SmolLM2, the 1B shape (1.2 GB)
+PART_BYTES = 1 << 30  # per part above that: an 8B package in 6 parts (3 parts of 2 GiB peaked at 3.5 GB, 6 at 1.9)
 _LAYER = re.compile(r"^/model\.layers\.(\d+)[./]")
 _PAST, _PRESENT = "past_key_values", "present"
 
@@ -41,10 +42,11 @@ class Part:
 class PartedModel:
     """A package's graph cut into ``parts`` (one: run it whole). Sessions are opened one part at a time."""
 
-    def __init__(self, model_path: Path, max_bytes: int | None = None) -> None:
+    def __init__(self, model_path: Path, max_bytes: int | None = None, whole_bytes: int | None = None) -> None:
         self.path = Path(model_path)
         self.graph = onnx.load(str(self.path), load_external_data=False)
-        self.parts = _cut(self.graph, PART_BYTES if max_bytes is None else max_bytes)
+        self.parts = _cut(self.graph, PART_BYTES if max_bytes is None else max_bytes,
+                          WHOLE_BYTES if whole_bytes is None else whole_bytes)
         self.graph_inputs = {i.name: i for i in self.graph.graph.input}
         self._types: dict[str, tuple[int, int]] = {}  # cut tensor -> (ONNX element type, rank), as first produced
 
@@ -89,10 +91,10 @@ def _tensor_bytes(t: onnx.TensorProto) -> int:
     return len(t.raw_data) or onnx.numpy_helper.to_array(t).nbytes
 
 
-def _cut(model: onnx.ModelProto, max_bytes: int) -> tuple[Part, ...]:
+def _cut(model: onnx.ModelProto, max_bytes: int, whole_bytes: int) -> tuple[Part, ...]:
     """Whole layers per part, in order, each part's new weights at most ``max_bytes`` (a single larger layer is a
     part of its own). Nodes before the first layer go with it, nodes after a layer (the final norm, the head) with
-    that layer. A graph whose nodes name no layer is one part."""
+    that layer. A graph of at most ``whole_bytes`` of weights, or whose nodes name no layer, is one part."""
     g = model.graph
     sizes = {t.name: _tensor_bytes(t) for t in g.initializer}
     layer_of, current = [], -1
@@ -101,8 +103,10 @@ def _cut(model: onnx.ModelProto, max_bytes: int) -> tuple[Part, ...]:
         current = int(m.group(1)) if m else current
         layer_of.append(current)
     layers = sorted(set(layer_of) - {-1})
+    whole = (Part(tuple(range(len(g.node))), (layers[0], layers[-1]) if layers else (0, 0),
+                  tuple(i.name for i in g.input), tuple(o.name for o in g.output)),)
     if not layers:
-        return (Part(tuple(range(len(g.node))), (0, 0), tuple(i.name for i in g.input), tuple(o.name for o in g.output)),)
+        return whole
     layer_of = [max(layer, layers[0]) for layer in layer_of]  # what comes before the first layer goes with it
     seen: set[str] = set()
     weight = dict.fromkeys(layers, 0)
@@ -111,6 +115,8 @@ def _cut(model: onnx.ModelProto, max_bytes: int) -> tuple[Part, ...]:
             if x in sizes and x not in seen:
                 seen.add(x)
                 weight[layer] += sizes[x]
+    if sum(weight.values()) <= whole_bytes:
+        return whole
     groups: list[list[int]] = []
     for layer in layers:
         if groups and sum(weight[i] for i in groups[-1]) + weight[layer] <= max_bytes:
@@ -118,8 +124,7 @@ def _cut(model: onnx.ModelProto, max_bytes: int) -> tuple[Part, ...]:
         else:
             groups.append([layer])
     if len(groups) == 1:
-        return (Part(tuple(range(len(g.node))), (layers[0], layers[-1]), tuple(i.name for i in g.input),
-                     tuple(o.name for o in g.output)),)
+        return whole
     part_of_layer = {layer: k for k, grp in enumerate(groups) for layer in grp}
     node_part = [part_of_layer[layer] for layer in layer_of]
     constants = {o: i for i, n in enumerate(g.node) if n.op_type == "Constant" and not n.input for o in n.output}

@@ -29,6 +29,7 @@ def package(tmp_path_factory):
 @pytest.fixture
 def one_layer_parts(monkeypatch):
     monkeypatch.setattr(parts_module, "PART_BYTES", 1)  # every layer a part of its own
+    monkeypatch.setattr(parts_module, "WHOLE_BYTES", 0)
 
 
 def windows(n: int = 2, length: int = 96) -> np.ndarray:
@@ -36,17 +37,18 @@ def windows(n: int = 2, length: int = 96) -> np.ndarray:
 
 
 def test_cut_keeps_whole_layers_in_order_and_every_node_once(package):
-    model = PartedModel(package.path / "model.onnx", max_bytes=1)
+    model = PartedModel(package.path / "model.onnx", max_bytes=1, whole_bytes=0)
     graph = onnx.load(str(package.path / "model.onnx"), load_external_data=False).graph
     assert [p.layers for p in model.parts] == [(i, i) for i in range(LAYERS)]
     placed = [i for p in model.parts for i in p.nodes if graph.node[i].op_type != "Constant"]
     assert sorted(placed) == [i for i, n in enumerate(graph.node) if n.op_type != "Constant"]
     assert "logits" in model.parts[-1].outputs and "input_ids" in model.parts[0].inputs
     assert len(PartedModel(package.path / "model.onnx")) == 1  # a small package runs whole
+    assert len(PartedModel(package.path / "model.onnx", max_bytes=1, whole_bytes=1 << 30)) == 1
 
 
 def test_parted_logits_equal_one_session_bit_for_bit(package):
-    model = PartedModel(package.path / "model.onnx", max_bytes=1)
+    model = PartedModel(package.path / "model.onnx", max_bytes=1, whole_bytes=0)
     w = windows()
     got = list(parted_logits(model, w, run_tokens=32))
     sess = lm_session(package.path / "model.onnx")
@@ -58,7 +60,7 @@ def test_parted_logits_equal_one_session_bit_for_bit(package):
 
 def test_parted_greedy_equals_onnxruntime_genai(package):
     prompt = [int(i) for i in package.manifest["verification"]["prompt_ids"]]
-    model = PartedModel(package.path / "model.onnx", max_bytes=1)
+    model = PartedModel(package.path / "model.onnx", max_bytes=1, whole_bytes=0)
     got = parted_greedy(model, prompt, 12, lambda t: False)
     assert got == greedy_tokens(package.path, prompt, 12)
     assert parted_greedy(model, prompt, 12, lambda t: t == got[3]) == got[:4]  # EOS ends it, included
