@@ -8,12 +8,11 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeq.errors import ModelFolderError
-from edgeq.errors import UserInputError
+from edgeq.errors import ModelFolderError, PackageError, UserInputError
 from edgeq.llm.evaluate import package_runner, parted, sequence_logits
 from edgeq.llm.genai import check_genai_config, greedy_tokens
 from edgeq.llm.parts import parted_greedy
-from edgeq.manifest import package_path
+from edgeq.manifest import REEXPORT, package_path
 from edgeq.progress import QUIET, Progress
 
 # A fixed chat prompt whose greedy continuation is stored for `edgeq verify` and compared across devices. Counting
@@ -56,7 +55,11 @@ def package_greedy(folder: Path, prompt_ids: Sequence[int], n: int,
     (its prompt in one run, then a token per run; equal tokens, by test), so that neither the export nor a host
     check holds the whole package in one session beside its own memory (``edgeq run`` loads it in genai whole)."""
     config = check_genai_config(folder)["model"]
-    parts = parted(package_path(folder, config["decoder"]["filename"], "the genai_config.json decoder filename"))
+    decoder = config.get("decoder")
+    filename = decoder.get("filename") if isinstance(decoder, dict) else None
+    if not isinstance(filename, str):
+        raise PackageError(f"{folder}'s genai_config.json names no model.decoder.filename", REEXPORT)
+    parts = parted(package_path(folder, filename, "the genai_config.json decoder filename"))
     if parts is None:
         return greedy_tokens(folder, prompt_ids, n), "onnxruntime-genai"
     if len(prompt_ids) + n > config["context_length"]:

@@ -93,7 +93,7 @@ class CausalLM:
                                    f"({m.kind} of {m.text[:40]!r}: {m.expected} vs {m.got})",
                                    "this tokenizer shape is not supported yet; please report it with tokenizer.json")
 
-        release_freed_memory()  # the quantize stage's freed buffers, before a session of the whole package opens
+        release_freed_memory()  # the quantize stage's freed buffers, before the package is run (whole, or in parts)
         progress.stage("evaluate", f"{len(ev)} held-back windows vs FP32")
         accuracy = evaluate_lm(folder / MODEL_FILE, measured.reference, ev, progress=progress)
         tokens, greedy_runtime = package_greedy(folder, prompt_ids, spec.verify_tokens, progress)

@@ -1,11 +1,15 @@
 """A package run part after part (edgeq/llm/parts.py) computes what one session of it computes: the same logits to
 the bit, the same greedy tokens as onnxruntime-genai, the same evaluation."""
 
+import json
+import shutil
+
 import numpy as np
 import onnx
 import pytest
 from llm.tiny_llama import tiny_llama
 
+from edgeq.errors import PackageError
 from edgeq.llm import parts as parts_module
 from edgeq.llm.evaluate import evaluate_lm, lm_session, logit_chunks, package_runner
 from edgeq.llm.genai import greedy_tokens
@@ -81,3 +85,13 @@ def test_evaluation_and_verification_through_parts_equal_one_session(package, on
     report = verify(package.path)  # the host check runs it in parts too
     assert report.ok and any("parts opened in turn" in detail for _, _, detail in report.checks)
 
+
+
+def test_a_package_without_a_decoder_file_is_refused_by_name(package, tmp_path):
+    folder = tmp_path / "pkg"
+    shutil.copytree(package.path, folder)
+    config = json.loads((folder / "genai_config.json").read_text())
+    del config["model"]["decoder"]["filename"]
+    (folder / "genai_config.json").write_text(json.dumps(config))
+    with pytest.raises(PackageError, match="model.decoder.filename"):
+        package_greedy(folder, [1, 2], 4)
