@@ -21,7 +21,7 @@ import onnx
 import onnxruntime as ort
 
 from edgeq.errors import CalibrationDataError
-from edgeq.llm.parts import PartedModel, parted_logits
+from edgeq.llm.parts import PartedModel, input_feeds, parted_logits
 from edgeq.progress import QUIET, Progress
 from edgeq.runtime import session
 from edgeq.textdata import token_prefix
@@ -35,8 +35,6 @@ RUN_TOKENS = 64  # positions per forward of a model with a KV cache (``logit_chu
 MAX_GRAPH_ONLY = 64 << 20  # a model.onnx above this holds its weights: not an edgeq package, run whole
 BOOTSTRAP_RESAMPLES = 2000  # the 2.5/97.5% quantiles of 2000 resamples move by < 0.1 point between seeds
 
-_NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
-                "tensor(int32)": np.int32}
 
 
 @dataclass(frozen=True)
@@ -83,27 +81,8 @@ def lm_session(model: onnx.ModelProto | Path | str) -> ort.InferenceSession:
 
 
 def window_feeds(sess: ort.InferenceSession, ids: np.ndarray, start: int = 0) -> dict[str, np.ndarray]:
-    """Feeds for ``ids`` [S] at positions ``start``.. of a window. At 0 the KV cache is empty: past tensors get 0 for
-    their symbolic sequence dimension; past ``start`` they are left out, for the caller's cache of those positions."""
-    seq = ids.shape[-1]
-    feeds = {}
-    for inp in sess.get_inputs():
-        dtype = _NUMPY_TYPES.get(inp.type)
-        if inp.name == "input_ids":
-            feeds[inp.name] = ids.reshape(1, seq).astype(dtype)
-        elif inp.name == "attention_mask":
-            feeds[inp.name] = np.ones((1, start + seq), dtype)
-        elif inp.name == "position_ids":
-            feeds[inp.name] = np.arange(start, start + seq, dtype=dtype).reshape(1, seq)
-        elif inp.name.startswith("past_key_values") and start:
-            continue
-        elif inp.name.startswith("past_key_values"):
-            # [batch, kv_heads, past_seq, head_dim]: the first symbolic dim is the batch (1), any other is past (0)
-            shape = [d if isinstance(d, int) else (1 if i == 0 else 0) for i, d in enumerate(inp.shape)]
-            feeds[inp.name] = np.zeros(shape, dtype)
-        else:
-            raise ValueError(f"model input '{inp.name}' is not one a causal LM export has")
-    return feeds
+    """Feeds for ``ids`` [S] at positions ``start``.. of a window (``input_feeds`` over the session's inputs)."""
+    return input_feeds(sess.get_inputs(), ids, start)
 
 
 def window_logits(sess: ort.InferenceSession, ids: np.ndarray) -> np.ndarray:

@@ -29,6 +29,8 @@ WHOLE_BYTES = 2 << 30  # stored weights up to which a package runs whole: SmolLM
 PART_BYTES = 1 << 30  # per part above that: an 8B package in 6 parts (3 parts of 2 GiB peaked at 3.5 GB, 6 at 1.9)
 _LAYER = re.compile(r"^/model\.layers\.(\d+)[./]")
 _PAST, _PRESENT = "past_key_values", "present"
+_NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
+                "tensor(int32)": np.int32}
 
 
 @dataclass(frozen=True)
@@ -152,27 +154,28 @@ def _cut(model: onnx.ModelProto, max_bytes: int, whole_bytes: int) -> tuple[Part
     return tuple(parts)
 
 
-def chunk_feeds(inputs: Sequence, ids: np.ndarray, start: int, past: dict[str, ort.OrtValue] | None = None) -> dict:
-    """Feeds for the graph inputs among ``inputs`` (ONNX value infos) for ``ids`` [S] at positions ``start``..: as
-    ``edgeq.llm.evaluate.window_feeds``, the KV cache from ``past`` once ``start`` > 0."""
-    seq = len(ids)
+def input_feeds(inputs: Sequence[ort.NodeArg], ids: np.ndarray, start: int = 0) -> dict[str, np.ndarray]:
+    """Feeds of a decoder's graph ``inputs`` for ``ids`` [S] at positions ``start``.. of a window. At 0 the KV cache
+    is empty: past tensors get 0 for their symbolic sequence dimension; past ``start`` they are left out, for the
+    caller's cache of those positions (``edgeq.llm.evaluate.window_feeds`` over a whole session's inputs)."""
+    seq = ids.shape[-1]
     feeds = {}
     for inp in inputs:
-        name, t = inp.name, inp.type.tensor_type
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)
-        if name == "input_ids":
-            feeds[name] = ids.reshape(1, seq).astype(dtype)
-        elif name == "attention_mask":
-            feeds[name] = np.ones((1, start + seq), dtype)
-        elif name == "position_ids":
-            feeds[name] = np.arange(start, start + seq, dtype=dtype).reshape(1, seq)
-        elif name.startswith(_PAST) and start:
-            feeds[name] = past[name]
-        elif name.startswith(_PAST):
-            dims = [d.dim_value if d.HasField("dim_value") else (1 if i == 0 else 0) for i, d in enumerate(t.shape.dim)]
-            feeds[name] = np.zeros(dims, dtype)
+        dtype = _NUMPY_TYPES.get(inp.type)
+        if inp.name == "input_ids":
+            feeds[inp.name] = ids.reshape(1, seq).astype(dtype)
+        elif inp.name == "attention_mask":
+            feeds[inp.name] = np.ones((1, start + seq), dtype)
+        elif inp.name == "position_ids":
+            feeds[inp.name] = np.arange(start, start + seq, dtype=dtype).reshape(1, seq)
+        elif inp.name.startswith(_PAST) and start:
+            continue
+        elif inp.name.startswith(_PAST):
+            # [batch, kv_heads, past_seq, head_dim]: the first symbolic dim is the batch (1), any other is past (0)
+            shape = [d if isinstance(d, int) else (1 if i == 0 else 0) for i, d in enumerate(inp.shape)]
+            feeds[inp.name] = np.zeros(shape, dtype)
         else:
-            raise ValueError(f"model input '{name}' is not one a causal LM export has")
+            raise ValueError(f"model input '{inp.name}' is not one a causal LM export has")
     return feeds
 
 
@@ -181,9 +184,8 @@ def _run_part(model: PartedModel, sess: ort.InferenceSession, k: int, ids: np.nd
     """One chunk through part ``k``: reads the graph inputs and what earlier parts ``carried``; the KV cache of its
     layers is updated in ``cache``; returns its other outputs (the logits, tensors for later parts)."""
     part = model.parts[k]
-    graph = [model.graph_inputs[x] for x in part.inputs if x in model.graph_inputs]
-    feeds = {k_: (v if isinstance(v, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(v))
-             for k_, v in chunk_feeds(graph, ids, start, cache).items()}
+    graph = [i for i in sess.get_inputs() if i.name in model.graph_inputs]
+    feeds = {x: ort.OrtValue.ortvalue_from_numpy(v) for x, v in input_feeds(graph, ids, start).items()} | cache
     feeds |= {x: ort.OrtValue.ortvalue_from_numpy(carried[x]) for x in part.inputs if x not in model.graph_inputs}
     values = dict(zip(part.outputs, sess.run_with_ort_values(list(part.outputs), feeds)))
     out = {}
