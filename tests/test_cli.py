@@ -90,7 +90,7 @@ def test_export_progress_starts_at_once_and_counts_within_stages(cli_export):
     assert all(re.match(r"\[\s*\d+\.\ds\] ", line) for line in lines), lines
     steps = [line.split("]", 1)[1] for line in lines if re.match(r"\[\s*\d+\.\ds\]   \S", line)]
     assert "   traced layer 1/2" in steps and "   traced layer 2/2" in steps  # the tiny BERT's 2 layers
-    assert "   calibration batch 1/1" in steps and "   sensitivity of linear layer 1/12" in steps
+    assert "   calibration batch 1/1" in steps and "   smoothed ranges batch 1/1" in steps
 
 
 def test_the_first_progress_line_comes_before_the_slow_imports():

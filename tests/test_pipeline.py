@@ -308,9 +308,11 @@ def test_model_ort_matches_fp32_torch_on_sentences(ort_session, fp32):
     # ... and the package is not just the FP32 graph: quantization leaves a visible, non-zero difference.
     assert rel > 1e-6, rel
     cos = cosine_rows(mean_pool(ref, mask), mean_pool(out, mask))
-    # 0.99 would be weak for this model: distinct sentences already have FP32 cosine ~0.96 here. Measured 0.9999991
-    # minimum (onnxruntime 1.32, x86): 1 - cos is 9e-7, the bound leaves 11x.
-    assert cos.min() >= 0.99999, cos
+    # 0.99 would be weak for this model: distinct sentences already have FP32 cosine ~0.96 here. Measured 0.9999792
+    # minimum (onnxruntime 1.32, x86), on "ok": three tokens, whose attention contexts reach values no calibration
+    # sentence does, and a smoothed static input (every layer of this tiny model is static) leaves them less headroom
+    # than an unsmoothed one (9e-7 before smoothing); 1 - cos is 2.1e-5, the bound leaves 5x.
+    assert cos.min() >= 0.9999, cos
 
 
 def test_model_ort_is_smaller_than_fp32_weights(package, tiny_bert_dir):

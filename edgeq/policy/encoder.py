@@ -56,14 +56,14 @@ def decide_precision(
     promoted = set(ranking[:promote])
     decisions = []
     for info in nodes.values():
-        drop = sensitivity.drops.get(info.name) if sensitivity else None
-        precision, reason = _decide(info, q, rank, promoted, drop, len(ranking))
+        gain = sensitivity.gains.get(info.name) if sensitivity else None
+        precision, reason = _decide(info, q, rank, promoted, gain, len(ranking))
         checked = check_implemented(precision, ENCODER_CPU, info.category, info.name)
-        decisions.append(NodeDecision(info.name, info.op_type, info.category, info.role, checked, reason, drop))
+        decisions.append(NodeDecision(info.name, info.op_type, info.category, info.role, checked, reason, gain))
     return PrecisionPlan(tuple(decisions))
 
 
-def _decide(info: NodeInfo, q, rank: dict[str, int], promoted: set[str], drop: float | None, n: int) -> tuple[str, str]:
+def _decide(info: NodeInfo, q, rank: dict[str, int], promoted: set[str], gain: float | None, n: int) -> tuple[str, str]:
     # 1. Hard rules from the category.
     if info.category == "embedding" and info.shared_weight:
         return "fp32", "embedding table also read by another node (tied weights): one copy is kept, at FP32"
@@ -81,12 +81,13 @@ def _decide(info: NodeInfo, q, rank: dict[str, int], promoted: set[str], drop: f
     # 3. Measured sensitivity.
     if info.name in promoted:
         return q.sensitive_precision, (
-            f"sensitive: rank {rank[info.name] + 1} of {n}; alone at int8 it costs {drop:.5f} mean cosine on "
-            f"calibration text, so it gets {q.sensitive_precision}"
+            f"sensitive: rank {rank[info.name] + 1} of {n}; {q.sensitive_precision} cuts its output error by "
+            f"{gain:.2e} (relative, squared, on calibration tokens) against static int8, so it gets it"
         )
     # 4. Default.
-    if drop is not None:
-        return "int8", f"linear layer: static int8 (rank {rank[info.name] + 1} of {n}, alone costs {drop:.5f} mean cosine)"
+    if gain is not None:
+        return "int8", (f"linear layer: static int8 (rank {rank[info.name] + 1} of {n}; promotion would cut its "
+                        f"output error by {gain:.2e})")
     return "int8", "linear layer: static int8 weights and activations"
 
 

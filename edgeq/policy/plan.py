@@ -16,7 +16,7 @@ class NodeDecision:
     role: str
     precision: Precision
     reason: str
-    sensitivity: float | None = None  # what the recipe measured for this node (e.g. mean-cosine drop alone at int8)
+    sensitivity: float | None = None  # what the recipe measured for this node (e.g. output error a promotion cuts)
 
 
 @dataclass(frozen=True)
@@ -39,10 +39,12 @@ class PrecisionPlan:
 
 @dataclass(frozen=True)
 class Sensitivity:
-    """Per-layer mean-cosine drop against FP32 when only that layer is quantized to static INT8."""
+    """Per-layer gain of a promotion to the profile's sensitive precision: the layer's output error at static INT8
+    minus at that precision (edgeq/stages/layer_errors.py); the largest gain ranks first. ``samples``: the
+    calibration texts whose tokens were sampled."""
 
-    drops: dict[str, float]
+    gains: dict[str, float]
     samples: int
 
     def ranking(self) -> list[str]:
-        return sorted(self.drops, key=lambda n: (-self.drops[n], n))
+        return sorted(self.gains, key=lambda n: (-self.gains[n], n))

@@ -43,7 +43,8 @@ class EncoderCpu:
         cal_texts = inputs.calibration.head(q.calibration_samples)
         progress.stage("calibrate", f"{len(cal_texts)} texts from {inputs.calibration.path.name}, {q.calibration_method}")
         stats = calibrate(optimized, tokenizer, cal_texts, q, src.pooling, progress)
-        progress.stage("quantize", f"per-layer sensitivity on {min(q.sensitivity_samples, len(cal_texts))} texts")
+        progress.stage("quantize", f"layers ranked by calibration's per-layer errors; promotion search on "
+                                   f"{len(cal_texts)} texts")
         quantized = quantize(optimized, stats, tokenizer, cal_texts, profile, src.pooling, work, progress)
         progress.stage("package", f"ORT format for {profile.package.target_platform}")
         builds = OrtBuilds(quantized.candidates, work / "ort", exported.onnx_path, profile)
@@ -133,7 +134,8 @@ def _manifest(inputs: Inputs, req: ExportRequest, quantized: QuantizedModel, acc
                         "samples": len(inputs.calibration.head(profile.quantization.calibration_samples)),
                         "seq_len": profile.quantization.calibration_seq_len,
                         "method": profile.quantization.calibration_method,
-                        "sensitivity_samples": quantized.sensitivity.samples},
+                        "sensitivity_samples": quantized.sensitivity.samples,
+                        **_calibration_choices(quantized)},
         "precision": precision_section(plan, quantized.promoted, quantized.calibration_accuracy,
                                        steps=quantized.selection, size_note=quantized.size_note),
         "accuracy": {
@@ -153,3 +155,16 @@ def _manifest(inputs: Inputs, req: ExportRequest, quantized: QuantizedModel, acc
             "fp32_pooled": stored_rows(fp32_ref),  # what a device check holds the target's outputs to
         },
     }
+
+
+def _calibration_choices(quantized: QuantizedModel) -> dict:
+    """What calibration chose for the inputs the package quantizes: each smoothed static input's alpha and each
+    per-token input's zero point."""
+    if quantized.candidates is None:
+        return {}
+    stats, plan = quantized.candidates.stats, quantized.plan
+    nodes = {n.name: n for n in quantized.optimized.load().graph.node}
+    static = {nodes[d.name].input[0] for d in plan.of("int8")}
+    token = {nodes[d.name].input[0] for d in plan.of("int8-per-token")}
+    return {"smoothing": {x: s.alpha for x, s in sorted(stats.smoothing.items()) if x in static},
+            "per_token": {x: stats.token_quant[x].describe() for x in sorted(token)}}

@@ -53,7 +53,7 @@ def measured(promoted: int, acc: EncoderAccuracy, size: dict, profile: Profile) 
 
 def _selection(quantized: QuantizedModel, profile: Profile) -> str:
     last = quantized.selection[-1]
-    n, precision = len(quantized.sensitivity.drops), profile.quantization.sensitive_precision
+    n, precision = len(quantized.sensitivity.gains), profile.quantization.sensitive_precision
     if quantized.size_note:
         unmet = unmet_targets(quantized.calibration_accuracy, profile)
         return (f"Size budget: {quantized.size_note} ({quantized.promoted} of {n} linear layers at {precision}; on "
@@ -90,11 +90,11 @@ def encoder_accuracy_error(profile: Profile, base: Measured, quantized: Quantize
     if not failed:
         return None
     worst = quantized.sensitivity.ranking()[:5]
-    named = ", ".join(f"{n} ({quantized.sensitivity.drops[n]:.2e})" for n in worst)
+    named = ", ".join(f"{n} ({quantized.sensitivity.gains[n]:.2e})" for n in worst)
     return AccuracyBudgetError(
         f"accuracy over budget on {acc.samples} held-back texts: {'; '.join(failed)}. All gated metrics: "
         f"{gated_metrics(acc, profile.accuracy)}; {size_text(base.size)}. {_selection(quantized, profile)}. "
-        f"Most sensitive layers (mean-cosine drop alone at int8): {named}",
+        f"Most sensitive layers (output error a promotion cuts): {named}",
         _fix_hint(fix, base, profile.accuracy))
 
 

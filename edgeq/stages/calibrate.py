@@ -1,7 +1,10 @@
 """calibrate: run the FP32 model over calibration text and record the range of every linear layer's input.
 
 Padding positions are left out of the ranges (they are masked out downstream, and their values would widen the
-range for nothing). 'percentile' keeps the k largest and smallest values seen so far per tensor, which is exact for
+range for nothing). Each token's minimum and maximum are kept for the per-token zero points
+(edgeq/passes/per_token.py). With ``smoothing`` on, a sample of each input's tokens and its largest |value| per channel are
+kept too, an input's smoothing is chosen from them (edgeq/stages/smooth.py), and a second pass over the same texts
+takes the ranges of the smoothed inputs. 'percentile' keeps the k largest and smallest values seen so far per tensor, which is exact for
 the tail percentiles used here (99.999% of ~8M values is the 78th largest) at bounded memory.
 """
 
@@ -9,19 +12,23 @@ from __future__ import annotations
 
 import math
 from fractions import Fraction
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from edgeq.passes.per_token import TokenQuant
 from edgeq.passes.quantize_linear import ActivationRange
 from edgeq.profiles import QuantizationSpec
 from edgeq.progress import QUIET, Progress
-from edgeq.runtime import BATCH, batches, pool, session
+from edgeq.runtime import batches, pool, session
+from edgeq.stages.layer_errors import LayerErrors, measure
 from edgeq.stages.optimize import OptimizedModel
+from edgeq.stages.smooth import Smoothing, choose, weight_as_k_by_n
 
 TAIL_KEEP = 4096  # extreme values kept per tensor and side; bounds memory, exact while k <= TAIL_KEEP
+SAMPLE_ROWS = 512  # tokens per input sampled (evenly, at most about this many): smoothing and per-layer errors
 
 
 @dataclass(frozen=True)
@@ -30,6 +37,10 @@ class CalibrationStats:
     samples: int
     method: str
     reference: np.ndarray  # FP32 pooled embeddings of the calibration texts, reused by sensitivity measurement
+    smoothing: dict[str, Smoothing] = field(default_factory=dict)  # smoothed inputs (profile's smoothing on)
+    smoothed_ranges: dict[str, ActivationRange] = field(default_factory=dict)  # their ranges, of X * inv_scale
+    token_quant: dict[str, TokenQuant] = field(default_factory=dict)  # each input's per-token zero point and floor
+    layer_errors: dict[str, LayerErrors] = field(default_factory=dict)  # each linear node's, by name
 
 
 class _Tails:
@@ -67,19 +78,86 @@ def calibrate(optimized: OptimizedModel, tokenizer, texts: tuple[str, ...], spec
         if t not in known:
             model.graph.output.append(helper.make_tensor_value_info(t, TensorProto.FLOAT, None))
     sess = session(model)
-    names = [i.name for i in sess.get_inputs()]
-    outputs = [o.name for o in sess.get_outputs()]
     tails = {t: _Tails() for t in tensors}
+    absmax: dict[str, np.ndarray] = {}
+    samples: dict[str, list[np.ndarray]] = {t: [] for t in tensors}
+    seen = {t: 0 for t in tensors}
+    extremes: dict[str, list[np.ndarray]] = {t: [] for t in tensors}  # [2, tokens]: each token's min and max
     pooled = []
-    n_batches = math.ceil(len(texts) / BATCH)
-    for b, feeds in enumerate(batches(tokenizer, texts, spec.calibration_seq_len, names), 1):
+    feeds_list = list(batches(tokenizer, texts, spec.calibration_seq_len, [i.name for i in sess.get_inputs()]))
+    # tokens of the first sensitivity_samples texts, sampled evenly: at most about SAMPLE_ROWS per input
+    sampled = [int(f["attention_mask"][: max(0, spec.sensitivity_samples - b * len(feeds_list[0]["attention_mask"]))]
+                   .sum()) for b, f in enumerate(feeds_list)]
+    stride = max(1, math.ceil(sum(sampled) / SAMPLE_ROWS))
+    for (values, mask, rows), n_sampled in zip(_runs(sess, feeds_list, tensors, progress, "calibration batch"), sampled):
+        pooled.append(pool(values[sess.get_outputs()[0].name], mask.astype(np.int64), pooling))
+        for t, r in rows.items():
+            tails[t].add(r.reshape(-1).astype(np.float32))
+            extremes[t].append(np.stack([r.min(axis=1), r.max(axis=1)]))
+            if len(r) == mask.sum():  # [B, S, H] inputs: rows in text order, the sampled texts' first
+                r_s = r[:n_sampled]
+                samples[t].append(r_s[(np.arange(len(r_s)) + seen[t]) % stride == 0])
+                seen[t] += len(r_s)
+            if spec.smoothing:
+                m = np.abs(r).max(axis=0)
+                absmax[t] = np.maximum(absmax[t], m) if t in absmax else m
+    ranges = {t: tails[t].range(spec.calibration_method, spec.calibration_percentile) for t in tensors}
+    smoothing = _choose_smoothing(optimized, model, samples, absmax, spec) if spec.smoothing else {}
+    smoothed_ranges = {}
+    if smoothing:
+        tails = {t: _Tails() for t in smoothing}
+        for _, _, rows in _runs(sess, feeds_list, list(smoothing), progress, "smoothed ranges batch"):
+            for t, r in rows.items():
+                tails[t].add((r * smoothing[t].inv_scale).reshape(-1).astype(np.float32))
+        smoothed_ranges = {t: tails[t].range(spec.calibration_method, spec.calibration_percentile) for t in smoothing}
+    token_quant = {t: TokenQuant.fit(*np.concatenate(extremes[t], axis=1)) for t in tensors}
+    errors = {}
+    for name, x, w in _linear_weights(optimized, model):
+        if x in samples and samples[x]:
+            smooth = smoothing.get(x)
+            errors[name] = measure(np.concatenate(samples[x]), w, smoothed_ranges[x] if smooth else ranges[x],
+                                   token_quant[x], smooth.inv_scale if smooth else None)
+    return CalibrationStats(ranges, len(texts), spec.calibration_method, np.concatenate(pooled), smoothing,
+                            smoothed_ranges, token_quant, errors)
+
+
+def _runs(sess, feeds_list: list[dict[str, np.ndarray]], tensors: list[str], progress: Progress, step: str):
+    """Per batch: the session's outputs by name, the attention mask and each tensor's real-token rows [tokens, H]."""
+    outputs = [o.name for o in sess.get_outputs()]
+    for b, feeds in enumerate(feeds_list, 1):
         values = dict(zip(outputs, sess.run(None, feeds)))
         mask = feeds["attention_mask"].astype(bool)
-        pooled.append(pool(values[outputs[0]], feeds["attention_mask"], pooling))
+        rows = {}
         for t in tensors:
             v = values[t]
             real = v[mask] if v.shape[:2] == mask.shape else v  # [B, S, H] -> real tokens only
-            tails[t].add(real.reshape(-1).astype(np.float32))
-        progress.step("calibration batch", b, n_batches)
-    ranges = {t: tails[t].range(spec.calibration_method, spec.calibration_percentile) for t in tensors}
-    return CalibrationStats(ranges, len(texts), spec.calibration_method, np.concatenate(pooled))
+            rows[t] = real.reshape(-1, real.shape[-1])
+        yield values, mask, rows
+        progress.step(step, b, len(feeds_list))
+
+
+def _linear_weights(optimized: OptimizedModel, model: onnx.ModelProto) -> list[tuple[str, str, np.ndarray]]:
+    """(node name, input, weight as [K, N]) of every linear node with a constant weight."""
+    inits = {i.name: i for i in model.graph.initializer}
+    out = []
+    for n in model.graph.node:
+        info = optimized.nodes.get(n.name)
+        w = weight_as_k_by_n(n, inits) if info is not None and info.category == "linear" else None
+        if w is not None:
+            out.append((n.name, n.input[0], w))
+    return out
+
+
+def _choose_smoothing(optimized: OptimizedModel, model: onnx.ModelProto, samples: dict[str, list[np.ndarray]],
+                      absmax: dict[str, np.ndarray], spec: QuantizationSpec) -> dict[str, Smoothing]:
+    readers: dict[str, list[np.ndarray]] = {}
+    for _, x, w in _linear_weights(optimized, model):
+        readers.setdefault(x, []).append(w.astype(np.float64))
+    percentile = spec.calibration_percentile if spec.calibration_method == "percentile" else 100.0
+    chosen = {}
+    for t, rows in samples.items():
+        if t in readers and rows:
+            s = choose(np.concatenate(rows), absmax[t], readers[t], percentile)
+            if s is not None:
+                chosen[t] = s
+    return chosen

@@ -1,7 +1,8 @@
 """quantize: measure per-layer sensitivity, let the policy decide, and write the QDQ model.
 
-Sensitivity of a linear layer = mean-cosine drop of the pooled embeddings against FP32 when that layer alone is
-static INT8 (measured on calibration text). The policy (edgeq/policy/encoder.py) then promotes the most sensitive
+Sensitivity of a linear layer = what promoting it gains: its output error at static INT8 (smoothed where the input
+is) minus at the profile's ``sensitive_precision``, measured per layer on sampled calibration tokens at calibration
+(edgeq/stages/layer_errors.py says why per layer). The policy (edgeq/policy/encoder.py) then promotes the most sensitive
 layers to the profile's ``sensitive_precision``: ``Candidates`` plans, carries out and scores each count that
 ``promotion_count`` asks for, which keeps the first that meets every target (mean and min cosine, retrieval top-1).
 The same candidates serve the search for the closest passing setting after a failed gate (edgeq/stages/remedy.py).
@@ -30,7 +31,9 @@ from edgeq.stages.optimize import OptimizedModel
 def apply_plan(model: onnx.ModelProto, plan: PrecisionPlan, stats: CalibrationStats, profile: Profile) -> onnx.ModelProto:
     q = profile.quantization
     out, _ = run_passes(model, [
-        QuantizeLinearLayers(plan, stats.ranges, q.activation_type, q.weight_per_channel),
+        QuantizeLinearLayers(plan, stats.ranges, q.activation_type, q.weight_per_channel,
+                             {t: (s.inv_scale, stats.smoothed_ranges[t]) for t, s in stats.smoothing.items()},
+                             stats.token_quant),
         KeepFp16(plan),
     ])
     return out
@@ -49,19 +52,16 @@ def _score(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], reference
     return compare(reference[: len(out)], out)
 
 
-def measure_sensitivity(optimized: OptimizedModel, model: onnx.ModelProto, stats: CalibrationStats, tokenizer,
-                        texts: tuple[str, ...], profile: Profile, pooling: str, progress: Progress = QUIET) -> Sensitivity:
-    texts = texts[: profile.quantization.sensitivity_samples]
-    feeds = encode_texts(model, tokenizer, texts, profile)
-    base = decide_precision(optimized.nodes, profile)
-    linear = [d.name for d in base.of("int8")]
-    drops = {}
-    for i, name in enumerate(linear, 1):
-        alone = PrecisionPlan(tuple(d if d.name == name else replace(d, precision="fp32") for d in base.decisions))
-        acc = _score(apply_plan(model, alone, stats, profile), feeds, stats.reference, pooling)
-        drops[name] = max(0.0, 1.0 - acc.mean_cosine)
-        progress.step("sensitivity of linear layer", i, len(linear))
-    return Sensitivity(drops, len(texts))
+def measure_sensitivity(optimized: OptimizedModel, stats: CalibrationStats, profile: Profile) -> Sensitivity:
+    """Each linear layer's gain: its output error at static int8 minus at the profile's sensitive precision, relative
+    squared error over the sampled calibration tokens (clamped at 0; edgeq/stages/layer_errors.py)."""
+    precision = profile.quantization.sensitive_precision
+    linear = [d.name for d in decide_precision(optimized.nodes, profile).of("int8")]
+    gains = {}
+    for name in linear:
+        e = stats.layer_errors[name]
+        gains[name] = max(0.0, e.static - e.promoted(precision))
+    return Sensitivity(gains, min(profile.quantization.sensitivity_samples, stats.samples))
 
 
 class Candidates:
@@ -74,7 +74,7 @@ class Candidates:
                  progress: Progress = QUIET) -> None:
         self.optimized, self.source, self.stats, self.feeds = optimized, model, stats, feeds
         self.profile, self.sensitivity, self.pooling, self.progress = profile, sensitivity, pooling, progress
-        self.n = len(sensitivity.drops)
+        self.n = len(sensitivity.gains)
         self._scores: dict[int, EncoderAccuracy] = {}
 
     def plan(self, k: int) -> PrecisionPlan:
@@ -124,7 +124,7 @@ class QuantizedModel:
 def quantize(optimized: OptimizedModel, stats: CalibrationStats, tokenizer, texts: tuple[str, ...], profile: Profile,
              pooling: str, workdir: Path, progress: Progress = QUIET) -> QuantizedModel:
     model = optimized.load()
-    sens = measure_sensitivity(optimized, model, stats, tokenizer, texts, profile, pooling, progress)
+    sens = measure_sensitivity(optimized, stats, profile)
     candidates = Candidates(optimized, model, stats, encode_texts(model, tokenizer, texts, profile), profile, sens,
                             pooling, progress)
     steps = promotion_count(candidates.n, candidates.score, profile)

@@ -1,10 +1,11 @@
 """edgeq.passes.per_token through QuantizeLinearLayers: int8 weights per channel, uint8 activations per token.
 
-The reference is the arithmetic itself in numpy (float64): per row x of X, s = (max(x, 0) - min(x, 0)) / 255,
-z = round(-min(x, 0) / s), xq = clip(round(x / s) + z, 0, 255) (ties to even, as QuantizeLinear), and
-Y = s * (xq - z) @ Wq * sw. ORT computes the same in float32 with an exact integer GEMM, so they agree to float32
-rounding of a few ops (1e-5 relative to max |Y|). Against the float model each element is within the quantization
-bound s / 2 * sum_k |Wq * sw| + sw / 2 * sum_k |x| (+ float32 slack).
+The reference is the arithmetic itself in numpy (float64): per row x of X and the activation's zero point Z (and
+floor F, if any), s = max(max(x) / (255 - Z), -min(x) / Z, 1e-12) with F in place of min(x),
+xq = clip(round(x / s) + Z, 0, 255) (ties to even, as QuantizeLinear), and Y = s * (xq - Z) @ Wq * sw. ORT computes
+the same in float32 with an exact integer GEMM, so they agree to float32 rounding of a few ops (1e-5 relative to
+max |Y|). Against the float model each element is within the quantization bound s / 2 * sum_k |Wq * sw| +
+sw / 2 * sum_k |x| (+ float32 slack) when no value is below a floor.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from edgeq.passes.per_token import TokenQuant
 from edgeq.passes.quantize_linear import QuantizeLinearLayers, quantize_weight
 from edgeq.policy import NodeDecision, PrecisionPlan
 from edgeq.runtime import session
@@ -60,23 +62,26 @@ def _x(shape, zero_row: bool = False) -> np.ndarray:
     return x
 
 
-def _reference(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+def _scales(rows: np.ndarray, tq: TokenQuant) -> np.ndarray:
+    lo = rows.min(1) if tq.floor is None else np.full(len(rows), tq.floor)
+    return np.maximum(np.maximum(rows.max(1) / (255 - tq.z), -lo / tq.z), 1e-12)[:, None]
+
+
+def _reference(x: np.ndarray, w: np.ndarray, tq: TokenQuant = TokenQuant()) -> np.ndarray:
     """The per-token arithmetic in float64 (weights as the pass quantizes them)."""
     q, sw = quantize_weight(w, 1, per_channel=True)
     rows = x.reshape(-1, K).astype(np.float64)
-    hi, lo = np.maximum(rows.max(1), 0), np.minimum(rows.min(1), 0)
-    s = np.maximum((hi - lo) / 255, 1e-12)[:, None]
-    z = np.round(-lo[:, None] / s)
-    xq = np.clip(np.round(rows / s) + z, 0, 255)
-    y = s * ((xq - z) @ q.astype(np.float64)) * sw.astype(np.float64)
+    s = _scales(rows, tq)
+    xq = np.clip(np.round(rows / s) + tq.z, 0, 255)
+    y = s * ((xq - tq.z) @ q.astype(np.float64)) * sw.astype(np.float64)
     return y.reshape(*x.shape[:-1], w.shape[1])
 
 
-def _bound(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+def _bound(x: np.ndarray, w: np.ndarray, tq: TokenQuant = TokenQuant()) -> np.ndarray:
     q, sw = quantize_weight(w, 1, per_channel=True)
-    rows = np.abs(x.reshape(-1, K).astype(np.float64))
-    s = (np.maximum(x.reshape(-1, K).max(1), 0) - np.minimum(x.reshape(-1, K).min(1), 0))[:, None] / 255
-    b = s / 2 * np.abs(q * sw).sum(0) + sw / 2 * rows.sum(1, keepdims=True) + 1e-5 * rows @ np.abs(w) + 1e-6
+    rows = x.reshape(-1, K).astype(np.float64)
+    s = _scales(rows, tq)
+    b = s / 2 * np.abs(q * sw).sum(0) + sw / 2 * np.abs(rows).sum(1, keepdims=True) + 1e-5 * np.abs(rows) @ np.abs(w) + 1e-6
     return b.reshape(*x.shape[:-1], w.shape[1])
 
 
@@ -101,6 +106,7 @@ def test_each_input_is_quantized_once_and_each_weight_stored_once():
     result = QuantizeLinearLayers(_plan(), {}, "uint8")(_model(18, 1))
     g = result.model.graph
     assert sorted(n.input[0] for n in g.node if n.op_type == "QuantizeLinear") == ["X_pt_rows", "Z_pt_rows"]
+    assert [n.op_type for n in g.node].count("ReduceMax") == 2  # one row maximum per input, not per layer
     assert [n.op_type for n in g.node].count("MatMul") == 3
     names = [i.name for i in g.initializer]
     assert names.count("W_pt") == 1 and "W" not in names and "W3" not in names  # float weights dropped
@@ -133,3 +139,29 @@ def test_gemm_with_trans_b_alpha_beta_and_bias(alpha, beta):
     want = alpha * _reference(x, inits["W"]) + beta * inits["C"]
     np.testing.assert_allclose(y_out, want, rtol=0, atol=1e-5 * np.abs(want).max())
     assert np.all(np.abs(y_out - y_ref) <= alpha * _bound(x, inits["W"]) + 1e-5 * np.abs(y_ref))
+
+
+def test_a_zero_point_and_floor_from_calibration_are_used_and_values_below_the_floor_saturate():
+    """Z = Tanh(X) with Z = 40 and floor -0.5 (its real minimum is about -1): the reference arithmetic to float32
+    rounding, codes of values below the floor saturate at 0 (QuantizeLinear) rather than wrap, and no ReduceMin is
+    computed for it. X keeps the row minimum (no floor given)."""
+    model, x = _model(18, 1), _x((1, 5, K))
+    tq = TokenQuant(40, -0.5)
+    result = QuantizeLinearLayers(_plan(), {}, "uint8", token_quant={"Z": tq})(model)
+    g = result.model.graph
+    assert [n.op_type for n in g.node].count("ReduceMin") == 1  # X's only
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    y2 = session(result.model).run(None, {"X": x})[1]
+    want = _reference(np.tanh(x), inits["W"], tq)
+    np.testing.assert_allclose(y2, want, rtol=0, atol=1e-5 * np.abs(want).max())
+    assert np.tanh(x).min() < -0.5  # some values are clipped at the floor
+
+
+def test_token_quant_fits_a_floor_where_every_minimum_is_alike_and_z_near_the_middle_for_symmetric_rows():
+    rng = np.random.default_rng(0)
+    hi = rng.uniform(2, 10, 500)
+    gelu = TokenQuant.fit(np.full(500, -0.17) + rng.uniform(0, 0.005, 500), hi)
+    assert gelu.floor is not None and gelu.floor == pytest.approx(-0.17, abs=1e-3) and 5 <= gelu.z <= 30
+    sym = TokenQuant.fit(-rng.uniform(1, 30, 500), rng.uniform(1, 30, 500))
+    assert sym.floor is None and 100 <= sym.z <= 155
+    assert TokenQuant.fit(np.zeros(0), np.zeros(0)) == TokenQuant()

@@ -17,8 +17,10 @@ HINT = re.compile(r"--set (?P<setting>\S+) passes: measured, the export then pro
                   r"mean cosine (?P<mean>\S+) \(bar [\d.]+\), min cosine (?P<min>\S+) \(bar [\d.]+\), retrieval top-1 "
                   r"agreement (?P<top1>\S+) = \d+ of 320 \(bar 0\.96\); model (?P<bytes>[\d,]+) B = ")
 
-# the fixture was measured with weight-only promotions computed in float (the profiles before per-token layers)
-WEIGHT_ONLY = (("quantization.sensitive_precision", "int8-weight-only"), ("package.matmulnbits_accuracy_level", 0))
+# the fixture was measured with weight-only promotions computed in float (the profiles before per-token layers) and
+# unsmoothed static layers (the profiles before smoothing)
+WEIGHT_ONLY = (("quantization.sensitive_precision", "int8-weight-only"), ("package.matmulnbits_accuracy_level", 0),
+               ("quantization.smoothing", False))
 
 
 @pytest.fixture(scope="module")

@@ -180,3 +180,23 @@ def test_tails_with_fewer_values_than_kept():
     assert (r.lo, r.hi) == (-4.0, 7.0)
     r = tails.range("percentile", 60.0)  # k = ceil(5 * 0.4) = 2
     assert (r.lo, r.hi) == (-1.0, 3.0)
+
+
+# --- per-token zero points and smoothing --------------------------------------------------------------------------
+
+
+@pytest.mark.encoders
+def test_every_input_gets_a_per_token_zero_point_and_smoothed_ranges_are_of_the_smoothed_tokens(
+        optimized, tokenizer, texts, run, real_token_values):
+    """minmax (exact): a smoothed input's range is the extremes of its real tokens times 1/t per channel."""
+    stats = calibrate(optimized, tokenizer, texts, spec(calibration_method="minmax", smoothing=True), "mean")
+    assert set(stats.token_quant) == set(stats.ranges)
+    assert all(1 <= tq.z <= 254 and (tq.floor is None or tq.floor <= 0) for tq in stats.token_quant.values())
+    assert set(stats.smoothing) == set(stats.smoothed_ranges) and set(stats.smoothing) <= set(stats.ranges)
+    assert stats.smoothing, "the tiny BERT's inputs should have a smoothing that lowers the sampled error"
+    for name, s in stats.smoothing.items():
+        rows = real_token_values[name].reshape(-1, s.inv_scale.size) * s.inv_scale
+        assert stats.smoothed_ranges[name].lo == pytest.approx(float(rows.min()), abs=1e-6), name
+        assert stats.smoothed_ranges[name].hi == pytest.approx(float(rows.max()), abs=1e-6), name
+        assert s.error < s.error_unsmoothed
+    assert run("minmax").smoothing == {}  # off by default

@@ -61,8 +61,10 @@ def tokenizer(optimized):
 
 @pytest.fixture(scope="module")
 def profile():
+    # smoothing off: these tests are about the search's mechanics, and the tiny random BERT's texts embed so alike
+    # (cosine ~0.99999 apart) that smoothing's last-bit changes flip a retrieval neighbour (top-1 1.0 -> 0.9375)
     return with_quantization(load_profile("android-arm64"), calibration_seq_len=SEQ_LEN,
-                             sensitivity_samples=SENS_SAMPLES)
+                             sensitivity_samples=SENS_SAMPLES, smoothing=False)
 
 
 @pytest.fixture(scope="module")
@@ -87,15 +89,15 @@ def linear_names(optimized) -> set[str]:
 
 @pytest.fixture(scope="module")
 def sensitivity(optimized, model, stats, tokenizer, texts, profile):
-    return measure_sensitivity(optimized, model, stats, tokenizer, texts, profile, "mean")
+    return measure_sensitivity(optimized, stats, profile)
 
 
 @pytest.fixture(scope="module")
 def run_quantize(optimized, stats, tokenizer, texts, profile, tmp_path_factory):
     """quantize() with a given sensitivity_target_mean_cosine; returns (QuantizedModel, progress lines)."""
 
-    def _run(target: float):
-        p = with_quantization(profile, sensitivity_target_mean_cosine=target)
+    def _run(target: float, **others):
+        p = with_quantization(profile, sensitivity_target_mean_cosine=target, **others)
         out = io.StringIO()
         q = quantize(optimized, stats, tokenizer, texts, p, "mean", tmp_path_factory.mktemp("q"), Progress(stream=out))
         return q, out.getvalue().splitlines()
@@ -107,26 +109,25 @@ def run_quantize(optimized, stats, tokenizer, texts, profile, tmp_path_factory):
 
 
 @pytest.mark.encoders
-def test_one_non_negative_drop_per_linear_layer(sensitivity, linear_names):
+def test_one_non_negative_gain_per_linear_layer(sensitivity, linear_names):
     assert len(linear_names) == N_LINEAR
-    assert set(sensitivity.drops) == linear_names
-    assert all(math.isfinite(d) and d >= 0.0 for d in sensitivity.drops.values())
-    assert any(d > 0.0 for d in sensitivity.drops.values())  # int8 does change something
-    assert sensitivity.samples == SENS_SAMPLES  # capped by the profile, not all N_CAL texts
+    assert set(sensitivity.gains) == linear_names
+    assert all(math.isfinite(d) and d >= 0.0 for d in sensitivity.gains.values())
+    assert any(d > 0.0 for d in sensitivity.gains.values())  # promotion does change something
+    assert sensitivity.samples == SENS_SAMPLES  # the texts whose tokens were sampled: the profile's, not all N_CAL
 
 
 @pytest.mark.encoders
-def test_drop_is_the_loss_of_that_layer_alone_at_int8(optimized, model, stats, tokenizer, texts, profile, sensitivity):
-    name = sensitivity.ranking()[0]
-    base = decide_precision(optimized.nodes, profile)
-    # "alone": every other node FP32, embeddings and norms included (the docstring's definition)
-    alone = PrecisionPlan(tuple(d if d.name == name else dataclasses.replace(d, precision="fp32")
-                                for d in base.decisions))
-    assert [d.name for d in alone.decisions if d.precision != "fp32"] == [name]
-    head = texts[:SENS_SAMPLES]
-    out = embed(session(apply_plan(model, alone, stats, profile)), tokenizer, head, SEQ_LEN, "mean")
-    acc = compare(stats.reference[:SENS_SAMPLES], out)
-    assert sensitivity.drops[name] == pytest.approx(max(0.0, 1.0 - acc.mean_cosine), rel=1e-6, abs=1e-12)
+def test_gain_is_the_layers_static_error_minus_its_per_token_error(optimized, model, stats, profile, sensitivity):
+    """Each gain is calibration's per-layer measurement, and that measurement is the layer's own arithmetic: the
+    relative squared output error of the promoted layer over sampled tokens is below static int8's for the top-ranked
+    layer, and 0 gain is clamped, never negative."""
+    for name, gain in sensitivity.gains.items():
+        e = stats.layer_errors[name]
+        assert gain == pytest.approx(max(0.0, e.static - e.per_token), abs=1e-15)
+        assert 0 <= e.weight_only <= e.per_token and 0 < e.static < 1, (name, e)
+    top = sensitivity.ranking()[0]
+    assert stats.layer_errors[top].per_token < stats.layer_errors[top].static
 
 
 # --- apply_plan -----------------------------------------------------------------------------------------------------
@@ -189,14 +190,14 @@ def test_target_one_promotes_every_linear_layer(run_quantize, linear_names):
     # mean cosine 1.0 is never reached, so every step of the schedule was tried, the last one with all layers
     selects = [line for line in lines if "] select: " in line]
     assert [int(re.search(r"select: (\d+) of 12", s).group(1)) for s in selects] == [0, 1, 2, 3, 4, 6, 8, 10, 12]
-    counted = [line.rsplit(" ", 1)[1] for line in lines if "sensitivity of linear layer" in line]
-    assert counted[0] == f"1/{N_LINEAR}" and counted[-1] == f"{N_LINEAR}/{N_LINEAR}"  # at most one line a second
+    # the ranking is calibration's per-layer measurement: no model is scored per layer here
+    assert not [line for line in lines if "sensitivity of linear layer" in line]
     assert q.calibration_accuracy.samples == N_CAL and q.calibration_accuracy.mean_cosine < 1.0
 
 
 @pytest.mark.encoders
 def test_target_zero_promotes_none(run_quantize, linear_names, stats, tokenizer, texts, profile):
-    q, lines = run_quantize(0.0)
+    q, lines = run_quantize(0.0, sensitivity_target_min_cosine=0.0, sensitivity_target_retrieval_top1=0.0)
     assert q.promoted == 0
     assert {d.name for d in q.plan.of("int8")} == linear_names
     assert len([line for line in lines if "] select: " in line]) == 1  # met at the first step
@@ -209,7 +210,7 @@ def test_target_zero_promotes_none(run_quantize, linear_names, stats, tokenizer,
     assert again.samples == q.calibration_accuracy.samples == N_CAL
     assert again.mean_cosine == pytest.approx(q.calibration_accuracy.mean_cosine, abs=1e-9)
     assert again.min_cosine == pytest.approx(q.calibration_accuracy.min_cosine, abs=1e-9)
-    assert set(q.sensitivity.drops) == linear_names
+    assert set(q.sensitivity.gains) == linear_names
 
 
 # --- selection_met --------------------------------------------------------------------------------------------------
