@@ -7,17 +7,21 @@ a per-token scale follows each token. The integer GEMM is MLAS's u8s8 kernel, se
 
 Why this form: at batch 1 a sentence's time is per-op overhead and passes over memory more than arithmetic, and ONNX
 Runtime's integer GEMM takes one zero point for A. With a zero point Z fixed per activation the GEMM subtracts it
-itself, the codes are one QuantizeLinear (per row of the reshaped [M, K] rows) and the output one Mul by the row
-scales: MiniLM's per-token layers cost about a third of what a zero point per row did (it needed z * colsum and a
-Sub per layer and a dozen small ops per activation). Z is chosen at calibration to minimise the mean squared row
-scale (the rounding noise) over the calibration tokens (``TokenQuant``); where every token's minimum is the same
-bound (GELU outputs: -0.17) the row minimum is not even computed: the calibrated floor stands in for it.
+itself: the codes are one QuantizeLinear (per row of the reshaped [M, K] rows) and the output one Mul by the row
+scales, where a zero point per row needs z * colsum and a Sub per layer and ten more small ops per activation (12
+MiniLM layers: 1.05 against 1.17 ms per sentence). ``TokenQuant.fit`` chooses from the calibration tokens: Z where
+it keeps each token's scale within 20% of its own zero point's (rms, relative); the calibrated floor in place of the
+row minimum where every token's minimum is the same bound (GELU outputs: -0.17), which saves the ReduceMin; and a
+zero point per row where no fixed Z comes near (LayerNorm outputs, whose outlier channels swing a token's range to
+either side; then the old form, below, with its correction).
 
 For a row x of X [..., K] and W [K, N] quantized as Wq * sw (symmetric, per column):
     s = max(max(x) / (255 - Z), -min(x) / Z, eps)    (min(x): the row's, or the floor)
     xq = saturate(round(x / s) + Z)                    (QuantizeLinear; exact in [0, 255] but for values below a floor)
     Y = s * ((xq - Z) @ Wq * sw)
-ONNX Runtime fuses ((xq - Z) @ Wq) * sw into ``MatMulIntegerToFloat``; the row scale is one Mul.
+and with a zero point per row: s = (max(x, 0) - min(x, 0)) / 255, z = round(-min(x, 0) / s),
+    Y = s * ((xq @ Wq) * sw - z * colsum(Wq) * sw)
+ONNX Runtime fuses the products into ``MatMulIntegerToFloat``; the rest is elementwise over [M, N] or [M, 1].
 """
 
 from __future__ import annotations

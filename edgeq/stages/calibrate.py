@@ -1,12 +1,13 @@
 """calibrate: run the FP32 model over calibration text and record the range of every linear layer's input.
 
 Padding positions are left out of the ranges (they are masked out downstream, and their values would widen the
-range for nothing). Each token's minimum and maximum are kept for the per-token zero points
-(edgeq/passes/per_token.py). With ``smoothing`` on, a sample of each input's tokens and its largest |value| per channel are
-kept too, an input's smoothing is chosen from them (edgeq/stages/smooth.py), and a second pass over the same texts
-takes the ranges of the smoothed inputs. 'percentile' keeps the k largest and smallest values seen so far per tensor, which is exact for
-the tail percentiles used here (99.999% of ~8M values is the 78th largest) at bounded memory.
-"""
+range for nothing). Also kept per input: each token's minimum and maximum (the per-token zero points,
+edgeq/passes/per_token.py) and ~512 tokens sampled evenly from the first ``sensitivity_samples`` texts, on which
+each linear layer's output error at each precision is measured (the promotion ranking, edgeq/stages/layer_errors.py).
+With ``smoothing`` on, each input's largest |value| per channel too: its smoothing is chosen from them
+(edgeq/stages/smooth.py), and a second pass over the same token batches takes the smoothed inputs' ranges.
+'percentile' keeps the k largest and smallest values seen so far per tensor, which is exact for the tail
+percentiles used here (99.999% of ~8M values is the 78th largest) at bounded memory."""
 
 from __future__ import annotations
 
@@ -94,10 +95,9 @@ def calibrate(optimized: OptimizedModel, tokenizer, texts: tuple[str, ...], spec
         for t, r in rows.items():
             tails[t].add(r.reshape(-1).astype(np.float32))
             extremes[t].append(np.stack([r.min(axis=1), r.max(axis=1)]))
-            if len(r) == mask.sum():  # [B, S, H] inputs: rows in text order, the sampled texts' first
-                r_s = r[:n_sampled]
-                samples[t].append(r_s[(np.arange(len(r_s)) + seen[t]) % stride == 0])
-                seen[t] += len(r_s)
+            r_s = r[:n_sampled] if len(r) == mask.sum() else r  # [B, S, H]: rows in text order, sampled texts first
+            samples[t].append(r_s[(np.arange(len(r_s)) + seen[t]) % stride == 0])
+            seen[t] += len(r_s)
             if spec.smoothing:
                 m = np.abs(r).max(axis=0)
                 absmax[t] = np.maximum(absmax[t], m) if t in absmax else m
