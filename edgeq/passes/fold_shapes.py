@@ -161,7 +161,8 @@ def _check(before: onnx.ModelProto, after: onnx.ModelProto) -> None:
     feeds = _feeds(before, SIZES[2])
     rng = np.random.default_rng(0)
     for k, v in feeds.items():
-        feeds[k] = (rng.integers(0, 2, v.shape) if v.dtype.kind in "iub" else rng.standard_normal(v.shape)).astype(v.dtype)
+        values = rng.integers(0, 2, v.shape) if v.dtype.kind in "iub" else rng.standard_normal(v.shape)
+        feeds[k] = values.astype(v.dtype)
     names = [o.name for o in before.graph.output]
     a, b = _run(before, names, feeds), _run(after, names, feeds)
     bad = [k for k in names if not _same(a[k], b[k])]

@@ -70,7 +70,8 @@ class TokenQuant:
         """As the manifest records it."""
         if self.per_row:
             return "zero point per token"
-        return f"zero point {self.z}" + (f", floor {self.floor:.6g} for the token minimum" if self.floor is not None else "")
+        floor = f", floor {self.floor:.6g} for the token minimum" if self.floor is not None else ""
+        return f"zero point {self.z}{floor}"
 
 
 def _best_z(lo: np.ndarray, hi: np.ndarray, own: np.ndarray) -> tuple[int, float]:

@@ -90,7 +90,8 @@ def calibrate(optimized: OptimizedModel, tokenizer, texts: tuple[str, ...], spec
     sampled = [int(f["attention_mask"][: max(0, spec.sensitivity_samples - b * len(feeds_list[0]["attention_mask"]))]
                    .sum()) for b, f in enumerate(feeds_list)]
     stride = max(1, math.ceil(sum(sampled) / SAMPLE_ROWS))
-    for (values, mask, rows), n_sampled in zip(_runs(sess, feeds_list, tensors, progress, "calibration batch"), sampled):
+    runs = _runs(sess, feeds_list, tensors, progress, "calibration batch")
+    for (values, mask, rows), n_sampled in zip(runs, sampled):
         pooled.append(pool(values[sess.get_outputs()[0].name], mask.astype(np.int64), pooling))
         for t, r in rows.items():
             tails[t].add(r.reshape(-1).astype(np.float32))

@@ -3,8 +3,8 @@
 Only ONNX Runtime's *basic* level runs here (constant folding, redundant-node elimination, shape-op folding): those
 rewrites are semantics-preserving and EP-independent, so nothing x86-specific (NCHWc, AVX-only fused ops) enters
 the graph. Then the shape arithmetic ORT cannot fold with dynamic dimensions is folded (edgeq/passes/fold_shapes.py:
-the same outputs to the bit, ~90 fewer nodes in MiniLM). Fusions the ARM CPU EP supports are applied later by the ORT-format conversion with
-``--target_platform arm``.
+the same outputs to the bit, ~90 fewer nodes in MiniLM). Fusions the ARM CPU EP supports are applied later by the
+ORT-format conversion with ``--target_platform arm``.
 """
 
 from __future__ import annotations

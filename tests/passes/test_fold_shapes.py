@@ -31,7 +31,8 @@ def _attention_plumbing() -> onnx.ModelProto:
         n("Concat", ["b1", "s1", "h"], ["merge"], axis=0),
         n("Reshape", ["X", "split"], ["x4"]), n("Transpose", ["x4"], ["xt"], perm=[0, 2, 1, 3]),
         n("Shape", ["xt"], ["shape4"]), n("Slice", ["shape4", "m1", "big"], ["dlast"]),
-        n("Cast", ["dlast"], ["df"], to=TensorProto.FLOAT), n("Sqrt", ["df"], ["sq"]), n("Div", ["one", "sq"], ["scale"]),
+        n("Cast", ["dlast"], ["df"], to=TensorProto.FLOAT), n("Sqrt", ["df"], ["sq"]),
+        n("Div", ["one", "sq"], ["scale"]),
         n("Mul", ["xt", "scale"], ["xs"]), n("Transpose", ["xs"], ["xb"], perm=[0, 2, 1, 3]),
         n("Reshape", ["xb", "merge"], ["Y"]),
     ]
@@ -64,7 +65,8 @@ def test_a_target_that_is_no_copied_dimension_is_kept():
     nodes = [n("Shape", ["X"], ["shape"]), n("Slice", ["shape", "z", "two"], ["bs"]),
              n("ReduceProd", ["bs"], ["m"], keepdims=1), n("Concat", ["m", "h"], ["t"], axis=0),
              n("Reshape", ["X", "t"], ["Y"])]
-    inits = [numpy_helper.from_array(np.array([0], np.int64), "z"), numpy_helper.from_array(np.array([2], np.int64), "two"),
+    inits = [numpy_helper.from_array(np.array([0], np.int64), "z"),
+             numpy_helper.from_array(np.array([2], np.int64), "two"),
              numpy_helper.from_array(np.array([H], np.int64), "h")]
     g = helper.make_graph(nodes, "flat", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["B", "S", H])],
                           [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, H])], inits)

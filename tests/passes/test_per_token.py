@@ -81,7 +81,8 @@ def _bound(x: np.ndarray, w: np.ndarray, tq: TokenQuant = TokenQuant()) -> np.nd
     q, sw = quantize_weight(w, 1, per_channel=True)
     rows = x.reshape(-1, K).astype(np.float64)
     s = _scales(rows, tq)
-    b = s / 2 * np.abs(q * sw).sum(0) + sw / 2 * np.abs(rows).sum(1, keepdims=True) + 1e-5 * np.abs(rows) @ np.abs(w) + 1e-6
+    b = (s / 2 * np.abs(q * sw).sum(0) + sw / 2 * np.abs(rows).sum(1, keepdims=True)
+         + 1e-5 * np.abs(rows) @ np.abs(w) + 1e-6)
     return b.reshape(*x.shape[:-1], w.shape[1])
 
 

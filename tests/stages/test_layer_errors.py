@@ -35,7 +35,8 @@ def test_per_token_rows_is_what_the_pass_computes(tq):
     x, w = _data()
     g = helper.make_graph([helper.make_node("MatMul", ["X", "W"], ["Y"], name="mm")], "one",
                           [helper.make_tensor_value_info("X", TensorProto.FLOAT, [M, K])],
-                          [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [M, N])], [numpy_helper.from_array(w, "W")])
+                          [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [M, N])],
+                          [numpy_helper.from_array(w, "W")])
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
     plan = PrecisionPlan((NodeDecision("mm", "MatMul", "linear", "linear", "int8-per-token", "test"),))
     out = session(QuantizeLinearLayers(plan, {}, "uint8", token_quant={"X": tq})(model).model).run(None, {"X": x})[0]

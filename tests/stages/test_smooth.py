@@ -54,10 +54,12 @@ def test_no_smoothing_when_every_channel_is_alike():
 
 def _model() -> onnx.ModelProto:
     _, (wq, wk) = _data()
-    nodes = [helper.make_node("MatMul", ["X", "Wq"], ["Q"], name="q"), helper.make_node("MatMul", ["X", "Wk"], ["Kk"], name="k")]
+    nodes = [helper.make_node("MatMul", ["X", "Wq"], ["Q"], name="q"),
+             helper.make_node("MatMul", ["X", "Wk"], ["Kk"], name="k")]
     g = helper.make_graph(nodes, "qk", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [M, K])],
                           [helper.make_tensor_value_info(o, TensorProto.FLOAT, [M, N]) for o in ("Q", "Kk")],
-                          [numpy_helper.from_array(wq.astype(np.float32), "Wq"), numpy_helper.from_array(wk.astype(np.float32), "Wk")])
+                          [numpy_helper.from_array(wq.astype(np.float32), "Wq"),
+                           numpy_helper.from_array(wk.astype(np.float32), "Wk")])
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
 
 
