@@ -163,7 +163,7 @@ def _calibration_choices(quantized: QuantizedModel) -> dict:
     if quantized.candidates is None:
         return {}
     stats, plan = quantized.candidates.stats, quantized.plan
-    nodes = {n.name: n for n in quantized.optimized.load().graph.node}
+    nodes = {n.name: n for n in quantized.candidates.source.graph.node}  # the optimized model, loaded already
     static = {nodes[d.name].input[0] for d in plan.of("int8")}
     token = {nodes[d.name].input[0] for d in plan.of("int8-per-token")}
     return {"smoothing": {x: s.alpha for x, s in sorted(stats.smoothing.items()) if x in static},

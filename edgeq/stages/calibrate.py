@@ -103,7 +103,8 @@ def calibrate(optimized: OptimizedModel, tokenizer, texts: tuple[str, ...], spec
                 m = np.abs(r).max(axis=0)
                 absmax[t] = np.maximum(absmax[t], m) if t in absmax else m
     ranges = {t: tails[t].range(spec.calibration_method, spec.calibration_percentile) for t in tensors}
-    smoothing = _choose_smoothing(optimized, model, samples, absmax, spec) if spec.smoothing else {}
+    linear = _linear_weights(optimized, model)  # read once: the smoothing choice and the layer errors use them
+    smoothing = _choose_smoothing(linear, samples, absmax, spec) if spec.smoothing else {}
     smoothed_ranges = {}
     if smoothing:
         tails = {t: _Tails() for t in smoothing}
@@ -113,7 +114,7 @@ def calibrate(optimized: OptimizedModel, tokenizer, texts: tuple[str, ...], spec
         smoothed_ranges = {t: tails[t].range(spec.calibration_method, spec.calibration_percentile) for t in smoothing}
     token_quant = {t: TokenQuant.fit(*np.concatenate(extremes[t], axis=1)) for t in tensors}
     errors = {}
-    for name, x, w in _linear_weights(optimized, model):
+    for name, x, w in linear:
         if x in samples and samples[x]:
             smooth = smoothing.get(x)
             errors[name] = measure(np.concatenate(samples[x]), w, smoothed_ranges[x] if smooth else ranges[x],
@@ -149,10 +150,10 @@ def _linear_weights(optimized: OptimizedModel, model: onnx.ModelProto) -> list[t
     return out
 
 
-def _choose_smoothing(optimized: OptimizedModel, model: onnx.ModelProto, samples: dict[str, list[np.ndarray]],
+def _choose_smoothing(linear: list[tuple[str, str, np.ndarray]], samples: dict[str, list[np.ndarray]],
                       absmax: dict[str, np.ndarray], spec: QuantizationSpec) -> dict[str, Smoothing]:
     readers: dict[str, list[np.ndarray]] = {}
-    for _, x, w in _linear_weights(optimized, model):
+    for _, x, w in linear:
         readers.setdefault(x, []).append(w.astype(np.float64))
     percentile = spec.calibration_percentile if spec.calibration_method == "percentile" else 100.0
     chosen = {}

@@ -21,6 +21,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from edgeq.passes.quantize_linear import ActivationRange, activation_qparams, quantize_weight
+
 ALPHAS = (0.5, 0.75, 0.9, 0.95, 1.0)  # beside none; chosen per input by measured output error (MiniLM: 0.75-1)
 
 
@@ -34,18 +36,17 @@ class Smoothing:
 
 
 def quantize_rows(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """uint8 static fake quantization over [lo, hi] (widened to hold 0), as QuantizeLinear/DequantizeLinear."""
-    lo, hi = min(lo, 0.0), max(hi, 0.0)
-    scale = max((hi - lo) / 255, 1e-12)
-    z = np.clip(np.round(-lo / scale), 0, 255)
-    return (np.clip(np.round(x / scale) + z, 0, 255) - z) * scale
+    """uint8 static fake quantization over [lo, hi], with the scale and zero point the pass writes
+    (``activation_qparams``), as QuantizeLinear/DequantizeLinear compute it."""
+    scale, zp = activation_qparams(ActivationRange(lo, hi), "uint8")
+    s, z = float(scale), float(zp)
+    return (np.clip(np.round(x / s) + z, 0, 255) - z) * s
 
 
 def quantize_columns(w: np.ndarray) -> np.ndarray:
-    """int8 symmetric per output channel (columns of W [K, N]), fake quantized."""
-    scale = np.abs(w).max(axis=0) / 127
-    scale[scale == 0] = 1
-    return np.clip(np.round(w / scale), -127, 127) * scale
+    """W [K, N] int8 per output channel as the pass quantizes it (``quantize_weight``), dequantized."""
+    q, scale = quantize_weight(w, 1, per_channel=True)
+    return q.astype(np.float64) * scale.astype(np.float64)
 
 
 def _tail_range(x: np.ndarray, percentile: float) -> tuple[float, float]:
