@@ -7,9 +7,10 @@ a per-token scale follows each token. The integer GEMM is MLAS's u8s8 kernel, se
 
 Why this form: at batch 1 a sentence's time is per-op overhead and passes over memory more than arithmetic, and ONNX
 Runtime's integer GEMM takes one zero point for A. With a zero point Z fixed per activation the GEMM subtracts it
-itself: the codes are one QuantizeLinear (per row of the reshaped [M, K] rows) and the output one Mul by the row
-scales, where a zero point per row needs z * colsum and a Sub per layer and ten more small ops per activation (12
-MiniLM layers: 1.05 against 1.17 ms per sentence). ``TokenQuant.fit`` chooses from the calibration tokens: Z where
+itself: the codes are x divided by its row scales and one per-tensor QuantizeLinear (scale 1, zero point Z), the
+output one Mul by the row scales, all on x's own shape (no reshape to rows), where a zero point per row needs
+z * colsum and a Sub per layer and more small ops per activation (12 MiniLM layers: 1.05 against 1.17 ms per
+sentence). ``TokenQuant.fit`` chooses from the calibration tokens: Z where
 it keeps each token's scale within 20% of its own zero point's (rms, relative); the calibrated floor in place of the
 row minimum where every token's minimum is the same bound (GELU outputs: -0.17), which saves the ReduceMin; and a
 zero point per row where no fixed Z comes near (LayerNorm outputs, whose outlier channels swing a token's range to
@@ -17,7 +18,7 @@ either side; then the old form, below, with its correction).
 
 For a row x of X [..., K] and W [K, N] quantized as Wq * sw (symmetric, per column):
     s = max(max(x) / (255 - Z), -min(x) / Z, eps)    (min(x): the row's, or the floor)
-    xq = saturate(round(x / s) + Z)                    (QuantizeLinear; exact in [0, 255] but for values below a floor)
+    xq = saturate(round(x / s) + Z)                    (QuantizeLinear(x / s, 1, Z); exact but below a floor)
     Y = s * ((xq - Z) @ Wq * sw)
 and with a zero point per row: s = (max(x, 0) - min(x, 0)) / 255, z = round(-min(x, 0) / s),
     Y = s * ((xq @ Wq) * sw - z * colsum(Wq) * sw)
@@ -82,28 +83,31 @@ def _best_z(lo: np.ndarray, hi: np.ndarray, own: np.ndarray) -> tuple[int, float
 
 
 def _reduce(op: str, x: str, out: str, name: str, opset: int) -> onnx.NodeProto:
+    """Over the last axis, kept: [..., K] -> [..., 1], which broadcasts against x and the layer's [..., N]."""
     if opset >= 18:  # axes became an input in opset 18
-        return helper.make_node(op, [x, "pt_axis1"], [out], name=name, keepdims=0)
-    return helper.make_node(op, [x], [out], name=name, axes=[1], keepdims=0)
+        return helper.make_node(op, [x, "pt_last"], [out], name=name, keepdims=1)
+    return helper.make_node(op, [x], [out], name=name, axes=[-1], keepdims=1)
 
 
-def constants(ks: set[int]) -> list[onnx.TensorProto]:
-    """The constants every per-token activation shares (added once per model): ``pt_rows_K`` reshapes [..., K] to
-    rows for each input width K in ``ks``."""
-    return [numpy_helper.from_array(np.array([1], np.int64), "pt_axis1"),
-            numpy_helper.from_array(np.array([-1], np.int64), "pt_minus1"),
-            numpy_helper.from_array(np.array([0], np.int64), "pt_zero_i"),
+def constants() -> list[onnx.TensorProto]:
+    """The constants every per-token activation shares (added once per model)."""
+    return [numpy_helper.from_array(np.array([-1], np.int64), "pt_last"),
             numpy_helper.from_array(EPS, "pt_eps"),
             numpy_helper.from_array(np.float32(0), "pt_zero"),
             numpy_helper.from_array(np.float32(1 / 255), "pt_inv255"),
             numpy_helper.from_array(np.float32(1), "pt_one"),
-            *(numpy_helper.from_array(np.array([-1, k], np.int64), f"pt_rows_{k}") for k in sorted(ks))]
+            numpy_helper.from_array(np.uint8(0), "pt_zero_u8")]
 
 
-def activation_nodes(x: str, k: int, tq: TokenQuant, base: str, opset: int) -> tuple[list[onnx.NodeProto],
-                                                                                     list[onnx.TensorProto]]:
-    """Quantize ``x`` [..., K] per row: ``base``_q uint8 [M, K], ``base``_s float [M, 1] (the row scales),
-    ``base``_z (uint8 Z, for the layers' DequantizeLinear) and ``base``_prefix (x's shape without K)."""
+def activation_nodes(x: str, tq: TokenQuant, base: str, opset: int) -> tuple[list[onnx.NodeProto],
+                                                                            list[onnx.TensorProto]]:
+    """Quantize ``x`` [..., K] per row: ``base``_q uint8 [..., K], ``base``_s float [..., 1] (the row scales, times
+    ``1 / output_factor(tq)``) and ``base``_z (uint8 Z, for the layers' DequantizeLinear; with a zero point per
+    row, 0 and ``base``_zrow [..., 1]). The codes are a per-tensor QuantizeLinear of x divided by its row scales:
+    it rounds, adds Z and saturates in one op, where QuantizeLinear(x, s, Z) would want x as [M, K] rows and s as
+    [M] (a Shape, Slice, Reshape, Expand and Unsqueeze per activation and a Concat and Reshape per layer: 12 more
+    nodes a MiniLM layer pair, ~2 us each at batch 1). A per-axis QuantizeLinear over K would carry smoothing's
+    1 / t instead of a Mul, but ONNX Runtime's CPU kernel runs it 48x slower than Mul and QuantizeLinear."""
     z = tq.z
     if not 1 <= z <= 254:
         raise ValueError(f"per-token zero point {z} outside [1, 254]")
@@ -112,50 +116,48 @@ def activation_nodes(x: str, k: int, tq: TokenQuant, base: str, opset: int) -> t
     def n(op: str, inputs: list[str], out: str, **kw) -> onnx.NodeProto:
         return helper.make_node(op, inputs, [f"{b}_{out}"], name=f"{b}_{out}_{op}", **kw)
 
-    nodes = [
-        n("Shape", [x], "shape"),
-        n("Slice", [f"{b}_shape", "pt_zero_i", "pt_minus1"], "prefix"),
-        n("Reshape", [x, f"pt_rows_{k}"], "rows"),
-    ]
     if tq.per_row:  # s = (max(x, 0) - min(x, 0)) / 255, z = round(-min(x, 0) / s) per row
-        nodes += [
-            _reduce("ReduceMax", f"{b}_rows", f"{b}_hi0", f"{b}_hi0_ReduceMax", opset),
-            _reduce("ReduceMin", f"{b}_rows", f"{b}_lo0", f"{b}_lo0_ReduceMin", opset),
+        nodes = [
+            _reduce("ReduceMax", x, f"{b}_hi0", f"{b}_hi0_ReduceMax", opset),
+            _reduce("ReduceMin", x, f"{b}_lo0", f"{b}_lo0_ReduceMin", opset),
             n("Max", [f"{b}_hi0", "pt_zero"], "hi"),  # zero in every range: its code is exact
             n("Min", [f"{b}_lo0", "pt_zero"], "lo"),
             n("Sub", [f"{b}_hi", f"{b}_lo"], "range"),
             n("Mul", [f"{b}_range", "pt_inv255"], "s0"),
-            n("Max", [f"{b}_s0", "pt_eps"], "scale"),
-            n("Div", [f"{b}_lo", f"{b}_scale"], "lodiv"),
+            n("Max", [f"{b}_s0", "pt_eps"], "s"),
+            n("Div", [f"{b}_lo", f"{b}_s"], "lodiv"),
             n("Neg", [f"{b}_lodiv"], "zneg"),
-            n("Round", [f"{b}_zneg"], "zf"),  # in [0, 255]: lo <= 0 and scale >= -lo / 255
-            n("Cast", [f"{b}_zf"], "zs", to=TensorProto.UINT8),
-            n("QuantizeLinear", [f"{b}_rows", f"{b}_scale", f"{b}_zs"], "q", axis=0),
-            n("Unsqueeze", [f"{b}_scale", "pt_axis1"], "s"),
-            n("Unsqueeze", [f"{b}_zf", "pt_axis1"], "zrow"),
+            n("Round", [f"{b}_zneg"], "zrow"),  # in [0, 255]: lo <= 0 and scale >= -lo / 255
+            n("Div", [x, f"{b}_s"], "scaled"),
+            n("Add", [f"{b}_scaled", f"{b}_zrow"], "shifted"),  # z is whole: round(x / s + z) = round(x / s) + z
+            n("QuantizeLinear", [f"{b}_shifted", "pt_one", "pt_zero_u8"], "q"),
         ]
         return nodes, [numpy_helper.from_array(np.uint8(0), f"{b}_z")]
-    nodes += [
-        _reduce("ReduceMax", f"{b}_rows", f"{b}_hi", f"{b}_hi_ReduceMax", opset),
-        n("Mul", [f"{b}_hi", f"{b}_hi_k"], "sh"),  # max(x) / (255 - Z)
-    ]
-    consts = [numpy_helper.from_array(np.float32(1 / (255 - z)), f"{b}_hi_k"),
-              numpy_helper.from_array(np.uint8(z), f"{b}_z")]
+    # s' = (255 - Z) * s: the codes are QuantizeLinear(x / s', 1 / (255 - Z), Z) and the layers' weight scales
+    # carry the 1 / (255 - Z) (output_factor), so s' alone multiplies the output: one Mul fewer per activation
+    m = np.float32(255 - z)
+    nodes = [_reduce("ReduceMax", x, f"{b}_hi", f"{b}_hi_ReduceMax", opset)]
+    consts = [numpy_helper.from_array(np.float32(1 / m), f"{b}_c"), numpy_helper.from_array(np.uint8(z), f"{b}_z")]
     if tq.floor is None:
-        nodes += [_reduce("ReduceMin", f"{b}_rows", f"{b}_lo", f"{b}_lo_ReduceMin", opset),
-                  n("Mul", [f"{b}_lo", f"{b}_lo_k"], "sl"),  # -min(x) / Z
-                  n("Max", [f"{b}_sh", f"{b}_sl", "pt_eps"], "scale")]
-        consts.append(numpy_helper.from_array(np.float32(-1 / z), f"{b}_lo_k"))
+        nodes += [_reduce("ReduceMin", x, f"{b}_lo", f"{b}_lo_ReduceMin", opset),
+                  n("Mul", [f"{b}_lo", f"{b}_lo_k"], "sl"),  # -min(x) (255 - Z) / Z
+                  n("Max", [f"{b}_hi", f"{b}_sl", f"{b}_eps"], "s")]
+        consts += [numpy_helper.from_array(np.float32(-m / z), f"{b}_lo_k"),
+                   numpy_helper.from_array(EPS * m, f"{b}_eps")]
     else:
-        nodes.append(n("Max", [f"{b}_sh", f"{b}_least"], "scale"))
-        consts.append(numpy_helper.from_array(np.maximum(np.float32(-tq.floor / z), EPS), f"{b}_least"))
+        nodes.append(n("Max", [f"{b}_hi", f"{b}_least"], "s"))
+        consts.append(numpy_helper.from_array(np.maximum(np.float32(-tq.floor * m / z), EPS * m), f"{b}_least"))
     nodes += [
-        n("Shape", [f"{b}_scale"], "m"),
-        n("Expand", [f"{b}_z", f"{b}_m"], "zs"),  # QuantizeLinear wants a zero point per scale
-        n("QuantizeLinear", [f"{b}_rows", f"{b}_scale", f"{b}_zs"], "q", axis=0),
-        n("Unsqueeze", [f"{b}_scale", "pt_axis1"], "s"),
+        n("Div", [x, f"{b}_s"], "scaled"),
+        n("QuantizeLinear", [f"{b}_scaled", f"{b}_c", f"{b}_z"], "q"),
     ]
     return nodes, consts
+
+
+def output_factor(tq: TokenQuant) -> float:
+    """What the layers reading a ``tq`` activation multiply their weight scales by: 1 / (255 - Z) for a fixed zero
+    point (``activation_nodes`` leaves it out of the row scales), 1 with a zero point per row."""
+    return 1.0 if tq.per_row else 1.0 / (255 - tq.z)
 
 
 def weight_initializers(q: np.ndarray, scale: np.ndarray, base: str) -> list[onnx.TensorProto]:
@@ -168,9 +170,8 @@ def weight_initializers(q: np.ndarray, scale: np.ndarray, base: str) -> list[onn
             numpy_helper.from_array(colsum, f"{base}_colsum")]
 
 
-def linear_nodes(act: str, weight: str, n_out: int, out: str, name: str, per_row: bool = False
-                 ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
-    """Y = s * ((xq - Z) @ Wq * sw), shaped back to x's shape with N last, written to ``out``. The integer GEMM is
+def linear_nodes(act: str, weight: str, out: str, name: str, per_row: bool = False) -> list[onnx.NodeProto]:
+    """Y = s * ((xq - Z) @ Wq * sw) [..., N], written to ``out``. The integer GEMM is
     written as DequantizeLinear(xq, 1, Z) and DequantizeLinear(Wq, sw) into a MatMul: ONNX Runtime fuses that into
     ``MatMulIntegerToFloat`` (MLAS's u8s8 kernel) where it fuses QDQ, packages included, and edgeq's measurements,
     which do not fuse (edgeq/runtime.py), get the exact integer products in float, as an ARM CPU computes them, also
@@ -188,9 +189,5 @@ def linear_nodes(act: str, weight: str, n_out: int, out: str, name: str, per_row
         nodes += [n("Mul", [f"{act}_zrow", f"{weight}_colsum"], f"{name}_corr"),
                   n("Sub", [acc, f"{name}_corr"], f"{name}_centred")]
         acc = f"{name}_centred"
-    nodes += [
-        n("Mul", [acc, f"{act}_s"], f"{name}_rows"),
-        n("Concat", [f"{act}_prefix", f"{name}_n"], f"{name}_outshape", axis=0),
-        n("Reshape", [f"{name}_rows", f"{name}_outshape"], out),
-    ]
-    return nodes, [numpy_helper.from_array(np.array([n_out], np.int64), f"{name}_n")]
+    nodes.append(helper.make_node("Mul", [acc, f"{act}_s"], [out], name=f"{name}_Mul_rows"))
+    return nodes

@@ -85,7 +85,7 @@ class QuantizeLinearLayers(PassBase):
         act_cache: dict[tuple[str, str], str] = {}
         smoothed_inputs: set[str] = set()  # inputs whose X * (1/t) Mul is written
         dropped: set[str] = set()
-        per_token_acts: dict[str, tuple[str, int]] = {}  # input -> (its quantized rows' name, K)
+        per_token_acts: dict[str, str] = {}  # input -> its quantized codes' base name
         replaced: set[str] = set()  # per-token layers: their nodes replace them
         count = 0
         for node in g.node:
@@ -154,7 +154,7 @@ class QuantizeLinearLayers(PassBase):
         del g.initializer[:]
         g.initializer.extend(keep + new_inits)
         if per_token_acts:
-            g.initializer.extend(per_token.constants({k for _, k in per_token_acts.values()}))
+            g.initializer.extend(per_token.constants())
         contrib = per_token_acts or any(ACTIVATION_TYPES[t][3] for _, t in act_cache)
         if contrib and not any(o.domain == "com.microsoft" for o in model.opset_import):
             model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
@@ -184,27 +184,24 @@ class QuantizeLinearLayers(PassBase):
         w_name, x = node.input[1], node.input[0]
         w = numpy_helper.to_array(inits[w_name])
         w = w.T if axis == 0 else w
-        k, n = w.shape
         alpha = float(_attr(node, "alpha", 1.0)) if node.op_type == "Gemm" else 1.0
         if node.op_type == "Gemm" and _attr(node, "transA", 0):
             raise ValueError(f"{node.name}: Gemm with transA is not rewritten per token")
-        key = (w_name, axis, "per-token", alpha)
+        factor = alpha * per_token.output_factor(self._token_quant(x))
+        key = (w_name, axis, "per-token", factor)
         if key not in weight_cache:
             q, scale = quantize_weight(w, 1, self.per_channel)
-            base = f"{w_name}_pt" if alpha == 1.0 else f"{w_name}_pt_alpha{len(weight_cache)}"
-            added += per_token.weight_initializers(q, scale * np.float32(alpha), base)
+            base = f"{w_name}_pt" + ("" if not any(k[0] == w_name for k in weight_cache) else f"{len(weight_cache)}")
+            added += per_token.weight_initializers(q, scale * np.float32(factor), base)
             weight_cache[key] = base
         if x not in acts:  # q/k/v read one input: quantized once
-            acts[x] = (f"{x}_pt", k)
-            nodes, consts = per_token.activation_nodes(x, k, self._token_quant(x), acts[x][0], _opset(model))
+            acts[x] = f"{x}_pt"
+            nodes, consts = per_token.activation_nodes(x, self._token_quant(x), acts[x], _opset(model))
             before += nodes
             added += consts
         bias = node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]
         out = f"{node.name}_nobias" if bias else node.output[0]
-        nodes, consts = per_token.linear_nodes(acts[x][0], weight_cache[key], n, out, node.name,
-                                               self._token_quant(x).per_row)
-        before += nodes
-        added += consts
+        before += per_token.linear_nodes(acts[x], weight_cache[key], out, node.name, self._token_quant(x).per_row)
         if bias:
             beta = float(_attr(node, "beta", 1.0))
             c = node.input[2]

@@ -106,7 +106,7 @@ def test_per_token_output_is_its_arithmetic_and_within_the_bound(opset, batch):
 def test_each_input_is_quantized_once_and_each_weight_stored_once():
     result = QuantizeLinearLayers(_plan(), {}, "uint8")(_model(18, 1))
     g = result.model.graph
-    assert sorted(n.input[0] for n in g.node if n.op_type == "QuantizeLinear") == ["X_pt_rows", "Z_pt_rows"]
+    assert sorted(n.input[0] for n in g.node if n.op_type == "QuantizeLinear") == ["X_pt_scaled", "Z_pt_scaled"]
     assert [n.op_type for n in g.node].count("ReduceMax") == 2  # one row maximum per input, not per layer
     assert [n.op_type for n in g.node].count("MatMul") == 3
     names = [i.name for i in g.initializer]
