@@ -40,6 +40,8 @@ from variants import BuildContext, Built, Variant, variants_for  # noqa: E402
 
 PROMPT_TOKENS, NEW_TOKENS = 128, 64
 SPEED_SENTENCES = 64
+PAIRED_ROUNDS = 9  # encoders' same-process rounds (child_paired)
+PAIRED_PAUSE_S = 0.05  # between two variants' turns: the last session's spinning threads park first
 
 
 # ---------------------------------------------------------------------------------------------------- children
@@ -78,17 +80,47 @@ def child_speed(ctx: BuildContext, built: Built) -> dict:
     return {"prefill_tok_s": s.prefill_tok_s, "decode_tok_s": s.decode_tok_s}
 
 
+def child_paired(ctx: BuildContext, built: dict[str, Built]) -> dict[str, list[float]]:
+    """Encoders: every variant's session open in this one process, timed in ``PAIRED_ROUNDS`` rounds of
+    runs.schedule, each turn a variant over the ``SPEED_SENTENCES`` sentences -> {name: [ms per sentence, one per
+    round]}. Turns take a second or less, so the machine's slow phases (tens of seconds on this shared VM) fall on
+    every variant of a round alike, where fresh processes minutes apart can each catch a different phase."""
+    from transformers import AutoTokenizer
+
+    from edgeq.speed import EncoderTimer
+    from edgeq.textdata import EVALUATION_FILE, load_texts
+
+    texts = load_texts(EVALUATION_FILE).texts[:SPEED_SENTENCES]
+    tokenizer = AutoTokenizer.from_pretrained(str(ctx.fp32_dir), local_files_only=True)
+    timers = {name: EncoderTimer(b.model_file, tokenizer, texts, 128, threads=ctx.threads) for name, b in built.items()}
+    times: dict[str, list[float]] = {name: [] for name in timers}
+    for _, name in runs.schedule(list(timers), PAIRED_ROUNDS):
+        time.sleep(PAIRED_PAUSE_S)
+        times[name].append(timers[name].ms_per_sentence())
+    return times
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-")
 
 
-def run_child(mode: str, ctx: BuildContext, variant: Variant, built: Built | None = None,
-              tag: str = "") -> tuple[dict, measure.Measurement]:
-    """Run ``mode`` for ``variant`` in a fresh interpreter started through bench/measure.py's launcher: (the JSON
-    result, its last stdout line; its wall time and its own peak RSS). Its output goes to work/logs/<mode>-<variant>."""
+def _built_dict(built: Built) -> dict[str, str]:
+    return {k: str(v) for k, v in asdict(built).items()}
+
+
+def _built(d: dict[str, str]) -> Built:
+    return Built(Path(d["model_file"]), Path(d["runtime_dir"]), d["note"])
+
+
+def run_child(mode: str, ctx: BuildContext, variant: Variant | None, built: Built | None = None,
+              tag: str = "", built_all: dict[str, Built] | None = None) -> tuple[dict, measure.Measurement]:
+    """Run ``mode`` for ``variant`` (for every variant in ``built_all`` when None) in a fresh interpreter started
+    through bench/measure.py's launcher: (the JSON result, its last stdout line; its wall time and its own peak RSS).
+    Its output goes to work/logs/<mode>-<variant>."""
     args = {"mode": mode, "ctx": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(ctx).items()},
-            "variant": variant.name, "built": {k: str(v) for k, v in asdict(built).items()} if built else None}
-    logs = ctx.work / "logs" / _slug(f"{mode}-{variant.name}{tag}")
+            "variant": variant.name if variant else None, "built": _built_dict(built) if built else None,
+            "built_all": {n: _built_dict(b) for n, b in built_all.items()} if built_all else None}
+    logs = ctx.work / "logs" / _slug(f"{mode}-{variant.name if variant else 'all'}{tag}")
     m = measure.run([sys.executable, __file__, "--_child", json.dumps(args)], log_dir=logs, cap_gb=NO_CAP_GB,
                     timeout_s=CHILD_TIMEOUT_S, env=os.environ | {"PYTHONUNBUFFERED": "1"})
     if m.status != "ok":
@@ -101,12 +133,14 @@ def _child_main(spec: str) -> None:
     c = args["ctx"]
     ctx = BuildContext(**{k: (Path(v) if k in ("model_dir", "work", "fp32_dir", "gguf") and v else v)
                           for k, v in c.items()})
+    if args["mode"] == "paired":
+        print(json.dumps(child_paired(ctx, {n: _built(b) for n, b in args["built_all"].items()})))
+        return
     variant = next(v for v in variants_for(ctx.kind) if v.name == args["variant"])
     if args["mode"] == "build":
         result = child_build(ctx, variant)
     else:
-        b = args["built"]
-        result = child_speed(ctx, Built(Path(b["model_file"]), Path(b["runtime_dir"]), b["note"]))
+        result = child_speed(ctx, _built(args["built"]))
     print(json.dumps(result))
 
 
@@ -204,9 +238,18 @@ def bench_model(ctx: BuildContext, sentences: int, only: list[str] | None, repea
         rows[name].spread = {k: s.to_dict() for k, s in spread.items()}
         rows[name].run_peak_rss_mb = max(run_rss[name])
     timings["speed_s"] = time.perf_counter() - t
+    meta = {"bandwidth": bw.to_dict(), "timings": timings, "speed_runs": speed_runs, "speed_repeats": repeats,
+            "threads": ctx.threads, "outlier_rule": runs.RULE}
+    edgeq_name = next((r.name for r in rows.values() if r.edgeq and r.name in built), None)
+    if ctx.kind == ENCODER and edgeq_name:
+        t = time.perf_counter()
+        times, _ = run_child("paired", ctx, None, built_all=built)
+        meta["paired"] = {"rounds": PAIRED_ROUNDS, "reference": edgeq_name, "ms": times,
+                          "ms_spread": {n: runs.undropped(v).to_dict() for n, v in times.items()},
+                          "vs_reference": {n: s.to_dict() for n, s in runs.paired_ratios(times, edgeq_name).items()}}
+        timings["paired_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0
-    return list(rows.values()), {"bandwidth": bw.to_dict(), "timings": timings, "speed_runs": speed_runs,
-                                 "speed_repeats": repeats, "threads": ctx.threads, "outlier_rule": runs.RULE}
+    return list(rows.values()), meta
 
 
 def measure_speeds(ctx: BuildContext, built: dict[str, Built],
@@ -267,8 +310,27 @@ def section(model_name: str, kind: str, rows: list[Row], meta: dict, pngs: list[
             f"Memory bandwidth {bw['gbs']:.1f} GB/s ({bw['method']}: read {bw['read_gbs']:.1f}, copy "
             f"{bw['copy_gbs']:.1f}). {meta['accuracy_text']}", "",
             markdown_table(rows, bw["gbs"])]
+    if meta.get("paired"):
+        text += ["", *paired_table(meta["paired"], threads)]
     text += [f"![{p.stem}]({os.path.relpath(p, link_from)})" for p in pngs]
     return "\n".join(text) + "\n"
+
+
+def paired_table(p: dict, threads: int | None) -> list[str]:
+    """The encoders' same-process rounds (child_paired) as Markdown."""
+    ref = p["reference"]
+    lines = [f"Same process, interleaved: every variant's session open in one process, {p['rounds']} rounds, each "
+             f"running every variant over the {SPEED_SENTENCES} sentences in turn (each round starting one variant "
+             f"later){f', {threads} intra-op threads' if threads else ''}. {ref}'s speed against each row is "
+             "the row's ms over edgeq's in the same round (above 1x edgeq is faster), median and range over the "
+             "rounds; pairing by round cancels what the machine's state in a round does to both.", "",
+             f"| variant | ms/sentence: median of rounds (lowest to highest) | {ref} vs it: median (range) |",
+             "|---|---|---|"]
+    for name, s in p["ms_spread"].items():
+        r = p["vs_reference"][name]
+        vs = "—" if name == ref else f"{r['median']:.2f}x ({r['low']:.2f} to {r['high']:.2f})"
+        lines.append(f"| {name} | {s['median']:.2f} ({s['low']:.2f} to {s['high']:.2f}) | {vs} |")
+    return lines
 
 
 def _replace_block(text: str, key: str, body: str) -> str:

@@ -104,3 +104,22 @@ def run_interleaved(names: Sequence[str], rounds: int, run_one: Callable[[int, s
         for i in range(len(short)):
             one(rounds + extra, short[(extra + i) % len(short)])
     return runs
+
+
+def paired_ratios(times: dict[str, list[float]], reference: str) -> dict[str, Spread]:
+    """Same-process rounds (``times[name][r]``: a variant's time in round r, every variant timed in every round):
+    for each variant, ``reference``'s speed relative to it, round by round (its time / the reference's time in the
+    same round: above 1, the reference is faster), summarized as median and range over the rounds. Pairing by
+    round cancels what a round's machine state does to both; nothing is dropped."""
+    ref = times[reference]
+    out = {}
+    for name, ts in times.items():
+        if len(ts) != len(ref):
+            raise ValueError(f"{name}: {len(ts)} rounds, {reference}: {len(ref)}")
+        out[name] = undropped([t / rt for t, rt in zip(ts, ref)])
+    return out
+
+
+def undropped(values: Sequence[float]) -> Spread:
+    """Median and range of every value (same-process rounds: no run is dropped)."""
+    return Spread(statistics.median(values), min(values), max(values), len(values), 0)

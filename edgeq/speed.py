@@ -4,7 +4,7 @@
   many threads as the decode runs use.
 * ``decode_bytes_per_token``: the weight bytes one decode step reads as stored (ONNX initializers or GGUF tensors);
   ``decode_bytes_as_run``: the same count over the graph ONNX Runtime actually runs on this CPU.
-* ``encoder_ms_per_sentence``: an encoder at batch 1 on real sentences.
+* ``encoder_ms_per_sentence``: an encoder at batch 1 on real sentences (``EncoderTimer``: the same, repeatable).
 * ``llm_speed``: prefill and decode tokens/s of an onnxruntime-genai package.
 
 Decode of a small LLM at batch 1 reads every weight once per token and does little arithmetic per byte, so
@@ -198,28 +198,40 @@ def decode_bytes_as_run(model_path: Path) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------- encoders
+class EncoderTimer:
+    """An encoder's session and its sentences' feeds, held so that the same model can be timed again and again
+    (``ms_per_sentence``) in one process, beside other models (bench/bench.py's same-process rounds)."""
+
+    def __init__(self, model_path: Path, tokenizer, texts: Sequence[str], seq_len: int, batch: int | None = None,
+                 threads: int | None = None) -> None:
+        from edgeq.runtime import encode, session
+
+        self.session = session(model_path, fuse_qdq=True, threads=threads)
+        names = [i.name for i in self.session.get_inputs()]
+        if batch:
+            self.feeds = [encode(tokenizer, [t] + [""] * (batch - 1), seq_len, names, "max_length") for t in texts]
+        else:
+            self.feeds = [encode(tokenizer, [t], seq_len, names) for t in texts]
+
+    def ms_per_sentence(self, warmup: int = 8) -> float:
+        """Median ms of one ``session.run`` per sentence, after ``warmup`` runs."""
+        for f in self.feeds[:warmup]:
+            self.session.run(None, f)
+        times = []
+        for f in self.feeds:
+            t = time.perf_counter()
+            self.session.run(None, f)
+            times.append(time.perf_counter() - t)
+        return 1000 * statistics.median(times)
+
+
 def encoder_ms_per_sentence(model_path: Path, tokenizer, texts: Sequence[str], seq_len: int,
                             warmup: int = 8, batch: int | None = None, threads: int | None = None) -> float:
     """Median ms of one ``session.run`` per sentence (tokenization excluded), after ``warmup`` runs, in a session
     with ONNX Runtime's default options (as an app loads the model) but ``threads`` intra-op threads if given.
     ``batch``: a static-shape model's batch size; each sentence then fills one batch (the other rows empty text) of
     exactly ``seq_len`` tokens, as the model takes it. Otherwise batch 1, padded to the sentence's own length."""
-    from edgeq.runtime import encode, session
-
-    sess = session(model_path, fuse_qdq=True, threads=threads)
-    names = [i.name for i in sess.get_inputs()]
-    if batch:
-        feeds = [encode(tokenizer, [t] + [""] * (batch - 1), seq_len, names, "max_length") for t in texts]
-    else:
-        feeds = [encode(tokenizer, [t], seq_len, names) for t in texts]
-    for f in feeds[:warmup]:
-        sess.run(None, f)
-    times = []
-    for f in feeds:
-        t = time.perf_counter()
-        sess.run(None, f)
-        times.append(time.perf_counter() - t)
-    return 1000 * statistics.median(times)
+    return EncoderTimer(model_path, tokenizer, texts, seq_len, batch, threads).ms_per_sentence(warmup)
 
 
 # ---------------------------------------------------------------------------------------------------- LLMs

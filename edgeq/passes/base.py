@@ -52,3 +52,13 @@ def run_passes(model: onnx.ModelProto, passes: Sequence[PassBase]) -> tuple[onnx
         results.append(result)
         done.append(p.name)
     return model, results
+
+
+def graph_maps(g: onnx.GraphProto) -> tuple[dict[str, onnx.TensorProto], dict[str, onnx.NodeProto],
+                                             dict[str, list[onnx.NodeProto]]]:
+    """A graph's initializers by name, each tensor's producing node and each tensor's reading nodes (in order)."""
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for n in g.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    return {i.name: i for i in g.initializer}, {o: n for n in g.node for o in n.output}, readers

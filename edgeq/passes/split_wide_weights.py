@@ -16,18 +16,13 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from edgeq.passes.base import PassBase, PassResult
+from edgeq.passes.base import PassBase, PassResult, graph_maps
 
 
 class SplitWideWeights(PassBase):
     def call(self, model: onnx.ModelProto) -> PassResult:
         g = model.graph
-        inits = {i.name: i for i in g.initializer}
-        producer = {o: n for n in g.node for o in n.output}
-        consumers: dict[str, list[onnx.NodeProto]] = {}
-        for n in g.node:
-            for i in n.input:
-                consumers.setdefault(i, []).append(n)
+        inits, producer, consumers = graph_maps(g)
         found = {}  # MatMul/Gemm output -> (the node, its weight's DequantizeLinear, its output's QuantizeLinear)
         for node in g.node:
             if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2 or _is_transposed(node):

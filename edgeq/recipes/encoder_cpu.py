@@ -7,9 +7,13 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
+import onnx
+
 from edgeq.manifest import ENCODER_CPU, SCHEMA_VERSION, stored_rows, tool_versions
 from edgeq.metrics import EncoderAccuracy
 from edgeq.partitions import partition_report
+from edgeq.passes.base import run_passes
+from edgeq.passes.fuse_linear_bias import FuseIntegerLinearBias
 from edgeq.policy.encoder import within_size_budget
 from edgeq.profiles import Profile
 from edgeq.progress import Progress
@@ -86,7 +90,11 @@ class OrtBuilds:
     def model(self, k: int) -> Path:
         folder = self.work / str(k)
         if not (folder / MODEL_FILE).is_file():
-            onnx_path = self.candidates.save(k, self.work / f"{k}.onnx")
+            # the package's graph: each static layer's bias inside its integer GEMM (same outputs to the bit)
+            fused, _ = run_passes(self.candidates.model(k), [FuseIntegerLinearBias()])
+            onnx_path = self.work / f"{k}.onnx"
+            onnx_path.parent.mkdir(parents=True, exist_ok=True)
+            onnx.save(fused, str(onnx_path))
             convert_to_ort(onnx_path, folder, self.profile.package.target_platform,
                            self.profile.package.matmulnbits_accuracy_level)
             onnx_path.unlink()
