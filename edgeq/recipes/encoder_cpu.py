@@ -44,6 +44,7 @@ class EncoderCpu:
         tokenizer = load_tokenizer(exported.tokenizer_dir)
         progress.stage("optimize", "attention blocks as MultiHeadAttention, then ONNX Runtime basic level")
         optimized = optimize(exported, work, fuse_attention=True)
+        progress.stage("optimize", optimized.fusion)
         cal_texts = inputs.calibration.head(q.calibration_samples)
         progress.stage("calibrate", f"{len(cal_texts)} texts from {inputs.calibration.path.name}, {q.calibration_method}")
         stats = calibrate(optimized, tokenizer, cal_texts, q, src.pooling, progress)

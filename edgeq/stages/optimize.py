@@ -30,6 +30,7 @@ class OptimizedModel:
     exported: ExportedModel
     onnx_path: Path
     nodes: dict[str, NodeInfo]
+    fusion: str = ""  # what the attention fusion did, when asked for (its PassResult summary)
 
     def load(self) -> onnx.ModelProto:
         return onnx.load(str(self.onnx_path))
@@ -38,9 +39,10 @@ class OptimizedModel:
 def optimize(exported: ExportedModel, workdir: Path, fuse_attention: bool = False) -> OptimizedModel:
     """``fuse_attention``: each self-attention block as one MultiHeadAttention (edgeq/passes/fuse_attention.py),
     for recipes whose target runs it (the CPU EP on x86 and ARM)."""
-    source = exported.onnx_path
+    source, fusion = exported.onnx_path, ""
     if fuse_attention:
-        fused, _ = run_passes(onnx.load(str(source)), [FuseEncoderAttention()])
+        fused, (result,) = run_passes(onnx.load(str(source)), [FuseEncoderAttention()])
+        fusion = result.summary
         source = workdir / "optimized.fused.onnx"  # weights beside it: an encoder may pass protobuf's 2 GB
         onnx.save(fused, str(source), save_as_external_data=True, location=f"{source.name}.data")
     raw = workdir / "optimized.raw.onnx"
@@ -56,5 +58,5 @@ def optimize(exported: ExportedModel, workdir: Path, fuse_attention: bool = Fals
     if source != exported.onnx_path:
         source.unlink()
         source.with_name(f"{source.name}.data").unlink()
-    return OptimizedModel(exported, path, classify(model))
+    return OptimizedModel(exported, path, classify(model), fusion)
 

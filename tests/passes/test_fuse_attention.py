@@ -11,7 +11,7 @@ import pytest
 
 from edgeq.categories import classify
 from edgeq.modelsource import inspect_model_dir
-from edgeq.passes.fuse_attention import FUSED_OP, FuseEncoderAttention
+from edgeq.passes.fuse_attention import FUSED_OP, FuseEncoderAttention, parity
 from edgeq.runtime import encode, session
 from edgeq.stages.export import export
 from edgeq.stages.optimize import optimize
@@ -101,4 +101,31 @@ def test_optimize_stage_fuses_when_asked(exported, tmp_path):
     ops = Counter(n.op_type for n in optimized.load().graph.node)
     assert ops[FUSED_OP] == 2 and ops["Softmax"] == 0
     assert not list(tmp_path.glob("optimized.fused.onnx*"))
+    assert optimized.fusion.startswith("2 attention blocks -> MultiHeadAttention")
     assert Counter(i.category for i in optimized.nodes.values())["linear"] == 12
+
+
+def test_a_fusion_that_changes_the_outputs_is_not_kept(exported, monkeypatch):
+    """The parity check guards against a matched pattern the kernel computes differently (a family's extra bias,
+    say): here the fused graph's packed q/k/v bias is altered after the optimizer ran."""
+    import onnxruntime.transformers.optimizer as opt
+
+    real = opt.optimize_model
+
+    def corrupted(*args, **kwargs):
+        out = real(*args, **kwargs)
+        bias = next(n.input[3] for n in out.model.graph.node if n.op_type == FUSED_OP)
+        init = next(i for i in out.model.graph.initializer if i.name == bias)
+        init.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(init) + 1.0, bias))
+        return out
+
+    monkeypatch.setattr(opt, "optimize_model", corrupted)
+    model = onnx.load(str(exported.onnx_path))
+    result = FuseEncoderAttention()(model)
+    assert not result.modified and "2 attention blocks matched, not fused: outputs off by" in result.summary
+    assert Counter(n.op_type for n in result.model.graph.node)[FUSED_OP] == 0
+
+
+def test_parity_is_float_rounding_on_the_tiny_bert(exported, fused):
+    assert "outputs within" in fused.summary
+    assert parity(onnx.load(str(exported.onnx_path)), fused.model) < 1e-5
