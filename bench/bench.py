@@ -244,9 +244,7 @@ def bench_model(ctx: BuildContext, sentences: int, only: list[str] | None, repea
     if ctx.kind == ENCODER and edgeq_name:
         t = time.perf_counter()
         times, _ = run_child("paired", ctx, None, built_all=built)
-        meta["paired"] = {"rounds": PAIRED_ROUNDS, "reference": edgeq_name, "ms": times,
-                          "ms_spread": {n: runs.undropped(v).to_dict() for n, v in times.items()},
-                          "vs_reference": {n: s.to_dict() for n, s in runs.paired_ratios(times, edgeq_name).items()}}
+        meta["paired"] = paired_meta(times, edgeq_name)
         timings["paired_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0
     return list(rows.values()), meta
@@ -314,6 +312,13 @@ def section(model_name: str, kind: str, rows: list[Row], meta: dict, pngs: list[
         text += ["", *paired_table(meta["paired"], threads)]
     text += [f"![{p.stem}]({os.path.relpath(p, link_from)})" for p in pngs]
     return "\n".join(text) + "\n"
+
+
+def paired_meta(times: dict[str, list[float]], reference: str) -> dict:
+    """child_paired's times as bench.json keeps them: each row's spread and ``reference``'s speed against it."""
+    return {"rounds": PAIRED_ROUNDS, "reference": reference, "ms": times,
+            "ms_spread": {n: runs.undropped(v).to_dict() for n, v in times.items()},
+            "vs_reference": {n: s.to_dict() for n, s in runs.paired_ratios(times, reference).items()}}
 
 
 def paired_table(p: dict, threads: int | None) -> list[str]:

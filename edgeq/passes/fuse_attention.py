@@ -7,8 +7,9 @@ projections, so once the projections are quantized it no longer applies. This pa
 float graph: it uses ONNX Runtime's transformer optimizer (onnxruntime.transformers, the fusion the ORT team
 maintains for BERT-class models) with every fusion off except attention, as ``MultiHeadAttention`` with the q/k/v
 projections left as separate MatMuls on constant weights, so each stays a linear layer the precision policy plans
-like any other; their three biases become the node's packed bias input (added as the kernel packs the heads). The attention MatMuls were FP32 before and stay FP32 inside the kernel
-(same math; MiniLM's FP32 outputs move by < 1e-6 relative).
+like any other; their three biases become the node's packed bias input (added as the kernel packs the heads).
+The attention MatMuls were FP32 before and stay FP32 inside the kernel (same math; MiniLM's FP32 outputs move by
+< 1e-6 relative).
 
 The padding mask becomes MHA's ``key_padding_mask`` (the graph's attention_mask input, int32); the old mask path
 (Cast, Sub, Mul into a float bias) goes away with the blocks that read it.

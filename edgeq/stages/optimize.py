@@ -43,8 +43,9 @@ def optimize(exported: ExportedModel, workdir: Path, fuse_attention: bool = Fals
     if fuse_attention:
         fused, (result,) = run_passes(onnx.load(str(source)), [FuseEncoderAttention()])
         fusion = result.summary
-        source = workdir / "optimized.fused.onnx"  # weights beside it: an encoder may pass protobuf's 2 GB
-        onnx.save(fused, str(source), save_as_external_data=True, location=f"{source.name}.data")
+        if result.modified:  # unfused, the export itself is what the basic level reads
+            source = workdir / "optimized.fused.onnx"  # weights beside it: an encoder may pass protobuf's 2 GB
+            onnx.save(fused, str(source), save_as_external_data=True, location=f"{source.name}.data")
     raw = workdir / "optimized.raw.onnx"
     so = ort.SessionOptions()
     so.log_severity_level = 3

@@ -46,10 +46,9 @@ def test_child_paired_times_every_variant_once_per_round_in_one_process(tmp_path
     assert all(t > 0 for ts in times.values() for t in ts)
     assert order == [name for _, name in runs.schedule(list(built), 3)]  # runs.schedule's rotating order
     assert timer.sessions == 3  # one session per variant for all rounds
-    table = bench.paired_table({"rounds": 3, "reference": "edgeq", "ms_spread":
-                                {n: runs.undropped(v).to_dict() for n, v in times.items()},
-                                "vs_reference": {n: s.to_dict() for n, s in runs.paired_ratios(times, "edgeq").items()}},
-                               1)
+    meta = bench.paired_meta(times, "edgeq")
+    assert meta["rounds"] == 3 and meta["vs_reference"]["edgeq"]["median"] == 1.0
+    table = bench.paired_table(meta, 1)
     assert table[-3].startswith("| FP32 | ") and table[-2].endswith("| — |")
 
 

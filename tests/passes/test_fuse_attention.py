@@ -62,8 +62,8 @@ def test_projections_stay_linear_layers_and_their_biases_are_packed(exported, fu
     consts.update({n.output[0]: onnx.numpy_helper.to_array(n.attribute[0].t) for n in raw.graph.node
                    if n.op_type == "Constant"})
     consts.update({n.output[0]: consts[n.input[0]] for n in raw.graph.node if n.op_type == "Identity"})  # shared
-    biases = {n.name: next((consts[i] for i in n.input if i in consts and consts[i].ndim == 1), None) for n in raw.graph.node
-              if n.op_type == "Add"}
+    biases = {n.name: next((consts[i] for i in n.input if i in consts and consts[i].ndim == 1), None)
+              for n in raw.graph.node if n.op_type == "Add"}
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in fused.model.graph.initializer}
     producer = {o: n for n in fused.model.graph.node for o in n.output}
     for layer, n in enumerate(n for n in fused.model.graph.node if n.op_type == FUSED_OP):
